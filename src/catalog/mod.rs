@@ -1,0 +1,537 @@
+//! The catalog: every durable record fwrepo keeps, in sled. One named tree per record kind or
+//! index, keys that sort (ULIDs, big-endian version keys), values as JSON with a schema version.
+//!
+//! Invariants:
+//! - `firmware` holds only committed records (an upload in progress lives in `uploads` and is
+//!   invisible to the API); `firmware_versions` maps (lower-cased model, version sort key) to the
+//!   id of the one non-deleted record with that model and normalized version.
+//! - A commit inserts the record and its index entry and drops the pending upload row in one
+//!   transaction; a delete tombstones the record and frees its index entry in one transaction.
+//! - Download sessions are written only by the progress flusher, never once per request.
+
+mod records;
+
+pub use records::{
+    DownloadSessionRecord, FirmwareRecord, FirmwareStatus, PendingUpload, SCHEMA_VERSION,
+    SessionState, VerifyStatus,
+};
+
+use std::path::Path;
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+
+use crate::domain::{FirmwareId, ProductVersion};
+
+/// Errors of the catalog layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    /// sled failed (I/O, corruption).
+    #[error("catalog storage error: {0}")]
+    Storage(#[from] sled::Error),
+    /// A stored value could not be decoded.
+    #[error("catalog record {key} is unreadable: {source}")]
+    Decode {
+        /// Key of the record.
+        key: String,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// No record with this id.
+    #[error("not found")]
+    NotFound,
+    /// The paging cursor is not one this catalog issued.
+    #[error("invalid cursor")]
+    InvalidCursor,
+}
+
+/// Result of committing an upload.
+#[derive(Debug)]
+pub enum CommitOutcome {
+    /// The record was inserted.
+    Created(FirmwareRecord),
+    /// A record with the same model, version and content exists; nothing was inserted.
+    Duplicate(FirmwareRecord),
+    /// A record with the same model and version but other content exists.
+    Conflict(FirmwareRecord),
+}
+
+/// One page of a list.
+#[derive(Debug)]
+pub struct Page<T> {
+    /// Items, newest first.
+    pub items: Vec<T>,
+    /// Cursor for the next page, if there may be one.
+    pub next_cursor: Option<String>,
+}
+
+/// Paging request: `limit` (1–500) and an optional cursor from a previous page.
+#[derive(Debug, Clone, Default)]
+pub struct PageRequest {
+    /// Items wanted (clamped to 1–500; default 50).
+    pub limit: Option<usize>,
+    /// Opaque cursor.
+    pub cursor: Option<String>,
+}
+
+impl PageRequest {
+    /// The effective limit.
+    pub fn limit(&self) -> usize {
+        self.limit.unwrap_or(50).clamp(1, 500)
+    }
+
+    /// The decoded cursor key (items strictly older than it follow).
+    pub fn after_key(&self) -> Result<Option<Vec<u8>>, CatalogError> {
+        match self.cursor.as_deref() {
+            None | Some("") => Ok(None),
+            Some(c) => URL_SAFE_NO_PAD
+                .decode(c)
+                .ok()
+                .filter(|k| ulid::Ulid::from_string(&String::from_utf8_lossy(k)).is_ok())
+                .map(Some)
+                .ok_or(CatalogError::InvalidCursor),
+        }
+    }
+}
+
+/// Encodes a record key as an opaque cursor.
+pub fn cursor_for(key: &str) -> String {
+    URL_SAFE_NO_PAD.encode(key.as_bytes())
+}
+
+/// The sled database and its trees. Cheap to clone.
+#[derive(Clone)]
+pub struct Catalog {
+    db: sled::Db,
+    firmware: sled::Tree,
+    firmware_versions: sled::Tree,
+    uploads: sled::Tree,
+    sessions: sled::Tree,
+    meta: sled::Tree,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, CatalogError> {
+    serde_json::from_slice(value).map_err(|source| CatalogError::Decode {
+        key: String::from_utf8_lossy(key).into_owned(),
+        source,
+    })
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
+    // Serializing our own plain structs to JSON cannot fail (no maps with non-string keys).
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
+fn version_key(model: &str, version: &ProductVersion) -> Vec<u8> {
+    let mut key = model.to_lowercase().into_bytes();
+    key.push(0);
+    key.extend(version.sort_key());
+    key
+}
+
+fn tx_abort<E>(e: TransactionError<E>) -> CatalogError
+where
+    CatalogError: From<E>,
+{
+    match e {
+        TransactionError::Abort(e) => CatalogError::from(e),
+        TransactionError::Storage(e) => CatalogError::Storage(e),
+    }
+}
+
+impl From<std::convert::Infallible> for CatalogError {
+    fn from(e: std::convert::Infallible) -> Self {
+        match e {}
+    }
+}
+
+impl Catalog {
+    /// Opens (or creates) the catalog under `dir` with a page cache of `cache_mb` MiB.
+    pub fn open(dir: &Path, cache_mb: u64) -> Result<Catalog, CatalogError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_mb.saturating_mul(1 << 20))
+            .open()?;
+        Ok(Catalog {
+            firmware: db.open_tree("firmware")?,
+            firmware_versions: db.open_tree("firmware_versions")?,
+            uploads: db.open_tree("uploads")?,
+            sessions: db.open_tree("download_sessions")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    /// Flushes everything written so far to disk.
+    pub async fn flush(&self) -> Result<(), CatalogError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Flushes synchronously (offline tools).
+    pub fn flush_blocking(&self) -> Result<(), CatalogError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// A cheap read that proves the database answers (readiness).
+    pub fn check(&self) -> Result<(), CatalogError> {
+        self.meta.get("instance_id")?;
+        Ok(())
+    }
+
+    /// The instance id kept in the data directory, created on first use.
+    pub fn instance_id(&self) -> Result<String, CatalogError> {
+        if let Some(v) = self.meta.get("instance_id")? {
+            return Ok(String::from_utf8_lossy(&v).into_owned());
+        }
+        let id = crate::domain::ids::next().to_lowercase();
+        let _ = self.meta.compare_and_swap(
+            "instance_id",
+            None as Option<&[u8]>,
+            Some(id.as_bytes()),
+        )?;
+        let v = self.meta.get("instance_id")?.unwrap_or_default();
+        Ok(String::from_utf8_lossy(&v).into_owned())
+    }
+
+    // ---- firmware ----
+
+    /// One firmware record (tombstones included).
+    pub fn firmware(&self, id: &FirmwareId) -> Result<FirmwareRecord, CatalogError> {
+        let key = id.as_str().as_bytes();
+        let v = self.firmware.get(key)?.ok_or(CatalogError::NotFound)?;
+        decode(key, &v)
+    }
+
+    /// Newest-first page of firmware records matching `filter`.
+    pub fn list_firmware(
+        &self,
+        page: &PageRequest,
+        filter: impl Fn(&FirmwareRecord) -> bool,
+    ) -> Result<Page<FirmwareRecord>, CatalogError> {
+        page_desc(&self.firmware, page, filter)
+    }
+
+    /// Every firmware record, oldest first (export).
+    pub fn all_firmware(&self) -> impl Iterator<Item = Result<FirmwareRecord, CatalogError>> + '_ {
+        self.firmware.iter().map(|kv| {
+            let (k, v) = kv?;
+            decode(&k, &v)
+        })
+    }
+
+    /// Inserts a record as committed and drops the pending upload row, in one transaction;
+    /// unless its model + version exists: then nothing changes (the caller removes its blob and
+    /// then the pending row) and the outcome says whether the content is the same.
+    pub fn commit_firmware(
+        &self,
+        record: &FirmwareRecord,
+        version: &ProductVersion,
+        upload_id: &str,
+    ) -> Result<CommitOutcome, CatalogError> {
+        let vkey = version_key(&record.model, version);
+        let id_key = record.id.as_str().as_bytes().to_vec();
+        let value = encode(record);
+        let outcome = (&self.firmware, &self.firmware_versions, &self.uploads)
+            .transaction(|(fw, versions, uploads)| {
+                if let Some(existing_id) = versions.get(&vkey)? {
+                    let existing = fw.get(&existing_id)?.ok_or_else(|| {
+                        ConflictableTransactionError::Abort(CatalogError::NotFound)
+                    })?;
+                    let existing: FirmwareRecord = decode(&existing_id, &existing)
+                        .map_err(ConflictableTransactionError::Abort)?;
+                    return Ok(
+                        if existing.sha256 == record.sha256
+                            && existing.file_size == record.file_size
+                        {
+                            CommitOutcome::Duplicate(existing)
+                        } else {
+                            CommitOutcome::Conflict(existing)
+                        },
+                    );
+                }
+                fw.insert(id_key.as_slice(), value.as_slice())?;
+                versions.insert(vkey.as_slice(), id_key.as_slice())?;
+                uploads.remove(upload_id.as_bytes())?;
+                Ok(CommitOutcome::Created(record.clone()))
+            })
+            .map_err(tx_abort)?;
+        Ok(outcome)
+    }
+
+    /// Rewrites a record (status changes); tombstoning also frees its model+version, in one
+    /// transaction. Returns the stored record.
+    pub fn update_firmware(
+        &self,
+        id: &FirmwareId,
+        change: impl Fn(&mut FirmwareRecord),
+    ) -> Result<FirmwareRecord, CatalogError> {
+        let key = id.as_str().as_bytes();
+        let updated = (&self.firmware, &self.firmware_versions)
+            .transaction(|(fw, versions)| {
+                let current = fw
+                    .get(key)?
+                    .ok_or(ConflictableTransactionError::Abort(CatalogError::NotFound))?;
+                let mut record: FirmwareRecord =
+                    decode(key, &current).map_err(ConflictableTransactionError::Abort)?;
+                let was_deleted = record.status == FirmwareStatus::Deleted;
+                change(&mut record);
+                if record.status == FirmwareStatus::Deleted && !was_deleted {
+                    if let Ok(v) = ProductVersion::parse(&record.product_version) {
+                        let vkey = version_key(&record.model, &v);
+                        if versions.get(&vkey)?.as_deref() == Some(key) {
+                            versions.remove(vkey)?;
+                        }
+                    }
+                }
+                fw.insert(key, encode(&record))?;
+                Ok(record)
+            })
+            .map_err(tx_abort)?;
+        Ok(updated)
+    }
+
+    /// Imports a record as is (offline restore). Returns false if its id or its model+version
+    /// is already present.
+    pub fn import_firmware(&self, record: &FirmwareRecord) -> Result<bool, CatalogError> {
+        let key = record.id.as_str().as_bytes().to_vec();
+        let vkey = ProductVersion::parse(&record.product_version)
+            .ok()
+            .filter(|_| record.status != FirmwareStatus::Deleted)
+            .map(|v| version_key(&record.model, &v));
+        let value = encode(record);
+        (&self.firmware, &self.firmware_versions)
+            .transaction(|(fw, versions)| {
+                if fw.get(&key)?.is_some() {
+                    return Ok(false);
+                }
+                if let Some(vkey) = &vkey {
+                    if versions.get(vkey)?.is_some() {
+                        return Ok(false);
+                    }
+                    versions.insert(vkey.as_slice(), key.as_slice())?;
+                }
+                fw.insert(key.as_slice(), value.as_slice())?;
+                Ok(true)
+            })
+            .map_err(tx_abort::<std::convert::Infallible>)
+    }
+
+    // ---- pending uploads ----
+
+    /// Records an upload that has started (before its first byte reaches the blob store).
+    pub fn put_pending_upload(&self, upload: &PendingUpload) -> Result<(), CatalogError> {
+        self.uploads.insert(upload.id.as_bytes(), encode(upload))?;
+        Ok(())
+    }
+
+    /// Forgets a pending upload (aborted and cleaned up).
+    pub fn remove_pending_upload(&self, id: &str) -> Result<(), CatalogError> {
+        self.uploads.remove(id.as_bytes())?;
+        Ok(())
+    }
+
+    /// Every pending upload (the start-up sweep aborts them).
+    pub fn pending_uploads(&self) -> Result<Vec<PendingUpload>, CatalogError> {
+        self.uploads
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    // ---- download sessions ----
+
+    /// Stores sessions (the progress flusher) in one batch.
+    pub fn put_sessions(&self, sessions: &[DownloadSessionRecord]) -> Result<(), CatalogError> {
+        let mut batch = sled::Batch::default();
+        for s in sessions {
+            batch.insert(s.id.as_bytes(), encode(s));
+        }
+        self.sessions.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Newest-first page of stored sessions matching `filter`.
+    pub fn list_sessions(
+        &self,
+        page: &PageRequest,
+        filter: impl Fn(&DownloadSessionRecord) -> bool,
+    ) -> Result<Page<DownloadSessionRecord>, CatalogError> {
+        page_desc(&self.sessions, page, filter)
+    }
+
+    /// Stored sessions last seen within `since_secs` (restart: resume keyed sessions).
+    pub fn recent_sessions(
+        &self,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<DownloadSessionRecord>, CatalogError> {
+        let mut out = Vec::new();
+        for kv in self.sessions.iter() {
+            let (k, v) = kv?;
+            let s: DownloadSessionRecord = decode(&k, &v)?;
+            if s.last_seen_at >= since {
+                out.push(s);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes sessions last seen before `cutoff`; returns how many.
+    pub fn prune_sessions(
+        &self,
+        cutoff: chrono::DateTime<chrono::Utc>,
+    ) -> Result<usize, CatalogError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.sessions.iter() {
+            let (k, v) = kv?;
+            let s: DownloadSessionRecord = decode(&k, &v)?;
+            if s.last_seen_at < cutoff {
+                batch.remove(k);
+                n += 1;
+            }
+        }
+        self.sessions.apply_batch(batch)?;
+        Ok(n)
+    }
+}
+
+/// Walks `tree` from newest to oldest key after the cursor, keeping matching values.
+fn page_desc<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+    page: &PageRequest,
+    filter: impl Fn(&T) -> bool,
+) -> Result<Page<T>, CatalogError> {
+    let limit = page.limit();
+    let iter = match page.after_key()? {
+        Some(after) => tree.range(..after),
+        None => tree.iter(),
+    };
+    let mut items = Vec::with_capacity(limit);
+    let mut last_key = None;
+    for kv in iter.rev() {
+        let (k, v) = kv?;
+        let item: T = decode(&k, &v)?;
+        if filter(&item) {
+            if items.len() == limit {
+                return Ok(Page {
+                    items,
+                    next_cursor: last_key
+                        .map(|k: sled::IVec| cursor_for(&String::from_utf8_lossy(&k))),
+                });
+            }
+            items.push(item);
+            last_key = Some(k);
+        }
+    }
+    Ok(Page {
+        items,
+        next_cursor: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(model: &str, version: &str, sha: &str) -> FirmwareRecord {
+        FirmwareRecord::new_for_test(model, version, sha)
+    }
+
+    #[test]
+    fn commit_detects_duplicates_and_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(dir.path(), 8).unwrap();
+        let a = record("Dock", "1.2", "aa");
+        let v = ProductVersion::parse("1.2").unwrap();
+        assert!(matches!(
+            cat.commit_firmware(&a, &v, "u1").unwrap(),
+            CommitOutcome::Created(_)
+        ));
+        let same = record("dock", "1.2.0", "aa");
+        let v2 = ProductVersion::parse("1.2.0").unwrap();
+        assert!(
+            matches!(cat.commit_firmware(&same, &v2, "u2").unwrap(), CommitOutcome::Duplicate(r) if r.id == a.id)
+        );
+        let other = record("DOCK", "01.02", "bb");
+        assert!(matches!(
+            cat.commit_firmware(&other, &v, "u3").unwrap(),
+            CommitOutcome::Conflict(_)
+        ));
+        cat.update_firmware(&a.id, |r| r.status = FirmwareStatus::Deleted)
+            .unwrap();
+        assert!(matches!(
+            cat.commit_firmware(&other, &v, "u4").unwrap(),
+            CommitOutcome::Created(_)
+        ));
+    }
+
+    #[test]
+    fn pages_are_newest_first_and_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(dir.path(), 8).unwrap();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let r = record("m", &format!("1.{i}"), "x");
+            let v = ProductVersion::parse(&r.product_version).unwrap();
+            cat.commit_firmware(&r, &v, "u").unwrap();
+            ids.push(r.id);
+        }
+        let p1 = cat
+            .list_firmware(
+                &PageRequest {
+                    limit: Some(2),
+                    cursor: None,
+                },
+                |_| true,
+            )
+            .unwrap();
+        assert_eq!(
+            p1.items.iter().map(|r| &r.id).collect::<Vec<_>>(),
+            vec![&ids[4], &ids[3]]
+        );
+        // An insert between pages does not shift the next page.
+        let r = record("m", "9.9", "x");
+        cat.commit_firmware(&r, &ProductVersion::parse("9.9").unwrap(), "u")
+            .unwrap();
+        let p2 = cat
+            .list_firmware(
+                &PageRequest {
+                    limit: Some(2),
+                    cursor: p1.next_cursor.clone(),
+                },
+                |_| true,
+            )
+            .unwrap();
+        assert_eq!(
+            p2.items.iter().map(|r| &r.id).collect::<Vec<_>>(),
+            vec![&ids[2], &ids[1]]
+        );
+        let p3 = cat
+            .list_firmware(
+                &PageRequest {
+                    limit: Some(2),
+                    cursor: p2.next_cursor,
+                },
+                |_| true,
+            )
+            .unwrap();
+        assert_eq!(p3.items.len(), 1);
+        assert!(p3.next_cursor.is_none());
+        assert!(matches!(
+            cat.list_firmware(
+                &PageRequest {
+                    limit: None,
+                    cursor: Some("!!".into())
+                },
+                |_| true
+            ),
+            Err(CatalogError::InvalidCursor)
+        ));
+    }
+}

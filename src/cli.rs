@@ -1,0 +1,123 @@
+//! The command line: `serve`, the client commands (`upload`, `list`) and the offline tools
+//! (`export`, `import`, `check-config`, `print-config`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::ServeOptions;
+
+/// fwrepo: firmware repository and OTA rollout server for DJI-Cloud-API-style gateways.
+#[derive(Parser, Debug)]
+#[command(name = "fwrepo", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server (zero configuration: ./storage, HTTP 127.0.0.1:8080).
+    Serve(ServeOptions),
+    /// Upload a firmware package to a running server, with a progress bar; prints the record.
+    Upload(UploadArgs),
+    /// List firmware on a running server.
+    List(ListArgs),
+    /// Write the catalog as JSON lines (offline: the server must be stopped).
+    Export(ExportArgs),
+    /// Read a catalog export (offline: the server must be stopped).
+    Import(ImportArgs),
+    /// Validate the configuration and exit.
+    CheckConfig(ServeOptions),
+    /// Print the effective configuration (secrets redacted).
+    PrintConfig(ServeOptions),
+}
+
+/// Where the server is and how to authenticate.
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// Server base URL.
+    #[arg(long, env = "FWREPO_SERVER", default_value = "http://127.0.0.1:8080")]
+    pub server: String,
+    /// API token (sent as Authorization: Bearer).
+    #[arg(long, env = "FWREPO_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+/// `fwrepo upload`.
+#[derive(Args, Debug)]
+pub struct UploadArgs {
+    /// The package file.
+    pub file: PathBuf,
+    /// Server and token.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Model (else parsed from the file name).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Version (else parsed from the file name).
+    #[arg(long)]
+    pub product_version: Option<String>,
+    /// Expected MD5; the server refuses the upload if the bytes differ.
+    #[arg(long)]
+    pub md5: Option<String>,
+    /// Expected SHA-256; the server refuses the upload if the bytes differ.
+    #[arg(long)]
+    pub sha256: Option<String>,
+    /// Release note.
+    #[arg(long)]
+    pub release_note: Option<String>,
+    /// File name to store (default: the file's own name).
+    #[arg(long)]
+    pub file_name: Option<String>,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// `fwrepo list`.
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// Server and token.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Only this model.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Only this version.
+    #[arg(long)]
+    pub product_version: Option<String>,
+    /// Only this status (ready, corrupt, disabled, deleted).
+    #[arg(long)]
+    pub status: Option<String>,
+    /// At most this many records (all pages are fetched up to it).
+    #[arg(long, default_value_t = 50)]
+    pub limit: usize,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `fwrepo export`.
+#[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Data directory of the stopped server.
+    #[arg(long, env = "FWREPO_DATA_DIR", default_value = "storage")]
+    pub data_dir: PathBuf,
+    /// Output file (default: stdout).
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+}
+
+/// `fwrepo import`.
+#[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// Data directory of the stopped server.
+    #[arg(long, env = "FWREPO_DATA_DIR", default_value = "storage")]
+    pub data_dir: PathBuf,
+    /// Input file (default: stdin).
+    #[arg(long, short)]
+    pub input: Option<PathBuf>,
+}

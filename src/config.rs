@@ -1,0 +1,474 @@
+//! Server configuration: the flags of contract §1, layered flag > environment (`FWREPO_<FLAG>`)
+//! > TOML file (`--config`) > built-in default. [`ServeOptions`] is the raw, all-optional layer
+//! (one struct serves clap and serde, so a flag, its variable and its TOML key cannot drift);
+//! [`Settings`] is the validated result. Invalid configuration fails here, before any port is
+//! bound.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The `--config` file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The `--config` file is not valid TOML for fwrepo.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Every `fwrepo serve` setting, each optional; clap fills flags and `FWREPO_*` variables, serde
+/// fills the TOML file. Doc comments double as `--help`.
+#[derive(Args, Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeOptions {
+    /// TOML configuration file (keys are the flag names with `_`).
+    #[arg(long, env = "FWREPO_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// HTTP listen address (port 0 picks one) [default: 127.0.0.1:8080].
+    #[arg(long, env = "FWREPO_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Data directory for the catalog and local blobs [default: storage].
+    #[arg(long, env = "FWREPO_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Base URL of every file_url [default: the bound HTTP address; required off loopback].
+    #[arg(long, env = "FWREPO_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Blob store: file://DIR or s3://bucket/prefix [default: file://<data-dir>/blobs].
+    #[arg(long, env = "FWREPO_BLOB_STORE")]
+    pub blob_store: Option<String>,
+    /// Endpoint of an S3-compatible server (MinIO, Ceph, moto, …); AWS_* variables give
+    /// credentials and region.
+    #[arg(long, env = "FWREPO_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// Largest accepted upload in bytes [default: 8 GiB].
+    #[arg(long, env = "FWREPO_MAX_UPLOAD_BYTES")]
+    pub max_upload_bytes: Option<u64>,
+    /// Uploads accepted at once; more get 429 too_many_uploads [default: 2].
+    #[arg(long, env = "FWREPO_MAX_CONCURRENT_UPLOADS")]
+    pub max_concurrent_uploads: Option<usize>,
+    /// Days to keep finished tasks, download sessions and audit entries [default: 180].
+    #[arg(long, env = "FWREPO_RETENTION_DAYS")]
+    pub retention_days: Option<u64>,
+    /// Seconds between flushes of download progress to disk [default: 5].
+    #[arg(long, env = "FWREPO_PROGRESS_FLUSH_SECS")]
+    pub progress_flush_secs: Option<u64>,
+    /// Proxies whose X-Forwarded-For is believed, as CIDRs [default: none].
+    #[arg(long, env = "FWREPO_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<IpNet>>,
+    /// sled page cache in MiB [default: 64].
+    #[arg(long, env = "FWREPO_SLED_CACHE_MB")]
+    pub sled_cache_mb: Option<u64>,
+    /// Budget in MiB for download read buffers in flight across all clients [default: 64].
+    #[arg(long, env = "FWREPO_DOWNLOAD_BUFFER_MB")]
+    pub download_buffer_mb: Option<u64>,
+    /// Seconds an upload body may stall before it is aborted [default: 300].
+    #[arg(long, env = "FWREPO_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
+    /// Seconds to drain in-flight requests on SIGTERM/SIGINT [default: 20].
+    #[arg(long, env = "FWREPO_SHUTDOWN_GRACE")]
+    pub shutdown_grace: Option<u64>,
+    /// Log format on stderr: text or json [default: text].
+    #[arg(long, env = "FWREPO_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// External MQTT broker, mqtt://host:port or mqtts://… (MQTT issue; not yet effective).
+    #[arg(long, env = "FWREPO_MQTT_URL")]
+    pub mqtt_url: Option<String>,
+    /// Embedded broker listen address (MQTT issue; not yet effective) [default: 127.0.0.1:1883].
+    #[arg(long, env = "FWREPO_MQTT_LISTEN")]
+    pub mqtt_listen: Option<SocketAddr>,
+    /// MQTT client id (MQTT issue; not yet effective) [default: fwrepo-<instance id>].
+    #[arg(long, env = "FWREPO_MQTT_CLIENT_ID")]
+    pub mqtt_client_id: Option<String>,
+    /// MQTT user name (MQTT issue; not yet effective).
+    #[arg(long, env = "FWREPO_MQTT_USER")]
+    pub mqtt_user: Option<String>,
+    /// MQTT password (MQTT issue; not yet effective).
+    #[arg(long, env = "FWREPO_MQTT_PASSWORD")]
+    pub mqtt_password: Option<String>,
+    /// Reply to device events: all or none (MQTT issue; not yet effective) [default: all].
+    #[arg(long, env = "FWREPO_MQTT_REPLIES")]
+    pub mqtt_replies: Option<String>,
+    /// Seconds after the last message a device counts as online (MQTT issue) [default: 60].
+    #[arg(long, env = "FWREPO_ONLINE_WINDOW")]
+    pub online_window: Option<u64>,
+    /// Seconds after `ok` to verify the reported version (MQTT issue) [default: 900].
+    #[arg(long, env = "FWREPO_VERIFY_WINDOW")]
+    pub verify_window: Option<u64>,
+    /// Preflight mode normal|strict|off (MQTT issue; not yet effective) [default: normal].
+    #[arg(long, env = "FWREPO_PREFLIGHT")]
+    pub preflight: Option<String>,
+    /// Seconds to wait for services_reply (MQTT issue; not yet effective) [default: 30].
+    #[arg(long, env = "FWREPO_OTA_REPLY_TIMEOUT")]
+    pub ota_reply_timeout: Option<u64>,
+    /// Seconds without ota_progress before a task times out (MQTT issue) [default: 1800].
+    #[arg(long, env = "FWREPO_OTA_PROGRESS_TIMEOUT")]
+    pub ota_progress_timeout: Option<u64>,
+    /// Model key → firmware model table (TOML only; MQTT issue).
+    #[arg(skip)]
+    pub models: Option<toml::Table>,
+}
+
+macro_rules! layer {
+    ($hi:expr, $lo:expr, $($f:ident),* $(,)?) => {
+        ServeOptions { config: $hi.config.or($lo.config), $( $f: $hi.$f.or($lo.$f), )* }
+    };
+}
+
+impl ServeOptions {
+    /// `self` wins where set; `lower` fills the rest.
+    fn over(self, lower: ServeOptions) -> ServeOptions {
+        layer!(
+            self,
+            lower,
+            listen,
+            data_dir,
+            public_url,
+            blob_store,
+            s3_endpoint,
+            max_upload_bytes,
+            max_concurrent_uploads,
+            retention_days,
+            progress_flush_secs,
+            trusted_proxies,
+            sled_cache_mb,
+            download_buffer_mb,
+            idle_timeout_secs,
+            shutdown_grace,
+            log_format,
+            mqtt_url,
+            mqtt_listen,
+            mqtt_client_id,
+            mqtt_user,
+            mqtt_password,
+            mqtt_replies,
+            online_window,
+            verify_window,
+            preflight,
+            ota_reply_timeout,
+            ota_progress_timeout,
+            models,
+        )
+    }
+
+    /// Reads the TOML file named by `--config` (if any) under these flag/env values.
+    pub fn layered(self) -> Result<ServeOptions, ConfigError> {
+        let Some(path) = self.config.clone() else {
+            return Ok(self);
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let file: ServeOptions = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path,
+            source: Box::new(source),
+        })?;
+        Ok(self.over(file))
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where blobs live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlobBackend {
+    /// A directory on the local filesystem.
+    Local {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// An S3-compatible bucket.
+    S3 {
+        /// Bucket name.
+        bucket: String,
+        /// Key prefix (no leading or trailing `/`), may be empty.
+        prefix: String,
+        /// Endpoint URL for non-AWS servers.
+        endpoint: Option<String>,
+    },
+}
+
+/// Validated server settings. `Settings::default()` is the zero-configuration setup.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// HTTP listen address.
+    pub listen: SocketAddr,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Base of file URLs; `None` = the bound HTTP address.
+    pub public_url: Option<Url>,
+    /// Blob backend.
+    pub blob_backend: BlobBackend,
+    /// Largest upload in bytes.
+    pub max_upload_bytes: u64,
+    /// Concurrent uploads.
+    pub max_concurrent_uploads: usize,
+    /// Retention of download sessions, in days.
+    pub retention_days: u64,
+    /// Seconds between progress flushes.
+    pub progress_flush_secs: u64,
+    /// Proxies whose X-Forwarded-For is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// sled cache in MiB.
+    pub sled_cache_mb: u64,
+    /// Download buffer budget in MiB.
+    pub download_buffer_mb: u64,
+    /// Upload idle timeout in seconds.
+    pub idle_timeout_secs: u64,
+    /// Graceful shutdown budget in seconds.
+    pub shutdown_grace_secs: u64,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        let data_dir = PathBuf::from("storage");
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            blob_backend: BlobBackend::Local {
+                dir: data_dir.join("blobs"),
+            },
+            data_dir,
+            public_url: None,
+            max_upload_bytes: 8 << 30,
+            max_concurrent_uploads: 2,
+            retention_days: 180,
+            progress_flush_secs: 5,
+            trusted_proxies: Vec::new(),
+            sled_cache_mb: 64,
+            download_buffer_mb: 64,
+            idle_timeout_secs: 300,
+            shutdown_grace_secs: 20,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+fn positive(name: &str, v: Option<u64>, default: u64) -> Result<u64, ConfigError> {
+    match v {
+        Some(0) => Err(invalid(format!("{name} must be at least 1"))),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    }
+}
+
+impl Settings {
+    /// Validates layered options into settings.
+    pub fn from_options(o: ServeOptions) -> Result<Settings, ConfigError> {
+        let d = Settings::default();
+        let data_dir = o.data_dir.unwrap_or(d.data_dir);
+        let listen = o.listen.unwrap_or(d.listen);
+        let public_url = match o.public_url.as_deref() {
+            Some(raw) => Some(parse_public_url(raw)?),
+            None if !listen.ip().is_loopback() => {
+                return Err(invalid(format!(
+                    "listening on {listen} needs --public-url: a loopback or unspecified address in file_url only makes gateways fail their download"
+                )));
+            }
+            None => None,
+        };
+        let blob_backend = parse_blob_store(o.blob_store.as_deref(), &data_dir, o.s3_endpoint)?;
+        let max_concurrent_uploads = match o.max_concurrent_uploads {
+            Some(0) => return Err(invalid("max_concurrent_uploads must be at least 1")),
+            Some(n) => n,
+            None => d.max_concurrent_uploads,
+        };
+        if let Some(v) = o.mqtt_replies.as_deref() {
+            if !matches!(v, "all" | "none") {
+                return Err(invalid("mqtt_replies must be all or none"));
+            }
+        }
+        if let Some(v) = o.preflight.as_deref() {
+            if !matches!(v, "normal" | "strict" | "off") {
+                return Err(invalid("preflight must be normal, strict or off"));
+            }
+        }
+        if let Some(u) = o.mqtt_url.as_deref() {
+            let parsed = Url::parse(u).map_err(|e| invalid(format!("mqtt_url {u:?}: {e}")))?;
+            if !matches!(parsed.scheme(), "mqtt" | "mqtts") {
+                return Err(invalid("mqtt_url must start with mqtt:// or mqtts://"));
+            }
+        }
+        Ok(Settings {
+            listen,
+            public_url,
+            blob_backend,
+            max_upload_bytes: positive("max_upload_bytes", o.max_upload_bytes, d.max_upload_bytes)?,
+            max_concurrent_uploads,
+            retention_days: positive("retention_days", o.retention_days, d.retention_days)?,
+            progress_flush_secs: positive(
+                "progress_flush_secs",
+                o.progress_flush_secs,
+                d.progress_flush_secs,
+            )?,
+            trusted_proxies: o.trusted_proxies.unwrap_or_default(),
+            sled_cache_mb: positive("sled_cache_mb", o.sled_cache_mb, d.sled_cache_mb)?,
+            download_buffer_mb: positive(
+                "download_buffer_mb",
+                o.download_buffer_mb,
+                d.download_buffer_mb,
+            )?,
+            idle_timeout_secs: positive(
+                "idle_timeout_secs",
+                o.idle_timeout_secs,
+                d.idle_timeout_secs,
+            )?,
+            shutdown_grace_secs: o.shutdown_grace.unwrap_or(d.shutdown_grace_secs),
+            log_format: o.log_format.unwrap_or_default(),
+            data_dir,
+        })
+    }
+
+    /// Settings for a fresh data directory with HTTP on an OS-chosen loopback port (tests).
+    pub fn for_data_dir(data_dir: &Path) -> Settings {
+        Settings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: data_dir.to_path_buf(),
+            blob_backend: BlobBackend::Local {
+                dir: data_dir.join("blobs"),
+            },
+            ..Settings::default()
+        }
+    }
+
+    /// Whether `peer` is a proxy whose X-Forwarded-For is believed.
+    pub fn is_trusted_proxy(&self, peer: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|net| net.contains(&peer))
+    }
+}
+
+fn parse_public_url(raw: &str) -> Result<Url, ConfigError> {
+    let url = Url::parse(raw).map_err(|e| invalid(format!("public_url {raw:?}: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(invalid(
+            "public_url must be an http:// or https:// URL with a host",
+        ));
+    }
+    Ok(url)
+}
+
+fn parse_blob_store(
+    raw: Option<&str>,
+    data_dir: &Path,
+    endpoint: Option<String>,
+) -> Result<BlobBackend, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(BlobBackend::Local {
+            dir: data_dir.join("blobs"),
+        });
+    };
+    if let Some(dir) = raw.strip_prefix("file://") {
+        if dir.is_empty() {
+            return Err(invalid("blob_store file:// needs a directory"));
+        }
+        return Ok(BlobBackend::Local {
+            dir: PathBuf::from(dir),
+        });
+    }
+    if let Some(rest) = raw.strip_prefix("s3://") {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.len() < 3 {
+            return Err(invalid(
+                "blob_store s3:// needs a bucket name of at least 3 characters",
+            ));
+        }
+        return Ok(BlobBackend::S3 {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            endpoint,
+        });
+    }
+    Err(invalid(format!(
+        "blob_store {raw:?} must be file://DIR or s3://bucket/prefix"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_zero_config() {
+        let s = Settings::from_options(ServeOptions::default()).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.data_dir, PathBuf::from("storage"));
+        assert_eq!(s.max_upload_bytes, 8 << 30);
+    }
+
+    #[test]
+    fn non_loopback_needs_public_url() {
+        let o = ServeOptions {
+            listen: Some("0.0.0.0:8080".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(Settings::from_options(o.clone()).is_err());
+        let o = ServeOptions {
+            public_url: Some("https://fw.example.com".into()),
+            ..o
+        };
+        assert!(Settings::from_options(o).is_ok());
+    }
+
+    #[test]
+    fn flag_beats_file() {
+        let file: ServeOptions =
+            toml::from_str("listen = \"127.0.0.1:9000\"\nmax_concurrent_uploads = 4\n").unwrap();
+        let flags = ServeOptions {
+            listen: Some("127.0.0.1:9001".parse().unwrap()),
+            ..Default::default()
+        };
+        let merged = flags.over(file);
+        assert_eq!(merged.listen.unwrap().port(), 9001);
+        assert_eq!(merged.max_concurrent_uploads, Some(4));
+        assert!(toml::from_str::<ServeOptions>("no_such_key = 1").is_err());
+    }
+
+    #[test]
+    fn blob_store_urls() {
+        let b = parse_blob_store(Some("s3://bucket/a/b/"), Path::new("x"), None).unwrap();
+        assert_eq!(
+            b,
+            BlobBackend::S3 {
+                bucket: "bucket".into(),
+                prefix: "a/b".into(),
+                endpoint: None
+            }
+        );
+        assert!(parse_blob_store(Some("ftp://x"), Path::new("x"), None).is_err());
+    }
+}

@@ -1,0 +1,164 @@
+//! `/api/v1/firmware`: upload, list, get, disable/enable, delete, verify (contract §3).
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use serde::Deserialize;
+
+use super::dto::{FirmwareDto, FirmwarePage};
+use super::error::ErrorBody;
+use super::upload_body::{UploadQuery, receive};
+use super::{ApiError, AppState, PageQuery};
+use crate::catalog::FirmwareStatus;
+use crate::firmware::FirmwareFilter;
+use crate::upload::UploadOutcome;
+
+pub(super) fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/v1/firmware")
+            .route(web::post().to(upload))
+            .route(web::put().to(upload))
+            .route(web::get().to(list)),
+    )
+    .service(
+        web::resource("/api/v1/firmware/{id}")
+            .route(web::get().to(get))
+            .route(web::delete().to(delete)),
+    )
+    .route("/api/v1/firmware/{id}/disable", web::post().to(disable))
+    .route("/api/v1/firmware/{id}/enable", web::post().to(enable))
+    .route("/api/v1/firmware/{id}/verify", web::post().to(verify));
+}
+
+fn dto(state: &AppState, r: crate::catalog::FirmwareRecord) -> FirmwareDto {
+    FirmwareDto::from_record(&state.public_url, r)
+}
+
+/// Upload a firmware package.
+#[utoipa::path(post, path = "/api/v1/firmware", tag = "firmware",
+    params(UploadQuery),
+    request_body(description = "multipart/form-data with part `file` (and optional text parts model, product_version, md5, sha256, release_note), or the raw package as application/octet-stream with ?file_name=", content = Vec<u8>, content_type = "application/octet-stream"),
+    responses(
+        (status = 201, description = "Stored", body = FirmwareDto),
+        (status = 200, description = "Identical package already stored", body = FirmwareDto),
+        (status = 400, description = "invalid_request, invalid_version", body = ErrorBody),
+        (status = 409, description = "version_conflict", body = ErrorBody),
+        (status = 413, description = "too_large", body = ErrorBody),
+        (status = 415, description = "unsupported_media_type", body = ErrorBody),
+        (status = 422, description = "checksum_mismatch, version_required, validation_failed", body = ErrorBody),
+        (status = 429, description = "too_many_uploads", body = ErrorBody),
+        (status = 507, description = "insufficient_storage", body = ErrorBody),
+    ))]
+pub(super) async fn upload(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    query: web::Query<UploadQuery>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    Ok(
+        match receive(&state, &req, payload, query.into_inner()).await? {
+            UploadOutcome::Created(r) => HttpResponse::Created().json(dto(&state, r)),
+            UploadOutcome::Existing(r) => HttpResponse::Ok().json(dto(&state, r)),
+        },
+    )
+}
+
+/// Filters of the firmware list.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(super) struct ListQuery {
+    /// Model (case-insensitive).
+    model: Option<String>,
+    /// Version (compared numerically).
+    product_version: Option<String>,
+    /// ready, corrupt, disabled or deleted.
+    #[param(value_type = Option<String>)]
+    status: Option<FirmwareStatus>,
+}
+
+/// List firmware, newest first.
+#[utoipa::path(get, path = "/api/v1/firmware", tag = "firmware", params(ListQuery, PageQuery),
+    responses((status = 200, body = FirmwarePage), (status = 400, body = ErrorBody)))]
+pub(super) async fn list(
+    state: web::Data<AppState>,
+    filter: web::Query<ListQuery>,
+    page: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let f = filter.into_inner();
+    let filter = FirmwareFilter {
+        model: f.model,
+        product_version: f.product_version,
+        status: f.status,
+    };
+    let page = state.firmware.list(&filter, &page.to_request())?;
+    Ok(HttpResponse::Ok().json(FirmwarePage::from_page(&state.public_url, page)))
+}
+
+/// One firmware record.
+#[utoipa::path(get, path = "/api/v1/firmware/{id}", tag = "firmware",
+    responses((status = 200, body = FirmwareDto), (status = 404, body = ErrorBody)))]
+pub(super) async fn get(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let r = state.firmware.get(&id)?;
+    Ok(HttpResponse::Ok().json(dto(&state, r)))
+}
+
+/// `?force=true` overrides the firmware_in_use guard.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(super) struct ForceQuery {
+    /// Override the firmware_in_use guard.
+    #[serde(default)]
+    force: bool,
+}
+
+/// Delete a firmware: remove its blob, keep the record as a tombstone.
+#[utoipa::path(delete, path = "/api/v1/firmware/{id}", tag = "firmware", params(ForceQuery),
+    responses((status = 200, body = FirmwareDto), (status = 404, body = ErrorBody),
+        (status = 409, description = "firmware_in_use", body = ErrorBody),
+        (status = 410, description = "firmware_deleted", body = ErrorBody)))]
+pub(super) async fn delete(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    q: web::Query<ForceQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let r = state.firmware.delete(&id, q.force).await?;
+    Ok(HttpResponse::Ok().json(dto(&state, r)))
+}
+
+/// Disable: no new tasks; downloads continue.
+#[utoipa::path(post, path = "/api/v1/firmware/{id}/disable", tag = "firmware", params(ForceQuery),
+    responses((status = 200, body = FirmwareDto), (status = 404, body = ErrorBody),
+        (status = 409, description = "firmware_in_use, firmware_corrupt", body = ErrorBody),
+        (status = 410, description = "firmware_deleted", body = ErrorBody)))]
+pub(super) async fn disable(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    q: web::Query<ForceQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let r = state.firmware.disable(&id, q.force)?;
+    Ok(HttpResponse::Ok().json(dto(&state, r)))
+}
+
+/// Enable a disabled firmware.
+#[utoipa::path(post, path = "/api/v1/firmware/{id}/enable", tag = "firmware",
+    responses((status = 200, body = FirmwareDto), (status = 404, body = ErrorBody),
+        (status = 409, description = "firmware_corrupt", body = ErrorBody),
+        (status = 410, description = "firmware_deleted", body = ErrorBody)))]
+pub(super) async fn enable(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let r = state.firmware.enable(&id)?;
+    Ok(HttpResponse::Ok().json(dto(&state, r)))
+}
+
+/// Re-hash the stored blob in the background; a mismatch marks the firmware corrupt.
+#[utoipa::path(post, path = "/api/v1/firmware/{id}/verify", tag = "firmware",
+    responses((status = 202, description = "Verification started", body = FirmwareDto),
+        (status = 404, body = ErrorBody), (status = 410, description = "firmware_deleted", body = ErrorBody)))]
+pub(super) async fn verify(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let r = state.firmware.start_verify(&id)?;
+    Ok(HttpResponse::Accepted().json(dto(&state, r)))
+}

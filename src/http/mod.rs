@@ -1,0 +1,174 @@
+//! The HTTP adapter: routes, shared state, request-to-domain conversion and the JSON error
+//! shape for everything, framework errors included. Handlers are thin: extract, call one
+//! service, map the result.
+
+mod downloads;
+mod dto;
+pub mod error;
+mod files;
+mod firmware;
+pub mod openapi;
+mod ops;
+mod upload_body;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use actix_web::body::EitherBody;
+use actix_web::dev::ServiceResponse;
+use actix_web::http::header;
+use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
+use actix_web::{HttpRequest, ResponseError, web};
+use url::Url;
+
+use crate::blobs::{BlobStore, ReadBudget};
+use crate::catalog::Catalog;
+use crate::config::Settings;
+use crate::download::DownloadService;
+use crate::firmware::FirmwareService;
+use crate::metrics::Metrics;
+use crate::progress::{ClientInfo, DownloadTracker};
+use crate::upload::UploadService;
+pub use error::ApiError;
+
+/// Everything handlers need. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// Validated settings.
+    pub settings: Arc<Settings>,
+    /// Base of every file_url (no trailing slash).
+    pub public_url: Arc<str>,
+    /// The catalog.
+    pub catalog: Catalog,
+    /// The blob store.
+    pub blobs: BlobStore,
+    /// Uploads.
+    pub uploads: UploadService,
+    /// Firmware lifecycle.
+    pub firmware: FirmwareService,
+    /// Downloads.
+    pub downloads: DownloadService,
+    /// Download sessions.
+    pub tracker: DownloadTracker,
+    /// Read buffer budget.
+    pub budget: ReadBudget,
+    /// Counters.
+    pub metrics: Arc<Metrics>,
+}
+
+impl AppState {
+    /// The public base URL as text without a trailing slash.
+    pub fn base_url(url: &Url) -> Arc<str> {
+        url.as_str().trim_end_matches('/').into()
+    }
+
+    /// Client address (X-Forwarded-For believed only from trusted proxies) and User-Agent.
+    pub fn client_info(&self, req: &HttpRequest) -> ClientInfo {
+        let peer = req.peer_addr().map(|a| a.ip());
+        let client = match peer {
+            Some(ip) if self.settings.is_trusted_proxy(ip) => {
+                forwarded_client(req, |a| self.settings.is_trusted_proxy(a)).unwrap_or(ip)
+            }
+            Some(ip) => ip,
+            None => IpAddr::from([0, 0, 0, 0]),
+        };
+        let user_agent = req
+            .headers()
+            .get(header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .chars()
+            .take(256)
+            .collect();
+        ClientInfo {
+            client: client.to_string(),
+            user_agent,
+        }
+    }
+}
+
+/// The right-most X-Forwarded-For address that is not a trusted proxy.
+fn forwarded_client(req: &HttpRequest, trusted: impl Fn(IpAddr) -> bool) -> Option<IpAddr> {
+    let mut hops: Vec<IpAddr> = Vec::new();
+    for value in req.headers().get_all("x-forwarded-for") {
+        let text = value.to_str().ok()?;
+        for part in text.split(',') {
+            hops.push(part.trim().parse().ok()?);
+        }
+    }
+    let mut last = None;
+    for ip in hops.into_iter().rev() {
+        last = Some(ip);
+        if !trusted(ip) {
+            break;
+        }
+    }
+    last
+}
+
+/// Registers every route.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(json_config())
+        .app_data(query_config())
+        .app_data(path_config())
+        .configure(ops::routes)
+        .configure(firmware::routes)
+        .configure(downloads::routes)
+        .configure(files::routes);
+}
+
+fn json_config() -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(1 << 20)
+        .error_handler(|e, _| ApiError::invalid_request(format!("invalid JSON body: {e}")).into())
+}
+
+fn query_config() -> web::QueryConfig {
+    web::QueryConfig::default()
+        .error_handler(|e, _| ApiError::invalid_request(format!("invalid query: {e}")).into())
+}
+
+fn path_config() -> web::PathConfig {
+    web::PathConfig::default()
+        .error_handler(|e, _| ApiError::invalid_request(format!("invalid path: {e}")).into())
+}
+
+/// Middleware that gives framework-generated errors (unknown route, wrong method, payload
+/// errors) the JSON error body.
+pub fn json_errors<B: 'static>() -> ErrorHandlers<B> {
+    ErrorHandlers::new().default_handler(|res: ServiceResponse<B>| {
+        let is_json = res
+            .response()
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+        if is_json {
+            return Ok(ErrorHandlerResponse::Response(res.map_into_left_body()));
+        }
+        let replaced = error::for_status(res.status()).error_response();
+        let (req, _) = res.into_parts();
+        let res = ServiceResponse::new(req, replaced).map_into_right_body();
+        Ok(ErrorHandlerResponse::Response(res))
+    })
+}
+
+/// Response body type after [`json_errors`].
+pub type JsonErrorBody<B> = EitherBody<B>;
+
+/// Query parameters of every list.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+pub struct PageQuery {
+    /// Items per page (1–500, default 50).
+    pub limit: Option<usize>,
+    /// Opaque cursor from a previous page's `next_cursor`.
+    pub cursor: Option<String>,
+}
+
+impl PageQuery {
+    fn to_request(&self) -> crate::catalog::PageRequest {
+        crate::catalog::PageRequest {
+            limit: self.limit,
+            cursor: self.cursor.clone(),
+        }
+    }
+}

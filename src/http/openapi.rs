@@ -1,0 +1,31 @@
+//! The OpenAPI document, generated from the handlers' annotations.
+
+use utoipa::OpenApi;
+
+/// The API description served at `/api/v1/openapi.json`.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "fwrepo", description = "Firmware artifact repository and OTA rollout server"),
+    paths(
+        super::firmware::upload,
+        super::firmware::list,
+        super::firmware::get,
+        super::firmware::delete,
+        super::firmware::disable,
+        super::firmware::enable,
+        super::firmware::verify,
+        super::downloads::list,
+        super::downloads::for_firmware,
+        super::files::file,
+        super::ops::healthz,
+        super::ops::readyz,
+        super::ops::metrics,
+        super::ops::openapi,
+    ),
+    tags(
+        (name = "firmware", description = "Release engineers: upload and manage packages"),
+        (name = "downloads", description = "Gateways: package downloads and their progress"),
+        (name = "operations", description = "Health, readiness, metrics"),
+    )
+)]
+pub struct ApiDoc;

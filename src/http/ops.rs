@@ -1,0 +1,88 @@
+//! Operations endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document.
+
+use actix_web::{HttpResponse, web};
+use serde::Serialize;
+use utoipa::OpenApi;
+
+use super::AppState;
+use crate::metrics::Gauges;
+
+pub(super) fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/metrics", web::get().to(metrics))
+        .route("/api/v1/openapi.json", web::get().to(openapi));
+}
+
+/// Liveness.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct Health {
+    /// Always `ok`.
+    status: &'static str,
+}
+
+/// Readiness and the state of each dependency.
+#[derive(Serialize, utoipa::ToSchema)]
+pub(super) struct Readiness {
+    /// `ready` or `not_ready`.
+    status: &'static str,
+    /// `ok` or the catalog's error.
+    catalog: String,
+    /// `ok` or the blob store's error.
+    blob_store: String,
+    /// The broker's state (does not affect readiness; downloads go on without MQTT).
+    mqtt: &'static str,
+}
+
+/// Liveness: the process answers.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, body = Health)))]
+pub(super) async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(Health { status: "ok" })
+}
+
+/// Readiness: the catalog and the blob store answer.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+pub(super) async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let catalog = match state.catalog.check() {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let blob_store = match state.blobs.check().await {
+        Ok(()) => "ok".to_string(),
+        Err(e) => e.to_string(),
+    };
+    let ready = catalog == "ok" && blob_store == "ok";
+    let body = Readiness {
+        status: if ready { "ready" } else { "not_ready" },
+        catalog,
+        blob_store,
+        mqtt: "not_configured",
+    };
+    if ready {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    }
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub(super) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
+    let gauges = Gauges {
+        active_downloads: state.tracker.active_count(),
+        read_streams: state.budget.active_streams(),
+        uploads_in_progress: state.uploads.in_progress(),
+    };
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(state.metrics.render(&gauges))
+}
+
+/// This API's OpenAPI 3 document.
+#[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations",
+    responses((status = 200, description = "OpenAPI document", content_type = "application/json")))]
+pub(super) async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().json(super::openapi::ApiDoc::openapi())
+}

@@ -1,0 +1,27 @@
+//! fwrepo: a firmware artifact repository and OTA rollout server for gateways (drone docks and
+//! remote controllers) that speak a DJI-Cloud-API-style MQTT protocol.
+//!
+//! Layers, dependencies pointing inward: [`http`] (the only module that knows actix-web) calls
+//! [`upload`], [`download`], [`firmware`] and [`progress`], which use [`catalog`] (sled),
+//! [`blobs`] (object_store) and [`domain`]. Each layer has its own error type; [`http::error`]
+//! maps them to HTTP answers in one place.
+
+#![warn(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod backup;
+pub mod blobs;
+pub mod catalog;
+pub mod checksum;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod domain;
+pub mod download;
+pub mod firmware;
+pub mod http;
+pub mod metrics;
+pub mod progress;
+pub mod startup;
+pub mod telemetry;
+pub mod upload;

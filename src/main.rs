@@ -1,0 +1,120 @@
+//! The `fwrepo` binary: parse the command line, set up logging, dispatch.
+
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
+use std::io::{BufReader, Write};
+use std::process::ExitCode;
+
+use clap::Parser;
+use fwrepo::cli::{Cli, Command};
+use fwrepo::config::{ServeOptions, Settings};
+use fwrepo::startup::Application;
+use tokio_util::sync::CancellationToken;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("fwrepo: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fwrepo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn settings(options: ServeOptions) -> anyhow::Result<(Settings, ServeOptions)> {
+    let layered = options.layered()?;
+    Ok((Settings::from_options(layered.clone())?, layered))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(options) => serve(options).await,
+        Command::Upload(args) => fwrepo::client::upload(args).await,
+        Command::List(args) => fwrepo::client::list(args).await,
+        Command::Export(args) => {
+            let n = match &args.output {
+                Some(path) => {
+                    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+                    fwrepo::backup::export(&args.data_dir, &mut f)?
+                }
+                None => fwrepo::backup::export(&args.data_dir, &mut std::io::stdout().lock())?,
+            };
+            eprintln!("exported {n} firmware records");
+            Ok(())
+        }
+        Command::Import(args) => {
+            let (imported, skipped) = match &args.input {
+                Some(path) => fwrepo::backup::import(
+                    &args.data_dir,
+                    &mut BufReader::new(std::fs::File::open(path)?),
+                )?,
+                None => fwrepo::backup::import(&args.data_dir, &mut std::io::stdin().lock())?,
+            };
+            eprintln!("imported {imported} firmware records, skipped {skipped} already present");
+            Ok(())
+        }
+        Command::CheckConfig(options) => {
+            settings(options)?;
+            println!("configuration OK");
+            Ok(())
+        }
+        Command::PrintConfig(options) => {
+            let (_, mut layered) = settings(options)?;
+            if layered.mqtt_password.is_some() {
+                layered.mqtt_password = Some("***".into());
+            }
+            let text = toml::to_string_pretty(&layered)?;
+            std::io::stdout().write_all(text.as_bytes())?;
+            Ok(())
+        }
+    }
+}
+
+async fn serve(options: ServeOptions) -> anyhow::Result<()> {
+    let (settings, layered) = settings(options)?;
+    fwrepo::telemetry::init(settings.log_format);
+    if layered.mqtt_url.is_some() || layered.mqtt_listen.is_some() {
+        tracing::warn!("MQTT settings are accepted but not yet effective in this release");
+    }
+    let app = Application::build(settings).await?;
+    let addr = app.http_addr();
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "HTTP listening on http://{addr}")?;
+        out.flush()?;
+    }
+    tracing::info!(%addr, public_url = %app.state().public_url, "fwrepo serving");
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_to(shutdown.clone()));
+    app.run_until_stopped(shutdown).await?;
+    tracing::info!("fwrepo stopped");
+    Ok(())
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+async fn signal_to(token: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+    token.cancel();
+}

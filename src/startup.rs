@@ -1,0 +1,224 @@
+//! Building and running the server: open the catalog and blob store, sweep what a crash left,
+//! bind HTTP (port 0 allowed; the bound address is reported), start the background workers, and
+//! on shutdown stop accepting, flush progress and the catalog, and drain within the grace.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::{App, HttpServer, web};
+use tokio_util::sync::CancellationToken;
+use tracing_actix_web::TracingLogger;
+use url::Url;
+
+use crate::blobs::{BlobStore, ReadBudget};
+use crate::catalog::{Catalog, FirmwareStatus};
+use crate::config::Settings;
+use crate::download::DownloadService;
+use crate::firmware::FirmwareService;
+use crate::http::{self, AppState};
+use crate::metrics::Metrics;
+use crate::progress::DownloadTracker;
+use crate::upload::UploadService;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// The catalog could not be opened (another process holds it?).
+    #[error("cannot open the catalog in {dir}: {source}")]
+    Catalog {
+        /// Catalog directory.
+        dir: String,
+        /// The cause.
+        source: crate::catalog::CatalogError,
+    },
+    /// The catalog failed during start-up work.
+    #[error(transparent)]
+    CatalogOp(#[from] crate::catalog::CatalogError),
+    /// The blob store could not be opened.
+    #[error("cannot open the blob store: {0}")]
+    Blobs(#[from] crate::blobs::BlobError),
+    /// Binding or serving failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The public URL could not be formed.
+    #[error("invalid public URL: {0}")]
+    PublicUrl(String),
+}
+
+/// A built server, bound and ready to run.
+pub struct Application {
+    http_addr: SocketAddr,
+    server: Server,
+    state: AppState,
+    grace: Duration,
+}
+
+impl Application {
+    /// Opens storage, sweeps crash leftovers, binds HTTP and prepares the workers.
+    pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        std::fs::create_dir_all(&settings.data_dir).map_err(|e| StartupError::Catalog {
+            dir: settings.data_dir.display().to_string(),
+            source: crate::catalog::CatalogError::Storage(e.into()),
+        })?;
+        let catalog_dir = settings.data_dir.join("catalog");
+        let catalog = Catalog::open(&catalog_dir, settings.sled_cache_mb).map_err(|source| {
+            StartupError::Catalog {
+                dir: catalog_dir.display().to_string(),
+                source,
+            }
+        })?;
+        let blobs = BlobStore::open(&settings.blob_backend)?;
+        sweep(&catalog, &blobs).await?;
+
+        let listener = TcpListener::bind(settings.listen).map_err(|source| StartupError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+        let http_addr = listener.local_addr().map_err(|source| StartupError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
+        let public_url = match &settings.public_url {
+            Some(u) => u.clone(),
+            None => Url::parse(&format!("http://{http_addr}"))
+                .map_err(|e| StartupError::PublicUrl(e.to_string()))?,
+        };
+
+        let metrics = Arc::new(Metrics::default());
+        let budget = ReadBudget::new(settings.download_buffer_mb << 20);
+        let tracker = DownloadTracker::load(catalog.clone())?;
+        let state = AppState {
+            public_url: AppState::base_url(&public_url),
+            uploads: UploadService::new(
+                catalog.clone(),
+                blobs.clone(),
+                Arc::clone(&metrics),
+                settings.max_concurrent_uploads,
+                settings.max_upload_bytes,
+                Duration::from_secs(settings.idle_timeout_secs),
+            ),
+            firmware: FirmwareService::new(catalog.clone(), blobs.clone(), budget.clone()),
+            downloads: DownloadService::new(
+                catalog.clone(),
+                blobs.clone(),
+                budget.clone(),
+                tracker.clone(),
+                Arc::clone(&metrics),
+            ),
+            tracker,
+            budget,
+            metrics,
+            catalog,
+            blobs,
+            settings: Arc::new(settings.clone()),
+        };
+        let grace = Duration::from_secs(settings.shutdown_grace_secs);
+        let data = web::Data::new(state.clone());
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(data.clone())
+                .wrap(http::json_errors())
+                .wrap(TracingLogger::default())
+                .configure(http::routes)
+        })
+        .listen(listener)
+        .map_err(|source| StartupError::Bind {
+            addr: http_addr,
+            source,
+        })?
+        .disable_signals()
+        .shutdown_timeout(grace.as_secs())
+        .client_request_timeout(Duration::from_secs(30))
+        .keep_alive(Duration::from_secs(75))
+        .run();
+        Ok(Application {
+            http_addr,
+            server,
+            state,
+            grace,
+        })
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The shared state (tests and tools call services directly).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` fires, then stops accepting, flushes, and drains in-flight
+    /// requests within the grace period.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let Application {
+            server,
+            state,
+            grace,
+            ..
+        } = self;
+        let workers = CancellationToken::new();
+        let flusher = tokio::spawn(state.tracker.clone().run(
+            Duration::from_secs(state.settings.progress_flush_secs),
+            Duration::from_secs(state.settings.retention_days * 86_400),
+            workers.clone(),
+        ));
+        let handle = server.handle();
+        let server = tokio::spawn(server);
+        shutdown.cancelled().await;
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            "shutting down: no new connections, draining"
+        );
+        let stopping = tokio::spawn(async move { handle.stop(true).await });
+        workers.cancel();
+        let _ = flusher.await;
+        if let Err(e) = state.catalog.flush().await {
+            tracing::error!(error = %e, "final catalog flush failed");
+        }
+        let _ = stopping.await;
+        match server.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+}
+
+/// Removes what interrupted uploads left: recorded S3 multipart uploads are aborted and their
+/// keys deleted; the local blob directory is walked and every file that is not the blob of a
+/// live record (object_store staging files included) is removed.
+async fn sweep(catalog: &Catalog, blobs: &BlobStore) -> Result<(), StartupError> {
+    for pending in catalog.pending_uploads()? {
+        if let Some(id) = &pending.multipart_id {
+            blobs.abort_multipart(&pending.blob_key, id).await?;
+        }
+        blobs.delete(&pending.blob_key).await?;
+        catalog.remove_pending_upload(&pending.id)?;
+        tracing::info!(upload_id = %pending.id, "swept an interrupted upload");
+    }
+    let mut keep = HashSet::new();
+    for record in catalog.all_firmware() {
+        let record = record?;
+        if record.status != FirmwareStatus::Deleted {
+            keep.insert(record.blob_key);
+        }
+    }
+    let blobs2 = blobs.clone();
+    let removed = tokio::task::spawn_blocking(move || blobs2.sweep_local(&keep))
+        .await
+        .map_err(|e| crate::blobs::BlobError::Task(e.to_string()))??;
+    for path in removed {
+        tracing::info!(path = %path.display(), "swept a leftover blob file");
+    }
+    catalog.flush().await?;
+    Ok(())
+}
