@@ -1,5 +1,5 @@
-//! Server configuration: the flags of contract §1, layered flag > environment (`FWREPO_<FLAG>`)
-//! > TOML file (`--config`) > built-in default. [`ServeOptions`] is the raw, all-optional layer
+//! Server configuration: the flags of contract §1, layered (highest first) flag, environment
+//! (`FWREPO_<FLAG>`), TOML file (`--config`), built-in default. [`ServeOptions`] is the raw, all-optional layer
 //! (one struct serves clap and serde, so a flag, its variable and its TOML key cannot drift);
 //! [`Settings`] is the validated result. Invalid configuration fails here, before any port is
 //! bound.

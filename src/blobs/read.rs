@@ -171,8 +171,14 @@ mod tests {
         let s = local_range(p.clone(), "blob", 1_000_000..2_500_001, budget.clone())
             .await
             .unwrap();
-        let got: Vec<Bytes> = s.try_collect().await.unwrap();
-        let got: Vec<u8> = got.concat();
+        // Chunks are consumed (and their budget returned) one by one, as a response does.
+        let got: Vec<u8> = s
+            .try_fold(Vec::new(), |mut acc, chunk| async move {
+                acc.extend_from_slice(&chunk);
+                Ok(acc)
+            })
+            .await
+            .unwrap();
         assert_eq!(got, &data[1_000_000..2_500_001]);
         assert_eq!(budget.active_streams(), 0);
         assert!(matches!(

@@ -2,6 +2,9 @@
 //! `If-Modified-Since`, `If-Range`) and byte ranges. No I/O, no HTTP types: header values in,
 //! a [`Plan`] out.
 
+// A list of byte ranges that holds one range is the common case here, not a mistake.
+#![allow(clippy::single_range_in_vec_init)]
+
 use std::ops::Range;
 
 use chrono::{DateTime, Utc};

@@ -16,7 +16,7 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
         .route("/files/{id}/{file_name}", web::head().to(file));
 }
 
-fn header_str<'a>(req: &'a HttpRequest, name: header::HeaderName) -> Option<&'a str> {
+fn header_str(req: &HttpRequest, name: header::HeaderName) -> Option<&str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 

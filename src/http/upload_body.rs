@@ -93,9 +93,24 @@ async fn receive_raw(
     }
     // Everything knowable before the body is checked before reading it.
     meta.resolve()?;
-    let admission = state.uploads.admit(declared_length(req), 0)?;
+    let declared = declared_length(req);
+    let chunked = req
+        .headers()
+        .get(header::TRANSFER_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    if chunked && meta.md5.is_none() && meta.sha256.is_none() {
+        // actix-http ends a chunked body cleanly when the connection drops, so a truncated
+        // upload would look complete: without a length, a checksum must prove the end.
+        return Err(ApiError::new(
+            actix_web::http::StatusCode::LENGTH_REQUIRED,
+            "invalid_request",
+            "a raw upload needs Content-Length, or md5/sha256 to verify a chunked body (or use multipart/form-data)",
+        ));
+    }
+    let admission = state.uploads.admit(declared, 0)?;
     let mut session = state.uploads.begin(admission).await?;
-    if let Err(e) = session.write_stream(payload).await {
+    if let Err(e) = session.write_stream(payload, declared).await {
         session.abort(&e).await;
         return Err(e.into());
     }
@@ -207,7 +222,7 @@ async fn start_file(
         .uploads
         .admit(declared_length(req), MULTIPART_OVERHEAD)?;
     let mut s = state.uploads.begin(admission).await?;
-    let written = s.write_stream(field.map_err(|e| e.to_string())).await;
+    let written = s.write_stream(field.map_err(|e| e.to_string()), None).await;
     *session = Some(s);
     written.map_err(ApiError::from)
 }

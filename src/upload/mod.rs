@@ -337,8 +337,14 @@ pub struct UploadSession {
 
 impl UploadSession {
     /// Streams a body (or one multipart part) into the upload, enforcing the size limit and the
-    /// idle timeout as bytes arrive.
-    pub async fn write_stream<S, E>(&mut self, stream: S) -> Result<(), UploadError>
+    /// idle timeout as bytes arrive. With `expected_len` (a raw body's Content-Length), a body
+    /// that ends short is an aborted upload, not a smaller file: a closed connection can look
+    /// like the end of a body.
+    pub async fn write_stream<S, E>(
+        &mut self,
+        stream: S,
+        expected_len: Option<u64>,
+    ) -> Result<(), UploadError>
     where
         S: Stream<Item = Result<Bytes, E>>,
         E: std::fmt::Display,
@@ -349,7 +355,15 @@ impl UploadSession {
                 .await
                 .map_err(|_| UploadError::IdleTimeout(self.svc.idle.as_secs()))?;
             match next {
-                None => return Ok(()),
+                None => {
+                    let received = self.received();
+                    return match expected_len {
+                        Some(len) if len != received => Err(UploadError::BodyAborted(format!(
+                            "the body ended after {received} of {len} bytes"
+                        ))),
+                        _ => Ok(()),
+                    };
+                }
                 Some(Err(e)) => return Err(UploadError::BodyAborted(e.to_string())),
                 Some(Ok(chunk)) => self.write(chunk).await?,
             }

@@ -1,0 +1,237 @@
+//! The command line as users run it: upload with checksums, list, export/import, configuration
+//! layering and validation.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+async fn run(args: Vec<String>, envs: Vec<(String, String)>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let mut cmd = Command::new(bin());
+        cmd.args(&args);
+        for k in [
+            "FWREPO_SERVER",
+            "FWREPO_TOKEN",
+            "FWREPO_LISTEN",
+            "FWREPO_CONFIG",
+            "FWREPO_DATA_DIR",
+        ] {
+            cmd.env_remove(k);
+        }
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn s(v: &[&str]) -> Vec<String> {
+    v.iter().map(|x| x.to_string()).collect()
+}
+
+#[tokio::test]
+async fn upload_and_list_commands() {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("WM245_1.00.223.zip");
+    let data = payload(2_000_000, 5);
+    std::fs::write(&file, &data).unwrap();
+    let md5 = md5_hex(&data);
+    let out = run(
+        s(&[
+            "upload",
+            file.to_str().unwrap(),
+            "--server",
+            &app.base,
+            "--md5",
+            &md5,
+            "--release-note",
+            "n1",
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["md5"], md5);
+    assert_eq!(r["model"], "WM245");
+    assert_eq!(r["release_note"], "n1");
+    assert!(r["file_url"].as_str().unwrap().starts_with(&app.base));
+    // A wrong checksum: refused, exit status 1, the code on stderr.
+    let out = run(
+        s(&[
+            "upload",
+            file.to_str().unwrap(),
+            "--product-version",
+            "2.0",
+            "--md5",
+            &"0".repeat(32),
+            "-q",
+        ]),
+        vec![("FWREPO_SERVER".into(), app.base.clone())],
+    )
+    .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("checksum_mismatch"), "{err}");
+    let out = run(s(&["list", "--server", &app.base]), vec![]).await;
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("WM245") && text.contains(&md5), "{text}");
+    let out = run(s(&["list", "--server", &app.base, "--json"]), vec![]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+}
+
+#[tokio::test]
+async fn export_and_import_offline() {
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("data");
+    let mut server = ServerProcess::start(&data_dir, &[]);
+    let client = reqwest::Client::new();
+    for name in ["dock_1.0.zip", "dock_2.0.zip"] {
+        let resp = client
+            .post(format!("{}/api/v1/firmware?file_name={name}", server.base))
+            .body(payload(1000, name.len() as u64))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+    }
+    // While the server runs, the data dir is locked: export says so.
+    let out = run(
+        s(&["export", "--data-dir", data_dir.to_str().unwrap()]),
+        vec![],
+    )
+    .await;
+    assert!(!out.status.success());
+    tokio::task::spawn_blocking(move || server.sigterm())
+        .await
+        .unwrap();
+    let dump = root.path().join("catalog.jsonl");
+    let out = run(
+        s(&[
+            "export",
+            "--data-dir",
+            data_dir.to_str().unwrap(),
+            "-o",
+            dump.to_str().unwrap(),
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&dump).unwrap().lines().count(), 2);
+    let other = root.path().join("other");
+    let out = run(
+        s(&[
+            "import",
+            "--data-dir",
+            other.to_str().unwrap(),
+            "-i",
+            dump.to_str().unwrap(),
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("imported 2"));
+    // Importing again skips what is there.
+    let out = run(
+        s(&[
+            "import",
+            "--data-dir",
+            other.to_str().unwrap(),
+            "-i",
+            dump.to_str().unwrap(),
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&out.stderr).contains("skipped 2"));
+    let server = ServerProcess::start(&other, &[]);
+    let list: Value = reqwest::get(format!("{}/api/v1/firmware", server.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn configuration_layering_and_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("fwrepo.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:9001\"\nmax_concurrent_uploads = 3\nretention_days = 7\n",
+    )
+    .unwrap();
+    let cfg_s = cfg.to_str().unwrap().to_string();
+    // File < env < flag.
+    let out = run(
+        s(&["print-config", "--config", &cfg_s, "--retention-days", "9"]),
+        vec![("FWREPO_MAX_CONCURRENT_UPLOADS".into(), "5".into())],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("listen = \"127.0.0.1:9001\""), "{text}");
+    assert!(text.contains("max_concurrent_uploads = 5"), "{text}");
+    assert!(text.contains("retention_days = 9"), "{text}");
+    // Non-loopback without a public URL fails before binding, as does a bad file.
+    let out = run(
+        s(&[
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--data-dir",
+            dir.path().join("d").to_str().unwrap(),
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("public-url"));
+    assert!(out.stdout.is_empty());
+    let out = run(
+        s(&[
+            "check-config",
+            "--listen",
+            "0.0.0.0:8080",
+            "--public-url",
+            "https://fw.example.com",
+        ]),
+        vec![],
+    )
+    .await;
+    assert!(out.status.success());
+    std::fs::write(&cfg, "no_such_key = 1\n").unwrap();
+    let out = run(s(&["check-config", "--config", &cfg_s]), vec![]).await;
+    assert!(!out.status.success());
+    let out = run(s(&["check-config", "--blob-store", "ftp://x"]), vec![]).await;
+    assert!(!out.status.success());
+    // Reserved names are not server configuration.
+    let out = run(
+        s(&["check-config"]),
+        vec![("FWREPO_TOKEN".into(), "x".into())],
+    )
+    .await;
+    assert!(out.status.success());
+}

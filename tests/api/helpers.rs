@@ -1,0 +1,300 @@
+//! Test harness: spawn the server in-process (or the real binary), typed helpers per endpoint.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fwrepo::config::Settings;
+use fwrepo::startup::Application;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+/// A running in-process server.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub client: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    pub shutdown: CancellationToken,
+    pub state: fwrepo::http::AppState,
+}
+
+pub fn init_logs() {
+    if std::env::var("TEST_LOG").is_ok() {
+        fwrepo::telemetry::init(fwrepo::config::LogFormat::Text);
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_with(|_| {}).await
+}
+
+pub async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
+    init_logs();
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings::for_data_dir(dir.path());
+    settings.progress_flush_secs = 1;
+    adjust(&mut settings);
+    spawn_settings(settings, dir).await
+}
+
+pub async fn spawn_settings(settings: Settings, dir: tempfile::TempDir) -> TestApp {
+    let app = Application::build(settings).await.expect("build app");
+    let addr = app.http_addr();
+    let state = app.state().clone();
+    let shutdown = CancellationToken::new();
+    tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    TestApp {
+        addr,
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        dir,
+        shutdown,
+        state,
+    }
+}
+
+/// Random-ish bytes (deterministic per seed).
+pub fn payload(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+pub fn md5_hex(data: &[u8]) -> String {
+    use md5::Digest;
+    hex::encode(md5::Md5::digest(data))
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// Polls `cond` until true or the timeout (no sleeps as synchronisation).
+pub async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn blob_dir(&self) -> PathBuf {
+        self.dir.path().join("blobs")
+    }
+
+    /// Raw-body upload with query parameters.
+    pub async fn upload_raw(
+        &self,
+        file_name: &str,
+        data: Vec<u8>,
+        extra: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut q = vec![("file_name", file_name)];
+        q.extend_from_slice(extra);
+        self.client
+            .post(self.url("/api/v1/firmware"))
+            .query(&q)
+            .header("content-type", "application/octet-stream")
+            .body(data)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Uploads and asserts success; returns the record.
+    pub async fn upload_ok(&self, file_name: &str, data: Vec<u8>) -> Value {
+        let resp = self.upload_raw(file_name, data, &[]).await;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap();
+        assert!(status.is_success(), "upload failed: {status} {body}");
+        body
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let resp = self.client.get(self.url(path)).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    pub async fn post_json(&self, path: &str) -> (u16, Value) {
+        let resp = self.client.post(self.url(path)).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    pub async fn delete_json(&self, path: &str) -> (u16, Value) {
+        let resp = self.client.delete(self.url(path)).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    /// GET with headers; returns the response.
+    pub async fn get_with(&self, url: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut rb = self.client.get(url);
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        rb.send().await.unwrap()
+    }
+
+    /// Files in the blob directory (staging files included).
+    pub fn blob_files(&self) -> Vec<String> {
+        list_files(&self.blob_dir())
+    }
+
+    /// Waits until the blob directory holds exactly `n` files and no upload is pending.
+    pub async fn assert_blob_count(&self, n: usize) {
+        let ok = wait_until(Duration::from_secs(10), || async {
+            self.blob_files().len() == n && self.state.uploads.in_progress() == 0
+        })
+        .await;
+        assert!(
+            ok,
+            "blob dir should hold {n} files, has {:?}",
+            self.blob_files()
+        );
+    }
+
+    pub async fn firmware_count(&self) -> usize {
+        let (_, body) = self.get_json("/api/v1/firmware?limit=500").await;
+        body["items"].as_array().map_or(0, Vec::len)
+    }
+}
+
+pub fn list_files(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            out.extend(list_files(&e.path()));
+        } else {
+            out.push(e.path().display().to_string());
+        }
+    }
+    out
+}
+
+/// Sends raw bytes over TCP and returns the whole answer as text (for requests a normal client
+/// refuses to make: lying Content-Length, half bodies).
+pub fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// The real binary, for restart and CLI tests.
+pub struct ServerProcess {
+    pub child: Child,
+    pub base: String,
+    pub stderr_path: PathBuf,
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fwrepo")
+}
+
+impl ServerProcess {
+    /// Starts `fwrepo serve` on `data_dir` with port 0 and reads the bound address.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> ServerProcess {
+        let stderr_path = data_dir.with_extension(format!("stderr.{}", std::process::id()));
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&stderr_path)
+            .unwrap();
+        let mut child = Command::new(bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(extra)
+            .env_remove("FWREPO_LISTEN")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while stdout.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        let line = String::from_utf8(line).unwrap();
+        let base = line
+            .strip_prefix("HTTP listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "unexpected first line {line:?}; stderr: {}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                )
+            })
+            .to_string();
+        // Keep draining stdout so the child never blocks on it.
+        std::thread::spawn(move || {
+            let mut sink = Vec::new();
+            let _ = stdout.read_to_end(&mut sink);
+        });
+        ServerProcess {
+            child,
+            base,
+            stderr_path,
+        }
+    }
+
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.stderr_path);
+    }
+}

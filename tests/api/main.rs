@@ -1,0 +1,11 @@
+//! Integration tests: the real server on port 0 with a temp data directory, driven over HTTP
+//! as release engineers and gateways would. One test binary (faster to link).
+
+mod cli;
+mod downloads;
+mod helpers;
+mod lifecycle;
+mod ops;
+mod restart;
+mod s3;
+mod upload;

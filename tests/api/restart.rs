@@ -1,0 +1,153 @@
+//! Crash and restart: kill -9 the real binary mid-upload, start it again on the same data
+//! directory, and find the records intact, download history up to the last flush, and no
+//! leftovers. SIGTERM flushes and exits 0.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::Value;
+
+use crate::helpers::*;
+
+async fn get(base: &str, path: &str) -> Value {
+    reqwest::get(format!("{base}{path}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn kill_9_mid_upload_then_restart() {
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("data");
+    let mut server = ServerProcess::start(&data_dir, &["--progress-flush-secs", "1"]);
+    let client = reqwest::Client::new();
+    let data = payload(3_000_000, 7);
+    let r: Value = client
+        .post(format!(
+            "{}/api/v1/firmware?file_name=dock_5.0.zip",
+            server.base
+        ))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = r["file_url"].as_str().unwrap().to_string();
+    let part = client
+        .get(&url)
+        .header("range", "bytes=0-999999")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.bytes().await.unwrap().len(), 1_000_000);
+    // Let the flusher (every second) write the session.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    // An upload is in progress when the server dies.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    let body =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) });
+    let upload_url = format!(
+        "{}/api/v1/firmware?file_name=dock_6.0.zip&md5={}",
+        server.base,
+        "0".repeat(32)
+    );
+    let c2 = client.clone();
+    let pending = tokio::spawn(async move {
+        c2.post(upload_url)
+            .header("content-type", "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+    });
+    for i in 0..6 {
+        tx.send(Ok(Bytes::from(payload(1 << 20, i)))).await.unwrap();
+    }
+    let blobs = data_dir.join("blobs");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            list_files(&blobs).len() == 2
+        })
+        .await,
+        "a staging file should appear: {:?}",
+        list_files(&blobs)
+    );
+    server.kill9();
+    drop(tx);
+    let _ = pending.await;
+
+    let server = ServerProcess::start(&data_dir, &[]);
+    let list = get(&server.base, "/api/v1/firmware").await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{list}");
+    assert_eq!(items[0]["id"], r["id"]);
+    assert_eq!(items[0]["md5"], md5_hex(&data));
+    // No leftovers: only the committed blob remains.
+    assert_eq!(list_files(&blobs).len(), 1, "{:?}", list_files(&blobs));
+    assert!(server.stderr().contains("swept"), "{}", server.stderr());
+    // Download history survived up to the last flush.
+    let sessions = get(&server.base, "/api/v1/downloads").await;
+    assert_eq!(
+        sessions["items"][0]["bytes_covered"], 1_000_000,
+        "{sessions}"
+    );
+    // The package is intact.
+    let new_url = url.replace(&url[..url.find("/files/").unwrap()], &server.base);
+    let body = reqwest::get(&new_url).await.unwrap().bytes().await.unwrap();
+    assert_eq!(md5_hex(&body), md5_hex(&data));
+    // The interrupted version can be uploaded again.
+    let resp = client
+        .post(format!(
+            "{}/api/v1/firmware?file_name=dock_6.0.zip",
+            server.base
+        ))
+        .body(payload(1000, 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+}
+
+#[tokio::test]
+async fn sigterm_flushes_and_exits_zero() {
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("data");
+    // A flush interval far beyond the test: only the shutdown flush can save the session.
+    let mut server = ServerProcess::start(&data_dir, &["--progress-flush-secs", "3600"]);
+    let client = reqwest::Client::new();
+    let r: Value = client
+        .post(format!(
+            "{}/api/v1/firmware?file_name=dock_5.0.zip",
+            server.base
+        ))
+        .body(payload(10_000, 3))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let url = r["file_url"].as_str().unwrap();
+    client
+        .get(url)
+        .header("range", "bytes=0-4999")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || server.sigterm())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let server = ServerProcess::start(&data_dir, &[]);
+    let sessions = get(&server.base, "/api/v1/downloads").await;
+    assert_eq!(sessions["items"][0]["bytes_covered"], 5000, "{sessions}");
+    assert_eq!(sessions["items"][0]["percent"], 50.0);
+}
