@@ -2,6 +2,7 @@
 //! as release engineers and gateways would. One test binary (faster to link).
 
 mod cli;
+mod clients;
 mod downloads;
 mod helpers;
 mod lifecycle;
