@@ -12,13 +12,17 @@ fn enabled() -> bool {
     if std::env::var("FWREPO_TEST_CLIENTS").is_ok_and(|v| !v.is_empty()) {
         return true;
     }
-    eprintln!("SKIP third-party client tests: FWREPO_TEST_CLIENTS not set (needs curl, wget, aria2c)");
+    eprintln!(
+        "SKIP third-party client tests: FWREPO_TEST_CLIENTS not set (needs curl, wget, aria2c)"
+    );
     false
 }
 
 async fn sh(cmd: Command) -> std::process::Output {
     let mut cmd = cmd;
-    tokio::task::spawn_blocking(move || cmd.output().unwrap()).await.unwrap()
+    tokio::task::spawn_blocking(move || cmd.output().unwrap())
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -36,11 +40,15 @@ async fn curl_wget_and_aria2c_fetch_intact_and_sessions_reach_100() {
     // curl: an interrupted first part (fetched as a range), then `-C -` resumes.
     let out = dir.path().join("curl.zip");
     let mut c = Command::new("curl");
-    c.args(["-sS", "-f", "-r", "0-9999999", "-A", "curl-resume", "-o"]).arg(&out).arg(&url);
+    c.args(["-sS", "-f", "-r", "0-9999999", "-A", "curl-resume", "-o"])
+        .arg(&out)
+        .arg(&url);
     assert!(sh(c).await.status.success());
     assert_eq!(std::fs::metadata(&out).unwrap().len(), 10_000_000);
     let mut c = Command::new("curl");
-    c.args(["-sS", "-f", "-C", "-", "-A", "curl-resume", "-o"]).arg(&out).arg(&url);
+    c.args(["-sS", "-f", "-C", "-", "-A", "curl-resume", "-o"])
+        .arg(&out)
+        .arg(&url);
     let o = sh(c).await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(md5_hex(&std::fs::read(&out).unwrap()), md5);
@@ -54,33 +62,62 @@ async fn curl_wget_and_aria2c_fetch_intact_and_sessions_reach_100() {
         .arg(&url);
     assert!(sh(c).await.status.success());
     let mut c = Command::new("wget");
-    c.args(["-q", "-c", "-U", "wget-resume", "-P"]).arg(&wdir).arg(&url);
+    c.args(["-q", "-c", "-U", "wget-resume", "-P"])
+        .arg(&wdir)
+        .arg(&url);
     let o = sh(c).await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(md5_hex(&std::fs::read(wdir.join("Dock2_10.01.0205.zip")).unwrap()), md5);
+    assert_eq!(
+        md5_hex(&std::fs::read(wdir.join("Dock2_10.01.0205.zip")).unwrap()),
+        md5
+    );
 
     // aria2c: four connections, four segments, checksum checked by aria2 itself.
     let adir = dir.path().join("aria");
     let mut c = Command::new("aria2c");
-    c.args(["-q", "-x4", "-s4", "-k1M", "--allow-overwrite=true", "-U", "aria2-seg"])
-        .arg(format!("--checksum=md5={md5}"))
-        .arg("-d")
-        .arg(&adir)
-        .arg(&url);
+    c.args([
+        "-q",
+        "-x4",
+        "-s4",
+        "-k1M",
+        "--allow-overwrite=true",
+        "-U",
+        "aria2-seg",
+    ])
+    .arg(format!("--checksum=md5={md5}"))
+    .arg("-d")
+    .arg(&adir)
+    .arg(&url);
     let o = sh(c).await;
-    assert!(o.status.success(), "{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert_eq!(md5_hex(&std::fs::read(adir.join("Dock2_10.01.0205.zip")).unwrap()), md5);
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        md5_hex(&std::fs::read(adir.join("Dock2_10.01.0205.zip")).unwrap()),
+        md5
+    );
 
     // Each client is one session, and each has every byte.
     let id = r["id"].as_str().unwrap();
-    let (_, list) = app.get_json(&format!("/api/v1/firmware/{id}/downloads")).await;
+    let (_, list) = app
+        .get_json(&format!("/api/v1/firmware/{id}/downloads"))
+        .await;
     let items = list["items"].as_array().unwrap();
     for ua in ["curl-resume", "wget-resume", "aria2-seg"] {
-        let s: &Value = items.iter().find(|s| s["user_agent"] == ua).unwrap_or_else(|| panic!("{ua}: {list}"));
+        let s: &Value = items
+            .iter()
+            .find(|s| s["user_agent"] == ua)
+            .unwrap_or_else(|| panic!("{ua}: {list}"));
         assert_eq!(s["percent"], 100.0, "{ua}: {s}");
         assert_eq!(s["state"], "complete", "{ua}");
     }
-    let curl = items.iter().find(|s| s["user_agent"] == "curl-resume").unwrap();
+    let curl = items
+        .iter()
+        .find(|s| s["user_agent"] == "curl-resume")
+        .unwrap();
     // The resume fetched only the missing part: no byte was sent twice.
     assert_eq!(curl["bytes_sent"], data.len());
     assert_eq!(curl["requests"], 2);
