@@ -126,6 +126,27 @@ impl Application {
             App::new()
                 .app_data(data.clone())
                 .wrap(http::json_errors())
+                .wrap_fn(|req, srv| {
+                    use actix_web::HttpMessage;
+                    use actix_web::dev::Service;
+                    let id = req
+                        .extensions()
+                        .get::<tracing_actix_web::RequestId>()
+                        .map(|id| id.to_string());
+                    let fut = srv.call(req);
+                    async move {
+                        let mut res = fut.await?;
+                        if let Some(v) = id
+                            .and_then(|id| actix_web::http::header::HeaderValue::from_str(&id).ok())
+                        {
+                            res.headers_mut().insert(
+                                actix_web::http::header::HeaderName::from_static("x-request-id"),
+                                v,
+                            );
+                        }
+                        Ok(res)
+                    }
+                })
                 .wrap(TracingLogger::default())
                 .configure(http::routes)
         })

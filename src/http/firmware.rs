@@ -41,10 +41,12 @@ fn dto(state: &AppState, r: crate::catalog::FirmwareRecord) -> FirmwareDto {
         (status = 200, description = "Identical package already stored", body = FirmwareDto),
         (status = 400, description = "invalid_request, invalid_version", body = ErrorBody),
         (status = 409, description = "version_conflict", body = ErrorBody),
+        (status = 411, description = "chunked raw body without md5/sha256", body = ErrorBody),
         (status = 413, description = "too_large", body = ErrorBody),
         (status = 415, description = "unsupported_media_type", body = ErrorBody),
         (status = 422, description = "checksum_mismatch, version_required, validation_failed", body = ErrorBody),
         (status = 429, description = "too_many_uploads", body = ErrorBody),
+        (status = 502, description = "blob_store_error", body = ErrorBody),
         (status = 507, description = "insufficient_storage", body = ErrorBody),
     ))]
 pub(super) async fn upload(

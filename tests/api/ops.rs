@@ -5,6 +5,8 @@ use crate::helpers::*;
 #[tokio::test]
 async fn health_ready_metrics_openapi() {
     let app = spawn_app().await;
+    let resp = app.client.get(app.url("/healthz")).send().await.unwrap();
+    assert!(resp.headers().contains_key("x-request-id"));
     let (status, body) = app.get_json("/healthz").await;
     assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
     let (status, body) = app.get_json("/readyz").await;
