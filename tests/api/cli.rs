@@ -161,12 +161,7 @@ async fn export_and_import_offline() {
     .await;
     assert!(String::from_utf8_lossy(&out.stderr).contains("skipped 2"));
     let server = ServerProcess::start(&other, &[]);
-    let list: Value = reqwest::get(format!("{}/api/v1/firmware", server.base))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = get_json_at(&server.base, "/api/v1/firmware").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 2);
 }
 

@@ -298,3 +298,24 @@ impl Drop for ServerProcess {
         let _ = std::fs::remove_file(&self.stderr_path);
     }
 }
+
+/// A request body the test feeds by hand, to hold an upload open or cut it off.
+pub fn held_body() -> (
+    tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    reqwest::Body,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
+    let stream =
+        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) });
+    (tx, reqwest::Body::wrap_stream(stream))
+}
+
+/// GET a JSON document from a server started as a process.
+pub async fn get_json_at(base: &str, path: &str) -> Value {
+    reqwest::get(format!("{base}{path}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}

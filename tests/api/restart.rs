@@ -9,15 +9,6 @@ use serde_json::Value;
 
 use crate::helpers::*;
 
-async fn get(base: &str, path: &str) -> Value {
-    reqwest::get(format!("{base}{path}"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn kill_9_mid_upload_then_restart() {
     let root = tempfile::tempdir().unwrap();
@@ -49,9 +40,7 @@ async fn kill_9_mid_upload_then_restart() {
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
     // An upload is in progress when the server dies.
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    let body =
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) });
+    let (tx, body) = held_body();
     let upload_url = format!(
         "{}/api/v1/firmware?file_name=dock_6.0.zip&md5={}",
         server.base,
@@ -61,7 +50,7 @@ async fn kill_9_mid_upload_then_restart() {
     let pending = tokio::spawn(async move {
         c2.post(upload_url)
             .header("content-type", "application/octet-stream")
-            .body(reqwest::Body::wrap_stream(body))
+            .body(body)
             .send()
             .await
     });
@@ -82,7 +71,7 @@ async fn kill_9_mid_upload_then_restart() {
     let _ = pending.await;
 
     let server = ServerProcess::start(&data_dir, &[]);
-    let list = get(&server.base, "/api/v1/firmware").await;
+    let list = get_json_at(&server.base, "/api/v1/firmware").await;
     let items = list["items"].as_array().unwrap();
     assert_eq!(items.len(), 1, "{list}");
     assert_eq!(items[0]["id"], r["id"]);
@@ -91,7 +80,7 @@ async fn kill_9_mid_upload_then_restart() {
     assert_eq!(list_files(&blobs).len(), 1, "{:?}", list_files(&blobs));
     assert!(server.stderr().contains("swept"), "{}", server.stderr());
     // Download history survived up to the last flush.
-    let sessions = get(&server.base, "/api/v1/downloads").await;
+    let sessions = get_json_at(&server.base, "/api/v1/downloads").await;
     assert_eq!(
         sessions["items"][0]["bytes_covered"], 1_000_000,
         "{sessions}"
@@ -147,7 +136,7 @@ async fn sigterm_flushes_and_exits_zero() {
         .unwrap();
     assert!(status.success(), "{status:?}");
     let server = ServerProcess::start(&data_dir, &[]);
-    let sessions = get(&server.base, "/api/v1/downloads").await;
+    let sessions = get_json_at(&server.base, "/api/v1/downloads").await;
     assert_eq!(sessions["items"][0]["bytes_covered"], 5000, "{sessions}");
     assert_eq!(sessions["items"][0]["percent"], 50.0);
 }

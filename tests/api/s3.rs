@@ -96,9 +96,7 @@ async fn s3_crash_mid_upload_is_swept_on_restart() {
         endpoint.as_str(),
     ];
     let mut server = ServerProcess::start(&data_dir, &args);
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(4);
-    let body =
-        futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|i| (i, rx)) });
+    let (tx, body) = held_body();
     let url = format!(
         "{}/api/v1/firmware?file_name=dock_9.0.zip&md5={}",
         server.base,
@@ -108,7 +106,7 @@ async fn s3_crash_mid_upload_is_swept_on_restart() {
         reqwest::Client::new()
             .post(url)
             .header("content-type", "application/octet-stream")
-            .body(reqwest::Body::wrap_stream(body))
+            .body(body)
             .send()
             .await
     });
@@ -128,11 +126,6 @@ async fn s3_crash_mid_upload_is_swept_on_restart() {
         "{}",
         server.stderr()
     );
-    let list: Value = reqwest::get(format!("{}/api/v1/firmware", server.base))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = get_json_at(&server.base, "/api/v1/firmware").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 0);
 }

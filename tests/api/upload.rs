@@ -281,24 +281,6 @@ async fn declared_length_beyond_free_space_is_507() {
     app.assert_blob_count(0).await;
 }
 
-/// A body the test feeds by hand, to hold an upload open or cut it off.
-fn held_body() -> (
-    tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
-    reqwest::Body,
-) {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    let stream = tokio_stream_from(rx);
-    (tx, reqwest::Body::wrap_stream(stream))
-}
-
-fn tokio_stream_from(
-    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
-) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
-    futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    })
-}
-
 #[tokio::test]
 async fn too_many_concurrent_uploads_is_429() {
     let app = spawn_with(|s| s.max_concurrent_uploads = 1).await;
