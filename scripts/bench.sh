@@ -14,7 +14,7 @@
 #   BENCH_REPORT    also write the report to this file
 #   BENCH_ROUNDS    best-of count for the 1 GiB upload and hashing timings     [3]
 #   BENCH_DL_ROUNDS best-of count for the 1 GiB downloads (fwrepo, nginx alternate) [7]
-#   BENCH_LAT_ROUNDS  rounds of 80 parallel ranges per offset                  [5]
+#   BENCH_LAT_ROUNDS  rounds of 80 parallel ranges per offset                  [10]
 #   BENCH_SKIP_NGINX=1  skip the nginx comparison (no apt-get)
 #   BENCH_SKIP_TMPFS=1  skip the diagnostic upload into a tmpfs data dir (/dev/shm)
 set -euo pipefail
@@ -23,7 +23,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${FWREPO_BIN:-$ROOT/target/release/fwrepo}
 ROUNDS=${BENCH_ROUNDS:-3}
 DL_ROUNDS=${BENCH_DL_ROUNDS:-7}
-LAT_ROUNDS=${BENCH_LAT_ROUNDS:-5}
+LAT_ROUNDS=${BENCH_LAT_ROUNDS:-10}
 GIB=$((1 << 30))
 SMALL_SIZE=$GIB            # the 1 GiB file
 BIG_SIZE=$((4 * GIB))      # the 4 GiB upload
@@ -455,6 +455,7 @@ log "  $RSS_JSON; VmHWM $RANGE_HWM_KIB KiB"
 read -r RSS_OK RSS_REQ RSS_SECS < <(python3 -c "import json,sys; j=json.loads(sys.argv[1]); print(j['ok'], j['requests'], j['seconds'])" "$RSS_JSON")
 [[ $RSS_OK == "$RSS_REQ" ]] || die "range load: only $RSS_OK of $RSS_REQ requests were correct: $RSS_JSON"
 stop_server "$SRV_PID"
+rm -rf "$DATA" "$SRC"   # free the disk before the 4 GiB part
 
 # ---------------------------------------------------------------- 3b. RSS during a 4 GiB upload
 
