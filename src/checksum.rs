@@ -3,6 +3,8 @@
 //! (MD5 cannot be parallelised within one stream; it alone keeps one core busy). Memory stays
 //! bounded: at most `DEPTH` blocks wait per digest.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use md5::Md5;
 use sha2::{Digest, Sha256};
@@ -11,7 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::domain::{Md5Hex, Sha256Hex};
 
-/// Blocks queued per digest before `update` waits.
+/// Batches queued per digest before `update` waits.
 const DEPTH: usize = 8;
 
 /// The digests of a finished stream.
@@ -32,18 +34,23 @@ pub struct ChecksumError;
 
 /// Running MD5 + SHA-256 + size of a stream.
 pub struct Checksummer {
-    md5_tx: mpsc::Sender<Bytes>,
-    sha_tx: mpsc::Sender<Bytes>,
+    md5_tx: mpsc::Sender<Batch>,
+    sha_tx: mpsc::Sender<Batch>,
     md5: JoinHandle<Vec<u8>>,
     sha: JoinHandle<Vec<u8>>,
     size: u64,
 }
 
-fn spawn_digest<D: Digest + Send + 'static>(mut rx: mpsc::Receiver<Bytes>) -> JoinHandle<Vec<u8>> {
+/// Chunks handed to both digests at once (shared, never copied).
+type Batch = Arc<Vec<Bytes>>;
+
+fn spawn_digest<D: Digest + Send + 'static>(mut rx: mpsc::Receiver<Batch>) -> JoinHandle<Vec<u8>> {
     tokio::task::spawn_blocking(move || {
         let mut d = D::new();
-        while let Some(block) = rx.blocking_recv() {
-            d.update(&block);
+        while let Some(batch) = rx.blocking_recv() {
+            for chunk in batch.iter() {
+                d.update(chunk);
+            }
         }
         d.finalize().to_vec()
     })
@@ -63,15 +70,16 @@ impl Checksummer {
         }
     }
 
-    /// Feeds the next block (cheap: `Bytes` is reference counted). Waits while a digest is
-    /// `DEPTH` blocks behind.
-    pub async fn update(&mut self, block: Bytes) -> Result<(), ChecksumError> {
-        self.size += block.len() as u64;
+    /// Feeds the next batch of chunks (cheap: `Bytes` are reference counted). Waits while a
+    /// digest is `DEPTH` batches behind. Batches of about a MiB keep the hand-over cost low.
+    pub async fn update(&mut self, batch: Vec<Bytes>) -> Result<(), ChecksumError> {
+        self.size += batch.iter().map(|b| b.len() as u64).sum::<u64>();
+        let batch = Arc::new(batch);
         self.md5_tx
-            .send(block.clone())
+            .send(Arc::clone(&batch))
             .await
             .map_err(|_| ChecksumError)?;
-        self.sha_tx.send(block).await.map_err(|_| ChecksumError)
+        self.sha_tx.send(batch).await.map_err(|_| ChecksumError)
     }
 
     /// Bytes fed so far.
@@ -113,8 +121,9 @@ mod tests {
     async fn matches_one_shot_digests() {
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let mut c = Checksummer::new();
-        for chunk in data.chunks(65_537) {
-            c.update(Bytes::copy_from_slice(chunk)).await.unwrap();
+        for batch in data.chunks(200_003) {
+            let chunks = batch.chunks(65_537).map(Bytes::copy_from_slice).collect();
+            c.update(chunks).await.unwrap();
         }
         let d = c.finish().await.unwrap();
         assert_eq!(d.size, data.len() as u64);

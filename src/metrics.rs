@@ -36,6 +36,8 @@ pub struct Gauges {
     pub read_streams: usize,
     /// Uploads in progress.
     pub uploads_in_progress: usize,
+    /// Open HTTP connections.
+    pub open_connections: usize,
 }
 
 impl Metrics {

@@ -122,6 +122,7 @@ impl Application {
         };
         let grace = Duration::from_secs(settings.shutdown_grace_secs);
         let data = web::Data::new(state.clone());
+        let connections = state.budget.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(data.clone())
@@ -149,6 +150,10 @@ impl Application {
                 })
                 .wrap(TracingLogger::default())
                 .configure(http::routes)
+        })
+        // Each open connection takes a share of the download buffer budget.
+        .on_connect(move |_, ext| {
+            ext.insert(connections.connection_guard());
         })
         .listen(listener)
         .map_err(|source| StartupError::Bind {

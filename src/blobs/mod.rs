@@ -1,16 +1,19 @@
-//! The blob store: package bytes, through object_store. Local filesystem by default (writes via
-//! `LocalFileSystem` with fsync; reads through a large positioned-read path, since
-//! object_store's local stream yields small chunks and reaches a fraction of the disk's speed),
-//! or any S3-compatible bucket (multipart writes whose upload id the caller records before the
-//! first part; ranged `get_opts` reads).
+//! The blob store: package bytes. Any S3-compatible bucket through object_store (multipart
+//! writes whose upload id the caller records before the first part; ranged `get_opts` reads),
+//! or the local filesystem by default, where object_store's `LocalFileSystem` serves metadata
+//! and deletes while reads and writes take two paths of our own, both measured: reads are
+//! large positioned reads (object_store's local stream yields small chunks and reaches a
+//! fraction of the disk's speed), writes sync while the upload is still arriving (object_store
+//! syncs only at the end, which on our disks added a third to an upload's time).
 //!
 //! Invariants: a blob appears under its key only when its writer `finish`es; an aborted or
 //! dropped writer leaves no object (local staging files that a crash leaves behind are removed
 //! by [`BlobStore::sweep_local`], S3 uploads by [`BlobStore::abort_multipart`]).
 
+mod local_write;
 mod read;
 
-pub use read::{ByteStream, ReadBudget};
+pub use read::{ByteStream, ConnectionGuard, ReadBudget};
 
 use std::collections::{HashSet, VecDeque};
 use std::ops::Range;
@@ -22,12 +25,11 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::local::LocalFileSystem;
 use object_store::multipart::{MultipartStore, PartId};
 use object_store::path::Path;
-use object_store::{
-    GetOptions, GetRange, MultipartUpload, ObjectStore, ObjectStoreExt, PutPayload, PutPayloadMut,
-};
+use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, PutPayloadMut};
 use tokio::task::JoinHandle;
 
 use crate::config::BlobBackend;
+use local_write::LocalWriter;
 
 /// Errors of the blob layer.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +87,7 @@ impl BlobStore {
             BlobBackend::Local { dir } => {
                 std::fs::create_dir_all(dir)?;
                 let dir = std::fs::canonicalize(dir)?;
-                let store = LocalFileSystem::new_with_prefix(&dir)?.with_fsync(true);
+                let store = LocalFileSystem::new_with_prefix(&dir)?;
                 Backend::Local {
                     store: Arc::new(store),
                     dir,
@@ -112,7 +114,6 @@ impl BlobStore {
         Ok(BlobStore { backend })
     }
 
-    /// A store for tests and tools over an already-open local directory.
     fn path(&self, key: &str) -> Path {
         match &self.backend {
             Backend::Local { .. } => Path::from(key),
@@ -137,28 +138,28 @@ impl BlobStore {
     /// Starts writing `key`. For S3 the multipart upload is created here: record
     /// [`BlobWriter::multipart_id`] before writing.
     pub async fn writer(&self, key: &str) -> Result<BlobWriter, BlobError> {
-        let path = self.path(key);
-        let kind = match &self.backend {
-            Backend::Local { store, .. } => WriterKind::Local(store.put_multipart(&path).await?),
+        let (kind, part_size) = match &self.backend {
+            Backend::Local { dir, .. } => (
+                WriterKind::Local(LocalWriter::create(dir.join(key)).await?),
+                LOCAL_PART,
+            ),
             Backend::S3 { store, .. } => {
+                let path = self.path(key);
                 let id = store.create_multipart(&path).await?;
-                WriterKind::S3 {
+                let kind = WriterKind::S3 {
                     store: Arc::clone(store),
+                    path,
                     id,
                     parts: Vec::new(),
-                }
+                    in_flight: VecDeque::new(),
+                };
+                (kind, S3_PART)
             }
         };
-        let part_size = match kind {
-            WriterKind::Local(_) => LOCAL_PART,
-            WriterKind::S3 { .. } => S3_PART,
-        };
         Ok(BlobWriter {
-            path,
             kind: Some(kind),
             buf: PutPayloadMut::new(),
             part_size,
-            in_flight: VecDeque::new(),
             next_idx: 0,
         })
     }
@@ -290,25 +291,23 @@ impl BlobStore {
 }
 
 enum WriterKind {
-    Local(Box<dyn MultipartUpload>),
+    Local(LocalWriter),
     S3 {
         store: Arc<AmazonS3>,
+        path: Path,
         id: String,
         parts: Vec<PartId>,
+        in_flight: VecDeque<JoinHandle<Result<PartId, object_store::Error>>>,
     },
 }
 
-type PartTask = JoinHandle<Result<Option<PartId>, object_store::Error>>;
-
-/// Writes one blob in parts, at most `PARTS_IN_FLIGHT` parts at once (backpressure).
-/// Dropping it without [`finish`](Self::finish) leaves no object behind locally (object_store
-/// removes its staging file); on S3 the caller aborts with the recorded upload id.
+/// Writes one blob in parts, with bounded parts in flight (backpressure). Dropping it without
+/// [`finish`](Self::finish) leaves no local file behind; on S3 the caller aborts with the
+/// recorded upload id.
 pub struct BlobWriter {
-    path: Path,
     kind: Option<WriterKind>,
     buf: PutPayloadMut,
     part_size: usize,
-    in_flight: VecDeque<PartTask>,
     next_idx: usize,
 }
 
@@ -321,89 +320,101 @@ impl BlobWriter {
         }
     }
 
-    /// Appends bytes; waits when too many parts are in flight.
-    pub async fn write(&mut self, data: Bytes) -> Result<(), BlobError> {
-        self.buf.push(data);
+    /// Appends a batch of chunks (no copy); waits when too many parts are in flight.
+    pub async fn write(&mut self, batch: Vec<Bytes>) -> Result<(), BlobError> {
+        for chunk in batch {
+            self.buf.push(chunk);
+        }
         while self.buf.content_length() >= self.part_size {
             let full = std::mem::take(&mut self.buf).freeze();
             let (part, rest) = split_payload(full, self.part_size);
             self.buf = rest;
-            self.spawn_part(part).await?;
+            self.put_part(part).await?;
         }
         Ok(())
     }
 
-    async fn spawn_part(&mut self, payload: PutPayload) -> Result<(), BlobError> {
-        while self.in_flight.len() >= PARTS_IN_FLIGHT {
-            self.collect_one().await?;
-        }
+    async fn put_part(&mut self, payload: PutPayload) -> Result<(), BlobError> {
         let idx = self.next_idx;
         self.next_idx += 1;
-        let task: PartTask = match self.kind.as_mut() {
-            Some(WriterKind::Local(upload)) => {
-                let fut = upload.put_part(payload);
-                tokio::spawn(async move { fut.await.map(|()| None) })
-            }
-            Some(WriterKind::S3 { store, id, .. }) => {
-                let (store, id, path) = (Arc::clone(store), id.clone(), self.path.clone());
-                tokio::spawn(
-                    async move { store.put_part(&path, &id, idx, payload).await.map(Some) },
-                )
+        match self.kind.as_mut() {
+            Some(WriterKind::Local(w)) => w.write(payload.iter().cloned().collect()).await?,
+            Some(WriterKind::S3 {
+                store,
+                path,
+                id,
+                parts,
+                in_flight,
+            }) => {
+                while in_flight.len() >= PARTS_IN_FLIGHT {
+                    collect_part(in_flight, parts).await?;
+                }
+                let (store, id, path) = (Arc::clone(store), id.clone(), path.clone());
+                in_flight.push_back(tokio::spawn(async move {
+                    store.put_part(&path, &id, idx, payload).await
+                }));
             }
             None => return Err(BlobError::Task("writer already finished".into())),
-        };
-        self.in_flight.push_back(task);
-        Ok(())
-    }
-
-    async fn collect_one(&mut self) -> Result<(), BlobError> {
-        let Some(task) = self.in_flight.pop_front() else {
-            return Ok(());
-        };
-        let part = task.await.map_err(|e| BlobError::Task(e.to_string()))??;
-        if let (Some(part), Some(WriterKind::S3 { parts, .. })) = (part, self.kind.as_mut()) {
-            parts.push(part);
         }
         Ok(())
     }
 
     /// Writes what is buffered, waits for every part and publishes the blob under its key
-    /// (durably: fsync locally).
+    /// (durably: synced locally).
     pub async fn finish(mut self) -> Result<(), BlobError> {
         if self.buf.content_length() > 0 || self.next_idx == 0 {
             let rest = std::mem::take(&mut self.buf).freeze();
-            self.spawn_part(rest).await?;
-        }
-        while !self.in_flight.is_empty() {
-            self.collect_one().await?;
+            self.put_part(rest).await?;
         }
         match self.kind.take() {
-            Some(WriterKind::Local(mut upload)) => {
-                upload.complete().await?;
-            }
-            Some(WriterKind::S3 { store, id, parts }) => {
-                store.complete_multipart(&self.path, &id, parts).await?;
+            Some(WriterKind::Local(w)) => w.finish().await?,
+            Some(WriterKind::S3 {
+                store,
+                path,
+                id,
+                mut parts,
+                mut in_flight,
+            }) => {
+                while !in_flight.is_empty() {
+                    collect_part(&mut in_flight, &mut parts).await?;
+                }
+                store.complete_multipart(&path, &id, parts).await?;
             }
             None => return Err(BlobError::Task("writer already finished".into())),
         }
         Ok(())
     }
 
-    /// Abandons the blob: waits for parts in flight, then removes the staging file or aborts
-    /// the S3 upload.
+    /// Abandons the blob: removes the staging file or aborts the S3 upload.
     pub async fn abort(mut self) -> Result<(), BlobError> {
-        for task in self.in_flight.drain(..) {
-            task.abort();
-        }
         match self.kind.take() {
-            Some(WriterKind::Local(mut upload)) => upload.abort().await?,
-            Some(WriterKind::S3 { store, id, .. }) => {
-                store.abort_multipart(&self.path, &id).await?
+            Some(WriterKind::Local(w)) => w.abort().await?,
+            Some(WriterKind::S3 {
+                store,
+                path,
+                id,
+                in_flight,
+                ..
+            }) => {
+                for task in in_flight {
+                    task.abort();
+                }
+                store.abort_multipart(&path, &id).await?;
             }
             None => {}
         }
         Ok(())
     }
+}
+
+async fn collect_part(
+    in_flight: &mut VecDeque<JoinHandle<Result<PartId, object_store::Error>>>,
+    parts: &mut Vec<PartId>,
+) -> Result<(), BlobError> {
+    if let Some(task) = in_flight.pop_front() {
+        parts.push(task.await.map_err(|e| BlobError::Task(e.to_string()))??);
+    }
+    Ok(())
 }
 
 /// Splits a payload after `at` bytes without copying.

@@ -2,11 +2,14 @@
 //! offset 600 MB costs what one at 0 does) on the blocking pool, each chunk backed by permits of
 //! one global [`ReadBudget`] that are released only when the chunk's bytes are dropped, so the
 //! bytes all downloads hold in flight stay bounded. Chunks shrink as more streams share the
-//! budget (1 MiB for a lone client, the measured sweet spot; down to 64 KiB under load).
+//! budget (1 MiB for a lone client, the measured sweet spot; down to 64 KiB under load). The
+//! share counts open HTTP connections too, not only streams: the HTTP layer copies each chunk
+//! into its connection's write buffer, which keeps that size for the connection's life, so
+//! chunk size times connections is what memory holds.
 
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::ops::Range;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,6 +35,16 @@ pub struct ReadBudget {
     sem: Arc<Semaphore>,
     units: usize,
     active: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+}
+
+/// Counts an open connection for as long as it lives (see [`ReadBudget::connection_guard`]).
+pub struct ConnectionGuard(Arc<AtomicUsize>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl ReadBudget {
@@ -42,14 +55,31 @@ impl ReadBudget {
             sem: Arc::new(Semaphore::new(units)),
             units,
             active: Arc::new(AtomicUsize::new(0)),
+            connections: Arc::new(AtomicUsize::new(0)),
         }
     }
 
-    /// Chunk size for the next read: an equal share of the budget, 64 KiB to 1 MiB.
+    /// Registers an open client connection; keep the guard with the connection.
+    pub fn connection_guard(&self) -> ConnectionGuard {
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(Arc::clone(&self.connections))
+    }
+
+    /// Chunk size for the next read: an equal share of the budget among the streams and open
+    /// connections, 64 KiB to 1 MiB.
     fn chunk_size(&self) -> usize {
-        let active = self.active.load(Ordering::Relaxed).max(1);
-        let share = (self.units / active).clamp(1, MAX_CHUNK / UNIT);
+        let sharers = self
+            .active
+            .load(Ordering::Relaxed)
+            .max(self.connections.load(Ordering::Relaxed))
+            .max(1);
+        let share = (self.units / sharers).clamp(1, MAX_CHUNK / UNIT);
         share * UNIT
+    }
+
+    /// Open client connections.
+    pub fn open_connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
     }
 
     /// Streams reading local blobs right now.
@@ -126,9 +156,20 @@ async fn read_next(mut st: LocalRead) -> Result<Option<(Bytes, LocalRead)>, std:
         .await
         .map_err(std::io::Error::other)?;
     let (file, pos) = (Arc::clone(&st.file), st.pos);
+    // The file handle is this stream's own: seek, then read into spare capacity (no zeroing).
     let buf = tokio::task::spawn_blocking(move || {
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, pos).map(|()| buf)
+        let mut buf = Vec::with_capacity(len);
+        let mut f = &*file;
+        f.seek(SeekFrom::Start(pos))?;
+        f.take(len as u64).read_to_end(&mut buf)?;
+        if buf.len() == len {
+            Ok(buf)
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "blob shorter than its record",
+            ))
+        }
     })
     .await
     .map_err(std::io::Error::other)??;
@@ -159,6 +200,11 @@ mod tests {
         assert_eq!(b.chunk_size(), 5 * UNIT);
         b.active.store(100_000, Ordering::Relaxed);
         assert_eq!(b.chunk_size(), UNIT);
+        b.active.store(0, Ordering::Relaxed);
+        let guards: Vec<ConnectionGuard> = (0..128).map(|_| b.connection_guard()).collect();
+        assert_eq!(b.chunk_size(), 8 * UNIT);
+        drop(guards);
+        assert_eq!(b.chunk_size(), MAX_CHUNK);
     }
 
     #[tokio::test]

@@ -213,7 +213,7 @@ impl FirmwareService {
         let mut stream = self.blobs.read(&fw.blob_key, 0..size, &self.budget).await?;
         let mut sums = Checksummer::new();
         while let Some(chunk) = stream.try_next().await? {
-            sums.update(chunk)
+            sums.update(vec![chunk])
                 .await
                 .map_err(|e| BlobError::Task(e.to_string()))?;
         }

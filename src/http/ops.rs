@@ -74,6 +74,7 @@ pub(super) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         active_downloads: state.tracker.active_count(),
         read_streams: state.budget.active_streams(),
         uploads_in_progress: state.uploads.in_progress(),
+        open_connections: state.budget.open_connections(),
     };
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")

@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -28,8 +28,9 @@ use crate::domain::{
 };
 use crate::metrics::Metrics;
 
-/// Body bytes are handed to the digests and the blob writer in blocks of this size.
-const BLOCK: usize = 1 << 20;
+/// Body chunks are handed to the digests and the blob writer in batches of about this size
+/// (as received: never copied).
+const BATCH: usize = 1 << 20;
 /// Longest accepted release note, in bytes.
 const MAX_NOTE: usize = 16 << 10;
 
@@ -293,7 +294,8 @@ impl UploadService {
             id,
             writer: None,
             sums: Some(Checksummer::new()),
-            block: BytesMut::new(),
+            batch: Vec::new(),
+            batch_len: 0,
             finished: false,
             _admission: admission,
         };
@@ -330,7 +332,8 @@ pub struct UploadSession {
     id: FirmwareId,
     writer: Option<BlobWriter>,
     sums: Option<Checksummer>,
-    block: BytesMut,
+    batch: Vec<Bytes>,
+    batch_len: usize,
     finished: bool,
     _admission: Admission,
 }
@@ -376,24 +379,26 @@ impl UploadSession {
             return Err(UploadError::TooLarge(self.svc.max_bytes));
         }
         Metrics::add(&self.svc.metrics.bytes_in, chunk.len() as u64);
-        self.block.extend_from_slice(&chunk);
-        while self.block.len() >= BLOCK {
-            let block = self.block.split_to(BLOCK).freeze();
-            self.push_block(block).await?;
+        self.batch_len += chunk.len();
+        self.batch.push(chunk);
+        if self.batch_len >= BATCH {
+            self.push_batch().await?;
         }
         Ok(())
     }
 
     fn received(&self) -> u64 {
-        self.sums.as_ref().map_or(0, Checksummer::size) + self.block.len() as u64
+        self.sums.as_ref().map_or(0, Checksummer::size) + self.batch_len as u64
     }
 
-    async fn push_block(&mut self, block: Bytes) -> Result<(), UploadError> {
+    async fn push_batch(&mut self) -> Result<(), UploadError> {
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_len = 0;
         if let Some(sums) = self.sums.as_mut() {
-            sums.update(block.clone()).await?;
+            sums.update(batch.clone()).await?;
         }
         if let Some(w) = self.writer.as_mut() {
-            w.write(block).await?;
+            w.write(batch).await?;
         }
         Ok(())
     }
@@ -487,9 +492,8 @@ impl UploadSession {
         &mut self,
         meta: &UploadMeta,
     ) -> Result<(ResolvedMeta, Digests), UploadError> {
-        if !self.block.is_empty() {
-            let rest = self.block.split().freeze();
-            self.push_block(rest).await?;
+        if !self.batch.is_empty() {
+            self.push_batch().await?;
         }
         let sums = self
             .sums
