@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use bytes::Bytes;
 use futures::{Stream, StreamExt, TryStreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
 
 use super::BlobError;
 
@@ -111,9 +112,12 @@ impl AsRef<[u8]> for BudgetedBuf {
 
 struct LocalRead {
     file: Arc<File>,
+    /// Next offset to schedule.
     pos: u64,
     end: u64,
     budget: ReadBudget,
+    /// The next chunk, read ahead while the current one is being sent.
+    ahead: Option<JoinHandle<std::io::Result<Bytes>>>,
     _active: ActiveGuard,
 }
 
@@ -139,6 +143,7 @@ pub(super) async fn local_range(
         file: Arc::new(file),
         pos: range.start,
         end: range.end,
+        ahead: None,
         _active: ActiveGuard(Arc::clone(&budget.active)),
         budget,
     };
@@ -146,39 +151,64 @@ pub(super) async fn local_range(
 }
 
 async fn read_next(mut st: LocalRead) -> Result<Option<(Bytes, LocalRead)>, std::io::Error> {
-    if st.pos >= st.end {
-        return Ok(None);
-    }
-    let len = (st.end - st.pos).min(st.budget.chunk_size() as u64) as usize;
-    let units = len.div_ceil(UNIT) as u32;
-    let permit = Arc::clone(&st.budget.sem)
-        .acquire_many_owned(units)
-        .await
-        .map_err(std::io::Error::other)?;
-    let (file, pos) = (Arc::clone(&st.file), st.pos);
-    // The file handle is this stream's own: seek, then read into spare capacity (no zeroing).
-    let buf = tokio::task::spawn_blocking(move || {
-        let mut buf = Vec::with_capacity(len);
-        let mut f = &*file;
-        f.seek(SeekFrom::Start(pos))?;
-        f.take(len as u64).read_to_end(&mut buf)?;
-        if buf.len() == len {
-            Ok(buf)
-        } else {
-            Err(std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "blob shorter than its record",
-            ))
+    let current = match st.ahead.take() {
+        Some(pending) => pending,
+        None => {
+            let Some(len) = st.next_len() else {
+                return Ok(None);
+            };
+            let permit = Arc::clone(&st.budget.sem)
+                .acquire_many_owned(len.div_ceil(UNIT) as u32)
+                .await
+                .map_err(std::io::Error::other)?;
+            st.spawn_read(len, permit)
         }
-    })
-    .await
-    .map_err(std::io::Error::other)??;
-    st.pos += len as u64;
-    let bytes = Bytes::from_owner(BudgetedBuf {
-        buf,
-        _permit: permit,
-    });
+    };
+    let bytes = current.await.map_err(std::io::Error::other)??;
+    // Read ahead only with budget to spare: waiting for it here, while holding the current
+    // chunk, could starve every stream at once.
+    if let Some(len) = st.next_len() {
+        if let Ok(permit) =
+            Arc::clone(&st.budget.sem).try_acquire_many_owned(len.div_ceil(UNIT) as u32)
+        {
+            st.ahead = Some(st.spawn_read(len, permit));
+        }
+    }
     Ok(Some((bytes, st)))
+}
+
+impl LocalRead {
+    fn next_len(&self) -> Option<usize> {
+        (self.pos < self.end)
+            .then(|| (self.end - self.pos).min(self.budget.chunk_size() as u64) as usize)
+    }
+
+    /// Reads `len` bytes at the next offset on the blocking pool. The file handle is this
+    /// stream's own and reads are sequential: seek, then read into spare capacity (no zeroing).
+    fn spawn_read(
+        &mut self,
+        len: usize,
+        permit: OwnedSemaphorePermit,
+    ) -> JoinHandle<std::io::Result<Bytes>> {
+        let (file, pos) = (Arc::clone(&self.file), self.pos);
+        self.pos += len as u64;
+        tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::with_capacity(len);
+            let mut f = &*file;
+            f.seek(SeekFrom::Start(pos))?;
+            f.take(len as u64).read_to_end(&mut buf)?;
+            if buf.len() != len {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "blob shorter than its record",
+                ));
+            }
+            Ok(Bytes::from_owner(BudgetedBuf {
+                buf,
+                _permit: permit,
+            }))
+        })
+    }
 }
 
 /// Adapts an object_store stream.
