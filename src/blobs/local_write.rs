@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 /// Start a background sync after this many new bytes.
 const SYNC_EVERY: u64 = 64 << 20;
 /// Write batches in flight.
-const IN_FLIGHT: usize = 2;
+const IN_FLIGHT: usize = 1;
 
 fn join_err(e: tokio::task::JoinError) -> io::Error {
     io::Error::other(e)
