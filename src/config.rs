@@ -249,6 +249,12 @@ pub struct Settings {
     pub shutdown_grace_secs: u64,
     /// Log format.
     pub log_format: LogFormat,
+    /// MQTT session.
+    pub mqtt: crate::mqtt::MqttSettings,
+    /// Seconds after the last message a device counts as online.
+    pub online_window_secs: u64,
+    /// Model key → firmware model table.
+    pub models: crate::devices::ModelMap,
 }
 
 impl Default for Settings {
@@ -271,6 +277,16 @@ impl Default for Settings {
             idle_timeout_secs: 300,
             shutdown_grace_secs: 20,
             log_format: LogFormat::Text,
+            mqtt: crate::mqtt::MqttSettings {
+                target: crate::mqtt::BrokerTarget::Embedded(SocketAddr::from((
+                    [127, 0, 0, 1],
+                    1883,
+                ))),
+                client_id: None,
+                replies: true,
+            },
+            online_window_secs: 60,
+            models: crate::devices::ModelMap::default(),
         }
     }
 }
@@ -318,12 +334,14 @@ impl Settings {
                 return Err(invalid("preflight must be normal, strict or off"));
             }
         }
-        if let Some(u) = o.mqtt_url.as_deref() {
-            let parsed = Url::parse(u).map_err(|e| invalid(format!("mqtt_url {u:?}: {e}")))?;
-            if !matches!(parsed.scheme(), "mqtt" | "mqtts") {
-                return Err(invalid("mqtt_url must start with mqtt:// or mqtts://"));
-            }
-        }
+        let target = match o.mqtt_url.as_deref() {
+            Some(u) => parse_mqtt_url(u, o.mqtt_user.clone(), o.mqtt_password.clone())?,
+            None => crate::mqtt::BrokerTarget::Embedded(
+                o.mqtt_listen
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1883))),
+            ),
+        };
+        let models = crate::devices::ModelMap::from_table(o.models.as_ref()).map_err(invalid)?;
         Ok(Settings {
             listen,
             public_url,
@@ -350,13 +368,26 @@ impl Settings {
             )?,
             shutdown_grace_secs: o.shutdown_grace.unwrap_or(d.shutdown_grace_secs),
             log_format: o.log_format.unwrap_or_default(),
+            mqtt: crate::mqtt::MqttSettings {
+                target,
+                client_id: o.mqtt_client_id.filter(|c| !c.is_empty()),
+                replies: o.mqtt_replies.as_deref() != Some("none"),
+            },
+            online_window_secs: positive("online_window", o.online_window, d.online_window_secs)?,
+            models,
             data_dir,
         })
     }
 
-    /// Settings for a fresh data directory with HTTP on an OS-chosen loopback port (tests).
+    /// Settings for a fresh data directory with HTTP and the embedded broker on OS-chosen
+    /// loopback ports (tests).
     pub fn for_data_dir(data_dir: &Path) -> Settings {
+        let d = Settings::default();
         Settings {
+            mqtt: crate::mqtt::MqttSettings {
+                target: crate::mqtt::BrokerTarget::Embedded(SocketAddr::from(([127, 0, 0, 1], 0))),
+                ..d.mqtt
+            },
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             data_dir: data_dir.to_path_buf(),
             blob_backend: BlobBackend::Local {
@@ -370,6 +401,33 @@ impl Settings {
     pub fn is_trusted_proxy(&self, peer: IpAddr) -> bool {
         self.trusted_proxies.iter().any(|net| net.contains(&peer))
     }
+}
+
+fn parse_mqtt_url(
+    raw: &str,
+    user: Option<String>,
+    password: Option<String>,
+) -> Result<crate::mqtt::BrokerTarget, ConfigError> {
+    let url = Url::parse(raw).map_err(|e| invalid(format!("mqtt_url {raw:?}: {e}")))?;
+    let tls = match url.scheme() {
+        "mqtt" => false,
+        "mqtts" => true,
+        _ => return Err(invalid("mqtt_url must start with mqtt:// or mqtts://")),
+    };
+    let host = url
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| invalid("mqtt_url needs a host"))?
+        .to_string();
+    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+    let url_user = (!url.username().is_empty()).then(|| url.username().to_string());
+    Ok(crate::mqtt::BrokerTarget::External {
+        host,
+        port,
+        tls,
+        user: user.or(url_user),
+        password: password.or(url.password().map(str::to_string)),
+    })
 }
 
 fn parse_public_url(raw: &str) -> Result<Url, ConfigError> {

@@ -82,17 +82,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(options: ServeOptions) -> anyhow::Result<()> {
-    let (settings, layered) = settings(options)?;
+    let (settings, _) = settings(options)?;
     fwrepo::telemetry::init(settings.log_format);
-    if layered.mqtt_url.is_some() || layered.mqtt_listen.is_some() {
-        tracing::warn!("MQTT settings are accepted but not yet effective in this release");
-    }
+    let embedded = matches!(
+        settings.mqtt.target,
+        fwrepo::mqtt::BrokerTarget::Embedded(_)
+    );
     let app = Application::build(settings).await?;
     let addr = app.http_addr();
-    {
-        let mut out = std::io::stdout().lock();
-        writeln!(out, "HTTP listening on http://{addr}")?;
-        out.flush()?;
+    let mqtt = app.state().mqtt.clone();
+    print_line(&format!("HTTP listening on http://{addr}"))?;
+    if embedded {
+        print_line(&mqtt.address_line)?;
+    } else {
+        // An external broker's line is printed once the session is up.
+        tokio::spawn(async move {
+            while !mqtt
+                .status
+                .connected
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            let _ = print_line(&mqtt.address_line);
+        });
     }
     tracing::info!(%addr, public_url = %app.state().public_url, "fwrepo serving");
     let shutdown = CancellationToken::new();
@@ -100,6 +113,12 @@ async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     app.run_until_stopped(shutdown).await?;
     tracing::info!("fwrepo stopped");
     Ok(())
+}
+
+fn print_line(line: &str) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}")?;
+    out.flush()
 }
 
 /// Cancels `token` on SIGINT or SIGTERM.

@@ -16,6 +16,7 @@ use url::Url;
 use crate::blobs::{BlobStore, ReadBudget};
 use crate::catalog::{Catalog, FirmwareStatus};
 use crate::config::Settings;
+use crate::devices::DeviceRegistry;
 use crate::download::DownloadService;
 use crate::firmware::FirmwareService;
 use crate::http::{self, AppState};
@@ -51,6 +52,9 @@ pub enum StartupError {
     /// The public URL could not be formed.
     #[error("invalid public URL: {0}")]
     PublicUrl(String),
+    /// MQTT could not start.
+    #[error(transparent)]
+    Mqtt(#[from] crate::mqtt::MqttError),
 }
 
 /// A built server, bound and ready to run.
@@ -59,6 +63,7 @@ pub struct Application {
     server: Server,
     state: AppState,
     grace: Duration,
+    workers: CancellationToken,
 }
 
 impl Application {
@@ -92,6 +97,20 @@ impl Application {
                 .map_err(|e| StartupError::PublicUrl(e.to_string()))?,
         };
 
+        let workers = CancellationToken::new();
+        let devices = DeviceRegistry::load(
+            catalog.clone(),
+            settings.models.clone(),
+            Duration::from_secs(settings.online_window_secs),
+        )?;
+        let instance_id = catalog.instance_id()?;
+        let mqtt = crate::mqtt::start(
+            &settings.mqtt,
+            &instance_id,
+            devices.clone(),
+            workers.clone(),
+        )?;
+
         let metrics = Arc::new(Metrics::default());
         let budget = ReadBudget::new(settings.download_buffer_mb << 20);
         let tracker = DownloadTracker::load(catalog.clone())?;
@@ -116,6 +135,8 @@ impl Application {
             tracker,
             budget,
             metrics,
+            devices,
+            mqtt,
             catalog,
             blobs,
             settings: Arc::new(settings.clone()),
@@ -170,6 +191,7 @@ impl Application {
             server,
             state,
             grace,
+            workers,
         })
     }
 
@@ -190,9 +212,10 @@ impl Application {
             server,
             state,
             grace,
+            workers,
             ..
         } = self;
-        let workers = CancellationToken::new();
+        let device_flusher = tokio::spawn(state.devices.clone().run(workers.clone()));
         let flusher = tokio::spawn(state.tracker.clone().run(
             Duration::from_secs(state.settings.progress_flush_secs),
             Duration::from_secs(state.settings.retention_days * 86_400),
@@ -208,6 +231,7 @@ impl Application {
         let stopping = tokio::spawn(async move { handle.stop(true).await });
         workers.cancel();
         let _ = flusher.await;
+        let _ = device_flusher.await;
         if let Err(e) = state.catalog.flush().await {
             tracing::error!(error = %e, "final catalog flush failed");
         }

@@ -7,8 +7,9 @@ use crate::config::LogFormat;
 
 /// Installs the global subscriber (once; later calls are no-ops).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sled=warn,actix_server=warn"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new("info,sled=warn,actix_server=warn,rumqttd=warn,rumqttc=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -108,6 +108,7 @@ pub struct Catalog {
     firmware_versions: sled::Tree,
     uploads: sled::Tree,
     sessions: sled::Tree,
+    devices: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -158,6 +159,7 @@ impl Catalog {
             firmware_versions: db.open_tree("firmware_versions")?,
             uploads: db.open_tree("uploads")?,
             sessions: db.open_tree("download_sessions")?,
+            devices: db.open_tree("devices")?,
             meta: db.open_tree("meta")?,
             db,
         })
@@ -398,6 +400,35 @@ impl Catalog {
         }
         self.sessions.apply_batch(batch)?;
         Ok(n)
+    }
+}
+
+impl Catalog {
+    /// Stores a device record under its serial number.
+    pub fn put_device<T: serde::Serialize>(
+        &self,
+        sn: &str,
+        device: &T,
+    ) -> Result<(), CatalogError> {
+        self.devices.insert(sn.as_bytes(), encode(device))?;
+        Ok(())
+    }
+
+    /// Removes a device record.
+    pub fn delete_device(&self, sn: &str) -> Result<(), CatalogError> {
+        self.devices.remove(sn.as_bytes())?;
+        Ok(())
+    }
+
+    /// Every stored device record.
+    pub fn all_devices<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>, CatalogError> {
+        self.devices
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
     }
 }
 

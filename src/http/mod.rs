@@ -2,6 +2,7 @@
 //! shape for everything, framework errors included. Handlers are thin: extract, call one
 //! service, map the result.
 
+mod devices;
 mod downloads;
 mod dto;
 pub mod error;
@@ -54,6 +55,10 @@ pub struct AppState {
     pub budget: ReadBudget,
     /// Counters.
     pub metrics: Arc<Metrics>,
+    /// Device registry.
+    pub devices: crate::devices::DeviceRegistry,
+    /// The MQTT session.
+    pub mqtt: crate::mqtt::MqttHandle,
 }
 
 impl AppState {
@@ -114,6 +119,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .configure(ops::routes)
         .configure(firmware::routes)
         .configure(downloads::routes)
+        .configure(devices::routes)
         .configure(files::routes);
 }
 

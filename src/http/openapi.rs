@@ -17,6 +17,10 @@ use utoipa::OpenApi;
         super::downloads::list,
         super::downloads::for_firmware,
         super::files::file,
+        super::devices::list,
+        super::devices::get,
+        super::devices::put,
+        super::devices::delete,
         super::ops::healthz,
         super::ops::readyz,
         super::ops::metrics,
@@ -25,6 +29,7 @@ use utoipa::OpenApi;
     tags(
         (name = "firmware", description = "Release engineers: upload and manage packages"),
         (name = "downloads", description = "Gateways: package downloads and their progress"),
+        (name = "devices", description = "Docks and aircraft learned over MQTT or declared"),
         (name = "operations", description = "Health, readiness, metrics"),
     )
 )]

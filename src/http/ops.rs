@@ -31,7 +31,7 @@ pub(super) struct Readiness {
     /// `ok` or the blob store's error.
     blob_store: String,
     /// The broker's state (does not affect readiness; downloads go on without MQTT).
-    mqtt: &'static str,
+    mqtt: String,
 }
 
 /// Liveness: the process answers.
@@ -57,7 +57,7 @@ pub(super) async fn readyz(state: web::Data<AppState>) -> HttpResponse {
         status: if ready { "ready" } else { "not_ready" },
         catalog,
         blob_store,
-        mqtt: "not_configured",
+        mqtt: state.mqtt.status.describe(),
     };
     if ready {
         HttpResponse::Ok().json(body)
@@ -76,9 +76,11 @@ pub(super) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
         uploads_in_progress: state.uploads.in_progress(),
         open_connections: state.budget.open_connections(),
     };
+    let mut text = state.metrics.render(&gauges);
+    text.push_str(&state.mqtt.status.render());
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
-        .body(state.metrics.render(&gauges))
+        .body(text)
 }
 
 /// This API's OpenAPI 3 document.

@@ -237,7 +237,14 @@ impl ServerProcess {
             .open(&stderr_path)
             .unwrap();
         let mut child = Command::new(bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--mqtt-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .args(extra)
             .env_remove("FWREPO_LISTEN")
@@ -318,4 +325,57 @@ pub async fn get_json_at(base: &str, path: &str) -> Value {
         .json()
         .await
         .unwrap()
+}
+
+/// An MQTT client of the test's own (unique client id), connected to `addr` ("host:port").
+pub async fn mqtt_client(
+    addr: &str,
+    tag: &str,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+) {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let id = format!("test-{tag}-{}", fwrepo::domain::ids::next().to_lowercase());
+    let mut opts = rumqttc::MqttOptions::new(id, host, port.parse().unwrap());
+    opts.set_keep_alive(Duration::from_secs(30));
+    opts.set_max_packet_size(4 << 20, 4 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 100);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let mut ready_tx = Some(ready_tx);
+    tokio::spawn(async move {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                    if let Some(r) = ready_tx.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => {
+                    let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), ready_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    (client, rx)
+}
+
+impl TestApp {
+    /// The embedded broker's address as "host:port".
+    pub fn mqtt_addr(&self) -> String {
+        self.state
+            .mqtt
+            .address_line
+            .rsplit("mqtt://")
+            .next()
+            .unwrap()
+            .to_string()
+    }
 }

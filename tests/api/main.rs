@@ -3,6 +3,7 @@
 
 mod cli;
 mod clients;
+mod devices;
 mod downloads;
 mod helpers;
 mod lifecycle;

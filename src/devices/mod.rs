@@ -1,0 +1,479 @@
+//! The device registry (contract §5): docks and their aircraft, learned from `update_topo`,
+//! state and osd messages (DJI and Autel spellings), or declared by an operator. Every record
+//! lives in memory; changes to topology, versions and declarations are written at once, while
+//! last-seen times (osd is high volume) are written by the flusher every 30 s.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{Catalog, CatalogError, Page, PageRequest, cursor_for};
+
+/// Interval of the last-seen flusher.
+pub const FLUSH_EVERY: Duration = Duration::from_secs(30);
+
+/// Errors of the registry.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// Unknown serial number.
+    #[error("device not found")]
+    NotFound,
+    /// Malformed input.
+    #[error("{0}")]
+    Invalid(String),
+    /// The catalog failed.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// A device as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct DeviceRecord {
+    /// Serial number.
+    pub sn: String,
+    /// Ordering key (ULID of first sight): lists are newest first.
+    #[serde(default)]
+    pub order: String,
+    /// The dock this device hangs off (aircraft), if any.
+    pub gateway_sn: Option<String>,
+    /// The aircraft currently attached (docks).
+    pub child_sn: Option<String>,
+    /// `domain-type-sub_type` from the topology, e.g. `3-1-0`.
+    pub model_key: Option<String>,
+    /// Firmware model: declared by PUT, else mapped from `model_key` by `[models]`.
+    pub model: Option<String>,
+    /// Whether `model` was declared by an operator.
+    #[serde(default)]
+    pub model_declared: bool,
+    /// Running firmware version (state).
+    pub firmware_version: Option<String>,
+    /// 1 = consistency upgrade needed (state).
+    pub compatible_status: Option<i64>,
+    /// 1 = upgrading (state).
+    pub firmware_upgrade_status: Option<i64>,
+    /// osd `mode_code` (dock 0 idle, 3 upgrading; aircraft 13 upgrading).
+    pub mode_code: Option<i64>,
+    /// Thing-model version from the topology.
+    pub thing_version: Option<String>,
+    /// `dji` (payloads carry `gateway`) or `autel`.
+    pub dialect: Option<String>,
+    /// First message or declaration.
+    pub first_seen_at: DateTime<Utc>,
+    /// Latest message from the device.
+    pub last_seen_at: Option<DateTime<Utc>>,
+    /// Latest osd message.
+    pub last_osd_at: Option<DateTime<Utc>>,
+    /// Latest state message.
+    pub last_state_at: Option<DateTime<Utc>>,
+    /// Whether a message arrived within the online window (computed, not stored).
+    #[serde(default)]
+    pub online: bool,
+}
+
+/// A sub-device in a topology report.
+#[derive(Clone, Debug, Default)]
+pub struct SubDeviceReport {
+    /// Serial.
+    pub sn: String,
+    /// `domain-type-sub_type`.
+    pub model_key: Option<String>,
+    /// Thing-model version.
+    pub thing_version: Option<String>,
+}
+
+/// An `update_topo` from a gateway.
+#[derive(Clone, Debug, Default)]
+pub struct TopologyReport {
+    /// `domain-type-sub_type` of the gateway.
+    pub model_key: Option<String>,
+    /// Thing-model version (`thing_version` or Autel's `version`).
+    pub thing_version: Option<String>,
+    /// Attached devices (0 or 1 aircraft).
+    pub sub_devices: Vec<SubDeviceReport>,
+}
+
+/// What a state message carries.
+#[derive(Clone, Debug, Default)]
+pub struct StateReport {
+    /// Running firmware version.
+    pub firmware_version: Option<String>,
+    /// 1 = consistency upgrade needed.
+    pub compatible_status: Option<i64>,
+    /// 1 = upgrading.
+    pub firmware_upgrade_status: Option<i64>,
+}
+
+/// Model key → firmware model table (`[models]` in config), case-insensitive.
+#[derive(Clone, Debug, Default)]
+pub struct ModelMap(HashMap<String, String>);
+
+impl ModelMap {
+    /// From the config table: `"3-1-0" = "Dock"` or `"3-1-0" = ["Dock", "dock1"]` (first wins).
+    pub fn from_table(table: Option<&toml::Table>) -> Result<ModelMap, String> {
+        let mut map = HashMap::new();
+        for (key, value) in table.into_iter().flatten() {
+            let model = match value {
+                toml::Value::String(s) => s.clone(),
+                toml::Value::Array(a) => a
+                    .first()
+                    .and_then(|v| v.as_str())
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("[models] {key}: empty alias list"))?,
+                _ => {
+                    return Err(format!(
+                        "[models] {key}: expected a string or a list of strings"
+                    ));
+                }
+            };
+            map.insert(key.to_lowercase(), model);
+        }
+        Ok(ModelMap(map))
+    }
+
+    fn model_of(&self, key: &str) -> Option<String> {
+        self.0.get(&key.to_lowercase()).cloned()
+    }
+}
+
+struct Inner {
+    devices: Mutex<HashMap<String, DeviceRecord>>,
+    dirty: Mutex<std::collections::HashSet<String>>,
+    catalog: Catalog,
+    models: ModelMap,
+    online_window: chrono::Duration,
+}
+
+/// The registry. Cheap to clone.
+#[derive(Clone)]
+pub struct DeviceRegistry {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+/// Filters of the device list.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceFilter {
+    /// Devices of this gateway (the gateway itself included).
+    pub gateway_sn: Option<String>,
+    /// Firmware model (case-insensitive).
+    pub model: Option<String>,
+    /// Running version.
+    pub version: Option<String>,
+    /// Seen within this many seconds.
+    pub seen_within_s: Option<u64>,
+}
+
+impl DeviceRegistry {
+    /// Loads every stored device.
+    pub fn load(
+        catalog: Catalog,
+        models: ModelMap,
+        online_window: Duration,
+    ) -> Result<DeviceRegistry, CatalogError> {
+        let devices = catalog
+            .all_devices()?
+            .into_iter()
+            .map(|d: DeviceRecord| (d.sn.clone(), d))
+            .collect();
+        Ok(DeviceRegistry {
+            inner: Arc::new(Inner {
+                devices: Mutex::new(devices),
+                dirty: Mutex::default(),
+                catalog,
+                models,
+                online_window: chrono::Duration::from_std(online_window)
+                    .unwrap_or(chrono::Duration::seconds(60)),
+            }),
+        })
+    }
+
+    fn with_device<R>(
+        &self,
+        sn: &str,
+        now: DateTime<Utc>,
+        persist_now: bool,
+        f: impl FnOnce(&mut DeviceRecord) -> R,
+    ) -> R {
+        let (r, snapshot) = {
+            let mut devices = lock(&self.inner.devices);
+            let d = devices
+                .entry(sn.to_string())
+                .or_insert_with(|| DeviceRecord {
+                    sn: sn.to_string(),
+                    order: crate::domain::ids::next(),
+                    gateway_sn: None,
+                    child_sn: None,
+                    model_key: None,
+                    model: None,
+                    model_declared: false,
+                    firmware_version: None,
+                    compatible_status: None,
+                    firmware_upgrade_status: None,
+                    mode_code: None,
+                    thing_version: None,
+                    dialect: None,
+                    first_seen_at: now,
+                    last_seen_at: None,
+                    last_osd_at: None,
+                    last_state_at: None,
+                    online: false,
+                });
+            let r = f(d);
+            (r, persist_now.then(|| d.clone()))
+        };
+        match snapshot {
+            Some(d) => {
+                if let Err(e) = self.inner.catalog.put_device(&d.sn, &d) {
+                    tracing::error!(sn = %d.sn, error = %e, "storing device failed");
+                    lock(&self.inner.dirty).insert(d.sn);
+                }
+            }
+            None => {
+                lock(&self.inner.dirty).insert(sn.to_string());
+            }
+        }
+        r
+    }
+
+    fn map_model(&self, d: &mut DeviceRecord) {
+        if !d.model_declared {
+            if let Some(key) = &d.model_key {
+                d.model = self.inner.models.model_of(key);
+            }
+        }
+    }
+
+    /// Learns a gateway's topology: the gateway, its aircraft and the link between them.
+    pub fn on_topology(&self, gateway_sn: &str, report: &TopologyReport, dialect: &str) {
+        let now = Utc::now();
+        let child = report.sub_devices.first().map(|s| s.sn.clone());
+        let previous_child = self.with_device(gateway_sn, now, true, |d| {
+            d.last_seen_at = Some(now);
+            d.dialect = Some(dialect.to_string());
+            d.gateway_sn = None;
+            if report.model_key.is_some() {
+                d.model_key = report.model_key.clone();
+            }
+            if report.thing_version.is_some() {
+                d.thing_version = report.thing_version.clone();
+            }
+            let previous = d.child_sn.clone();
+            // An empty list means the aircraft went offline: the link stays.
+            if child.is_some() {
+                d.child_sn = child.clone();
+            }
+            self.map_model(d);
+            previous
+        });
+        for sub in &report.sub_devices {
+            self.with_device(&sub.sn, now, true, |d| {
+                d.gateway_sn = Some(gateway_sn.to_string());
+                d.dialect = Some(dialect.to_string());
+                d.last_seen_at = Some(now);
+                if sub.model_key.is_some() {
+                    d.model_key = sub.model_key.clone();
+                }
+                if sub.thing_version.is_some() {
+                    d.thing_version = sub.thing_version.clone();
+                }
+                self.map_model(d);
+            });
+            // The aircraft moved: detach it from any other dock.
+            let others: Vec<String> = lock(&self.inner.devices)
+                .values()
+                .filter(|d| d.sn != gateway_sn && d.child_sn.as_deref() == Some(&sub.sn))
+                .map(|d| d.sn.clone())
+                .collect();
+            for other in others {
+                self.with_device(&other, now, true, |d| d.child_sn = None);
+            }
+        }
+        if previous_child != child && child.is_some() {
+            tracing::info!(gateway_sn, child_sn = ?child, "topology changed");
+        }
+    }
+
+    /// Learns versions and upgrade flags from a state message on `sn`'s topic.
+    pub fn on_state(&self, sn: &str, gateway: Option<&str>, report: &StateReport) {
+        let now = Utc::now();
+        self.with_device(sn, now, true, |d| {
+            d.last_seen_at = Some(now);
+            d.last_state_at = Some(now);
+            if let Some(g) = gateway.filter(|g| *g != sn) {
+                d.gateway_sn = Some(g.to_string());
+            }
+            if report.firmware_version.is_some() {
+                d.firmware_version = report.firmware_version.clone();
+            }
+            if report.compatible_status.is_some() {
+                d.compatible_status = report.compatible_status;
+            }
+            if report.firmware_upgrade_status.is_some() {
+                d.firmware_upgrade_status = report.firmware_upgrade_status;
+            }
+        });
+    }
+
+    /// Notes an osd message (last-seen and mode code; written by the flusher).
+    pub fn on_osd(&self, sn: &str, gateway: Option<&str>, mode_code: Option<i64>) {
+        let now = Utc::now();
+        self.with_device(sn, now, false, |d| {
+            d.last_seen_at = Some(now);
+            d.last_osd_at = Some(now);
+            if let Some(g) = gateway.filter(|g| *g != sn) {
+                d.gateway_sn = Some(g.to_string());
+            }
+            if mode_code.is_some() {
+                d.mode_code = mode_code;
+            }
+        });
+    }
+
+    /// Notes any other message from a device (events, replies).
+    pub fn on_seen(&self, sn: &str) {
+        let now = Utc::now();
+        self.with_device(sn, now, false, |d| d.last_seen_at = Some(now));
+    }
+
+    fn present(&self, mut d: DeviceRecord, now: DateTime<Utc>) -> DeviceRecord {
+        d.online = d
+            .last_seen_at
+            .is_some_and(|t| now - t <= self.inner.online_window);
+        d
+    }
+
+    /// One device.
+    pub fn get(&self, sn: &str) -> Result<DeviceRecord, DeviceError> {
+        let d = lock(&self.inner.devices).get(sn).cloned();
+        d.map(|d| self.present(d, Utc::now()))
+            .ok_or(DeviceError::NotFound)
+    }
+
+    /// Declares (or corrects) a device's model and gateway.
+    pub fn put(
+        &self,
+        sn: &str,
+        model: Option<String>,
+        gateway_sn: Option<String>,
+    ) -> Result<DeviceRecord, DeviceError> {
+        if sn.is_empty() || sn.len() > 128 || sn.contains(['/', '+', '#']) {
+            return Err(DeviceError::Invalid("invalid serial number".into()));
+        }
+        let now = Utc::now();
+        let d = self.with_device(sn, now, true, |d| {
+            if let Some(m) = model.filter(|m| !m.trim().is_empty()) {
+                d.model = Some(m.trim().to_string());
+                d.model_declared = true;
+            }
+            if let Some(g) = gateway_sn.filter(|g| !g.is_empty() && g != sn) {
+                d.gateway_sn = Some(g);
+            }
+            d.clone()
+        });
+        if let Some(g) = &d.gateway_sn {
+            self.with_device(g, now, true, |gw| gw.child_sn = Some(sn.to_string()));
+        }
+        Ok(self.present(d, now))
+    }
+
+    /// Forgets a device.
+    pub fn delete(&self, sn: &str) -> Result<DeviceRecord, DeviceError> {
+        let removed = lock(&self.inner.devices).remove(sn);
+        let d = removed.ok_or(DeviceError::NotFound)?;
+        lock(&self.inner.dirty).remove(sn);
+        self.inner.catalog.delete_device(sn)?;
+        Ok(d)
+    }
+
+    /// Newest-first page of devices matching the filter.
+    pub fn list(
+        &self,
+        filter: &DeviceFilter,
+        page: &PageRequest,
+    ) -> Result<Page<DeviceRecord>, DeviceError> {
+        let after = page.after_key()?;
+        let now = Utc::now();
+        let mut items: Vec<DeviceRecord> = lock(&self.inner.devices)
+            .values()
+            .filter(|d| after.as_deref().is_none_or(|a| d.order.as_bytes() < a))
+            .filter(|d| {
+                filter.gateway_sn.as_deref().is_none_or(|g| {
+                    d.sn == g || d.gateway_sn.as_deref() == Some(g)
+                })
+            })
+            .filter(|d| {
+                filter.model.as_deref().is_none_or(|m| {
+                    d.model.as_deref().is_some_and(|dm| dm.eq_ignore_ascii_case(m))
+                })
+            })
+            .filter(|d| {
+                filter.version.as_deref().is_none_or(|v| {
+                    d.firmware_version.as_deref() == Some(v)
+                        || matches!(
+                            (
+                                d.firmware_version.as_deref().map(crate::domain::ProductVersion::parse),
+                                crate::domain::ProductVersion::parse(v)
+                            ),
+                            (Some(Ok(a)), Ok(b)) if a == b
+                        )
+                })
+            })
+            .filter(|d| {
+                filter.seen_within_s.is_none_or(|s| {
+                    d.last_seen_at
+                        .is_some_and(|t| (now - t).num_seconds() <= s as i64)
+                })
+            })
+            .cloned()
+            .collect();
+        items.sort_by(|a, b| b.order.cmp(&a.order));
+        let limit = page.limit();
+        let next_cursor = (items.len() > limit).then(|| cursor_for(&items[limit - 1].order));
+        items.truncate(limit);
+        Ok(Page {
+            items: items.into_iter().map(|d| self.present(d, now)).collect(),
+            next_cursor,
+        })
+    }
+
+    /// Writes devices whose last-seen changed since the last flush.
+    pub fn flush(&self) -> Result<usize, CatalogError> {
+        let dirty: Vec<String> = lock(&self.inner.dirty).drain().collect();
+        let devices: Vec<DeviceRecord> = {
+            let all = lock(&self.inner.devices);
+            dirty.iter().filter_map(|sn| all.get(sn).cloned()).collect()
+        };
+        for d in &devices {
+            self.inner.catalog.put_device(&d.sn, d)?;
+        }
+        Ok(devices.len())
+    }
+
+    /// Runs the flusher until `cancel`, then flushes once more.
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self.flush() {
+                tracing::error!(error = %e, "device last-seen flush failed");
+            }
+        }
+        if let Err(e) = self.flush() {
+            tracing::error!(error = %e, "final device flush failed");
+        }
+    }
+}

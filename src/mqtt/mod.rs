@@ -1,0 +1,425 @@
+//! The MQTT adapter: the embedded broker ([`broker`]), the one client session fwrepo keeps
+//! (rumqttc; its event loop is owned by one task here), topic and payload parsing
+//! ([`topics`], [`wire`]), and the replies the protocol expects. Inbound messages are turned
+//! into registry updates; publishing never blocks the caller (a full queue counts as dropped).
+
+pub mod broker;
+pub mod topics;
+pub mod wire;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::devices::{DeviceRegistry, StateReport, SubDeviceReport, TopologyReport};
+use topics::Inbound;
+use wire::{Envelope, int_of, str_of};
+
+/// Payloads above this are dropped unparsed (contract §5 accepts up to 1 MiB).
+pub const MAX_ACCEPTED_PAYLOAD: usize = 1 << 20;
+/// The client's packet limit: far above any broker's message limit, so an oversized publish
+/// is dropped by fwrepo instead of breaking the connection (and, with a persistent session,
+/// looping on reconnect).
+pub const CLIENT_PACKET_LIMIT: usize = 16 << 20;
+
+/// Where the broker is.
+#[derive(Clone, Debug)]
+pub enum BrokerTarget {
+    /// Start the embedded broker on this address.
+    Embedded(std::net::SocketAddr),
+    /// Connect to an external broker.
+    External {
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+        /// `mqtts`.
+        tls: bool,
+        /// User name.
+        user: Option<String>,
+        /// Password.
+        password: Option<String>,
+    },
+}
+
+/// MQTT session settings.
+#[derive(Clone, Debug)]
+pub struct MqttSettings {
+    /// The broker.
+    pub target: BrokerTarget,
+    /// Client id (default `fwrepo-<instance id>`).
+    pub client_id: Option<String>,
+    /// Send `status_reply` / `events_reply` (false: another platform replies).
+    pub replies: bool,
+}
+
+/// Counters and connection state, shared with `/metrics` and `/readyz`.
+#[derive(Debug, Default)]
+pub struct MqttStatus {
+    /// Connected to the broker now.
+    pub connected: AtomicBool,
+    /// Messages received.
+    pub messages_in: AtomicU64,
+    /// Messages published.
+    pub messages_out: AtomicU64,
+    /// Messages that could not be understood.
+    pub malformed: AtomicU64,
+    /// Messages dropped (oversized inbound, or a full outbound queue).
+    pub dropped: AtomicU64,
+    /// Connection attempts that failed.
+    pub connect_errors: AtomicU64,
+    /// The last connection error.
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl MqttStatus {
+    /// Prometheus text of the MQTT counters.
+    pub fn render(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let up = u64::from(self.connected.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP fwrepo_mqtt_connected 1 while the MQTT session is up.\n# TYPE fwrepo_mqtt_connected gauge\nfwrepo_mqtt_connected {up}"
+        );
+        for (name, help, v) in [
+            (
+                "fwrepo_mqtt_messages_in_total",
+                "MQTT messages received.",
+                &self.messages_in,
+            ),
+            (
+                "fwrepo_mqtt_messages_out_total",
+                "MQTT messages published.",
+                &self.messages_out,
+            ),
+            (
+                "fwrepo_mqtt_malformed_total",
+                "MQTT messages not understood.",
+                &self.malformed,
+            ),
+            (
+                "fwrepo_mqtt_dropped_total",
+                "MQTT messages dropped (oversized or queue full).",
+                &self.dropped,
+            ),
+            (
+                "fwrepo_mqtt_connect_errors_total",
+                "Failed MQTT connection attempts.",
+                &self.connect_errors,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
+        out
+    }
+
+    /// `connected` or `disconnected: <last error>`.
+    pub fn describe(&self) -> String {
+        if self.connected.load(Ordering::Relaxed) {
+            return "connected".into();
+        }
+        let last = match self.last_error.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        };
+        match last {
+            Some(e) => format!("disconnected: {e}"),
+            None => "connecting".into(),
+        }
+    }
+}
+
+/// A handle to publish through the session. Cheap to clone.
+#[derive(Clone)]
+pub struct MqttHandle {
+    client: AsyncClient,
+    /// State and counters.
+    pub status: Arc<MqttStatus>,
+    /// What to print on stdout once up (`MQTT listening on …` / `MQTT connected to …`).
+    pub address_line: String,
+}
+
+impl MqttHandle {
+    /// Queues a QoS 1, non-retained publish without waiting. False when it could not be queued.
+    pub fn publish(&self, topic: String, payload: Vec<u8>) -> bool {
+        match self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, false, payload)
+        {
+            Ok(()) => {
+                self.status.messages_out.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.status.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "MQTT publish not queued");
+                false
+            }
+        }
+    }
+}
+
+/// Why MQTT could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MqttError {
+    /// The embedded broker failed.
+    #[error(transparent)]
+    Broker(#[from] broker::BrokerError),
+}
+
+/// Starts the embedded broker if configured, and the client session with its event loop task.
+pub fn start(
+    settings: &MqttSettings,
+    instance_id: &str,
+    registry: DeviceRegistry,
+    cancel: CancellationToken,
+) -> Result<MqttHandle, MqttError> {
+    let (host, port, address_line, creds) = match &settings.target {
+        BrokerTarget::Embedded(listen) => {
+            let addr = broker::start(*listen)?;
+            (
+                addr.ip().to_string(),
+                addr.port(),
+                format!("MQTT listening on mqtt://{addr}"),
+                None,
+            )
+        }
+        BrokerTarget::External {
+            host,
+            port,
+            tls,
+            user,
+            password,
+        } => {
+            let scheme = if *tls { "mqtts" } else { "mqtt" };
+            (
+                host.clone(),
+                *port,
+                format!("MQTT connected to {scheme}://{host}:{port}"),
+                user.clone()
+                    .map(|u| (u, password.clone().unwrap_or_default())),
+            )
+        }
+    };
+    let client_id = settings
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("fwrepo-{instance_id}"));
+    let mut options = MqttOptions::new(client_id, host, port);
+    options
+        .set_clean_session(false)
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(CLIENT_PACKET_LIMIT, CLIENT_PACKET_LIMIT)
+        .set_inflight(100);
+    if let Some((u, p)) = creds {
+        options.set_credentials(u, p);
+    }
+    let (client, eventloop) = AsyncClient::new(options, 1024);
+    let status = Arc::new(MqttStatus::default());
+    let handle = MqttHandle {
+        client: client.clone(),
+        status: Arc::clone(&status),
+        address_line,
+    };
+    let session = Session {
+        handle: handle.clone(),
+        registry,
+        replies: settings.replies,
+    };
+    tokio::spawn(session.run(eventloop, cancel));
+    Ok(handle)
+}
+
+struct Session {
+    handle: MqttHandle,
+    registry: DeviceRegistry,
+    replies: bool,
+}
+
+impl Session {
+    async fn run(self, mut eventloop: rumqttc::EventLoop, cancel: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let event = tokio::select! {
+                _ = cancel.cancelled() => break,
+                ev = eventloop.poll() => ev,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    backoff = Duration::from_millis(200);
+                    self.handle.status.connected.store(true, Ordering::Relaxed);
+                    tracing::info!("MQTT session up; subscribing");
+                    self.subscribe();
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(&p.topic, &p.payload),
+                Ok(_) => {}
+                Err(e) => {
+                    let status = &self.handle.status;
+                    if status.connected.swap(false, Ordering::Relaxed) {
+                        tracing::warn!(error = %e, "MQTT connection lost; reconnecting");
+                    }
+                    status.connect_errors.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut g) = status.last_error.lock() {
+                        *g = Some(e.to_string());
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+            }
+        }
+        let _ = self.handle.client.try_disconnect();
+    }
+
+    fn subscribe(&self) {
+        for (filters, qos) in [
+            (&topics::QOS1_FILTERS[..], QoS::AtLeastOnce),
+            (&topics::QOS0_FILTERS[..], QoS::AtMostOnce),
+        ] {
+            for f in filters {
+                if let Err(e) = self.handle.client.try_subscribe(*f, qos) {
+                    tracing::error!(filter = f, error = %e, "MQTT subscribe not queued");
+                }
+            }
+        }
+    }
+
+    fn on_publish(&self, topic: &str, payload: &[u8]) {
+        let status = &self.handle.status;
+        status.messages_in.fetch_add(1, Ordering::Relaxed);
+        if payload.len() > MAX_ACCEPTED_PAYLOAD {
+            status.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                topic,
+                bytes = payload.len(),
+                "oversized MQTT payload dropped"
+            );
+            return;
+        }
+        let Some(inbound) = topics::parse(topic) else {
+            status.malformed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(topic, "message on an unexpected topic");
+            return;
+        };
+        let env = match Envelope::parse(payload) {
+            Ok(env) => env,
+            Err(e) => {
+                status.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(topic, error = %e, "malformed MQTT payload");
+                return;
+            }
+        };
+        let dialect = if env.gateway.is_some() {
+            "dji"
+        } else {
+            "autel"
+        };
+        match inbound {
+            Inbound::Status(sn) => {
+                if env.method.as_deref() == Some("update_topo") {
+                    self.registry
+                        .on_topology(&sn, &topology_of(&env.data), dialect);
+                    if self.replies {
+                        self.handle
+                            .publish(topics::status_reply(&sn), wire::reply(&env, "update_topo"));
+                    }
+                } else {
+                    self.registry.on_seen(&sn);
+                }
+            }
+            Inbound::State(sn) => {
+                self.registry
+                    .on_state(&sn, env.gateway.as_deref(), &state_of(&env.data));
+            }
+            Inbound::Osd(sn) => {
+                let mode = int_of(&env.data["mode_code"]).or_else(|| int_of(&env.data["modeCode"]));
+                self.registry.on_osd(&sn, env.gateway.as_deref(), mode);
+            }
+            Inbound::Events(sn) => {
+                self.registry.on_seen(&sn);
+                let method = env.method.clone().unwrap_or_default();
+                let ack = env.need_reply == Some(1)
+                    || (method == "ota_progress" && env.need_reply.is_none());
+                if ack && self.replies {
+                    self.handle
+                        .publish(topics::events_reply(&sn), wire::reply(&env, &method));
+                }
+            }
+            Inbound::ServicesReply(sn) => self.registry.on_seen(&sn),
+        }
+    }
+}
+
+fn model_key_of(v: &Value) -> Option<String> {
+    let domain = int_of(&v["domain"])?;
+    let ty = int_of(&v["type"])?;
+    let sub = int_of(&v["sub_type"]).unwrap_or(0);
+    Some(format!("{domain}-{ty}-{sub}"))
+}
+
+fn topology_of(data: &Value) -> TopologyReport {
+    let version = |v: &Value| str_of(&v["thing_version"]).or_else(|| str_of(&v["version"]));
+    TopologyReport {
+        model_key: model_key_of(data),
+        thing_version: version(data),
+        sub_devices: data["sub_devices"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| {
+                Some(SubDeviceReport {
+                    sn: str_of(&s["sn"])?,
+                    model_key: model_key_of(s),
+                    thing_version: version(s),
+                })
+            })
+            .take(1)
+            .collect(),
+    }
+}
+
+fn state_of(data: &Value) -> StateReport {
+    let pick = |a: &str, b: &str| {
+        let v = &data[a];
+        if v.is_null() { &data[b] } else { v }
+    };
+    StateReport {
+        firmware_version: str_of(pick("firmware_version", "firmwareVersion")),
+        compatible_status: int_of(pick("compatible_status", "compatibleStatus")),
+        firmware_upgrade_status: int_of(pick("firmware_upgrade_status", "firmwareUpgradeStatus")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn topology_both_dialects() {
+        let dji = json!({"domain":"3","type":1,"sub_type":0,"thing_version":"1.1.2",
+            "sub_devices":[{"sn":"AC1","domain":"0","type":67,"sub_type":0,"index":"A"}]});
+        let t = topology_of(&dji);
+        assert_eq!(t.model_key.as_deref(), Some("3-1-0"));
+        assert_eq!(t.sub_devices[0].sn, "AC1");
+        assert_eq!(t.sub_devices[0].model_key.as_deref(), Some("0-67-0"));
+        let autel = json!({"domain":3,"type":1,"sub_type":0,"version":"2.0","sub_devices":[]});
+        let t = topology_of(&autel);
+        assert_eq!(t.thing_version.as_deref(), Some("2.0"));
+        assert!(t.sub_devices.is_empty());
+        let s = state_of(&json!({"firmware_version":"10.01.0205","compatible_status":"1"}));
+        assert_eq!(s.firmware_version.as_deref(), Some("10.01.0205"));
+        assert_eq!(s.compatible_status, Some(1));
+    }
+}

@@ -1,0 +1,94 @@
+//! Topic names of the gateway protocol (protocol.md §2): parsing what arrives, formatting what
+//! fwrepo publishes.
+
+/// What an inbound topic says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// `thing/product/{sn}/osd`.
+    Osd(String),
+    /// `thing/product/{sn}/state`.
+    State(String),
+    /// `thing/product/{sn}/events`.
+    Events(String),
+    /// `thing/product/{sn}/services_reply`.
+    ServicesReply(String),
+    /// `sys/product/{sn}/status`.
+    Status(String),
+}
+
+/// Parses a topic fwrepo subscribes to; `None` for anything else (unexpected levels included).
+pub fn parse(topic: &str) -> Option<Inbound> {
+    let levels: Vec<&str> = topic.split('/').collect();
+    let [root, "product", sn, kind] = levels.as_slice() else {
+        return None;
+    };
+    if sn.is_empty() || sn.len() > 128 {
+        return None;
+    }
+    let sn = sn.to_string();
+    match (*root, *kind) {
+        ("thing", "osd") => Some(Inbound::Osd(sn)),
+        ("thing", "state") => Some(Inbound::State(sn)),
+        ("thing", "events") => Some(Inbound::Events(sn)),
+        ("thing", "services_reply") => Some(Inbound::ServicesReply(sn)),
+        ("sys", "status") => Some(Inbound::Status(sn)),
+        _ => None,
+    }
+}
+
+/// Subscriptions at QoS 1 (contract §5).
+pub const QOS1_FILTERS: [&str; 4] = [
+    "thing/product/+/services_reply",
+    "thing/product/+/events",
+    "thing/product/+/state",
+    "sys/product/+/status",
+];
+
+/// Subscription at QoS 0 (high volume).
+pub const QOS0_FILTERS: [&str; 1] = ["thing/product/+/osd"];
+
+/// `thing/product/{gateway_sn}/services`.
+pub fn services(gateway_sn: &str) -> String {
+    format!("thing/product/{gateway_sn}/services")
+}
+
+/// `thing/product/{gateway_sn}/events_reply`.
+pub fn events_reply(gateway_sn: &str) -> String {
+    format!("thing/product/{gateway_sn}/events_reply")
+}
+
+/// `sys/product/{gateway_sn}/status_reply`.
+pub fn status_reply(gateway_sn: &str) -> String {
+    format!("sys/product/{gateway_sn}/status_reply")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_known_topics_only() {
+        assert_eq!(
+            parse("thing/product/DOCK1/osd"),
+            Some(Inbound::Osd("DOCK1".into()))
+        );
+        assert_eq!(
+            parse("sys/product/D/status"),
+            Some(Inbound::Status("D".into()))
+        );
+        assert_eq!(
+            parse("thing/product/D/services_reply"),
+            Some(Inbound::ServicesReply("D".into()))
+        );
+        for bad in [
+            "thing/product/D",
+            "thing/product/D/osd/x",
+            "thing/product//osd",
+            "x/product/D/osd",
+            "thing/product/D/services",
+        ] {
+            assert_eq!(parse(bad), None, "{bad}");
+        }
+        assert_eq!(services("D"), "thing/product/D/services");
+    }
+}

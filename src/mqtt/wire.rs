@@ -1,0 +1,128 @@
+//! The JSON envelope of the gateway protocol (protocol.md §1), parsed leniently: `timestamp`
+//! and `need_reply` as int or numeric string, unknown fields ignored, `""` as absent. Replies
+//! are built here with fwrepo's own millisecond timestamp.
+
+use serde::{Deserialize, Deserializer};
+use serde_json::{Value, json};
+
+/// Why a payload was not understood.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// Not JSON, or not an object.
+    #[error("payload is not a JSON object: {0}")]
+    NotJson(String),
+}
+
+fn lenient_int<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    })
+}
+
+fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) if !s.is_empty() => Some(s),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    })
+}
+
+/// The common envelope of every message.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct Envelope {
+    /// Transaction id.
+    #[serde(default, deserialize_with = "non_empty")]
+    pub tid: Option<String>,
+    /// Business id.
+    #[serde(default, deserialize_with = "non_empty")]
+    pub bid: Option<String>,
+    /// Sender's time in ms.
+    #[serde(default, deserialize_with = "lenient_int")]
+    pub timestamp: Option<i64>,
+    /// Method.
+    #[serde(default, deserialize_with = "non_empty")]
+    pub method: Option<String>,
+    /// Gateway SN (DJI dialect).
+    #[serde(default, deserialize_with = "non_empty")]
+    pub gateway: Option<String>,
+    /// 1 = the cloud must answer.
+    #[serde(default, deserialize_with = "lenient_int")]
+    pub need_reply: Option<i64>,
+    /// Payload.
+    #[serde(default)]
+    pub data: Value,
+}
+
+impl Envelope {
+    /// Parses a payload.
+    pub fn parse(payload: &[u8]) -> Result<Envelope, WireError> {
+        let value: Value =
+            serde_json::from_slice(payload).map_err(|e| WireError::NotJson(e.to_string()))?;
+        if !value.is_object() {
+            return Err(WireError::NotJson("not an object".into()));
+        }
+        serde_json::from_value(value).map_err(|e| WireError::NotJson(e.to_string()))
+    }
+}
+
+/// Milliseconds since the epoch, now.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// A `*_reply` echoing tid and bid with `data.result` 0.
+pub fn reply(env: &Envelope, method: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "tid": env.tid,
+        "bid": env.bid,
+        "timestamp": now_ms(),
+        "method": method,
+        "data": {"result": 0},
+    }))
+    .unwrap_or_default()
+}
+
+/// Reads an int-like JSON value (number or numeric string).
+pub fn int_of(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// Reads a non-empty string (numbers rendered as text).
+pub fn str_of(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lenient_envelope() {
+        let e = Envelope::parse(br#"{"tid":"t","bid":"","timestamp":"1707048089244","method":"ota_progress","need_reply":1,"data":{}}"#).unwrap();
+        assert_eq!(e.timestamp, Some(1_707_048_089_244));
+        assert_eq!(e.bid, None);
+        assert_eq!(e.need_reply, Some(1));
+        assert!(Envelope::parse(b"not json").is_err());
+        assert!(Envelope::parse(b"[1]").is_err());
+        assert!(
+            Envelope::parse(br#"{"timestamp":{}}"#)
+                .unwrap()
+                .timestamp
+                .is_none()
+        );
+        let r: Value = serde_json::from_slice(&reply(&e, "ota_progress")).unwrap();
+        assert_eq!(r["tid"], "t");
+        assert_eq!(r["data"]["result"], 0);
+        assert!(r["timestamp"].is_i64());
+    }
+}

@@ -1,0 +1,204 @@
+//! The device registry over MQTT: topology, state and osd in both dialects, replies, bad
+//! messages counted, and the devices API.
+
+use std::time::Duration;
+
+use rumqttc::QoS;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+fn sn(prefix: &str) -> String {
+    format!("{prefix}{}", &fwrepo::domain::ids::next()[16..])
+}
+
+#[tokio::test]
+async fn devices_are_learned_from_topology_state_and_osd() {
+    let app = spawn_with(|s| {
+        s.models = fwrepo::devices::ModelMap::from_table(Some(
+            &toml::from_str("\"3-1-0\" = \"Dock\"\n\"0-67-0\" = [\"M30\", \"m30t\"]\n").unwrap(),
+        ))
+        .unwrap();
+    })
+    .await;
+    let (dock, aircraft) = (sn("DOCK"), sn("AC"));
+    let (client, mut inbox) = mqtt_client(&app.mqtt_addr(), "devices").await;
+    client
+        .subscribe(format!("sys/product/{dock}/status_reply"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client
+        .subscribe(
+            format!("thing/product/{dock}/events_reply"),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let topo = json!({"tid":"t1","bid":"b1","timestamp":1,"method":"update_topo","gateway":dock,
+        "data":{"domain":"3","type":1,"sub_type":0,"thing_version":"1.1.2",
+            "sub_devices":[{"sn":aircraft,"domain":"0","type":67,"sub_type":0,"index":"A"}]}});
+    client
+        .publish(
+            format!("sys/product/{dock}/status"),
+            QoS::AtLeastOnce,
+            false,
+            topo.to_string(),
+        )
+        .await
+        .unwrap();
+    let state = json!({"tid":"t2","bid":"b2","timestamp":"2","gateway":dock,
+        "data":{"firmware_version":"10.01.0205","compatible_status":1,"firmware_upgrade_status":0}});
+    client
+        .publish(
+            format!("thing/product/{aircraft}/state"),
+            QoS::AtLeastOnce,
+            false,
+            state.to_string(),
+        )
+        .await
+        .unwrap();
+    let osd = json!({"tid":"t3","bid":"b3","timestamp":3,"data":{"mode_code":0}});
+    client
+        .publish(
+            format!("thing/product/{dock}/osd"),
+            QoS::AtMostOnce,
+            false,
+            osd.to_string(),
+        )
+        .await
+        .unwrap();
+    let event =
+        json!({"tid":"t4","bid":"b4","timestamp":4,"method":"hms","need_reply":1,"data":{}});
+    client
+        .publish(
+            format!("thing/product/{dock}/events"),
+            QoS::AtLeastOnce,
+            false,
+            event.to_string(),
+        )
+        .await
+        .unwrap();
+    // Bad input: counted, never fatal.
+    for (topic, payload) in [
+        (
+            format!("thing/product/{dock}/state"),
+            "not json".to_string(),
+        ),
+        (format!("thing/product/{dock}/osd/extra"), "{}".to_string()),
+    ] {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+            .unwrap();
+    }
+
+    let ok = wait_until(Duration::from_secs(10), || async {
+        let (_, d) = app.get_json(&format!("/api/v1/devices/{aircraft}")).await;
+        d["firmware_version"] == "10.01.0205"
+    })
+    .await;
+    assert!(ok);
+    let (_, d) = app.get_json(&format!("/api/v1/devices/{aircraft}")).await;
+    assert_eq!(d["gateway_sn"], dock.as_str());
+    assert_eq!(d["model_key"], "0-67-0");
+    assert_eq!(d["model"], "M30");
+    assert_eq!(d["compatible_status"], 1);
+    assert_eq!(d["online"], true);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/devices/{dock}")).await.1["mode_code"] == 0
+        })
+        .await
+    );
+    let (_, g) = app.get_json(&format!("/api/v1/devices/{dock}")).await;
+    assert_eq!(g["child_sn"], aircraft.as_str());
+    assert_eq!(g["model"], "Dock");
+    assert_eq!(g["dialect"], "dji");
+    // Replies: status_reply to update_topo, events_reply to need_reply = 1.
+    let mut replies: Vec<(String, Value)> = Vec::new();
+    while replies.len() < 2 {
+        let (topic, payload) = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        replies.push((topic, serde_json::from_slice(&payload).unwrap()));
+    }
+    let status = replies
+        .iter()
+        .find(|(t, _)| t.ends_with("status_reply"))
+        .unwrap();
+    assert_eq!(status.1["tid"], "t1");
+    assert_eq!(status.1["method"], "update_topo");
+    assert_eq!(status.1["data"]["result"], 0);
+    let ev = replies
+        .iter()
+        .find(|(t, _)| t.ends_with("events_reply"))
+        .unwrap();
+    assert_eq!(ev.1["bid"], "b4");
+    // Lists and filters.
+    let (_, list) = app
+        .get_json(&format!("/api/v1/devices?gateway_sn={dock}"))
+        .await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 2);
+    let (_, list) = app
+        .get_json("/api/v1/devices?model=m30&version=10.1.2.5")
+        .await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("fwrepo_mqtt_connected 1"));
+    assert!(!text.contains("fwrepo_mqtt_malformed_total 0"), "{text}");
+    let (_, ready) = app.get_json("/readyz").await;
+    assert_eq!(ready["mqtt"], "connected");
+}
+
+#[tokio::test]
+async fn devices_api_put_get_delete() {
+    let app = spawn_app().await;
+    let dock = sn("DOCK");
+    let aircraft = sn("AC");
+    let resp = app
+        .client
+        .put(app.url(&format!("/api/v1/devices/{aircraft}")))
+        .json(&json!({"model": "M3D", "gateway_sn": dock}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let d: Value = resp.json().await.unwrap();
+    assert_eq!(d["model"], "M3D");
+    assert_eq!(d["online"], false);
+    let (_, g) = app.get_json(&format!("/api/v1/devices/{dock}")).await;
+    assert_eq!(g["child_sn"], aircraft.as_str());
+    let resp = app
+        .client
+        .put(app.url(&format!("/api/v1/devices/{aircraft}")))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap()["error"],
+        "invalid_request"
+    );
+    let (status, _) = app
+        .delete_json(&format!("/api/v1/devices/{aircraft}"))
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = app.get_json(&format!("/api/v1/devices/{aircraft}")).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+    let (status, _) = app
+        .delete_json(&format!("/api/v1/devices/{aircraft}"))
+        .await;
+    assert_eq!(status, 404);
+}
