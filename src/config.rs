@@ -91,40 +91,40 @@ pub struct ServeOptions {
     /// Log format on stderr: text or json [default: text].
     #[arg(long, env = "FWREPO_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
-    /// External MQTT broker, mqtt://host:port or mqtts://… (MQTT issue; not yet effective).
+    /// External MQTT broker, mqtt://[user:pass@]host:port [default: the embedded broker].
     #[arg(long, env = "FWREPO_MQTT_URL")]
     pub mqtt_url: Option<String>,
-    /// Embedded broker listen address (MQTT issue; not yet effective) [default: 127.0.0.1:1883].
+    /// Embedded broker listen address; port 0 picks one [default: 127.0.0.1:1883].
     #[arg(long, env = "FWREPO_MQTT_LISTEN")]
     pub mqtt_listen: Option<SocketAddr>,
-    /// MQTT client id (MQTT issue; not yet effective) [default: fwrepo-<instance id>].
+    /// MQTT client id [default: fwrepo-<instance id kept in the data dir>].
     #[arg(long, env = "FWREPO_MQTT_CLIENT_ID")]
     pub mqtt_client_id: Option<String>,
-    /// MQTT user name (MQTT issue; not yet effective).
+    /// MQTT user name for the external broker.
     #[arg(long, env = "FWREPO_MQTT_USER")]
     pub mqtt_user: Option<String>,
-    /// MQTT password (MQTT issue; not yet effective).
+    /// MQTT password for the external broker.
     #[arg(long, env = "FWREPO_MQTT_PASSWORD")]
     pub mqtt_password: Option<String>,
-    /// Reply to device events: all or none (MQTT issue; not yet effective) [default: all].
+    /// Reply to update_topo and events: all or none [default: all].
     #[arg(long, env = "FWREPO_MQTT_REPLIES")]
     pub mqtt_replies: Option<String>,
-    /// Seconds after the last message a device counts as online (MQTT issue) [default: 60].
+    /// Seconds after the last message a device counts as online [default: 60].
     #[arg(long, env = "FWREPO_ONLINE_WINDOW")]
     pub online_window: Option<u64>,
-    /// Seconds after `ok` to verify the reported version (MQTT issue) [default: 900].
+    /// Seconds after `ok` to verify the reported version (OTA tasks; not yet effective) [default: 900].
     #[arg(long, env = "FWREPO_VERIFY_WINDOW")]
     pub verify_window: Option<u64>,
-    /// Preflight mode normal|strict|off (MQTT issue; not yet effective) [default: normal].
+    /// Preflight mode normal|strict|off (OTA tasks; not yet effective) [default: normal].
     #[arg(long, env = "FWREPO_PREFLIGHT")]
     pub preflight: Option<String>,
-    /// Seconds to wait for services_reply (MQTT issue; not yet effective) [default: 30].
+    /// Seconds to wait for services_reply (OTA tasks; not yet effective) [default: 30].
     #[arg(long, env = "FWREPO_OTA_REPLY_TIMEOUT")]
     pub ota_reply_timeout: Option<u64>,
-    /// Seconds without ota_progress before a task times out (MQTT issue) [default: 1800].
+    /// Seconds without ota_progress before a task times out (OTA tasks; not yet effective) [default: 1800].
     #[arg(long, env = "FWREPO_OTA_PROGRESS_TIMEOUT")]
     pub ota_progress_timeout: Option<u64>,
-    /// Model key → firmware model table (TOML only; MQTT issue).
+    /// Model key → firmware model table (TOML only).
     #[arg(skip)]
     pub models: Option<toml::Table>,
 }

@@ -7,6 +7,7 @@ mod devices;
 mod downloads;
 mod helpers;
 mod lifecycle;
+mod mqtt_external;
 mod ops;
 mod restart;
 mod s3;
