@@ -255,6 +255,8 @@ pub struct Settings {
     pub online_window_secs: u64,
     /// Model key → firmware model table.
     pub models: crate::devices::ModelMap,
+    /// OTA timeouts and preflight mode.
+    pub ota: crate::ota::OtaSettings,
 }
 
 impl Default for Settings {
@@ -287,6 +289,13 @@ impl Default for Settings {
             },
             online_window_secs: 60,
             models: crate::devices::ModelMap::default(),
+            ota: crate::ota::OtaSettings {
+                reply_timeout: std::time::Duration::from_secs(30),
+                progress_timeout: std::time::Duration::from_secs(1800),
+                verify_window: std::time::Duration::from_secs(900),
+                preflight: "normal".into(),
+                online_window: std::time::Duration::from_secs(60),
+            },
         }
     }
 }
@@ -374,6 +383,27 @@ impl Settings {
                 replies: o.mqtt_replies.as_deref() != Some("none"),
             },
             online_window_secs: positive("online_window", o.online_window, d.online_window_secs)?,
+            ota: crate::ota::OtaSettings {
+                reply_timeout: std::time::Duration::from_secs(positive(
+                    "ota_reply_timeout",
+                    o.ota_reply_timeout,
+                    30,
+                )?),
+                progress_timeout: std::time::Duration::from_secs(positive(
+                    "ota_progress_timeout",
+                    o.ota_progress_timeout,
+                    1800,
+                )?),
+                verify_window: std::time::Duration::from_secs(positive(
+                    "verify_window",
+                    o.verify_window,
+                    900,
+                )?),
+                preflight: o.preflight.clone().unwrap_or_else(|| "normal".into()),
+                online_window: std::time::Duration::from_secs(
+                    o.online_window.unwrap_or(d.online_window_secs),
+                ),
+            },
             models,
             data_dir,
         })

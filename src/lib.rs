@@ -23,6 +23,7 @@ pub mod firmware;
 pub mod http;
 pub mod metrics;
 pub mod mqtt;
+pub mod ota;
 pub mod progress;
 pub mod startup;
 pub mod telemetry;

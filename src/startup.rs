@@ -104,12 +104,23 @@ impl Application {
             Duration::from_secs(settings.online_window_secs),
         )?;
         let instance_id = catalog.instance_id()?;
+        let (ota_tx, ota_rx) = tokio::sync::mpsc::channel(4096);
         let mqtt = crate::mqtt::start(
             &settings.mqtt,
             &instance_id,
             devices.clone(),
+            ota_tx,
             workers.clone(),
         )?;
+
+        let ota = crate::ota::OtaService::load(
+            catalog.clone(),
+            devices.clone(),
+            Arc::new(mqtt.clone()),
+            AppState::base_url(&public_url),
+            settings.ota.clone(),
+        )?;
+        tokio::spawn(ota.clone().run(ota_rx, workers.clone()));
 
         let metrics = Arc::new(Metrics::default());
         let budget = ReadBudget::new(settings.download_buffer_mb << 20);
@@ -137,6 +148,7 @@ impl Application {
             metrics,
             devices,
             mqtt,
+            ota,
             catalog,
             blobs,
             settings: Arc::new(settings.clone()),

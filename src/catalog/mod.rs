@@ -109,6 +109,8 @@ pub struct Catalog {
     uploads: sled::Tree,
     sessions: sled::Tree,
     devices: sled::Tree,
+    tasks: sled::Tree,
+    idempotency: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -160,6 +162,8 @@ impl Catalog {
             uploads: db.open_tree("uploads")?,
             sessions: db.open_tree("download_sessions")?,
             devices: db.open_tree("devices")?,
+            tasks: db.open_tree("ota_tasks")?,
+            idempotency: db.open_tree("idempotency")?,
             meta: db.open_tree("meta")?,
             db,
         })
@@ -429,6 +433,86 @@ impl Catalog {
                 decode(&k, &v)
             })
             .collect()
+    }
+}
+
+impl Catalog {
+    /// Stores an OTA task.
+    pub fn put_task<T: serde::Serialize>(&self, id: &str, task: &T) -> Result<(), CatalogError> {
+        self.tasks.insert(id.as_bytes(), encode(task))?;
+        Ok(())
+    }
+
+    /// Removes an OTA task (one whose publish failed).
+    pub fn delete_task(&self, id: &str) -> Result<(), CatalogError> {
+        self.tasks.remove(id.as_bytes())?;
+        Ok(())
+    }
+
+    /// One OTA task.
+    pub fn task<T: serde::de::DeserializeOwned>(
+        &self,
+        id: &str,
+    ) -> Result<Option<T>, CatalogError> {
+        self.tasks
+            .get(id.as_bytes())?
+            .map(|v| decode(id.as_bytes(), &v))
+            .transpose()
+    }
+
+    /// Every OTA task.
+    pub fn all_tasks<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>, CatalogError> {
+        self.tasks
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Newest-first page of OTA tasks.
+    pub fn list_tasks<T: serde::de::DeserializeOwned>(
+        &self,
+        page: &PageRequest,
+        filter: impl Fn(&T) -> bool,
+    ) -> Result<Page<T>, CatalogError> {
+        page_desc(&self.tasks, page, filter)
+    }
+
+    /// The stored answer of an Idempotency-Key seen within 24 h: (body hash, status, answer).
+    pub fn idempotent(
+        &self,
+        key: &str,
+    ) -> Result<Option<(String, u16, serde_json::Value)>, CatalogError> {
+        let Some(v) = self.idempotency.get(key.as_bytes())? else {
+            return Ok(None);
+        };
+        let rec: serde_json::Value = decode(key.as_bytes(), &v)?;
+        let at = rec["at"].as_i64().unwrap_or(0);
+        if chrono::Utc::now().timestamp() - at > 86_400 {
+            self.idempotency.remove(key.as_bytes())?;
+            return Ok(None);
+        }
+        Ok(Some((
+            rec["hash"].as_str().unwrap_or_default().to_string(),
+            rec["status"].as_u64().unwrap_or(200) as u16,
+            rec["answer"].clone(),
+        )))
+    }
+
+    /// Remembers the answer to an Idempotency-Key.
+    pub fn put_idempotent(
+        &self,
+        key: &str,
+        hash: &str,
+        status: u16,
+        answer: &serde_json::Value,
+    ) -> Result<(), CatalogError> {
+        let rec = serde_json::json!({"hash": hash, "status": status, "answer": answer,
+            "at": chrono::Utc::now().timestamp()});
+        self.idempotency.insert(key.as_bytes(), encode(&rec))?;
+        Ok(())
     }
 }
 

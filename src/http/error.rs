@@ -22,6 +22,12 @@ pub struct ErrorBody {
     /// Related record, where there is one (e.g. the existing firmware of a conflict).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub firmware_id: Option<String>,
+    /// The open task that blocks the request (`gateway_busy`, `device_busy`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<String>,
+    /// The preflight check that failed (`preflight_failed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<String>,
 }
 
 /// An error answer.
@@ -30,9 +36,17 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
-    firmware_id: Option<String>,
+    detail: Option<Box<Detail>>,
     unsatisfiable_len: Option<u64>,
     retry_after: Option<u64>,
+}
+
+/// Context some errors carry in their body.
+#[derive(Debug, Default)]
+struct Detail {
+    firmware_id: Option<String>,
+    task_id: Option<String>,
+    check: Option<String>,
 }
 
 impl std::fmt::Display for ApiError {
@@ -54,7 +68,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
-            firmware_id: None,
+            detail: None,
             unsatisfiable_len: None,
             retry_after: None,
         }
@@ -100,6 +114,10 @@ impl ApiError {
         )
     }
 
+    fn detail_mut(&mut self) -> &mut Detail {
+        self.detail.get_or_insert_with(Box::default)
+    }
+
     /// The stable code.
     pub fn code(&self) -> &'static str {
         self.code
@@ -123,7 +141,9 @@ impl ResponseError for ApiError {
         resp.json(ErrorBody {
             error: self.code.to_string(),
             message: self.message.clone(),
-            firmware_id: self.firmware_id.clone(),
+            firmware_id: self.detail.as_ref().and_then(|d| d.firmware_id.clone()),
+            task_id: self.detail.as_ref().and_then(|d| d.task_id.clone()),
+            check: self.detail.as_ref().and_then(|d| d.check.clone()),
         })
     }
 }
@@ -171,7 +191,7 @@ impl From<UploadError> for ApiError {
             }
             U::VersionConflict { existing, .. } => {
                 let mut a = ApiError::new(StatusCode::CONFLICT, "version_conflict", msg);
-                a.firmware_id = Some(existing.to_string());
+                a.detail_mut().firmware_id = Some(existing.to_string());
                 a
             }
             U::Blob(b) => ApiError::internal(StatusCode::BAD_GATEWAY, "blob_store_error", &b),
@@ -236,5 +256,50 @@ pub fn for_status(status: StatusCode) -> ApiError {
             "internal_error",
             "the server failed to complete the request",
         ),
+    }
+}
+
+impl From<crate::ota::OtaError> for ApiError {
+    fn from(e: crate::ota::OtaError) -> Self {
+        use crate::ota::OtaError as O;
+        let msg = e.to_string();
+        match e {
+            O::NotFound(_) => ApiError::not_found(msg),
+            O::Validation(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", msg)
+            }
+            O::Invalid(_) => ApiError::invalid_request(msg),
+            O::ModelMismatch(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "model_mismatch", msg)
+            }
+            O::DowngradeRefused(_) => ApiError::new(StatusCode::CONFLICT, "downgrade_refused", msg),
+            O::AlreadyUpToDate => ApiError::new(StatusCode::CONFLICT, "already_up_to_date", msg),
+            O::GatewayBusy(t) => {
+                let mut a = ApiError::new(StatusCode::CONFLICT, "gateway_busy", msg);
+                a.detail_mut().task_id = Some(t);
+                a
+            }
+            O::DeviceBusy(t) => {
+                let mut a = ApiError::new(StatusCode::CONFLICT, "device_busy", msg);
+                a.detail_mut().task_id = Some(t);
+                a
+            }
+            O::Preflight { check, .. } => {
+                let mut a = ApiError::new(StatusCode::CONFLICT, "preflight_failed", msg);
+                a.detail_mut().check = Some(check.to_string());
+                a
+            }
+            O::BrokerUnavailable => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "broker_unavailable", msg)
+            }
+            O::FirmwareDeleted(_) => ApiError::new(StatusCode::GONE, "firmware_deleted", msg),
+            O::FirmwareCorrupt(_) => ApiError::new(StatusCode::CONFLICT, "firmware_corrupt", msg),
+            O::IdempotencyReused => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                msg,
+            ),
+            O::Catalog(c) => c.into(),
+        }
     }
 }

@@ -10,6 +10,7 @@ mod files;
 mod firmware;
 pub mod openapi;
 mod ops;
+mod ota;
 mod upload_body;
 
 use std::net::IpAddr;
@@ -59,6 +60,8 @@ pub struct AppState {
     pub devices: crate::devices::DeviceRegistry,
     /// The MQTT session.
     pub mqtt: crate::mqtt::MqttHandle,
+    /// OTA tasks.
+    pub ota: crate::ota::OtaService,
 }
 
 impl AppState {
@@ -120,6 +123,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .configure(firmware::routes)
         .configure(downloads::routes)
         .configure(devices::routes)
+        .configure(ota::routes)
         .configure(files::routes);
 }
 

@@ -17,6 +17,11 @@ use utoipa::OpenApi;
         super::downloads::list,
         super::downloads::for_firmware,
         super::files::file,
+        super::ota::create,
+        super::ota::list,
+        super::ota::get,
+        super::ota::events,
+        super::ota::download,
         super::devices::list,
         super::devices::get,
         super::devices::put,
@@ -29,6 +34,7 @@ use utoipa::OpenApi;
     tags(
         (name = "firmware", description = "Release engineers: upload and manage packages"),
         (name = "downloads", description = "Gateways: package downloads and their progress"),
+        (name = "ota", description = "Operators: upgrade a dock and its aircraft over MQTT"),
         (name = "devices", description = "Docks and aircraft learned over MQTT or declared"),
         (name = "operations", description = "Health, readiness, metrics"),
     )

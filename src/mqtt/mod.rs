@@ -16,6 +16,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::devices::{DeviceRegistry, StateReport, SubDeviceReport, TopologyReport};
+use crate::ota::OtaMessage;
 use topics::Inbound;
 use wire::{Envelope, int_of, str_of};
 
@@ -148,6 +149,16 @@ pub struct MqttHandle {
     pub address_line: String,
 }
 
+impl crate::ota::Publisher for MqttHandle {
+    fn connected(&self) -> bool {
+        self.status.connected.load(Ordering::Relaxed)
+    }
+
+    fn publish(&self, topic: String, payload: Vec<u8>) -> bool {
+        MqttHandle::publish(self, topic, payload)
+    }
+}
+
 impl MqttHandle {
     /// Queues a QoS 1, non-retained publish without waiting. False when it could not be queued.
     pub fn publish(&self, topic: String, payload: Vec<u8>) -> bool {
@@ -181,6 +192,7 @@ pub fn start(
     settings: &MqttSettings,
     instance_id: &str,
     registry: DeviceRegistry,
+    ota: tokio::sync::mpsc::Sender<OtaMessage>,
     cancel: CancellationToken,
 ) -> Result<MqttHandle, MqttError> {
     let (host, port, address_line, creds) = match &settings.target {
@@ -233,6 +245,7 @@ pub fn start(
     let session = Session {
         handle: handle.clone(),
         registry,
+        ota,
         replies: settings.replies,
     };
     tokio::spawn(session.run(eventloop, cancel));
@@ -242,6 +255,7 @@ pub fn start(
 struct Session {
     handle: MqttHandle,
     registry: DeviceRegistry,
+    ota: tokio::sync::mpsc::Sender<OtaMessage>,
     replies: bool,
 }
 
@@ -355,8 +369,35 @@ impl Session {
                     self.handle
                         .publish(topics::events_reply(&sn), wire::reply(&env, &method));
                 }
+                if method == "ota_progress" {
+                    self.forward(false, sn, env, payload);
+                }
             }
-            Inbound::ServicesReply(sn) => self.registry.on_seen(&sn),
+            Inbound::ServicesReply(sn) => {
+                self.registry.on_seen(&sn);
+                if env.method.as_deref().is_none_or(|m| m == "ota_create") {
+                    self.forward(true, sn, env, payload);
+                }
+            }
+        }
+    }
+}
+
+impl Session {
+    fn forward(&self, is_reply: bool, topic_sn: String, env: Envelope, payload: &[u8]) {
+        let raw = serde_json::from_slice(payload).unwrap_or(Value::Null);
+        let msg = OtaMessage {
+            is_reply,
+            topic_sn,
+            tid: env.tid,
+            bid: env.bid,
+            method: env.method,
+            data: env.data,
+            raw,
+        };
+        if self.ota.try_send(msg).is_err() {
+            self.handle.status.dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("OTA message queue full; message dropped");
         }
     }
 }

@@ -9,6 +9,7 @@ mod helpers;
 mod lifecycle;
 mod mqtt_external;
 mod ops;
+mod ota;
 mod restart;
 mod s3;
 mod upload;

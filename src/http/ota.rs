@@ -1,0 +1,190 @@
+//! `/api/v1/ota`: create OTA tasks, read them, follow them live (SSE); `/dl/…`: each device's
+//! own download URL.
+
+use actix_web::http::Method;
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::error::ErrorBody;
+use super::{ApiError, AppState, PageQuery};
+use crate::download::DownloadRequest;
+use crate::download::range::Conditions;
+use crate::ota::{Created, OtaRequest, OtaTask, TaskStatus};
+
+pub(super) fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/v1/ota")
+            .route(web::post().to(create))
+            .route(web::get().to(list)),
+    )
+    .route("/api/v1/ota/{id}", web::get().to(get))
+    .route("/api/v1/ota/{id}/events", web::get().to(events))
+    .route("/dl/{task_id}/{sn}/{file_name}", web::get().to(download))
+    .route("/dl/{task_id}/{sn}/{file_name}", web::head().to(download));
+}
+
+fn session_of(state: &AppState) -> impl Fn(&str, &str) -> Option<Value> + '_ {
+    move |task_id, sn| {
+        let page = state
+            .tracker
+            .list(&crate::catalog::PageRequest::default(), |s| {
+                s.task_id.as_deref() == Some(task_id) && s.sn.as_deref() == Some(sn)
+            })
+            .ok()?;
+        page.items
+            .into_iter()
+            .next()
+            .and_then(|s| serde_json::to_value(s).ok())
+    }
+}
+
+/// Create an OTA task: one `ota_create` to the gateway for 1–2 devices.
+#[utoipa::path(post, path = "/api/v1/ota", tag = "ota", request_body = OtaRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Same key and body within 24 h: the original answer")),
+    responses(
+        (status = 202, description = "Stored and published", body = OtaTask),
+        (status = 200, description = "dry_run: what would be sent and why"),
+        (status = 400, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 409, description = "gateway_busy, device_busy, already_up_to_date, preflight_failed, downgrade_refused, firmware_corrupt", body = ErrorBody),
+        (status = 410, description = "firmware_deleted", body = ErrorBody),
+        (status = 422, description = "validation_failed, model_mismatch, idempotency_key_reused", body = ErrorBody),
+        (status = 503, description = "broker_unavailable", body = ErrorBody)))]
+pub(super) async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Json<OtaRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let key = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    Ok(match state.ota.create(body.into_inner(), key).await? {
+        Created::Task(t) => HttpResponse::Accepted().json(t),
+        Created::DryRun(v) => HttpResponse::Ok().json(v),
+        Created::Replay(status, v) => HttpResponse::build(
+            actix_web::http::StatusCode::from_u16(status)
+                .unwrap_or(actix_web::http::StatusCode::OK),
+        )
+        .json(v),
+    })
+}
+
+/// Filters of the task list.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(super) struct TaskQuery {
+    /// Tasks of this gateway.
+    gateway_sn: Option<String>,
+    /// Tasks in this status.
+    #[param(value_type = Option<String>)]
+    status: Option<TaskStatus>,
+}
+
+/// OTA tasks, newest first.
+#[utoipa::path(get, path = "/api/v1/ota", tag = "ota", params(TaskQuery, PageQuery),
+    responses((status = 200, description = "{items, next_cursor}"), (status = 400, body = ErrorBody)))]
+pub(super) async fn list(
+    state: web::Data<AppState>,
+    q: web::Query<TaskQuery>,
+    page: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let p = state
+        .ota
+        .list(q.gateway_sn.as_deref(), q.status, &page.to_request())?;
+    Ok(
+        HttpResponse::Ok()
+            .json(serde_json::json!({"items": p.items, "next_cursor": p.next_cursor})),
+    )
+}
+
+/// One task, with each device's download session.
+#[utoipa::path(get, path = "/api/v1/ota/{id}", tag = "ota",
+    responses((status = 200, body = OtaTask), (status = 404, body = ErrorBody)))]
+pub(super) async fn get(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(state.ota.get(&id, session_of(&state))?))
+}
+
+fn sse(task: &OtaTask) -> Bytes {
+    let data = serde_json::to_string(task).unwrap_or_default();
+    Bytes::from(format!("event: task\ndata: {data}\n\n"))
+}
+
+/// Server-Sent Events: the task now, then each change, until it is final and every device's
+/// outcome is settled.
+#[utoipa::path(get, path = "/api/v1/ota/{id}/events", tag = "ota",
+    responses((status = 200, description = "text/event-stream of task snapshots", content_type = "text/event-stream"),
+        (status = 404, body = ErrorBody)))]
+pub(super) async fn events(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let rx = state.ota.subscribe();
+    let first = state.ota.get(&id, session_of(&state))?;
+    let done = first.settled();
+    let head = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(sse(&first)) });
+    let rest = futures::stream::unfold((rx, done, id), |(mut rx, done, id)| async move {
+        if done {
+            return None;
+        }
+        loop {
+            match rx.recv().await {
+                Ok(t) if t.id == id => {
+                    let settled = t.settled();
+                    return Some((Ok(sse(&t)), (rx, settled, id)));
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    });
+    use futures::StreamExt;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .streaming(head.chain(rest)))
+}
+
+/// A device's own download URL: the same bytes as `/files/`, counted as this device's session.
+#[utoipa::path(get, path = "/dl/{task_id}/{sn}/{file_name}", tag = "downloads",
+    params(("task_id" = String, Path, description = "OTA task"), ("sn" = String, Path, description = "Device"), ("file_name" = String, Path, description = "Package file name")),
+    responses((status = 200, description = "The package"), (status = 206, description = "Ranges"),
+        (status = 404, body = ErrorBody), (status = 416, body = ErrorBody)))]
+pub(super) async fn download(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (task_id, sn, file_name) = path.into_inner();
+    let (firmware_id, name) = state
+        .ota
+        .download_target(&task_id, &sn)
+        .ok_or_else(|| ApiError::not_found("no such task download"))?;
+    if name != file_name {
+        return Err(ApiError::not_found("no such file"));
+    }
+    let h = |n: header::HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok());
+    let served = state
+        .downloads
+        .serve(DownloadRequest {
+            firmware_id: &firmware_id,
+            file_name: &file_name,
+            is_get: req.method() == Method::GET,
+            conditions: Conditions {
+                range: h(header::RANGE),
+                if_range: h(header::IF_RANGE),
+                if_none_match: h(header::IF_NONE_MATCH),
+                if_modified_since: h(header::IF_MODIFIED_SINCE),
+            },
+            client: state.client_info(&req),
+            task: Some((task_id, sn)),
+        })
+        .await?;
+    super::files::respond(served)
+}

@@ -1,0 +1,871 @@
+//! OTA tasks (contract §5): validate a request, choose each device's upgrade type by policy,
+//! run the preflight checks, store the task (flushed to disk) and publish one `ota_create`;
+//! then follow `services_reply` (by tid) and `ota_progress` (by bid, else the gateway's single
+//! open task) to a final state, time out what goes silent, and verify each device by its next
+//! reports. Free of MQTT and HTTP types: messages arrive as [`OtaMessage`], publishing goes
+//! through the [`Publisher`] trait.
+
+pub mod policy;
+pub mod task;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::Digest;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use crate::catalog::{Catalog, CatalogError, FirmwareRecord, FirmwareStatus, Page, PageRequest};
+use crate::devices::DeviceRegistry;
+use crate::domain::{FileName, FirmwareId, ProductVersion};
+use policy::{Decision, DeviceFacts};
+pub use task::{OtaTask, Outcome, Progress, TaskDevice, TaskStatus};
+
+/// Errors of the OTA layer.
+#[derive(Debug, thiserror::Error)]
+pub enum OtaError {
+    /// Unknown task, firmware or device.
+    #[error("{0}")]
+    NotFound(String),
+    /// Well-formed but invalid.
+    #[error("{0}")]
+    Validation(String),
+    /// Malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// Firmware model does not fit the device.
+    #[error("{0}")]
+    ModelMismatch(String),
+    /// Target older than the running version.
+    #[error("{0}")]
+    DowngradeRefused(String),
+    /// Every device already runs the target.
+    #[error("every requested device already runs the target")]
+    AlreadyUpToDate,
+    /// The gateway has an open task.
+    #[error("gateway has an open task {0}")]
+    GatewayBusy(String),
+    /// A device has an open task.
+    #[error("device has an open task {0}")]
+    DeviceBusy(String),
+    /// A preflight check failed.
+    #[error("preflight check {check} failed: {reason}")]
+    Preflight {
+        /// The check.
+        check: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The broker is unreachable.
+    #[error("the MQTT broker is unreachable; nothing was stored")]
+    BrokerUnavailable,
+    /// Deleted firmware.
+    #[error("firmware {0} was deleted")]
+    FirmwareDeleted(String),
+    /// Corrupt firmware.
+    #[error("firmware {0} failed verification")]
+    FirmwareCorrupt(String),
+    /// Same Idempotency-Key, other body.
+    #[error("Idempotency-Key reused with a different body")]
+    IdempotencyReused,
+    /// The catalog failed.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+}
+
+/// Where `ota_create` goes (implemented by the MQTT adapter).
+pub trait Publisher: Send + Sync {
+    /// Whether the broker session is up.
+    fn connected(&self) -> bool;
+    /// Queues a QoS 1 publish; false if it could not be queued.
+    fn publish(&self, topic: String, payload: Vec<u8>) -> bool;
+}
+
+/// An OTA-related message from a gateway.
+#[derive(Clone, Debug)]
+pub struct OtaMessage {
+    /// `services_reply` (true) or `events` (false).
+    pub is_reply: bool,
+    /// SN in the topic.
+    pub topic_sn: String,
+    /// tid.
+    pub tid: Option<String>,
+    /// bid.
+    pub bid: Option<String>,
+    /// method.
+    pub method: Option<String>,
+    /// `data`.
+    pub data: Value,
+    /// The whole payload, for the history.
+    pub raw: Value,
+}
+
+/// Timeouts and modes.
+#[derive(Clone, Debug)]
+pub struct OtaSettings {
+    /// Wait for `services_reply`.
+    pub reply_timeout: Duration,
+    /// Wait between `ota_progress` events.
+    pub progress_timeout: Duration,
+    /// Window after `ok` to verify each device.
+    pub verify_window: Duration,
+    /// `normal`, `strict` or `off`.
+    pub preflight: String,
+    /// Online window of the registry.
+    pub online_window: Duration,
+}
+
+/// One device of a request.
+#[derive(Clone, Debug, Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct RequestDevice {
+    /// Serial.
+    pub sn: String,
+    /// Firmware by id.
+    pub firmware_id: Option<String>,
+    /// Or by model …
+    pub model: Option<String>,
+    /// … and version.
+    pub product_version: Option<String>,
+}
+
+/// `POST /api/v1/ota`.
+#[derive(Clone, Debug, Deserialize, serde::Serialize, utoipa::ToSchema)]
+pub struct OtaRequest {
+    /// The dock.
+    pub gateway_sn: String,
+    /// 1–2 devices: the dock and/or its current aircraft.
+    pub devices: Vec<RequestDevice>,
+    /// Explicit type for every device (2 or 3).
+    pub firmware_upgrade_type: Option<u8>,
+    /// Ignore model mismatch; send even when up to date.
+    #[serde(default)]
+    pub force: bool,
+    /// Allow an older target.
+    #[serde(default)]
+    pub allow_downgrade: bool,
+    /// Decide and answer, store and publish nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// What `create` did.
+pub enum Created {
+    /// Stored and published (202).
+    Task(Box<OtaTask>),
+    /// Dry run: what would be sent and why (200).
+    DryRun(Value),
+    /// The answer of an earlier request with the same Idempotency-Key.
+    Replay(u16, Value),
+}
+
+#[derive(Default)]
+struct Open {
+    tasks: HashMap<String, OtaTask>,
+    by_tid: HashMap<String, String>,
+    by_bid: HashMap<String, String>,
+    by_gateway: HashMap<String, String>,
+    by_device: HashMap<String, String>,
+}
+
+impl Open {
+    fn index(&mut self, t: &OtaTask) {
+        self.by_tid.insert(t.tid.clone(), t.id.clone());
+        self.by_bid.insert(t.bid.clone(), t.id.clone());
+        if !t.status.is_final() {
+            self.by_gateway.insert(t.gateway_sn.clone(), t.id.clone());
+            for d in &t.devices {
+                if d.outcome != Outcome::SkippedUpToDate {
+                    self.by_device.insert(d.sn.clone(), t.id.clone());
+                }
+            }
+        }
+        self.tasks.insert(t.id.clone(), t.clone());
+    }
+
+    fn release(&mut self, t: &OtaTask) {
+        if self.by_gateway.get(&t.gateway_sn) == Some(&t.id) {
+            self.by_gateway.remove(&t.gateway_sn);
+        }
+        for d in &t.devices {
+            if self.by_device.get(&d.sn) == Some(&t.id) {
+                self.by_device.remove(&d.sn);
+            }
+        }
+    }
+
+    fn forget(&mut self, t: &OtaTask) {
+        self.release(t);
+        self.by_tid.remove(&t.tid);
+        self.by_bid.remove(&t.bid);
+        self.tasks.remove(&t.id);
+    }
+}
+
+struct Inner {
+    catalog: Catalog,
+    devices: DeviceRegistry,
+    publisher: Arc<dyn Publisher>,
+    public_url: Arc<str>,
+    settings: OtaSettings,
+    open: Mutex<Open>,
+    changes: broadcast::Sender<OtaTask>,
+}
+
+/// The OTA service. Cheap to clone.
+#[derive(Clone)]
+pub struct OtaService {
+    inner: Arc<Inner>,
+}
+
+fn lock(m: &Mutex<Open>) -> MutexGuard<'_, Open> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+fn uuid_like() -> String {
+    let h = sha2::Sha256::digest(crate::domain::ids::next().as_bytes());
+    let x = hex::encode(&h[..16]);
+    format!(
+        "{}-{}-4{}-a{}-{}",
+        &x[0..8],
+        &x[8..12],
+        &x[13..16],
+        &x[17..20],
+        &x[20..32]
+    )
+}
+
+impl OtaService {
+    /// Loads open and recently finished tasks; open ones get a fresh grace period.
+    pub fn load(
+        catalog: Catalog,
+        devices: DeviceRegistry,
+        publisher: Arc<dyn Publisher>,
+        public_url: Arc<str>,
+        settings: OtaSettings,
+    ) -> Result<OtaService, CatalogError> {
+        let mut open = Open::default();
+        let now = Utc::now();
+        for mut t in catalog.all_tasks::<OtaTask>()? {
+            if !t.settled() {
+                if !t.status.is_final() {
+                    t.last_event_at = Some(now);
+                    if t.replied_at.is_none() {
+                        t.replied_at = None;
+                        t.created_at = t.created_at.min(now);
+                    }
+                }
+                open.index(&t);
+            }
+        }
+        let (changes, _) = broadcast::channel(1024);
+        Ok(OtaService {
+            inner: Arc::new(Inner {
+                catalog,
+                devices,
+                publisher,
+                public_url,
+                settings,
+                open: Mutex::new(open),
+                changes,
+            }),
+        })
+    }
+
+    /// Subscribes to task changes (SSE).
+    pub fn subscribe(&self) -> broadcast::Receiver<OtaTask> {
+        self.inner.changes.subscribe()
+    }
+
+    fn resolve_firmware(&self, d: &RequestDevice) -> Result<FirmwareRecord, OtaError> {
+        let fw = match (&d.firmware_id, &d.model, &d.product_version) {
+            (Some(id), _, _) => {
+                let id = FirmwareId::parse(id)
+                    .ok_or_else(|| OtaError::NotFound(format!("firmware {id} not found")))?;
+                self.inner.catalog.firmware(&id).map_err(|e| match e {
+                    CatalogError::NotFound => {
+                        OtaError::NotFound(format!("firmware {id} not found"))
+                    }
+                    other => other.into(),
+                })?
+            }
+            (None, Some(model), Some(version)) => {
+                let v =
+                    ProductVersion::parse(version).map_err(|e| OtaError::Invalid(e.to_string()))?;
+                let page = self.inner.catalog.list_firmware(
+                    &PageRequest {
+                        limit: Some(1),
+                        cursor: None,
+                    },
+                    |r| {
+                        r.status != FirmwareStatus::Deleted
+                            && r.model.eq_ignore_ascii_case(model)
+                            && ProductVersion::parse(&r.product_version).is_ok_and(|rv| rv == v)
+                    },
+                )?;
+                page.items
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| OtaError::NotFound(format!("no firmware {model} {version}")))?
+            }
+            _ => {
+                return Err(OtaError::Invalid(format!(
+                    "device {}: give firmware_id, or model and product_version",
+                    d.sn
+                )));
+            }
+        };
+        match fw.status {
+            FirmwareStatus::Deleted => Err(OtaError::FirmwareDeleted(fw.id.to_string())),
+            FirmwareStatus::Corrupt => Err(OtaError::FirmwareCorrupt(fw.id.to_string())),
+            FirmwareStatus::Disabled => Err(OtaError::Validation(format!(
+                "firmware {} is disabled",
+                fw.id
+            ))),
+            FirmwareStatus::Ready => Ok(fw),
+        }
+    }
+
+    fn preflight(&self, req: &OtaRequest) -> Result<Vec<String>, OtaError> {
+        let mode = self.inner.settings.preflight.as_str();
+        let mut warnings = Vec::new();
+        if mode == "off" {
+            return Ok(warnings);
+        }
+        let gw = self.inner.devices.get(&req.gateway_sn).ok();
+        match &gw {
+            None if mode == "strict" => {
+                return Err(OtaError::Preflight {
+                    check: "gateway_online",
+                    reason: format!("gateway {} was never seen", req.gateway_sn),
+                });
+            }
+            None => warnings.push(format!(
+                "gateway {} was never seen; sent without preflight",
+                req.gateway_sn
+            )),
+            Some(g) => {
+                if g.last_osd_at.is_none() && g.last_seen_at.is_none() {
+                    if mode == "strict" {
+                        return Err(OtaError::Preflight {
+                            check: "gateway_online",
+                            reason: "the gateway never sent osd".into(),
+                        });
+                    }
+                    warnings.push("the gateway never sent osd".into());
+                } else if !g.online {
+                    return Err(OtaError::Preflight {
+                        check: "gateway_online",
+                        reason: format!("gateway {} is offline", g.sn),
+                    });
+                }
+                if g.mode_code == Some(3) || g.firmware_upgrade_status == Some(1) {
+                    return Err(OtaError::Preflight {
+                        check: "not_upgrading",
+                        reason: "the gateway reports an upgrade in progress".into(),
+                    });
+                }
+            }
+        }
+        for d in req.devices.iter().filter(|d| d.sn != req.gateway_sn) {
+            let child = gw.as_ref().and_then(|g| g.child_sn.clone());
+            let dev = self.inner.devices.get(&d.sn).ok();
+            let linked = child.as_deref() == Some(d.sn.as_str())
+                || dev
+                    .as_ref()
+                    .is_some_and(|x| x.gateway_sn.as_deref() == Some(req.gateway_sn.as_str()));
+            if !linked {
+                return Err(OtaError::Preflight {
+                    check: "aircraft_attached",
+                    reason: format!("{} is not the current aircraft of {}", d.sn, req.gateway_sn),
+                });
+            }
+            if let Some(x) = dev {
+                if x.mode_code == Some(13) || x.firmware_upgrade_status == Some(1) {
+                    return Err(OtaError::Preflight {
+                        check: "not_upgrading",
+                        reason: format!("{} reports an upgrade in progress", d.sn),
+                    });
+                }
+            }
+        }
+        Ok(warnings)
+    }
+
+    /// Handles `POST /api/v1/ota`.
+    pub async fn create(
+        &self,
+        req: OtaRequest,
+        idempotency_key: Option<String>,
+    ) -> Result<Created, OtaError> {
+        let body_hash = hex::encode(sha2::Sha256::digest(
+            serde_json::to_vec(&req).unwrap_or_default(),
+        ));
+        if let Some(key) = &idempotency_key {
+            if let Some((hash, status, answer)) = self.inner.catalog.idempotent(key)? {
+                if hash != body_hash {
+                    return Err(OtaError::IdempotencyReused);
+                }
+                return Ok(Created::Replay(status, answer));
+            }
+        }
+        if req.gateway_sn.is_empty() || req.gateway_sn.contains(['/', '+', '#']) {
+            return Err(OtaError::Invalid("invalid gateway_sn".into()));
+        }
+        if req.devices.is_empty() || req.devices.len() > 2 {
+            return Err(OtaError::Validation("a task takes 1 or 2 devices".into()));
+        }
+        if req.devices.len() == 2 && req.devices[0].sn == req.devices[1].sn {
+            return Err(OtaError::Validation("the devices must differ".into()));
+        }
+        if req
+            .devices
+            .iter()
+            .filter(|d| d.sn != req.gateway_sn)
+            .count()
+            > 1
+        {
+            return Err(OtaError::Validation(
+                "the devices are the gateway and its current aircraft".into(),
+            ));
+        }
+        // Devices of another gateway.
+        for d in req.devices.iter().filter(|d| d.sn != req.gateway_sn) {
+            if let Ok(dev) = self.inner.devices.get(&d.sn) {
+                if let Some(g) = dev.gateway_sn.as_deref().filter(|g| *g != req.gateway_sn) {
+                    return Err(OtaError::Validation(format!(
+                        "{} belongs to gateway {g}",
+                        d.sn
+                    )));
+                }
+            }
+        }
+        {
+            let open = lock(&self.inner.open);
+            if let Some(t) = open.by_gateway.get(&req.gateway_sn) {
+                return Err(OtaError::GatewayBusy(t.clone()));
+            }
+            for d in &req.devices {
+                if let Some(t) = open.by_device.get(&d.sn) {
+                    return Err(OtaError::DeviceBusy(t.clone()));
+                }
+            }
+        }
+        let id = crate::domain::ids::next();
+        let mut devices = Vec::new();
+        for d in &req.devices {
+            let fw = self.resolve_firmware(d)?;
+            let target = ProductVersion::parse(&fw.product_version)
+                .map_err(|e| OtaError::Invalid(e.to_string()))?;
+            let facts = self
+                .inner
+                .devices
+                .get(&d.sn)
+                .map(|x| DeviceFacts {
+                    model: x.model,
+                    running: x.firmware_version,
+                    compatible_status: x.compatible_status,
+                })
+                .unwrap_or_default();
+            let decision = policy::decide(
+                &fw.model,
+                &target,
+                &facts,
+                &policy::Request {
+                    upgrade_type: req.firmware_upgrade_type,
+                    force: req.force,
+                    allow_downgrade: req.allow_downgrade,
+                    default_type: None,
+                },
+            );
+            let segment = FileName::parse(&fw.file_name)
+                .map(|n| n.url_segment())
+                .unwrap_or_else(|_| fw.file_name.clone());
+            let (upgrade_type, rule, reason, outcome) = match decision {
+                Decision::Send {
+                    upgrade_type,
+                    rule,
+                    reason,
+                } => (Some(upgrade_type), rule, reason, Outcome::Pending),
+                Decision::Skip { reason } => (None, 5, reason, Outcome::SkippedUpToDate),
+                Decision::Refuse { code, reason } => {
+                    let reason = format!("{}: {reason}", d.sn);
+                    return Err(match code {
+                        "model_mismatch" => OtaError::ModelMismatch(reason),
+                        "downgrade_refused" => OtaError::DowngradeRefused(reason),
+                        _ => OtaError::Validation(reason),
+                    });
+                }
+            };
+            devices.push(TaskDevice {
+                sn: d.sn.clone(),
+                firmware_id: fw.id.to_string(),
+                product_version: fw.product_version.clone(),
+                upgrade_type,
+                policy_rule: rule,
+                policy_reason: reason,
+                file_url: format!("{}/dl/{id}/{}/{segment}", self.inner.public_url, d.sn),
+                file_name: fw.file_name.clone(),
+                md5: fw.md5.clone(),
+                file_size: fw.file_size,
+                download_session: None,
+                outcome,
+                outcome_at: None,
+            });
+        }
+        if devices
+            .iter()
+            .all(|d| d.outcome == Outcome::SkippedUpToDate)
+        {
+            return Err(OtaError::AlreadyUpToDate);
+        }
+        let warnings = self.preflight(&req)?;
+        let now = Utc::now();
+        let mut task = OtaTask {
+            id: id.clone(),
+            gateway_sn: req.gateway_sn.clone(),
+            tid: uuid_like(),
+            bid: uuid_like(),
+            status: TaskStatus::Pending,
+            created_at: now,
+            updated_at: now,
+            devices,
+            progress: Progress::default(),
+            result_code: None,
+            result_reason: None,
+            retryable: None,
+            history: Vec::new(),
+            replied_at: None,
+            last_event_at: Some(now),
+            finished_at: None,
+        };
+        let message = ota_create(&task);
+        if req.dry_run {
+            return Ok(Created::DryRun(json!({
+                "dry_run": true,
+                "task": task,
+                "ota_create": message,
+                "topic": format!("thing/product/{}/services", task.gateway_sn),
+                "warnings": warnings,
+            })));
+        }
+        if !self.inner.publisher.connected() {
+            return Err(OtaError::BrokerUnavailable);
+        }
+        task.note("api", None, now);
+        self.inner.catalog.put_task(&task.id, &task)?;
+        self.inner.catalog.flush().await?;
+        let payload = serde_json::to_vec(&message).unwrap_or_default();
+        if !self.inner.publisher.publish(
+            format!("thing/product/{}/services", task.gateway_sn),
+            payload,
+        ) {
+            self.inner.catalog.delete_task(&task.id)?;
+            return Err(OtaError::BrokerUnavailable);
+        }
+        task.status = TaskStatus::Sent;
+        task.note("publish", Some(message), Utc::now());
+        self.save(&task);
+        for w in &warnings {
+            tracing::warn!(task_id = %task.id, gateway_sn = %task.gateway_sn, "{w}");
+        }
+        tracing::info!(task_id = %task.id, gateway_sn = %task.gateway_sn, tid = %task.tid, bid = %task.bid, "ota_create published");
+        if let Some(key) = idempotency_key {
+            let answer = serde_json::to_value(&task).unwrap_or_default();
+            self.inner
+                .catalog
+                .put_idempotent(&key, &body_hash, 202, &answer)?;
+        }
+        Ok(Created::Task(Box::new(task)))
+    }
+
+    fn save(&self, task: &OtaTask) {
+        {
+            let mut open = lock(&self.inner.open);
+            if task.status.is_final() {
+                open.release(task);
+            }
+            if task.settled() {
+                open.forget(task);
+            } else {
+                open.index(task);
+            }
+        }
+        if let Err(e) = self.inner.catalog.put_task(&task.id, task) {
+            tracing::error!(task_id = %task.id, error = %e, "storing task failed");
+        }
+        let _ = self.inner.changes.send(task.clone());
+    }
+
+    /// One task, with each device's download session.
+    pub fn get(
+        &self,
+        id: &str,
+        sessions: impl Fn(&str, &str) -> Option<Value>,
+    ) -> Result<OtaTask, OtaError> {
+        let open = lock(&self.inner.open).tasks.get(id).cloned();
+        let mut t = match open {
+            Some(t) => t,
+            None => self
+                .inner
+                .catalog
+                .task::<OtaTask>(id)?
+                .ok_or_else(|| OtaError::NotFound(format!("task {id} not found")))?,
+        };
+        for d in &mut t.devices {
+            d.download_session = sessions(&t.id, &d.sn);
+        }
+        Ok(t)
+    }
+
+    /// Newest-first page of tasks.
+    pub fn list(
+        &self,
+        gateway_sn: Option<&str>,
+        status: Option<TaskStatus>,
+        page: &PageRequest,
+    ) -> Result<Page<OtaTask>, OtaError> {
+        Ok(self.inner.catalog.list_tasks(page, |t: &OtaTask| {
+            gateway_sn.is_none_or(|g| t.gateway_sn == g) && status.is_none_or(|s| t.status == s)
+        })?)
+    }
+
+    /// The firmware and file name behind a per-task URL, if the task and device exist.
+    pub fn download_target(&self, task_id: &str, sn: &str) -> Option<(String, String)> {
+        let t = self.get(task_id, |_, _| None).ok()?;
+        let d = t.devices.into_iter().find(|d| d.sn == sn)?;
+        Some((d.firmware_id, d.file_name))
+    }
+
+    /// Applies a gateway message.
+    pub fn on_message(&self, msg: OtaMessage) {
+        let now = Utc::now();
+        let task = {
+            let open = lock(&self.inner.open);
+            let by_id = |id: Option<&String>| id.and_then(|i| open.tasks.get(i)).cloned();
+            if msg.is_reply {
+                msg.tid.as_ref().and_then(|tid| by_id(open.by_tid.get(tid)))
+            } else {
+                msg.bid
+                    .as_ref()
+                    .and_then(|bid| by_id(open.by_bid.get(bid)))
+                    .or_else(|| by_id(open.by_gateway.get(&msg.topic_sn)))
+                    .or_else(|| {
+                        let parent = self.inner.devices.get(&msg.topic_sn).ok()?.gateway_sn?;
+                        by_id(open.by_gateway.get(&parent))
+                    })
+            }
+        };
+        let Some(mut task) = task else {
+            tracing::info!(topic_sn = %msg.topic_sn, tid = ?msg.tid, bid = ?msg.bid, method = ?msg.method, "OTA message matches no open task (orphan)");
+            return;
+        };
+        if task.status.is_final() {
+            tracing::info!(task_id = %task.id, "late OTA message for a finished task ignored");
+            return;
+        }
+        let result = crate::mqtt::wire::int_of(&msg.data["result"]).unwrap_or(0);
+        let output = if msg.data["output"].is_object() {
+            &msg.data["output"]
+        } else {
+            // The older shape: status/progress directly under data.
+            &msg.data
+        };
+        let wire_status = crate::mqtt::wire::str_of(&output["status"]);
+        let status = wire_status.as_deref().and_then(TaskStatus::from_wire);
+        let progress = &output["progress"];
+        if let Some(p) = crate::mqtt::wire::int_of(&progress["percent"]) {
+            task.progress.percent = Some(p.clamp(0, 100));
+        }
+        let step = crate::mqtt::wire::str_of(&progress["step_key"])
+            .or_else(|| crate::mqtt::wire::str_of(&progress["current_step"]))
+            .or_else(|| crate::mqtt::wire::str_of(&progress["step"]))
+            .map(|s| match s.as_str() {
+                "1" => "download_firmware".to_string(),
+                "2" => "upgrade_firmware".to_string(),
+                _ => s,
+            });
+        if step.is_some() {
+            task.progress.step_key = step;
+        }
+        if let Some(s) = crate::mqtt::wire::str_of(&output["sub_status"]) {
+            task.progress.sub_status = Some(s);
+        }
+        if let Some(r) = crate::mqtt::wire::int_of(&output["ext"]["rate"]) {
+            task.progress.rate = Some(r);
+        }
+        task.last_event_at = Some(now);
+        let source = if msg.is_reply {
+            task.replied_at.get_or_insert(now);
+            "services_reply"
+        } else {
+            "ota_progress"
+        };
+        let new_status = if msg.is_reply && result != 0 {
+            Some(TaskStatus::Rejected)
+        } else if let Some(s) = status {
+            // A non-zero result with a non-final status still means failure.
+            if result != 0 && !s.is_final() {
+                Some(TaskStatus::Failed)
+            } else if msg.is_reply && s == TaskStatus::Sent {
+                Some(TaskStatus::Sent)
+            } else {
+                Some(s)
+            }
+        } else if result != 0 {
+            Some(TaskStatus::Failed)
+        } else {
+            None
+        };
+        if let Some(s) = new_status {
+            task.status = s;
+        }
+        if result != 0 {
+            let (reason, retry) = task::explain(result);
+            task.result_code = Some(result);
+            task.result_reason = Some(reason);
+            task.retryable = Some(retry);
+        }
+        if task.status.is_final() {
+            task.finished_at = Some(now);
+            self.finish_devices(&mut task, now);
+            tracing::info!(task_id = %task.id, status = ?task.status, "OTA task finished");
+        }
+        task.note(source, Some(msg.raw), now);
+        self.save(&task);
+    }
+
+    fn finish_devices(&self, task: &mut OtaTask, now: DateTime<Utc>) {
+        if task.status != TaskStatus::Ok {
+            for d in &mut task.devices {
+                if d.outcome == Outcome::Pending {
+                    // Not upgraded, unless the device later reports the target (late verify).
+                    d.outcome = Outcome::Pending;
+                }
+            }
+        }
+        self.verify(task, now);
+    }
+
+    /// Settles device outcomes from the registry's latest reports.
+    fn verify(&self, task: &mut OtaTask, now: DateTime<Utc>) -> bool {
+        let mut changed = false;
+        let finished = task.finished_at.unwrap_or(now);
+        let window = chrono::Duration::from_std(self.inner.settings.verify_window)
+            .unwrap_or(chrono::Duration::seconds(900));
+        for d in task
+            .devices
+            .iter_mut()
+            .filter(|d| d.outcome == Outcome::Pending)
+        {
+            let Ok(dev) = self.inner.devices.get(&d.sn) else {
+                continue;
+            };
+            let reported_after = dev.last_state_at.is_some_and(|t| t >= task.created_at);
+            let on_target = dev.firmware_version.as_deref().is_some_and(|v| {
+                v == d.product_version
+                    || matches!((ProductVersion::parse(v), ProductVersion::parse(&d.product_version)), (Ok(a), Ok(b)) if a == b)
+            });
+            let verified = reported_after
+                && match d.upgrade_type {
+                    Some(2) => dev.compatible_status == Some(0) && on_target,
+                    _ => on_target,
+                };
+            if verified {
+                d.outcome = Outcome::Verified;
+                d.outcome_at = Some(now);
+                changed = true;
+            } else if task.status.is_final() && now - finished > window {
+                d.outcome = if task.status == TaskStatus::Ok && reported_after && !on_target {
+                    Outcome::Mismatch
+                } else {
+                    Outcome::Unverified
+                };
+                d.outcome_at = Some(now);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// One pass of the timers: reply and progress timeouts, device verification.
+    pub fn tick(&self) {
+        let now = Utc::now();
+        let tasks: Vec<OtaTask> = lock(&self.inner.open).tasks.values().cloned().collect();
+        let s = &self.inner.settings;
+        for mut t in tasks {
+            let mut changed = false;
+            if !t.status.is_final() {
+                let last = t.last_event_at.unwrap_or(t.created_at);
+                let silent = (now - last).to_std().unwrap_or_default();
+                let timed_out = if t.replied_at.is_none() && t.status == TaskStatus::Sent {
+                    silent > s.reply_timeout
+                } else {
+                    silent > s.progress_timeout
+                };
+                if timed_out {
+                    t.status = TaskStatus::Timeout;
+                    t.finished_at = Some(now);
+                    t.note("timeout", None, now);
+                    tracing::warn!(task_id = %t.id, gateway_sn = %t.gateway_sn, "OTA task timed out");
+                    changed = true;
+                }
+            }
+            if t.status.is_final() {
+                changed |= self.verify(&mut t, now);
+            }
+            if changed {
+                if t.devices.iter().any(|d| d.outcome != Outcome::Pending) {
+                    t.updated_at = now;
+                }
+                self.save(&t);
+            }
+        }
+    }
+
+    /// Runs the timers and consumes gateway messages until `cancel`.
+    pub async fn run(self, mut inbox: mpsc::Receiver<OtaMessage>, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => self.tick(),
+                Some(msg) = inbox.recv() => self.on_message(msg),
+            }
+        }
+    }
+}
+
+/// The `ota_create` message for a task, exactly in the seed's shape.
+pub fn ota_create(task: &OtaTask) -> Value {
+    let devices: Vec<Value> = task
+        .devices
+        .iter()
+        .filter(|d| d.outcome != Outcome::SkippedUpToDate)
+        .map(|d| {
+            json!({
+                "sn": d.sn,
+                "product_version": d.product_version,
+                "file_url": d.file_url,
+                "md5": d.md5,
+                "file_size": d.file_size,
+                "file_name": d.file_name,
+                "firmware_upgrade_type": d.upgrade_type.unwrap_or(3),
+            })
+        })
+        .collect();
+    json!({
+        "bid": task.bid,
+        "tid": task.tid,
+        "timestamp": crate::mqtt::wire::now_ms(),
+        "method": "ota_create",
+        "data": {"devices": devices},
+    })
+}

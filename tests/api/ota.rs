@@ -1,0 +1,467 @@
+//! OTA tasks end to end with a scripted dock on the embedded broker: policy, preflight,
+//! `ota_create` checked field by field against the seed, the per-device download, replies and
+//! progress to `ok`, verification, SSE, and the error paths.
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use rumqttc::QoS;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+fn sn(prefix: &str) -> String {
+    format!("{prefix}{}", &fwrepo::domain::ids::next()[16..])
+}
+
+async fn app_with_models(reply_timeout: u64) -> TestApp {
+    spawn_with(|s| {
+        s.models = fwrepo::devices::ModelMap::from_table(Some(
+            &toml::from_str("\"3-1-0\" = \"Dock\"\n\"0-67-0\" = \"M30\"\n").unwrap(),
+        ))
+        .unwrap();
+        s.ota.reply_timeout = Duration::from_secs(reply_timeout);
+    })
+    .await
+}
+
+/// A dock announcing itself (and an aircraft), running `version`.
+async fn announce(
+    client: &rumqttc::AsyncClient,
+    dock: &str,
+    aircraft: &str,
+    version: &str,
+    cs: i64,
+) {
+    let topo = json!({"tid":"t","bid":"b","timestamp":1,"method":"update_topo",
+        "data":{"domain":3,"type":1,"sub_type":0,"version":"1.0",
+            "sub_devices":[{"sn":aircraft,"domain":0,"type":67,"sub_type":0,"index":"A"}]}});
+    client
+        .publish(
+            format!("sys/product/{dock}/status"),
+            QoS::AtLeastOnce,
+            false,
+            topo.to_string(),
+        )
+        .await
+        .unwrap();
+    let state = json!({"tid":"t","bid":"b","timestamp":2,"data":{"firmware_version":version,"compatible_status":cs,"firmware_upgrade_status":0}});
+    client
+        .publish(
+            format!("thing/product/{dock}/state"),
+            QoS::AtLeastOnce,
+            false,
+            state.to_string(),
+        )
+        .await
+        .unwrap();
+    let osd = json!({"tid":"t","bid":"b","timestamp":3,"data":{"mode_code":0}});
+    client
+        .publish(
+            format!("thing/product/{dock}/osd"),
+            QoS::AtLeastOnce,
+            false,
+            osd.to_string(),
+        )
+        .await
+        .unwrap();
+}
+
+async fn post_ota(app: &TestApp, body: Value, key: Option<&str>) -> (u16, Value) {
+    let mut rb = app.client.post(app.url("/api/v1/ota")).json(&body);
+    if let Some(k) = key {
+        rb = rb.header("idempotency-key", k);
+    }
+    let resp = rb.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn next_on(
+    inbox: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    suffix: &str,
+) -> Value {
+    loop {
+        let (topic, payload) = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if topic.ends_with(suffix) {
+            return serde_json::from_slice(&payload).unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn dock_upgrade_end_to_end() {
+    let app = app_with_models(30).await;
+    let data = payload(3_000_000, 31);
+    let fw = app.upload_ok("Dock_10.01.0300.zip", data.clone()).await;
+    let fw_id = fw["id"].as_str().unwrap();
+    let (dock, aircraft) = (sn("DOCK"), sn("AC"));
+    let (client, mut inbox) = mqtt_client(&app.mqtt_addr(), "ota").await;
+    client
+        .subscribe(format!("thing/product/{dock}/services"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    announce(&client, &dock, &aircraft, "10.01.0205", 0).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/devices/{dock}")).await.1["mode_code"] == 0
+                && app.get_json(&format!("/api/v1/devices/{dock}")).await.1["firmware_version"]
+                    == "10.01.0205"
+        })
+        .await
+    );
+
+    // Dry run: decided, nothing stored or published.
+    let body = json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw_id}], "dry_run": true});
+    let (status, plan) = post_ota(&app, body, None).await;
+    assert_eq!(status, 200, "{plan}");
+    assert_eq!(plan["task"]["devices"][0]["upgrade_type"], 3);
+    assert_eq!(plan["task"]["devices"][0]["policy_rule"], 3);
+    let (_, tasks) = app.get_json("/api/v1/ota").await;
+    assert_eq!(tasks["items"].as_array().unwrap().len(), 0);
+
+    // The real request, with an Idempotency-Key.
+    let body = json!({"gateway_sn": dock, "devices": [{"sn": dock, "model": "dock", "product_version": "10.1.3"}]});
+    let (status, task) = post_ota(&app, body.clone(), Some("k1")).await;
+    assert_eq!(status, 202, "{task}");
+    assert_eq!(task["status"], "sent");
+    let id = task["id"].as_str().unwrap().to_string();
+    let (status, again) = post_ota(&app, body.clone(), Some("k1")).await;
+    assert_eq!((status, again["id"].as_str()), (202, Some(id.as_str())));
+    let (status, e) = post_ota(
+        &app,
+        json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw_id}]}),
+        Some("k1"),
+    )
+    .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (422, Some("idempotency_key_reused"))
+    );
+    let (status, e) = post_ota(&app, body, None).await;
+    assert_eq!((status, e["error"].as_str()), (409, Some("gateway_busy")));
+    assert_eq!(e["task_id"], id.as_str());
+
+    // SSE from the start.
+    let sse = app
+        .client
+        .get(app.url(&format!("/api/v1/ota/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.headers()["content-type"], "text/event-stream");
+    let sse_task = tokio::spawn(async move {
+        let mut body = sse.bytes_stream();
+        let mut text = String::new();
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+        text
+    });
+
+    // The ota_create, field by field against the seed's example shape.
+    let create = next_on(&mut inbox, "/services").await;
+    let keys: Vec<&str> = create
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for k in ["bid", "tid", "timestamp", "method", "data"] {
+        assert!(keys.contains(&k), "{create}");
+    }
+    assert_eq!(create["method"], "ota_create");
+    assert!(create["timestamp"].as_i64().unwrap() > 1_600_000_000_000);
+    assert_eq!(create["tid"], task["tid"]);
+    assert_eq!(create["bid"], task["bid"]);
+    let dev = &create["data"]["devices"][0];
+    let mut dev_keys: Vec<&str> = dev
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    dev_keys.sort();
+    assert_eq!(
+        dev_keys,
+        [
+            "file_name",
+            "file_size",
+            "file_url",
+            "firmware_upgrade_type",
+            "md5",
+            "product_version",
+            "sn"
+        ]
+    );
+    assert_eq!(dev["sn"], dock.as_str());
+    assert_eq!(dev["product_version"], "10.01.0300");
+    assert_eq!(dev["md5"], md5_hex(&data));
+    assert_eq!(dev["file_size"], data.len());
+    assert_eq!(dev["file_name"], "Dock_10.01.0300.zip");
+    assert_eq!(dev["firmware_upgrade_type"], 3);
+    let url = dev["file_url"].as_str().unwrap();
+    assert_eq!(
+        url,
+        format!("{}/dl/{id}/{dock}/Dock_10.01.0300.zip", app.base)
+    );
+
+    // The dock accepts, downloads in two ranges, reports progress, ends ok, reports the version.
+    let reply = json!({"tid": create["tid"], "bid": create["bid"], "timestamp": 1, "method": "ota_create",
+        "data": {"result": 0, "output": {"status": "sent", "sub_status": "", "progress": {"percent": 0, "step": 1, "step_key": ""}}}});
+    client
+        .publish(
+            format!("thing/product/{dock}/services_reply"),
+            QoS::AtLeastOnce,
+            false,
+            reply.to_string(),
+        )
+        .await
+        .unwrap();
+    let a = app
+        .get_with(url, &[("range", "bytes=0-1499999")])
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    let b = app
+        .get_with(url, &[("range", "bytes=1500000-")])
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(md5_hex(&[a, b].concat()), md5_hex(&data));
+    for (status, sub, pct, step) in [
+        ("in_progress", "DOWNLOADING", 50, "download_firmware"),
+        ("in_progress", "DOWNLOADING", 50, "download_firmware"),
+        ("in_progress", "UPGRADING", 80, "upgrade_firmware"),
+        ("ok", "UPGRADE_SUCCESS", 100, "upgrade_firmware"),
+    ] {
+        let ev = json!({"tid": "x", "bid": create["bid"], "timestamp": "1707048089244", "method": "ota_progress",
+            "data": {"result": 0, "output": {"status": status, "sub_status": sub, "progress": {"percent": pct, "step_key": step}}}});
+        client
+            .publish(
+                format!("thing/product/{dock}/events"),
+                QoS::AtLeastOnce,
+                false,
+                ev.to_string(),
+            )
+            .await
+            .unwrap();
+    }
+    // An events_reply acknowledges ota_progress (no need_reply field).
+    client
+        .subscribe(
+            format!("thing/product/{dock}/events_reply"),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/ota/{id}")).await.1["status"] == "ok"
+        })
+        .await
+    );
+    // A late event never reopens it.
+    let late = json!({"bid": create["bid"], "method": "ota_progress", "data": {"output": {"status": "in_progress", "progress": {"percent": 10}}}});
+    client
+        .publish(
+            format!("thing/product/{dock}/events"),
+            QoS::AtLeastOnce,
+            false,
+            late.to_string(),
+        )
+        .await
+        .unwrap();
+    let state =
+        json!({"timestamp": 5, "data": {"firmware_version": "10.01.0300", "compatible_status": 0}});
+    client
+        .publish(
+            format!("thing/product/{dock}/state"),
+            QoS::AtLeastOnce,
+            false,
+            state.to_string(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/ota/{id}")).await.1["devices"][0]["outcome"]
+                == "verified"
+        })
+        .await
+    );
+    let (_, t) = app.get_json(&format!("/api/v1/ota/{id}")).await;
+    assert_eq!(t["status"], "ok");
+    assert_eq!(t["progress"]["percent"], 100);
+    assert_eq!(t["progress"]["sub_status"], "UPGRADE_SUCCESS");
+    let session = &t["devices"][0]["download_session"];
+    assert_eq!(session["sn"], dock.as_str());
+    assert_eq!(session["percent"], 100.0, "{t}");
+    // History: the repeated DOWNLOADING 50 % is counted, not stored twice.
+    let hist = t["history"].as_array().unwrap();
+    assert!(hist.iter().any(|h| h["repeats"] == 1), "{t}");
+    let text = tokio::time::timeout(Duration::from_secs(10), sse_task)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(text.matches("event: task").count() >= 3, "{text}");
+    assert!(text.contains("\"verified\""));
+    // The gateway is free again; the device is up to date now → 409.
+    let (status, e) = post_ota(
+        &app,
+        json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw_id}]}),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (409, Some("already_up_to_date")),
+        "{e}"
+    );
+    let (_, list) = app
+        .get_json(&format!("/api/v1/ota?gateway_sn={dock}&status=ok"))
+        .await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn policy_preflight_and_bad_requests() {
+    let app = app_with_models(1).await;
+    let fw = app.upload_ok("Dock_10.01.0300.zip", payload(1000, 3)).await;
+    let fw_id = fw["id"].as_str().unwrap().to_string();
+    let m30 = app.upload_ok("M30_07.01.0000.zip", payload(1000, 4)).await;
+    let (dock, aircraft) = (sn("DOCK"), sn("AC"));
+    let (client, mut inbox) = mqtt_client(&app.mqtt_addr(), "policy").await;
+    client
+        .subscribe(format!("thing/product/{dock}/services"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    // Same version, inconsistent: consistency upgrade (2).
+    announce(&client, &dock, &aircraft, "10.01.0300", 1).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/devices/{dock}")).await.1["compatible_status"] == 1
+                && app.get_json(&format!("/api/v1/devices/{dock}")).await.1["mode_code"] == 0
+        })
+        .await
+    );
+    let dev = |sn: &str, id: &str| json!({"sn": sn, "firmware_id": id});
+    let (status, plan) = post_ota(
+        &app,
+        json!({"gateway_sn": dock, "devices": [dev(&dock, &fw_id)], "dry_run": true}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(plan["task"]["devices"][0]["upgrade_type"], 2);
+    assert_eq!(plan["task"]["devices"][0]["policy_rule"], 4);
+    // Model mismatch: dock firmware for the aircraft.
+    let (status, e) = post_ota(
+        &app,
+        json!({"gateway_sn": dock, "devices": [dev(&aircraft, &fw_id)]}),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (422, Some("model_mismatch")),
+        "{e}"
+    );
+    // Bad requests.
+    let three = json!({"gateway_sn": dock, "devices": [dev(&dock, &fw_id), dev(&aircraft, &fw_id), dev("X", &fw_id)]});
+    assert_eq!(
+        post_ota(&app, three, None).await.1["error"],
+        "validation_failed"
+    );
+    let other =
+        json!({"gateway_sn": dock, "devices": [dev("SOMEONE-ELSE", m30["id"].as_str().unwrap())]});
+    let (status, e) = post_ota(&app, other, None).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (409, Some("preflight_failed")),
+        "{e}"
+    );
+    assert_eq!(e["check"], "aircraft_attached");
+    let unknown =
+        json!({"gateway_sn": dock, "devices": [dev(&dock, "01ARZ3NDEKTSV4RRFFQ69G5FAV")]});
+    assert_eq!(post_ota(&app, unknown, None).await.0, 404);
+    let resp = app
+        .client
+        .post(app.url("/api/v1/ota"))
+        .header("content-type", "application/json")
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    // An offline gateway fails preflight.
+    let never = sn("DOCK");
+    let (status, e) = post_ota(
+        &app,
+        json!({"gateway_sn": never, "devices": [dev(&never, &fw_id)]}),
+        None,
+    )
+    .await;
+    assert_eq!(
+        status, 202,
+        "an unseen gateway passes with a warning in normal mode: {e}"
+    );
+    // No reply: the task times out (reply timeout 1 s here) and frees the gateway.
+    let (status, task) = post_ota(
+        &app,
+        json!({"gateway_sn": dock, "devices": [dev(&dock, &fw_id)]}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{task}");
+    let create = next_on(&mut inbox, "/services").await;
+    assert_eq!(create["data"]["devices"][0]["firmware_upgrade_type"], 2);
+    let id = task["id"].as_str().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/ota/{id}")).await.1["status"] == "timeout"
+        })
+        .await
+    );
+    // A rejection keeps the code and explains it.
+    let (status, task) = post_ota(
+        &app,
+        json!({"gateway_sn": dock, "devices": [dev(&dock, &fw_id)], "firmware_upgrade_type": 3}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{task}");
+    let create = next_on(&mut inbox, "/services").await;
+    let reply = json!({"tid": create["tid"], "bid": create["bid"], "timestamp": 1, "method": "ota_create", "data": {"result": 312014}});
+    client
+        .publish(
+            format!("thing/product/{dock}/services_reply"),
+            QoS::AtLeastOnce,
+            false,
+            reply.to_string(),
+        )
+        .await
+        .unwrap();
+    let id = task["id"].as_str().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/ota/{id}")).await.1["status"] == "rejected"
+        })
+        .await
+    );
+    let (_, t) = app.get_json(&format!("/api/v1/ota/{id}")).await;
+    assert_eq!(t["result_code"], 312014);
+    assert!(
+        t["result_reason"]
+            .as_str()
+            .unwrap()
+            .contains("already updating")
+    );
+    let (status, _) = app.get_json("/api/v1/ota/nope").await;
+    assert_eq!(status, 404);
+}
