@@ -220,6 +220,8 @@ pub fn raw_request(addr: SocketAddr, request: &[u8]) -> String {
 pub struct ServerProcess {
     pub child: Child,
     pub base: String,
+    /// The broker as "host:port".
+    pub mqtt: String,
     pub stderr_path: PathBuf,
 }
 
@@ -236,16 +238,13 @@ impl ServerProcess {
             .append(true)
             .open(&stderr_path)
             .unwrap();
-        let mut child = Command::new(bin())
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--mqtt-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-            ])
-            .arg(data_dir)
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir);
+        if !extra.contains(&"--mqtt-listen") && !extra.contains(&"--mqtt-url") {
+            cmd.args(["--mqtt-listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd
             .args(extra)
             .env_remove("FWREPO_LISTEN")
             .stdout(Stdio::piped())
@@ -259,6 +258,16 @@ impl ServerProcess {
             line.push(byte[0]);
         }
         let line = String::from_utf8(line).unwrap();
+        let mut mqtt_line = Vec::new();
+        while stdout.read(&mut byte).unwrap_or(0) == 1 && byte[0] != b'\n' {
+            mqtt_line.push(byte[0]);
+        }
+        let mqtt = String::from_utf8(mqtt_line)
+            .unwrap()
+            .rsplit("mqtt://")
+            .next()
+            .unwrap_or_default()
+            .to_string();
         let base = line
             .strip_prefix("HTTP listening on ")
             .unwrap_or_else(|| {
@@ -276,6 +285,7 @@ impl ServerProcess {
         ServerProcess {
             child,
             base,
+            mqtt,
             stderr_path,
         }
     }
@@ -378,4 +388,13 @@ impl TestApp {
             .unwrap()
             .to_string()
     }
+}
+
+/// A free loopback port (for a broker that must come back on the same port).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

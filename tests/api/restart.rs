@@ -140,3 +140,98 @@ async fn sigterm_flushes_and_exits_zero() {
     assert_eq!(sessions["items"][0]["bytes_covered"], 5000, "{sessions}");
     assert_eq!(sessions["items"][0]["percent"], 50.0);
 }
+
+#[tokio::test]
+async fn kill_9_mid_task_then_tracking_resumes() {
+    use rumqttc::QoS;
+    use serde_json::json;
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("data");
+    let port = free_port().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "--mqtt-listen",
+        listen.as_str(),
+        "--ota-reply-timeout",
+        "60",
+    ];
+    let mut server = ServerProcess::start(&data_dir, &args);
+    let client = reqwest::Client::new();
+    let fw: Value = client
+        .post(format!(
+            "{}/api/v1/firmware?file_name=Dock_2.0.zip",
+            server.base
+        ))
+        .body(payload(1000, 1))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let dock = format!("RDOCK{}", &fwrepo::domain::ids::next()[18..]);
+    let (mq, mut inbox) = mqtt_client(&server.mqtt, "restart").await;
+    mq.subscribe(format!("thing/product/{dock}/services"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let body = json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw["id"]}]});
+    let task: Value = client
+        .post(format!("{}/api/v1/ota", server.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(task["status"], "sent", "{task}");
+    let (_, create) = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let create: Value = serde_json::from_slice(&create).unwrap();
+    let progress = |status: &str, pct: i64| {
+        json!({"bid": create["bid"], "tid": "e", "timestamp": 1, "method": "ota_progress",
+            "data": {"result": 0, "output": {"status": status, "progress": {"percent": pct, "step_key": "download_firmware"}}}})
+        .to_string()
+    };
+    mq.publish(
+        format!("thing/product/{dock}/events"),
+        QoS::AtLeastOnce,
+        false,
+        progress("in_progress", 40),
+    )
+    .await
+    .unwrap();
+    let id = task["id"].as_str().unwrap().to_string();
+    let base = server.base.clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            get_json_at(&base, &format!("/api/v1/ota/{id}")).await["status"] == "in_progress"
+        })
+        .await
+    );
+    // Give sled its flush interval, then crash.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    server.kill9();
+    let server = ServerProcess::start(&data_dir, &args);
+    let t = get_json_at(&server.base, &format!("/api/v1/ota/{id}")).await;
+    assert_eq!(t["status"], "in_progress", "{t}");
+    // The dock's client reconnects to the broker on the same port and finishes the job.
+    let mut done = false;
+    for _ in 0..50 {
+        let _ = mq.try_publish(
+            format!("thing/product/{dock}/events"),
+            QoS::AtLeastOnce,
+            false,
+            progress("ok", 100),
+        );
+        if get_json_at(&server.base, &format!("/api/v1/ota/{id}")).await["status"] == "ok" {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(done, "tracking did not resume after the restart");
+}
