@@ -29,6 +29,8 @@ pub enum Command {
     Export(ExportArgs),
     /// Read a catalog export (offline: the server must be stopped).
     Import(ImportArgs),
+    /// Simulate docks and aircraft that answer ota_create, download and report progress.
+    Simulate(crate::simulator::SimConfig),
     /// Validate the configuration and exit.
     CheckConfig(ServeOptions),
     /// Print the effective configuration (secrets redacted).

@@ -42,6 +42,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(options) => serve(options).await,
         Command::Upload(args) => fwrepo::client::upload(args).await,
         Command::List(args) => fwrepo::client::list(args).await,
+        Command::Simulate(cfg) => simulate(cfg).await,
         Command::Export(args) => {
             let n = match &args.output {
                 Some(path) => {
@@ -112,6 +113,35 @@ async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     tokio::spawn(signal_to(shutdown.clone()));
     app.run_until_stopped(shutdown).await?;
     tracing::info!("fwrepo stopped");
+    Ok(())
+}
+
+async fn simulate(cfg: fwrepo::simulator::SimConfig) -> anyhow::Result<()> {
+    fwrepo::telemetry::init(fwrepo::config::LogFormat::Text);
+    let cancel = CancellationToken::new();
+    let stats = fwrepo::simulator::run(cfg.clone(), cancel.clone()).await?;
+    println!(
+        "simulating {} docks ({}0001…) with aircraft on {}; Ctrl-C to stop",
+        cfg.gateways, cfg.sn_prefix, cfg.mqtt_url
+    );
+    let stop = CancellationToken::new();
+    tokio::spawn(signal_to(stop.clone()));
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    let mut last = (0, 0, 0);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {
+                use std::sync::atomic::Ordering::Relaxed;
+                let now = (stats.jobs.load(Relaxed), stats.ok.load(Relaxed), stats.failed.load(Relaxed));
+                if now != last {
+                    println!("jobs {} ok {} failed {} bytes {}", now.0, now.1, now.2, stats.bytes.load(Relaxed));
+                    last = now;
+                }
+            }
+        }
+    }
+    cancel.cancel();
     Ok(())
 }
 

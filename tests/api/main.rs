@@ -12,4 +12,5 @@ mod ops;
 mod ota;
 mod restart;
 mod s3;
+mod simulator;
 mod upload;
