@@ -112,16 +112,16 @@ pub struct ServeOptions {
     /// Seconds after the last message a device counts as online [default: 60].
     #[arg(long, env = "FWREPO_ONLINE_WINDOW")]
     pub online_window: Option<u64>,
-    /// Seconds after `ok` to verify the reported version (OTA tasks; not yet effective) [default: 900].
+    /// Seconds after `ok` to verify the reported version [default: 900].
     #[arg(long, env = "FWREPO_VERIFY_WINDOW")]
     pub verify_window: Option<u64>,
-    /// Preflight mode normal|strict|off (OTA tasks; not yet effective) [default: normal].
+    /// Preflight mode normal|strict|off [default: normal].
     #[arg(long, env = "FWREPO_PREFLIGHT")]
     pub preflight: Option<String>,
-    /// Seconds to wait for services_reply (OTA tasks; not yet effective) [default: 30].
+    /// Seconds to wait for services_reply [default: 30].
     #[arg(long, env = "FWREPO_OTA_REPLY_TIMEOUT")]
     pub ota_reply_timeout: Option<u64>,
-    /// Seconds without ota_progress before a task times out (OTA tasks; not yet effective) [default: 1800].
+    /// Seconds without ota_progress before a task times out [default: 1800].
     #[arg(long, env = "FWREPO_OTA_PROGRESS_TIMEOUT")]
     pub ota_progress_timeout: Option<u64>,
     /// Model key → firmware model table (TOML only).

@@ -78,6 +78,7 @@ pub(super) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     };
     let mut text = state.metrics.render(&gauges);
     text.push_str(&state.mqtt.status.render());
+    text.push_str(&state.ota.render_metrics());
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(text)

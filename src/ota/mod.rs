@@ -205,7 +205,30 @@ impl Open {
     }
 }
 
+/// Task counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct OtaCounters {
+    /// Tasks published.
+    pub created: std::sync::atomic::AtomicU64,
+    /// Tasks that ended, by final status: ok, failed, canceled, rejected, timeout.
+    pub finished: [std::sync::atomic::AtomicU64; 5],
+}
+
+impl OtaCounters {
+    fn finish(&self, status: TaskStatus) {
+        let i = match status {
+            TaskStatus::Ok => 0,
+            TaskStatus::Failed => 1,
+            TaskStatus::Canceled => 2,
+            TaskStatus::Rejected => 3,
+            _ => 4,
+        };
+        self.finished[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 struct Inner {
+    counters: OtaCounters,
     catalog: Catalog,
     devices: DeviceRegistry,
     publisher: Arc<dyn Publisher>,
@@ -267,6 +290,7 @@ impl OtaService {
         let (changes, _) = broadcast::channel(1024);
         Ok(OtaService {
             inner: Arc::new(Inner {
+                counters: OtaCounters::default(),
                 catalog,
                 devices,
                 publisher,
@@ -276,6 +300,59 @@ impl OtaService {
                 changes,
             }),
         })
+    }
+
+    /// Prometheus text: tasks created, open by status, finished by status.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.inner.counters;
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP fwrepo_ota_tasks_created_total OTA tasks published.\n# TYPE fwrepo_ota_tasks_created_total counter\nfwrepo_ota_tasks_created_total {}",
+            c.created.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP fwrepo_ota_tasks_finished_total OTA tasks that ended, by status.\n# TYPE fwrepo_ota_tasks_finished_total counter"
+        );
+        for (i, name) in ["ok", "failed", "canceled", "rejected", "timeout"]
+            .iter()
+            .enumerate()
+        {
+            let _ = writeln!(
+                out,
+                "fwrepo_ota_tasks_finished_total{{status=\"{name}\"}} {}",
+                c.finished[i].load(Relaxed)
+            );
+        }
+        let mut open: HashMap<&'static str, usize> = HashMap::new();
+        for t in lock(&self.inner.open)
+            .tasks
+            .values()
+            .filter(|t| !t.status.is_final())
+        {
+            let k = match t.status {
+                TaskStatus::Pending => "pending",
+                TaskStatus::Sent => "sent",
+                TaskStatus::Paused => "paused",
+                _ => "in_progress",
+            };
+            *open.entry(k).or_default() += 1;
+        }
+        let _ = writeln!(
+            out,
+            "# HELP fwrepo_ota_tasks_open OTA tasks not final, by status.\n# TYPE fwrepo_ota_tasks_open gauge"
+        );
+        for k in ["pending", "sent", "in_progress", "paused"] {
+            let _ = writeln!(
+                out,
+                "fwrepo_ota_tasks_open{{status=\"{k}\"}} {}",
+                open.get(k).copied().unwrap_or(0)
+            );
+        }
+        out
     }
 
     /// Subscribes to task changes (SSE).
@@ -570,6 +647,10 @@ impl OtaService {
             return Err(OtaError::BrokerUnavailable);
         }
         task.status = TaskStatus::Sent;
+        self.inner
+            .counters
+            .created
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         task.note("publish", Some(message), Utc::now());
         self.save(&task);
         for w in &warnings {
@@ -734,6 +815,7 @@ impl OtaService {
         }
         if task.status.is_final() {
             task.finished_at = Some(now);
+            self.inner.counters.finish(task.status);
             self.finish_devices(&mut task, now);
             tracing::info!(task_id = %task.id, status = ?task.status, "OTA task finished");
         }
@@ -810,6 +892,7 @@ impl OtaService {
                     silent > s.progress_timeout
                 };
                 if timed_out {
+                    self.inner.counters.finish(TaskStatus::Timeout);
                     t.status = TaskStatus::Timeout;
                     t.finished_at = Some(now);
                     t.note("timeout", None, now);

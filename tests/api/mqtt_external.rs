@@ -94,3 +94,192 @@ async fn external_broker_learns_devices_and_survives_an_oversized_publish() {
     );
     assert!(app.state.mqtt.status.dropped.load(Ordering::Relaxed) >= 1);
 }
+
+fn external(host: &str, port: u16, tag: &str) -> fwrepo::mqtt::MqttSettings {
+    fwrepo::mqtt::MqttSettings {
+        target: fwrepo::mqtt::BrokerTarget::External {
+            host: host.to_string(),
+            port,
+            tls: false,
+            user: None,
+            password: None,
+        },
+        client_id: Some(format!("fwrepo-test-{tag}")),
+        replies: true,
+    }
+}
+
+async fn app_on(host: &str, port: u16) -> TestApp {
+    let tag = fwrepo::domain::ids::next().to_lowercase();
+    spawn_with(|s| {
+        s.mqtt = external(host, port, &tag);
+        s.models = fwrepo::devices::ModelMap::from_table(Some(
+            &toml::from_str("\"3-1-0\" = \"Dock\"\n").unwrap(),
+        ))
+        .unwrap();
+    })
+    .await
+}
+
+async fn upgrade_one(
+    app: &TestApp,
+    mqtt_url: &str,
+    extra: &[&str],
+) -> (String, String, tokio_util::sync::CancellationToken) {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Args {
+        #[command(flatten)]
+        sim: fwrepo::simulator::SimConfig,
+    }
+    let prefix = format!("X{}", &fwrepo::domain::ids::next()[18..]);
+    let mut argv = vec![
+        "sim",
+        "--mqtt-url",
+        mqtt_url,
+        "--sn-prefix",
+        &prefix,
+        "--osd-every",
+        "1",
+    ];
+    argv.extend_from_slice(extra);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    fwrepo::simulator::run(Args::parse_from(argv).sim, cancel.clone())
+        .await
+        .unwrap();
+    let gw = format!("{prefix}0001");
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            let (_, d) = app.get_json(&format!("/api/v1/devices/{gw}")).await;
+            d["online"] == true && d["mode_code"] == 0
+        })
+        .await
+    );
+    let fw = app.upload_ok("Dock_2.0.zip", payload(3_000_000, 5)).await;
+    let resp = app
+        .client
+        .post(app.url("/api/v1/ota"))
+        .json(&json!({"gateway_sn": gw, "devices": [{"sn": gw, "firmware_id": fw["id"]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    (id, gw, cancel)
+}
+
+#[tokio::test]
+async fn ota_through_an_external_broker_with_the_simulator() {
+    let Some((host, port)) = broker() else { return };
+    let app = app_on(&host, port).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.state.mqtt.status.connected.load(Ordering::Relaxed)
+        })
+        .await
+    );
+    let (id, _, cancel) = upgrade_one(
+        &app,
+        &format!("mqtt://{host}:{port}"),
+        &["--dialect", "dji"],
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            app.get_json(&format!("/api/v1/ota/{id}")).await.1["status"] == "ok"
+        })
+        .await
+    );
+    cancel.cancel();
+}
+
+struct Mosquitto(std::process::Child);
+
+impl Mosquitto {
+    fn start(dir: &std::path::Path, port: u16) -> Mosquitto {
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto on PATH");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Mosquitto(child)
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn broker_restart_mid_task_reconnects_and_completes() {
+    // Needs a mosquitto binary; .ci/run provides one together with FWREPO_TEST_MQTT_URL.
+    if broker().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let broker = Mosquitto::start(dir.path(), port);
+    let app = app_on("127.0.0.1", port).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.state.mqtt.status.connected.load(Ordering::Relaxed)
+        })
+        .await
+    );
+    let (id, _, cancel) = upgrade_one(
+        &app,
+        &format!("mqtt://127.0.0.1:{port}"),
+        &["--rate", "1000000"],
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/ota/{id}")).await.1["status"] == "in_progress"
+        })
+        .await
+    );
+    drop(broker);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            !app.state.mqtt.status.connected.load(Ordering::Relaxed)
+        })
+        .await
+    );
+    let _broker = Mosquitto::start(dir.path(), port);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            app.state.mqtt.status.connected.load(Ordering::Relaxed)
+        })
+        .await,
+        "fwrepo did not reconnect"
+    );
+    assert!(
+        wait_until(Duration::from_secs(40), || async {
+            app.get_json(&format!("/api/v1/ota/{id}")).await.1["status"] == "ok"
+        })
+        .await,
+        "the task did not complete after the broker restart: {}",
+        app.get_json(&format!("/api/v1/ota/{id}")).await.1
+    );
+    cancel.cancel();
+}

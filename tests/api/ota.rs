@@ -465,3 +465,46 @@ async fn policy_preflight_and_bad_requests() {
     let (status, _) = app.get_json("/api/v1/ota/nope").await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn broker_down_is_503_and_nothing_is_stored() {
+    let port = free_port();
+    let app = spawn_with(|s| {
+        s.mqtt.target = fwrepo::mqtt::BrokerTarget::External {
+            host: "127.0.0.1".into(),
+            port,
+            tls: false,
+            user: None,
+            password: None,
+        };
+    })
+    .await;
+    let fw = app.upload_ok("Dock_1.0.zip", payload(1000, 1)).await;
+    let (status, e) = post_ota(
+        &app,
+        json!({"gateway_sn": "DOCKX", "devices": [{"sn": "DOCKX", "firmware_id": fw["id"]}]}),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (503, Some("broker_unavailable"))
+    );
+    let (_, list) = app.get_json("/api/v1/ota").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 0);
+    // Downloads go on without MQTT: ready, with the broker's state in the body.
+    let (status, ready) = app.get_json("/readyz").await;
+    assert_eq!(status, 200);
+    assert_ne!(ready["mqtt"], "connected");
+    let text = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("fwrepo_mqtt_connected 0"));
+    assert!(text.contains("fwrepo_ota_tasks_created_total 0"));
+}

@@ -1,0 +1,629 @@
+#!/usr/bin/env bash
+# fwrepo OTA rollout benchmark: 500 simulated docks (each with one aircraft) get one OTA task
+# each, all created at once; once with the embedded MQTT broker and once with Mosquitto.
+#
+# Usage: scripts/bench_ota.sh        (needs a release build: cargo build --release)
+#
+# For each broker it starts a fresh server (fresh data dir) and a fresh `fwrepo simulate`,
+# uploads a Dock and an M30 package (256 KiB of random bytes each), waits until all 1000
+# devices are known and every dock is online with its aircraft, then POSTs the 500 tasks
+# concurrently and polls `GET /api/v1/ota` until every task is final. It reports:
+#   - time from the first POST to all 500 tasks final (as seen by polling, and from the
+#     tasks' own `finished_at`), and how many ended `ok` / otherwise;
+#   - dispatch latency per task = `at` of the `services_reply` history entry minus `at` of
+#     the `publish` entry (p50 / p99 / max);
+#   - the server's peak RSS (VmHWM) and its CPU seconds (utime+stime) over the run, and the
+#     CPU of the simulator (and of Mosquitto), which share the same cores.
+#
+# Everything runs on 127.0.0.1 on ports the kernel picks (never 1883 or 8080). All temporary
+# files live in one directory under $BENCH_TMP (default /tmp), removed on exit, and every
+# process started here is stopped on exit, error, SIGINT or SIGTERM. Progress goes to stderr,
+# the markdown report to stdout (and to $BENCH_REPORT if set).
+#
+# Environment knobs (defaults in brackets):
+#   FWREPO_BIN          binary (copied into the temp dir first)   [target/release/fwrepo]
+#   MOSQUITTO_BIN       Mosquitto broker                          [/usr/sbin/mosquitto, else PATH]
+#   BENCH_TMP           parent of the temp dir                    [/tmp]
+#   BENCH_REPORT        also write the report to this file
+#   BENCH_GATEWAYS      number of docks (each with one aircraft)  [500]
+#   BENCH_BROKERS       brokers to test, comma separated          [embedded,mosquitto]
+#   BENCH_PKG_KIB       size of each firmware package in KiB      [256]
+#   BENCH_READY_SECS    max wait for all devices to be online     [120]
+#   BENCH_RUN_SECS      max wait for all tasks to be final        [150]
+#   BENCH_VERIFY_SECS   extra wait for devices[].outcome=verified [20]
+#   BENCH_POST_THREADS  concurrent POST clients                   [50]
+#   BENCH_POLL_SECS     interval between task-list polls          [0.5]
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=${FWREPO_BIN:-$ROOT/target/release/fwrepo}
+MOSQ=${MOSQUITTO_BIN:-}
+if [[ -z $MOSQ ]]; then
+    if [[ -x /usr/sbin/mosquitto ]]; then MOSQ=/usr/sbin/mosquitto; else MOSQ=$(command -v mosquitto || true); fi
+fi
+
+log() { printf '[bench_ota %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+
+[[ -x $BIN ]] || die "no binary at $BIN; run: cargo build --release"
+command -v python3 >/dev/null || die "python3 is required"
+case ${BENCH_BROKERS:-embedded,mosquitto} in
+    *mosquitto*) [[ -n $MOSQ && -x $MOSQ ]] || die "mosquitto not found (set MOSQUITTO_BIN or BENCH_BROKERS=embedded)" ;;
+esac
+
+WORK=$(mktemp -d "${BENCH_TMP:-/tmp}/fwrepo-bench-ota.XXXXXX")
+PYPID=
+cleanup() {
+    local rc=$?
+    set +e
+    trap - INT TERM
+    local pids=()
+    [[ -n $PYPID ]] && pids+=("$PYPID")
+    # every process the python driver started, one pid per line
+    [[ -f $WORK/pids ]] && mapfile -t -O "${#pids[@]}" pids < "$WORK/pids"
+    for p in "${pids[@]}"; do
+        [[ $p =~ ^[0-9]+$ ]] || continue
+        kill -TERM "$p" 2>/dev/null
+    done
+    for p in "${pids[@]}"; do
+        [[ $p =~ ^[0-9]+$ ]] || continue
+        for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$p" 2>/dev/null
+    done
+    rm -rf "$WORK"
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A private copy, so a rebuild during the run cannot swap the binary between processes.
+cp "$BIN" "$WORK/fwrepo"
+BIN_BUILT=$(date -u -r "$BIN" '+%Y-%m-%d %H:%M UTC')
+REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=$(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock 2>/dev/null | wc -l)
+
+cat > "$WORK/driver.py" <<'PYEOF'
+import datetime
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+WORK = os.environ["WORK"]
+BIN = os.path.join(WORK, "fwrepo")
+MOSQ = os.environ.get("MOSQ", "")
+GATEWAYS = int(os.environ.get("BENCH_GATEWAYS", "500"))
+BROKERS = [b.strip() for b in os.environ.get("BENCH_BROKERS", "embedded,mosquitto").split(",") if b.strip()]
+PKG_KIB = int(os.environ.get("BENCH_PKG_KIB", "256"))
+READY_SECS = float(os.environ.get("BENCH_READY_SECS", "120"))
+RUN_SECS = float(os.environ.get("BENCH_RUN_SECS", "150"))
+VERIFY_SECS = float(os.environ.get("BENCH_VERIFY_SECS", "20"))
+POST_THREADS = int(os.environ.get("BENCH_POST_THREADS", "50"))
+POLL_SECS = float(os.environ.get("BENCH_POLL_SECS", "0.5"))
+PREFIX = "B"
+FINAL = {"ok", "failed", "canceled", "rejected", "timeout"}
+TICK = os.sysconf("SC_CLK_TCK")
+CHILDREN = []
+
+
+def log(msg):
+    print(f"[bench_ota {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def on_signal(signum, _frame):
+    raise SystemExit(128 + signum)
+
+
+signal.signal(signal.SIGTERM, on_signal)
+signal.signal(signal.SIGINT, on_signal)
+
+
+# ---------------------------------------------------------------- processes
+
+def spawn(name, argv, cwd=WORK):
+    out = open(os.path.join(WORK, f"{name}.out"), "wb")
+    err = open(os.path.join(WORK, f"{name}.err"), "wb")
+    p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd,
+                         start_new_session=True)
+    out.close()
+    err.close()
+    CHILDREN.append(p)
+    with open(os.path.join(WORK, "pids"), "a") as f:
+        f.write(f"{p.pid}\n")
+    return p
+
+
+def stop(p, grace=10.0):
+    if p.poll() is None:
+        p.send_signal(signal.SIGTERM)
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    return p.returncode
+
+
+def stop_all():
+    for p in reversed(CHILDREN):
+        try:
+            stop(p, 5)
+        except Exception:
+            pass
+
+
+def wait_line(p, name, pattern, timeout):
+    path = os.path.join(WORK, f"{name}.out")
+    rx = re.compile(pattern)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with open(path, "r", errors="replace") as f:
+            for line in f:
+                m = rx.search(line)
+                if m:
+                    return m
+        if p.poll() is not None:
+            break
+        time.sleep(0.05)
+    tail = open(os.path.join(WORK, f"{name}.err"), errors="replace").read()[-2000:]
+    raise RuntimeError(f"{name}: no line matching {pattern!r} (exit {p.poll()}); stderr tail:\n{tail}")
+
+
+def cpu_secs(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14 and 15)
+
+
+def status_kib(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return None
+
+
+def threads_of(pid):
+    return status_kib(pid, "Threads")
+
+
+def free_port():
+    while True:
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        s.close()
+        if port not in (1883, 8080):
+            return port
+
+
+def wait_port(port, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
+
+
+# ---------------------------------------------------------------- HTTP
+
+class Http:
+    def __init__(self, port):
+        self.port = port
+        self.conn = None
+
+    def request(self, method, path, body=None, headers=None, timeout=60):
+        for attempt in (0, 1):
+            if self.conn is None:
+                self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+            try:
+                self.conn.request(method, path, body=body, headers=headers or {})
+                r = self.conn.getresponse()
+                data = r.read()
+                return r.status, data
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.conn.close()
+                self.conn = None
+                if attempt:
+                    raise
+
+    def json(self, method, path, obj=None, timeout=60):
+        body = None if obj is None else json.dumps(obj).encode()
+        hdr = {"Content-Type": "application/json"} if body is not None else {}
+        status, data = self.request(method, path, body, hdr, timeout)
+        try:
+            return status, json.loads(data) if data else None
+        except ValueError:
+            return status, data.decode(errors="replace")
+
+    def pages(self, path):
+        items, cursor = [], None
+        while True:
+            sep = "&" if "?" in path else "?"
+            p = path + (f"{sep}cursor={urllib.parse.quote(cursor)}" if cursor else "")
+            status, page = self.json("GET", p)
+            if status != 200:
+                raise RuntimeError(f"GET {p}: {status} {page}")
+            items.extend(page["items"])
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return items
+
+    def close(self):
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+# ---------------------------------------------------------------- helpers
+
+RFC3339 = re.compile(r"^(\d{4})-(\d\d)-(\d\d)[Tt ](\d\d):(\d\d):(\d\d)(?:\.(\d+))?(Z|z|[+-]\d\d:\d\d)$")
+
+
+def ts(s):
+    m = RFC3339.match(s)
+    if not m:
+        raise ValueError(f"not RFC 3339: {s}")
+    y, mo, d, h, mi, se, frac, tz = m.groups()
+    micro = int((frac or "0")[:6].ljust(6, "0"))
+    off = 0
+    if tz not in ("Z", "z"):
+        off = (1 if tz[0] == "+" else -1) * (int(tz[1:3]) * 3600 + int(tz[4:6]) * 60)
+    dt = datetime.datetime(int(y), int(mo), int(d), int(h), int(mi), int(se), micro,
+                           tzinfo=datetime.timezone.utc)
+    return dt.timestamp() - off
+
+
+def pct(values, p):
+    """Nearest-rank percentile."""
+    if not values:
+        return None
+    v = sorted(values)
+    k = max(1, -(-len(v) * p // 100))  # ceil(n*p/100)
+    return v[int(k) - 1]
+
+
+def fmt_ms(x):
+    return "–" if x is None else f"{x * 1000:.0f}"
+
+
+def upload(h, path, name):
+    with open(path, "rb") as f:
+        data = f.read()
+    status, body = h.request("PUT", f"/api/v1/firmware?file_name={name}", data,
+                             {"Content-Type": "application/octet-stream"}, 120)
+    if status not in (200, 201):
+        raise RuntimeError(f"upload {name}: {status} {body[:500]!r}")
+    return json.loads(body)["id"]
+
+
+def wait_devices(h, timeout):
+    deadline = time.time() + timeout
+    t0 = time.time()
+    last = ""
+    while True:
+        devs = [d for d in h.pages("/api/v1/devices?limit=500") if d.get("sn", "").startswith(PREFIX)]
+        docks = [d for d in devs if not d["sn"].endswith("-AC")]
+        ready = [d for d in docks if d.get("online") and d.get("child_sn") == d["sn"] + "-AC"]
+        ac_online = sum(1 for d in devs if d["sn"].endswith("-AC") and d.get("online"))
+        state = f"{len(devs)}/{2 * GATEWAYS} devices known, {len(ready)}/{GATEWAYS} docks online with child_sn, {ac_online} aircraft online"
+        if state != last:
+            log("  " + state)
+            last = state
+        if len(devs) >= 2 * GATEWAYS and len(ready) >= GATEWAYS:
+            return time.time() - t0, ac_online
+        if time.time() > deadline:
+            raise RuntimeError(f"devices not ready after {timeout:.0f} s: {state}")
+        time.sleep(1)
+
+
+def post_all(port, fw_dock, fw_ac):
+    """POST one task per gateway from POST_THREADS threads, each with its own keep-alive
+    connection; the threads start together. Returns per-gateway results and t0 (first send)."""
+    sns = [f"{PREFIX}{i:04d}" for i in range(1, GATEWAYS + 1)]
+    results = {}
+    lock = threading.Lock()
+    queue = list(reversed(sns))
+    barrier = threading.Barrier(POST_THREADS)
+
+    def worker():
+        h = Http(port)
+        barrier.wait()
+        while True:
+            with lock:
+                if not queue:
+                    break
+                sn = queue.pop()
+            body = {"gateway_sn": sn, "devices": [{"sn": sn, "firmware_id": fw_dock},
+                                                  {"sn": sn + "-AC", "firmware_id": fw_ac}]}
+            t = time.time()
+            try:
+                status, ans = h.json("POST", "/api/v1/ota", body)
+            except Exception as e:  # noqa: BLE001 - reported, not raised
+                status, ans = None, repr(e)
+            results[sn] = (t, time.time(), status, ans)
+        h.close()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(POST_THREADS)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    t0 = min(r[0] for r in results.values())
+    return results, t0
+
+
+# ---------------------------------------------------------------- one run
+
+def run(broker, fw_files):
+    res = {"broker": broker}
+    data_dir = os.path.join(WORK, f"data-{broker}")
+    os.makedirs(data_dir)
+    cfg = os.path.join(WORK, "fwrepo.toml")
+    mosq = None
+    args = [BIN, "serve", "--data-dir", data_dir, "--listen", "127.0.0.1:0", "--config", cfg,
+            "--ota-reply-timeout", "60"]
+    if broker == "embedded":
+        args += ["--mqtt-listen", "127.0.0.1:0"]
+    else:
+        mport = free_port()
+        mconf = os.path.join(WORK, f"mosquitto-{broker}.conf")
+        with open(mconf, "w") as f:
+            f.write(f"listener {mport} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    "max_connections -1\nlog_dest stderr\nlog_type error\nlog_type warning\n")
+        mosq = spawn(f"mosquitto-{broker}", [MOSQ, "-c", mconf])
+        wait_port(mport)
+        res["mosquitto_version"] = subprocess.run([MOSQ, "-h"], capture_output=True, text=True).stdout.split("\n")[0].strip()
+        args += ["--mqtt-url", f"mqtt://127.0.0.1:{mport}"]
+
+    name = f"server-{broker}"
+    server = spawn(name, args)
+    hport = int(wait_line(server, name, r"HTTP listening on http://127\.0\.0\.1:(\d+)", 30).group(1))
+    if broker == "embedded":
+        mport = int(wait_line(server, name, r"MQTT listening on mqtt://127\.0\.0\.1:(\d+)", 30).group(1))
+    else:
+        wait_line(server, name, r"MQTT connected to mqtt://", 30)
+    for port in (hport, mport):
+        if port in (1883, 8080):
+            raise RuntimeError(f"refusing to use port {port}")
+    log(f"[{broker}] server pid {server.pid}, HTTP :{hport}, MQTT :{mport}")
+    h = Http(hport)
+    fw_dock = upload(h, fw_files["Dock"], "Dock_2.0.0.zip")
+    fw_ac = upload(h, fw_files["M30"], "M30_2.0.0.zip")
+
+    sim = spawn(f"simulate-{broker}", [BIN, "simulate", "--mqtt-url", f"mqtt://127.0.0.1:{mport}",
+                                       "--gateways", str(GATEWAYS), "--sn-prefix", PREFIX,
+                                       "--osd-every", "5"])
+    log(f"[{broker}] simulator pid {sim.pid}; waiting for {2 * GATEWAYS} devices")
+    res["ready_secs"], res["ac_online"] = wait_devices(h, READY_SECS)
+    res["rss_before_kib"] = status_kib(server.pid, "VmRSS")
+    time.sleep(1)
+
+    procs = {"server": server, "simulator": sim}
+    if mosq:
+        procs["mosquitto"] = mosq
+    cpu0 = {k: cpu_secs(p.pid) for k, p in procs.items()}
+    log(f"[{broker}] POSTing {GATEWAYS} tasks from {POST_THREADS} threads")
+    posts, t0 = post_all(hport, fw_dock, fw_ac)
+    t_posted = max(r[1] for r in posts.values())
+    codes = {}
+    for r in posts.values():
+        codes[r[2]] = codes.get(r[2], 0) + 1
+    res["post_codes"] = codes
+    res["post_all_secs"] = t_posted - t0
+    res["post_lat"] = [r[1] - r[0] for r in posts.values()]
+    bad = [(sn, r[2], r[3]) for sn, r in sorted(posts.items()) if r[2] != 202]
+    res["post_errors"] = bad[:5]
+    ids = {r[3]["id"] for r in posts.values() if r[2] == 202 and isinstance(r[3], dict)}
+    log(f"[{broker}] {len(ids)} tasks accepted in {t_posted - t0:.2f} s; codes {codes}")
+
+    # Poll the task list until every accepted task is final.
+    deadline = t0 + RUN_SECS
+    t_done = None
+    last = ""
+    polls = 0
+    while True:
+        tasks = {t["id"]: t for t in h.pages("/api/v1/ota?limit=500") if t["id"] in ids}
+        polls += 1
+        now = time.time()
+        by = {}
+        for t in tasks.values():
+            by[t["status"]] = by.get(t["status"], 0) + 1
+        state = " ".join(f"{k}={v}" for k, v in sorted(by.items()))
+        if state != last:
+            log(f"  t+{now - t0:6.2f} s  {state}")
+            last = state
+        if len(tasks) == len(ids) and all(t["status"] in FINAL for t in tasks.values()):
+            t_done = now
+            break
+        if now > deadline:
+            break
+        time.sleep(POLL_SECS)
+    cpu1 = {k: cpu_secs(p.pid) for k, p in procs.items()}
+    res["cpu"] = {k: cpu1[k] - cpu0[k] for k in procs}
+    res["run_wall"] = (t_done or time.time()) - t0
+    res["polls"] = polls
+    res["t_done"] = None if t_done is None else t_done - t0
+    res["status_counts"] = by
+    res["tasks_seen"] = len(tasks)
+    res["accepted"] = len(ids)
+
+    dispatch, e2e, finished = [], [], []
+    missing_reply = 0
+    for t in tasks.values():
+        pub = [ts(e["at"]) for e in t.get("history", []) if e.get("source") == "publish"]
+        rep = [ts(e["at"]) for e in t.get("history", []) if e.get("source") == "services_reply"]
+        if pub and rep:
+            dispatch.append(rep[0] - pub[0])
+        else:
+            missing_reply += 1
+        if t.get("finished_at"):
+            f_at = ts(t["finished_at"])
+            finished.append(f_at)
+            e2e.append(f_at - ts(t["created_at"]))
+    res["dispatch"] = dispatch
+    res["missing_reply"] = missing_reply
+    res["e2e"] = e2e
+    res["finished_max"] = (max(finished) - t0) if finished else None
+    res["others"] = [(t["gateway_sn"], t["status"], t.get("result_code"), t.get("result_reason"))
+                     for t in tasks.values() if t["status"] != "ok"][:5]
+
+    # Give the verification (new version in the osd) a little time, then count outcomes.
+    vdeadline = time.time() + VERIFY_SECS
+    while True:
+        tasks = {t["id"]: t for t in h.pages("/api/v1/ota?limit=500") if t["id"] in ids}
+        outcomes = {}
+        for t in tasks.values():
+            for d in t.get("devices", []):
+                o = d.get("outcome") or "none"
+                outcomes[o] = outcomes.get(o, 0) + 1
+        if outcomes.get("verified", 0) == 2 * len(ids) or time.time() > vdeadline:
+            break
+        time.sleep(2)
+    res["outcomes"] = outcomes
+    res["rss_peak_kib"] = status_kib(server.pid, "VmHWM")
+    res["rss_end_kib"] = status_kib(server.pid, "VmRSS")
+    res["server_threads"] = threads_of(server.pid)
+    res["sim_rss_peak_kib"] = status_kib(sim.pid, "VmHWM")
+    h.close()
+
+    log(f"[{broker}] stopping simulator, server{' and mosquitto' if mosq else ''}")
+    res["sim_exit"] = stop(sim)
+    res["server_exit"] = stop(server, 30)
+    if mosq:
+        res["mosq_exit"] = stop(mosq)
+    errs = open(os.path.join(WORK, f"{name}.err"), errors="replace").read().splitlines()
+    res["log_warn"] = sum(1 for l in errs if re.search(r"\bWARN\b", l))
+    res["log_error"] = sum(1 for l in errs if re.search(r"\bERROR\b", l))
+    res["log_samples"] = [l for l in errs if re.search(r"\b(WARN|ERROR)\b", l)][:3]
+    return res
+
+
+# ---------------------------------------------------------------- report
+
+def report(results, started, took):
+    out = []
+    w = out.append
+    mib = lambda k: "–" if k is None else f"{k / 1024:.1f}"
+    w(f"### Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(started))}, fwrepo {os.environ['REV']}")
+    w("")
+    dirty = int(os.environ.get("DIRTY", "0"))
+    note = f" (working tree: {dirty} uncommitted change(s) under src/, Cargo.*; the binary may include them)" if dirty else ""
+    w(f"Binary built {os.environ['BIN_BUILT']}{note}. Run took {took:.0f} s; load average before: "
+      f"{os.environ['LOAD0']}, after: {' '.join(open('/proc/loadavg').read().split()[0:3])}.")
+    w("")
+    w(f"Load: {GATEWAYS} docks + {GATEWAYS} aircraft from one `fwrepo simulate` process (osd every 5 s), "
+      f"{GATEWAYS} tasks (dock {PKG_KIB} KiB + aircraft {PKG_KIB} KiB each) POSTed from {POST_THREADS} "
+      f"threads with keep-alive; the task list is polled every {POLL_SECS} s.")
+    w("")
+    cols = [r["broker"] if r["broker"] == "embedded" else "Mosquitto" for r in results]
+    cols = ["embedded (rumqttd)" if c == "embedded" else c for c in cols]
+    w("| Metric | " + " | ".join(cols) + " | Target |")
+    w("|---|" + "---|" * len(cols) + "---|")
+
+    def row(label, fn, target=""):
+        w(f"| {label} | " + " | ".join(fn(r) for r in results) + f" | {target} |")
+
+    row("Devices ready (1000 known, 500 docks online with child_sn)", lambda r: f"{r['ready_secs']:.1f} s")
+    row(f"POST {GATEWAYS} tasks: all answered / p50 / p99 answer time",
+        lambda r: f"{r['post_all_secs']:.2f} s / {fmt_ms(pct(r['post_lat'], 50))} / {fmt_ms(pct(r['post_lat'], 99))} ms; "
+                  + ", ".join(f"{v}×{k}" for k, v in sorted(r["post_codes"].items(), key=str)))
+    row("First POST → all tasks final (poll)",
+        lambda r: (f"{r['t_done']:.2f} s" if r["t_done"] is not None else f"**not reached in {r['run_wall']:.0f} s**"),
+        "all complete")
+    row("First POST → last `finished_at`", lambda r: "–" if r["finished_max"] is None else f"{r['finished_max']:.2f} s")
+    row("Tasks ok / other", lambda r: f"{r['status_counts'].get('ok', 0)} / {r['accepted'] - r['status_counts'].get('ok', 0)}"
+        + ("" if r["accepted"] - r["status_counts"].get("ok", 0) == 0 else
+           " (" + ", ".join(f"{k} {v}" for k, v in sorted(r["status_counts"].items()) if k != "ok") + ")"),
+        f"{GATEWAYS} / 0")
+    row("Dispatch latency (publish → services_reply) p50 / p99 / max",
+        lambda r: f"{fmt_ms(pct(r['dispatch'], 50))} / {fmt_ms(pct(r['dispatch'], 99))} / "
+                  f"{fmt_ms(max(r['dispatch']) if r['dispatch'] else None)} ms"
+                  + (f" ({r['missing_reply']} without reply)" if r["missing_reply"] else ""),
+        "p99 < 1000 ms")
+    row("Task created → finished p50 / p99",
+        lambda r: f"{fmt_ms(pct(r['e2e'], 50))} / {fmt_ms(pct(r['e2e'], 99))} ms")
+    row(f"Device outcomes after ≤ {VERIFY_SECS:.0f} s more",
+        lambda r: ", ".join(f"{v} {k}" for k, v in sorted(r["outcomes"].items())))
+    row("Server peak RSS (VmHWM); RSS before the POSTs",
+        lambda r: f"{mib(r['rss_peak_kib'])} MiB; {mib(r['rss_before_kib'])} MiB", "< 256 MiB")
+    row("Server CPU (utime+stime), first POST → all final",
+        lambda r: f"{r['cpu']['server']:.2f} s")
+    row("Simulator CPU, same interval (peak RSS)",
+        lambda r: f"{r['cpu']['simulator']:.2f} s ({mib(r['sim_rss_peak_kib'])} MiB)")
+    row("Mosquitto CPU, same interval",
+        lambda r: f"{r['cpu']['mosquitto']:.2f} s" if "mosquitto" in r["cpu"] else "–")
+    row("Server log WARN / ERROR lines (whole run)", lambda r: f"{r['log_warn']} / {r['log_error']}")
+    w("")
+    met = []
+    for r, c in zip(results, cols):
+        checks = {
+            "all complete": r["t_done"] is not None and r["status_counts"].get("ok", 0) == GATEWAYS
+                            and r["post_codes"].get(202, 0) == GATEWAYS,
+            "p99 dispatch < 1 s": bool(r["dispatch"]) and pct(r["dispatch"], 99) < 1.0 and r["missing_reply"] == 0,
+            "RSS < 256 MiB": r["rss_peak_kib"] is not None and r["rss_peak_kib"] < 256 * 1024,
+        }
+        met.append(f"{c}: " + ", ".join(f"{k} {'yes' if v else '**no**'}" for k, v in checks.items()))
+    w("Targets met? " + "; ".join(met) + ".")
+    extra = []
+    for r, c in zip(results, cols):
+        if r["post_errors"]:
+            extra.append(f"{c}: POSTs not answered 202, first ones: {r['post_errors']}")
+        if r["others"]:
+            extra.append(f"{c}: tasks not ok, first ones (gateway, status, result_code, reason): {r['others']}")
+        if r["log_samples"]:
+            extra.append(f"{c}: first server WARN/ERROR lines: " + " / ".join(f"`{s[:200]}`" for s in r["log_samples"]))
+        if r.get("mosquitto_version"):
+            extra.append(f"{c}: {r['mosquitto_version']}")
+    if extra:
+        w("")
+        for e in extra:
+            w(f"- {e}")
+    return "\n".join(out) + "\n"
+
+
+def main():
+    started = time.time()
+    os.environ["LOAD0"] = " ".join(open("/proc/loadavg").read().split()[0:3])
+    with open(os.path.join(WORK, "fwrepo.toml"), "w") as f:
+        f.write('[models]\n"3-1-0" = "Dock"\n"0-67-0" = "M30"\n')
+    fw_files = {}
+    for model in ("Dock", "M30"):
+        p = os.path.join(WORK, f"{model}_2.0.0.zip")
+        with open(p, "wb") as f:
+            f.write(os.urandom(PKG_KIB * 1024))
+        fw_files[model] = p
+    results = []
+    try:
+        for b in BROKERS:
+            if b not in ("embedded", "mosquitto"):
+                raise SystemExit(f"unknown broker {b!r}")
+            results.append(run(b, fw_files))
+            stop_all()
+    finally:
+        stop_all()
+    text = report(results, started, time.time() - started)
+    sys.stdout.write(text)
+    if os.environ.get("BENCH_REPORT"):
+        with open(os.environ["BENCH_REPORT"], "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
+PYEOF
+
+log "binary $BIN (built $BIN_BUILT, HEAD $REV), temp dir $WORK"
+WORK=$WORK MOSQ=$MOSQ REV=$REV BIN_BUILT=$BIN_BUILT DIRTY=$DIRTY python3 "$WORK/driver.py" &
+PYPID=$!
+wait "$PYPID"
