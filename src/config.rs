@@ -118,6 +118,9 @@ pub struct ServeOptions {
     /// Preflight mode normal|strict|off [default: normal].
     #[arg(long, env = "FWREPO_PREFLIGHT")]
     pub preflight: Option<String>,
+    /// Preflight checks to skip: gateway_online, not_upgrading, aircraft_attached.
+    #[arg(long, env = "FWREPO_PREFLIGHT_SKIP", value_delimiter = ',')]
+    pub preflight_skip: Option<Vec<String>>,
     /// Seconds to wait for services_reply [default: 30].
     #[arg(long, env = "FWREPO_OTA_REPLY_TIMEOUT")]
     pub ota_reply_timeout: Option<u64>,
@@ -165,6 +168,7 @@ impl ServeOptions {
             online_window,
             verify_window,
             preflight,
+            preflight_skip,
             ota_reply_timeout,
             ota_progress_timeout,
             models,
@@ -294,6 +298,7 @@ impl Default for Settings {
                 progress_timeout: std::time::Duration::from_secs(1800),
                 verify_window: std::time::Duration::from_secs(900),
                 preflight: "normal".into(),
+                preflight_skip: Vec::new(),
                 online_window: std::time::Duration::from_secs(60),
             },
         }
@@ -336,6 +341,14 @@ impl Settings {
         if let Some(v) = o.mqtt_replies.as_deref() {
             if !matches!(v, "all" | "none") {
                 return Err(invalid("mqtt_replies must be all or none"));
+            }
+        }
+        for check in o.preflight_skip.iter().flatten() {
+            if !crate::ota::PREFLIGHT_CHECKS.contains(&check.as_str()) {
+                return Err(invalid(format!(
+                    "preflight_skip: unknown check {check:?} (known: {})",
+                    crate::ota::PREFLIGHT_CHECKS.join(", ")
+                )));
             }
         }
         if let Some(v) = o.preflight.as_deref() {
@@ -400,6 +413,7 @@ impl Settings {
                     900,
                 )?),
                 preflight: o.preflight.clone().unwrap_or_else(|| "normal".into()),
+                preflight_skip: o.preflight_skip.clone().unwrap_or_default(),
                 online_window: std::time::Duration::from_secs(
                     o.online_window.unwrap_or(d.online_window_secs),
                 ),

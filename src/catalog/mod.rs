@@ -110,6 +110,7 @@ pub struct Catalog {
     sessions: sled::Tree,
     devices: sled::Tree,
     tasks: sled::Tree,
+    orphans: sled::Tree,
     idempotency: sled::Tree,
     meta: sled::Tree,
 }
@@ -163,6 +164,7 @@ impl Catalog {
             sessions: db.open_tree("download_sessions")?,
             devices: db.open_tree("devices")?,
             tasks: db.open_tree("ota_tasks")?,
+            orphans: db.open_tree("ota_orphans")?,
             idempotency: db.open_tree("idempotency")?,
             meta: db.open_tree("meta")?,
             db,
@@ -440,6 +442,18 @@ impl Catalog {
     /// Stores an OTA task.
     pub fn put_task<T: serde::Serialize>(&self, id: &str, task: &T) -> Result<(), CatalogError> {
         self.tasks.insert(id.as_bytes(), encode(task))?;
+        Ok(())
+    }
+
+    /// Keeps an OTA message that matched no task (at most 10,000; the oldest go first).
+    pub fn put_orphan(&self, msg: &serde_json::Value) -> Result<(), CatalogError> {
+        while self.orphans.len() >= 10_000 {
+            if self.orphans.pop_min()?.is_none() {
+                break;
+            }
+        }
+        self.orphans
+            .insert(crate::domain::ids::next().as_bytes(), encode(msg))?;
         Ok(())
     }
 

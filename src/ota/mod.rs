@@ -77,6 +77,12 @@ pub enum OtaError {
     Catalog(#[from] CatalogError),
 }
 
+/// The preflight checks, each switchable with `--preflight-skip`.
+pub const PREFLIGHT_CHECKS: [&str; 3] = ["gateway_online", "not_upgrading", "aircraft_attached"];
+
+/// How long a device whose outcome is `unverified` may still become verified (late).
+const LATE_VERIFY: chrono::Duration = chrono::Duration::hours(24);
+
 /// Where `ota_create` goes (implemented by the MQTT adapter).
 pub trait Publisher: Send + Sync {
     /// Whether the broker session is up.
@@ -115,6 +121,8 @@ pub struct OtaSettings {
     pub verify_window: Duration,
     /// `normal`, `strict` or `off`.
     pub preflight: String,
+    /// Checks switched off (see [`PREFLIGHT_CHECKS`]).
+    pub preflight_skip: Vec<String>,
     /// Online window of the registry.
     pub online_window: Duration,
 }
@@ -169,6 +177,8 @@ struct Open {
     by_bid: HashMap<String, String>,
     by_gateway: HashMap<String, String>,
     by_device: HashMap<String, String>,
+    /// Settled tasks with `unverified` devices that may still report the target late.
+    late: HashMap<String, DateTime<Utc>>,
 }
 
 impl Open {
@@ -410,6 +420,18 @@ impl OtaService {
     }
 
     fn preflight(&self, req: &OtaRequest) -> Result<Vec<String>, OtaError> {
+        let skip = &self.inner.settings.preflight_skip;
+        match self.preflight_checks(req) {
+            Err(OtaError::Preflight { check, reason }) if skip.iter().any(|s| s == check) => {
+                Ok(vec![format!(
+                    "preflight check {check} skipped by configuration: {reason}"
+                )])
+            }
+            other => other,
+        }
+    }
+
+    fn preflight_checks(&self, req: &OtaRequest) -> Result<Vec<String>, OtaError> {
         let mode = self.inner.settings.preflight.as_str();
         let mut warnings = Vec::new();
         if mode == "off" {
@@ -674,6 +696,15 @@ impl OtaService {
             }
             if task.settled() {
                 open.forget(task);
+                if task
+                    .devices
+                    .iter()
+                    .any(|d| d.outcome == Outcome::Unverified)
+                {
+                    open.late.entry(task.id.clone()).or_insert(Utc::now());
+                } else {
+                    open.late.remove(&task.id);
+                }
             } else {
                 open.index(task);
             }
@@ -745,6 +776,11 @@ impl OtaService {
         };
         let Some(mut task) = task else {
             tracing::info!(topic_sn = %msg.topic_sn, tid = ?msg.tid, bid = ?msg.bid, method = ?msg.method, "OTA message matches no open task (orphan)");
+            let orphan = json!({"at": now, "topic_sn": msg.topic_sn, "tid": msg.tid, "bid": msg.bid,
+                "method": msg.method, "raw": msg.raw});
+            if let Err(e) = self.inner.catalog.put_orphan(&orphan) {
+                tracing::warn!(error = %e, "storing an orphan OTA message failed");
+            }
             return;
         };
         if task.status.is_final() {
@@ -912,6 +948,53 @@ impl OtaService {
         }
     }
 
+    /// Devices left `unverified` that report the target within a day still become verified
+    /// (late) and count as upgraded.
+    fn verify_late(&self, now: DateTime<Utc>) {
+        let late: Vec<(String, DateTime<Utc>)> = lock(&self.inner.open)
+            .late
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        for (id, since) in late {
+            let task = match self.inner.catalog.task::<OtaTask>(&id) {
+                Ok(Some(t)) if now - since <= LATE_VERIFY => t,
+                _ => {
+                    lock(&self.inner.open).late.remove(&id);
+                    continue;
+                }
+            };
+            let mut task = task;
+            let mut changed = false;
+            for d in task
+                .devices
+                .iter_mut()
+                .filter(|d| d.outcome == Outcome::Unverified)
+            {
+                let Ok(dev) = self.inner.devices.get(&d.sn) else {
+                    continue;
+                };
+                let reported_after = dev.last_state_at.is_some_and(|t| t >= task.created_at);
+                let on_target = dev.firmware_version.as_deref().is_some_and(|v| {
+                    matches!((ProductVersion::parse(v), ProductVersion::parse(&d.product_version)), (Ok(a), Ok(b)) if a == b)
+                });
+                if reported_after
+                    && on_target
+                    && (d.upgrade_type != Some(2) || dev.compatible_status == Some(0))
+                {
+                    d.outcome = Outcome::Verified;
+                    d.outcome_at = Some(now);
+                    changed = true;
+                }
+            }
+            if changed {
+                task.note("verify_late", None, now);
+                tracing::info!(task_id = %task.id, "device verified late");
+                self.save(&task);
+            }
+        }
+    }
+
     /// Runs the timers and consumes gateway messages until `cancel`.
     pub async fn run(self, mut inbox: mpsc::Receiver<OtaMessage>, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
@@ -919,7 +1002,10 @@ impl OtaService {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = tick.tick() => self.tick(),
+                _ = tick.tick() => {
+                    self.tick();
+                    self.verify_late(Utc::now());
+                }
                 Some(msg) = inbox.recv() => self.on_message(msg),
             }
         }

@@ -508,3 +508,83 @@ async fn broker_down_is_503_and_nothing_is_stored() {
     assert!(text.contains("fwrepo_mqtt_connected 0"));
     assert!(text.contains("fwrepo_ota_tasks_created_total 0"));
 }
+
+#[tokio::test]
+async fn late_verification_and_switchable_preflight() {
+    let app = spawn_with(|s| {
+        s.ota.verify_window = Duration::from_secs(1);
+        s.ota.preflight_skip = vec!["aircraft_attached".into()];
+    })
+    .await;
+    let fw = app.upload_ok("Dock_3.0.zip", payload(1000, 9)).await;
+    let dock = sn("DOCK");
+    let (client, mut inbox) = mqtt_client(&app.mqtt_addr(), "late").await;
+    client
+        .subscribe(format!("thing/product/{dock}/services"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // With aircraft_attached switched off, an unlinked second device passes preflight.
+    let other = sn("AC");
+    let (status, plan) = post_ota(&app, json!({"gateway_sn": dock, "devices": [{"sn": other, "firmware_id": fw["id"]}], "dry_run": true}), None).await;
+    assert_eq!(status, 200, "{plan}");
+    assert!(plan["warnings"].to_string().contains("aircraft_attached"));
+    let (status, task) = post_ota(
+        &app,
+        json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw["id"]}]}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{task}");
+    let create = next_on(&mut inbox, "/services").await;
+    let ok = json!({"bid": create["bid"], "method": "ota_progress", "data": {"result": 0, "output": {"status": "ok", "progress": {"percent": 100}}}});
+    client
+        .publish(
+            format!("thing/product/{dock}/events"),
+            QoS::AtLeastOnce,
+            false,
+            ok.to_string(),
+        )
+        .await
+        .unwrap();
+    let id = task["id"].as_str().unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/ota/{id}")).await.1["devices"][0]["outcome"]
+                == "unverified"
+        })
+        .await
+    );
+    // The device reports the target after the window: verified late.
+    let state =
+        json!({"timestamp": 5, "data": {"firmware_version": "3.0", "compatible_status": 0}});
+    client
+        .publish(
+            format!("thing/product/{dock}/state"),
+            QoS::AtLeastOnce,
+            false,
+            state.to_string(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/ota/{id}")).await.1["devices"][0]["outcome"]
+                == "verified"
+        })
+        .await
+    );
+    // An event for no task is kept as an orphan, never fatal.
+    let orphan = json!({"bid": "nobody", "method": "ota_progress", "data": {"output": {"status": "in_progress", "progress": {"percent": "150"}}}});
+    client
+        .publish(
+            format!("thing/product/{}/events", sn("NONE")),
+            QoS::AtLeastOnce,
+            false,
+            orphan.to_string(),
+        )
+        .await
+        .unwrap();
+    let (status, _) = app.get_json("/healthz").await;
+    assert_eq!(status, 200);
+}
