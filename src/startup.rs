@@ -153,6 +153,9 @@ impl Application {
             blobs,
             settings: Arc::new(settings.clone()),
         };
+        // Firmware an open task uses, or that registered devices run, is not deleted lightly.
+        state.firmware.add_guard(Arc::new(state.ota.clone()));
+        state.firmware.add_guard(Arc::new(state.devices.clone()));
         let grace = Duration::from_secs(settings.shutdown_grace_secs);
         let data = web::Data::new(state.clone());
         let connections = state.budget.clone();

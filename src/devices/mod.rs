@@ -477,3 +477,31 @@ impl DeviceRegistry {
         }
     }
 }
+
+impl crate::firmware::UsageGuard for DeviceRegistry {
+    /// Devices of the firmware's model that run its version (consistency upgrades need it).
+    fn in_use(&self, fw: &crate::catalog::FirmwareRecord) -> Option<String> {
+        let version = crate::domain::ProductVersion::parse(&fw.product_version).ok()?;
+        let devices = lock(&self.inner.devices);
+        let n = devices
+            .values()
+            .filter(|d| {
+                d.model
+                    .as_deref()
+                    .is_some_and(|m| m.eq_ignore_ascii_case(&fw.model))
+            })
+            .filter(|d| {
+                d.firmware_version
+                    .as_deref()
+                    .and_then(|v| crate::domain::ProductVersion::parse(v).ok())
+                    .is_some_and(|v| v == version)
+            })
+            .count();
+        (n > 0).then(|| {
+            format!(
+                "{n} registered device(s) run {} {}",
+                fw.model, fw.product_version
+            )
+        })
+    }
+}

@@ -1012,6 +1012,17 @@ impl OtaService {
     }
 }
 
+impl crate::firmware::UsageGuard for OtaService {
+    fn in_use(&self, fw: &FirmwareRecord) -> Option<String> {
+        let open = lock(&self.inner.open);
+        open.tasks
+            .values()
+            .filter(|t| !t.status.is_final())
+            .find(|t| t.devices.iter().any(|d| d.firmware_id == fw.id.as_str()))
+            .map(|t| format!("open OTA task {} uses it", t.id))
+    }
+}
+
 /// The `ota_create` message for a task, exactly in the seed's shape.
 pub fn ota_create(task: &OtaTask) -> Value {
     let devices: Vec<Value> = task

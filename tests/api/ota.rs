@@ -588,3 +588,56 @@ async fn late_verification_and_switchable_preflight() {
     let (status, _) = app.get_json("/healthz").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn firmware_in_use_by_a_task_or_by_devices() {
+    let app = spawn_with(|s| {
+        s.models = fwrepo::devices::ModelMap::from_table(Some(
+            &toml::from_str("\"3-1-0\" = \"Dock\"\n").unwrap(),
+        ))
+        .unwrap();
+    })
+    .await;
+    let old = app.upload_ok("Dock_1.0.zip", payload(1000, 1)).await;
+    let new = app.upload_ok("Dock_2.0.zip", payload(1000, 2)).await;
+    let (dock, aircraft) = (sn("DOCK"), sn("AC"));
+    let (client, _inbox) = mqtt_client(&app.mqtt_addr(), "inuse").await;
+    announce(&client, &dock, &aircraft, "1.0", 0).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/devices/{dock}")).await.1["model"] == "Dock"
+                && app.get_json(&format!("/api/v1/devices/{dock}")).await.1["firmware_version"]
+                    == "1.0"
+        })
+        .await
+    );
+    // The dock runs 1.0: its package stays (consistency upgrades re-send it).
+    let old_id = old["id"].as_str().unwrap();
+    let (status, e) = app.delete_json(&format!("/api/v1/firmware/{old_id}")).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (409, Some("firmware_in_use")),
+        "{e}"
+    );
+    // An open task uses 2.0.
+    let (status, _) = post_ota(
+        &app,
+        json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": new["id"]}]}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202);
+    let new_id = new["id"].as_str().unwrap();
+    let (status, e) = app
+        .post_json(&format!("/api/v1/firmware/{new_id}/disable"))
+        .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (409, Some("firmware_in_use")),
+        "{e}"
+    );
+    let (status, _) = app
+        .delete_json(&format!("/api/v1/firmware/{new_id}?force=true"))
+        .await;
+    assert_eq!(status, 200);
+}
