@@ -20,6 +20,29 @@ fn header_str(req: &HttpRequest, name: header::HeaderName) -> Option<&str> {
     req.headers().get(name).and_then(|v| v.to_str().ok())
 }
 
+/// A download request for `firmware_id`/`file_name` from the request's method and headers.
+pub(super) fn download_request<'a>(
+    state: &AppState,
+    req: &'a HttpRequest,
+    firmware_id: &'a str,
+    file_name: &'a str,
+    task: Option<(String, String)>,
+) -> DownloadRequest<'a> {
+    DownloadRequest {
+        firmware_id,
+        file_name,
+        is_get: req.method() == Method::GET,
+        conditions: Conditions {
+            range: header_str(req, header::RANGE),
+            if_range: header_str(req, header::IF_RANGE),
+            if_none_match: header_str(req, header::IF_NONE_MATCH),
+            if_modified_since: header_str(req, header::IF_MODIFIED_SINCE),
+        },
+        client: state.client_info(req),
+        task,
+    }
+}
+
 /// Download a package (GET and HEAD; Range, If-Range, If-None-Match).
 #[utoipa::path(get, path = "/files/{id}/{file_name}", tag = "downloads",
     params(("id" = String, Path, description = "Firmware id"), ("file_name" = String, Path, description = "Package file name")),
@@ -38,19 +61,7 @@ pub(super) async fn file(
     let (id, file_name) = path.into_inner();
     let served = state
         .downloads
-        .serve(DownloadRequest {
-            firmware_id: &id,
-            file_name: &file_name,
-            is_get: req.method() == Method::GET,
-            conditions: Conditions {
-                range: header_str(&req, header::RANGE),
-                if_range: header_str(&req, header::IF_RANGE),
-                if_none_match: header_str(&req, header::IF_NONE_MATCH),
-                if_modified_since: header_str(&req, header::IF_MODIFIED_SINCE),
-            },
-            client: state.client_info(&req),
-            task: None,
-        })
+        .serve(download_request(&state, &req, &id, &file_name, None))
         .await?;
     respond(served)
 }

@@ -1,7 +1,6 @@
 //! `/api/v1/ota`: create OTA tasks, read them, follow them live (SSE); `/dl/…`: each device's
 //! own download URL.
 
-use actix_web::http::Method;
 use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
 use bytes::Bytes;
@@ -10,8 +9,6 @@ use serde_json::Value;
 
 use super::error::ErrorBody;
 use super::{ApiError, AppState, PageQuery};
-use crate::download::DownloadRequest;
-use crate::download::range::Conditions;
 use crate::ota::{Created, OtaRequest, OtaTask, TaskStatus};
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
@@ -169,22 +166,16 @@ pub(super) async fn download(
     if name != file_name {
         return Err(ApiError::not_found("no such file"));
     }
-    let h = |n: header::HeaderName| req.headers().get(n).and_then(|v| v.to_str().ok());
+    let task = Some((task_id, sn));
     let served = state
         .downloads
-        .serve(DownloadRequest {
-            firmware_id: &firmware_id,
-            file_name: &file_name,
-            is_get: req.method() == Method::GET,
-            conditions: Conditions {
-                range: h(header::RANGE),
-                if_range: h(header::IF_RANGE),
-                if_none_match: h(header::IF_NONE_MATCH),
-                if_modified_since: h(header::IF_MODIFIED_SINCE),
-            },
-            client: state.client_info(&req),
-            task: Some((task_id, sn)),
-        })
+        .serve(super::files::download_request(
+            &state,
+            &req,
+            &firmware_id,
+            &file_name,
+            task,
+        ))
         .await?;
     super::files::respond(served)
 }

@@ -871,6 +871,27 @@ impl OtaService {
         self.verify(task, now);
     }
 
+    /// Whether `d`'s device has reported since the task began, runs the target, and (for a
+    /// consistency upgrade) is consistent again: (reported since, on target, verified).
+    fn check_device(
+        &self,
+        task_created: DateTime<Utc>,
+        d: &TaskDevice,
+    ) -> Option<(bool, bool, bool)> {
+        let dev = self.inner.devices.get(&d.sn).ok()?;
+        let reported_after = dev.last_state_at.is_some_and(|t| t >= task_created);
+        let on_target = dev.firmware_version.as_deref().is_some_and(|v| {
+            v == d.product_version
+                || matches!((ProductVersion::parse(v), ProductVersion::parse(&d.product_version)), (Ok(a), Ok(b)) if a == b)
+        });
+        let consistent = d.upgrade_type != Some(2) || dev.compatible_status == Some(0);
+        Some((
+            reported_after,
+            on_target,
+            reported_after && on_target && consistent,
+        ))
+    }
+
     /// Settles device outcomes from the registry's latest reports.
     fn verify(&self, task: &mut OtaTask, now: DateTime<Utc>) -> bool {
         let mut changed = false;
@@ -882,19 +903,10 @@ impl OtaService {
             .iter_mut()
             .filter(|d| d.outcome == Outcome::Pending)
         {
-            let Ok(dev) = self.inner.devices.get(&d.sn) else {
+            let Some((reported_after, on_target, verified)) = self.check_device(task.created_at, d)
+            else {
                 continue;
             };
-            let reported_after = dev.last_state_at.is_some_and(|t| t >= task.created_at);
-            let on_target = dev.firmware_version.as_deref().is_some_and(|v| {
-                v == d.product_version
-                    || matches!((ProductVersion::parse(v), ProductVersion::parse(&d.product_version)), (Ok(a), Ok(b)) if a == b)
-            });
-            let verified = reported_after
-                && match d.upgrade_type {
-                    Some(2) => dev.compatible_status == Some(0) && on_target,
-                    _ => on_target,
-                };
             if verified {
                 d.outcome = Outcome::Verified;
                 d.outcome_at = Some(now);
@@ -966,21 +978,15 @@ impl OtaService {
             };
             let mut task = task;
             let mut changed = false;
+            let created = task.created_at;
             for d in task
                 .devices
                 .iter_mut()
                 .filter(|d| d.outcome == Outcome::Unverified)
             {
-                let Ok(dev) = self.inner.devices.get(&d.sn) else {
-                    continue;
-                };
-                let reported_after = dev.last_state_at.is_some_and(|t| t >= task.created_at);
-                let on_target = dev.firmware_version.as_deref().is_some_and(|v| {
-                    matches!((ProductVersion::parse(v), ProductVersion::parse(&d.product_version)), (Ok(a), Ok(b)) if a == b)
-                });
-                if reported_after
-                    && on_target
-                    && (d.upgrade_type != Some(2) || dev.compatible_status == Some(0))
+                if self
+                    .check_device(created, d)
+                    .is_some_and(|(_, _, verified)| verified)
                 {
                     d.outcome = Outcome::Verified;
                     d.outcome_at = Some(now);
