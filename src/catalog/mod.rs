@@ -100,9 +100,18 @@ pub fn cursor_for(key: &str) -> String {
     URL_SAFE_NO_PAD.encode(key.as_bytes())
 }
 
+/// Group commit: concurrent callers of [`Catalog::flush`] share one fsync.
+#[derive(Default)]
+struct FlushGate {
+    gate: tokio::sync::Mutex<()>,
+    requested: std::sync::atomic::AtomicU64,
+    completed: std::sync::atomic::AtomicU64,
+}
+
 /// The sled database and its trees. Cheap to clone.
 #[derive(Clone)]
 pub struct Catalog {
+    flushes: std::sync::Arc<FlushGate>,
     db: sled::Db,
     firmware: sled::Tree,
     firmware_versions: sled::Tree,
@@ -158,6 +167,7 @@ impl Catalog {
             .cache_capacity(cache_mb.saturating_mul(1 << 20))
             .open()?;
         Ok(Catalog {
+            flushes: std::sync::Arc::default(),
             firmware: db.open_tree("firmware")?,
             firmware_versions: db.open_tree("firmware_versions")?,
             uploads: db.open_tree("uploads")?,
@@ -171,9 +181,22 @@ impl Catalog {
         })
     }
 
-    /// Flushes everything written so far to disk.
+    /// Flushes everything written so far to disk. Concurrent callers share fsyncs (group
+    /// commit): a caller returns once a flush that started after its call has finished.
     pub async fn flush(&self) -> Result<(), CatalogError> {
-        self.db.flush_async().await?;
+        use std::sync::atomic::Ordering::SeqCst;
+        let f = &self.flushes;
+        let mine = f.requested.fetch_add(1, SeqCst) + 1;
+        let _turn = f.gate.lock().await;
+        if f.completed.load(SeqCst) >= mine {
+            return Ok(());
+        }
+        let covers = f.requested.load(SeqCst);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| CatalogError::Storage(sled::Error::ReportableBug(e.to_string())))??;
+        f.completed.fetch_max(covers, SeqCst);
         Ok(())
     }
 
