@@ -456,7 +456,8 @@ def run(broker, fw_files):
         mconf = os.path.join(WORK, f"mosquitto-{broker}.conf")
         with open(mconf, "w") as f:
             f.write(f"listener {mport} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_connections -1\nlog_dest stderr\nlog_type error\nlog_type warning\n")
+                    "max_connections -1\nmax_queued_messages 100000\nmax_inflight_messages 100\n"
+                    "log_dest stderr\nlog_type error\nlog_type warning\n")
         mosq = spawn(f"mosquitto-{broker}", [MOSQ, "-c", mconf])
         wait_port(mport)
         res["mosquitto_version"] = subprocess.run([MOSQ, "-h"], capture_output=True, text=True).stdout.split("\n")[0].strip()
