@@ -5,6 +5,8 @@
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
+pub use crate::domain::lenient::{int_of, now_ms, str_of};
+
 /// Why a payload was not understood.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
@@ -14,19 +16,11 @@ pub enum WireError {
 }
 
 fn lenient_int<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-    Ok(match Value::deserialize(d)? {
-        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    })
+    Ok(int_of(&Value::deserialize(d)?))
 }
 
 fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    Ok(match Value::deserialize(d)? {
-        Value::String(s) if !s.is_empty() => Some(s),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    })
+    Ok(str_of(&Value::deserialize(d)?))
 }
 
 /// The common envelope of every message.
@@ -67,11 +61,6 @@ impl Envelope {
     }
 }
 
-/// Milliseconds since the epoch, now.
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
-
 /// A `*_reply` echoing tid and bid with `data.result` 0.
 pub fn reply(env: &Envelope, method: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({
@@ -82,24 +71,6 @@ pub fn reply(env: &Envelope, method: &str) -> Vec<u8> {
         "data": {"result": 0},
     }))
     .unwrap_or_default()
-}
-
-/// Reads an int-like JSON value (number or numeric string).
-pub fn int_of(v: &Value) -> Option<i64> {
-    match v {
-        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
-/// Reads a non-empty string (numbers rendered as text).
-pub fn str_of(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, CatalogError, FirmwareRecord, FirmwareStatus, Page, PageRequest};
 use crate::devices::DeviceRegistry;
-use crate::domain::{FileName, FirmwareId, ProductVersion};
+use crate::domain::{FileName, FirmwareId, ProductVersion, lenient};
 use policy::{Decision, DeviceFacts};
 pub use task::{OtaTask, Outcome, Progress, TaskDevice, TaskStatus};
 
@@ -288,11 +288,8 @@ impl OtaService {
         for mut t in catalog.all_tasks::<OtaTask>()? {
             if !t.settled() {
                 if !t.status.is_final() {
+                    // A fresh grace period: timeouts count from the restart.
                     t.last_event_at = Some(now);
-                    if t.replied_at.is_none() {
-                        t.replied_at = None;
-                        t.created_at = t.created_at.min(now);
-                    }
                 }
                 open.index(&t);
             }
@@ -787,22 +784,22 @@ impl OtaService {
             tracing::info!(task_id = %task.id, "late OTA message for a finished task ignored");
             return;
         }
-        let result = crate::mqtt::wire::int_of(&msg.data["result"]).unwrap_or(0);
+        let result = lenient::int_of(&msg.data["result"]).unwrap_or(0);
         let output = if msg.data["output"].is_object() {
             &msg.data["output"]
         } else {
             // The older shape: status/progress directly under data.
             &msg.data
         };
-        let wire_status = crate::mqtt::wire::str_of(&output["status"]);
+        let wire_status = lenient::str_of(&output["status"]);
         let status = wire_status.as_deref().and_then(TaskStatus::from_wire);
         let progress = &output["progress"];
-        if let Some(p) = crate::mqtt::wire::int_of(&progress["percent"]) {
+        if let Some(p) = lenient::int_of(&progress["percent"]) {
             task.progress.percent = Some(p.clamp(0, 100));
         }
-        let step = crate::mqtt::wire::str_of(&progress["step_key"])
-            .or_else(|| crate::mqtt::wire::str_of(&progress["current_step"]))
-            .or_else(|| crate::mqtt::wire::str_of(&progress["step"]))
+        let step = lenient::str_of(&progress["step_key"])
+            .or_else(|| lenient::str_of(&progress["current_step"]))
+            .or_else(|| lenient::str_of(&progress["step"]))
             .map(|s| match s.as_str() {
                 "1" => "download_firmware".to_string(),
                 "2" => "upgrade_firmware".to_string(),
@@ -811,10 +808,10 @@ impl OtaService {
         if step.is_some() {
             task.progress.step_key = step;
         }
-        if let Some(s) = crate::mqtt::wire::str_of(&output["sub_status"]) {
+        if let Some(s) = lenient::str_of(&output["sub_status"]) {
             task.progress.sub_status = Some(s);
         }
-        if let Some(r) = crate::mqtt::wire::int_of(&output["ext"]["rate"]) {
+        if let Some(r) = lenient::int_of(&output["ext"]["rate"]) {
             task.progress.rate = Some(r);
         }
         task.last_event_at = Some(now);
@@ -1050,7 +1047,7 @@ pub fn ota_create(task: &OtaTask) -> Value {
     json!({
         "bid": task.bid,
         "tid": task.tid,
-        "timestamp": crate::mqtt::wire::now_ms(),
+        "timestamp": lenient::now_ms(),
         "method": "ota_create",
         "data": {"devices": devices},
     })

@@ -1,0 +1,27 @@
+//! Lenient reading of gateway JSON (protocol.md §1, §8): ints that may come as numeric strings,
+//! strings where `""` means absent. Shared by the MQTT adapter and the OTA tracker.
+
+use serde_json::Value;
+
+/// An int-like value: a number or a numeric string.
+pub fn int_of(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// A non-empty string (numbers rendered as text); `""` and anything else are absent.
+pub fn str_of(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// Milliseconds since the epoch, now (the protocol's `timestamp`).
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
