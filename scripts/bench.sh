@@ -90,7 +90,7 @@ start_server() {
     local name=$1 dir=$2; shift 2
 
     for _attempt in 1 2 3; do
-        "$BIN" serve --data-dir "$dir" --listen 127.0.0.1:0 --shutdown-grace 2 "$@" \
+        "$BIN" serve --data-dir "$dir" --listen 127.0.0.1:0 --mqtt-listen 127.0.0.1:0 --shutdown-grace 2 "$@" \
             >"$WORK/$name.out" 2>"$WORK/$name.err" &
         SRV_PID=$!
         PIDS+=("$SRV_PID")

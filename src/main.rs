@@ -12,6 +12,7 @@ use fwrepo::startup::Application;
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -28,6 +29,22 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("fwrepo: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// One glibc malloc arena (unless `MALLOC_ARENA_MAX` is set). By default glibc gives threads
+/// up to 8 arenas per core; download chunks read on the blocking pool and freed on the HTTP
+/// workers left their free memory spread over them: in the OTA benchmark (1000 concurrent
+/// downloads) peak RSS was 252 MiB with 2 arenas and 177 MiB with one, on Mosquitto
+/// (BENCHMARKS.md). Small allocations still go through glibc's per-thread caches. Called
+/// before any thread exists.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; no other thread runs yet.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 1);
         }
     }
 }

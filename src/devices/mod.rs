@@ -42,6 +42,10 @@ pub struct DeviceRecord {
     pub gateway_sn: Option<String>,
     /// The aircraft currently attached (docks).
     pub child_sn: Option<String>,
+    /// The aircraft the dock's own osd names in `sub_device.device_sn` (docks; cross-checks the
+    /// topology in preflight).
+    #[serde(default)]
+    pub osd_child_sn: Option<String>,
     /// `domain-type-sub_type` from the topology, e.g. `3-1-0`.
     pub model_key: Option<String>,
     /// Firmware model: declared by PUT, else mapped from `model_key` by `[models]`.
@@ -72,6 +76,15 @@ pub struct DeviceRecord {
     /// Whether a message arrived within the online window (computed, not stored).
     #[serde(default)]
     pub online: bool,
+}
+
+/// What fwrepo reads from an osd message.
+#[derive(Clone, Debug, Default)]
+pub struct OsdReport {
+    /// `mode_code` (dock 0 idle, 3 upgrading; aircraft 13 upgrading).
+    pub mode_code: Option<i64>,
+    /// A dock's `sub_device.device_sn`: the aircraft paired with it.
+    pub sub_device_sn: Option<String>,
 }
 
 /// A sub-device in a topology report.
@@ -213,6 +226,7 @@ impl DeviceRegistry {
                     order: crate::domain::ids::next(),
                     gateway_sn: None,
                     child_sn: None,
+                    osd_child_sn: None,
                     model_key: None,
                     model: None,
                     model_declared: false,
@@ -324,8 +338,9 @@ impl DeviceRegistry {
         });
     }
 
-    /// Notes an osd message (last-seen and mode code; written by the flusher).
-    pub fn on_osd(&self, sn: &str, gateway: Option<&str>, mode_code: Option<i64>) {
+    /// Notes an osd message (last-seen, mode code and the dock's `sub_device`; written by the
+    /// flusher).
+    pub fn on_osd(&self, sn: &str, gateway: Option<&str>, report: &OsdReport) {
         let now = Utc::now();
         self.with_device(sn, now, false, |d| {
             d.last_seen_at = Some(now);
@@ -333,8 +348,11 @@ impl DeviceRegistry {
             if let Some(g) = gateway.filter(|g| *g != sn) {
                 d.gateway_sn = Some(g.to_string());
             }
-            if mode_code.is_some() {
-                d.mode_code = mode_code;
+            if report.mode_code.is_some() {
+                d.mode_code = report.mode_code;
+            }
+            if report.sub_device_sn.is_some() {
+                d.osd_child_sn = report.sub_device_sn.clone();
             }
         });
     }

@@ -15,7 +15,7 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::devices::{DeviceRegistry, StateReport, SubDeviceReport, TopologyReport};
+use crate::devices::{DeviceRegistry, OsdReport, StateReport, SubDeviceReport, TopologyReport};
 use crate::ota::OtaMessage;
 use topics::Inbound;
 use wire::{Envelope, int_of, str_of};
@@ -357,8 +357,8 @@ impl Session {
                     .on_state(&sn, env.gateway.as_deref(), &state_of(&env.data));
             }
             Inbound::Osd(sn) => {
-                let mode = int_of(&env.data["mode_code"]).or_else(|| int_of(&env.data["modeCode"]));
-                self.registry.on_osd(&sn, env.gateway.as_deref(), mode);
+                self.registry
+                    .on_osd(&sn, env.gateway.as_deref(), &osd_of(&env.data));
             }
             Inbound::Events(sn) => {
                 self.registry.on_seen(&sn);
@@ -385,7 +385,11 @@ impl Session {
 
 impl Session {
     fn forward(&self, is_reply: bool, topic_sn: String, env: Envelope, payload: &[u8]) {
-        let raw = serde_json::from_slice(payload).unwrap_or(Value::Null);
+        // The envelope parsed, so the payload is JSON text.
+        let raw = std::str::from_utf8(payload)
+            .ok()
+            .and_then(|text| serde_json::value::RawValue::from_string(text.to_string()).ok())
+            .unwrap_or_default();
         let msg = OtaMessage {
             is_reply,
             topic_sn,
@@ -442,10 +446,37 @@ fn state_of(data: &Value) -> StateReport {
     }
 }
 
+/// Reads `mode_code` and a dock's `sub_device.device_sn` (DJI spelling, or camelCase).
+fn osd_of(data: &Value) -> OsdReport {
+    let pick = |v: &Value, a: &str, b: &str| {
+        let x = &v[a];
+        if x.is_null() { v[b].clone() } else { x.clone() }
+    };
+    let sub = pick(data, "sub_device", "subDevice");
+    OsdReport {
+        mode_code: int_of(&pick(data, "mode_code", "modeCode")),
+        sub_device_sn: str_of(&pick(&sub, "device_sn", "deviceSn")).filter(|s| !s.is_empty()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn osd_both_spellings() {
+        let dji = json!({"mode_code": 0, "sub_device": {"device_sn": "AC1", "device_paired": 1}});
+        let r = osd_of(&dji);
+        assert_eq!(
+            (r.mode_code, r.sub_device_sn.as_deref()),
+            (Some(0), Some("AC1"))
+        );
+        let camel = json!({"modeCode": "3", "subDevice": {"deviceSn": ""}});
+        let r = osd_of(&camel);
+        assert_eq!((r.mode_code, r.sub_device_sn), (Some(3), None));
+        assert_eq!(osd_of(&json!({})).mode_code, None);
+    }
 
     #[test]
     fn topology_both_dialects() {

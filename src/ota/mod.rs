@@ -107,7 +107,7 @@ pub struct OtaMessage {
     /// `data`.
     pub data: Value,
     /// The whole payload, for the history.
-    pub raw: Value,
+    pub raw: task::RawJson,
 }
 
 /// Timeouts and modes.
@@ -292,6 +292,16 @@ impl OtaService {
                     t.last_event_at = Some(now);
                 }
                 open.index(&t);
+            } else if let Some(since) = t
+                .devices
+                .iter()
+                .filter(|d| d.outcome == Outcome::Unverified)
+                .map(|d| d.outcome_at.unwrap_or(t.updated_at))
+                .max()
+                .filter(|since| now - *since <= LATE_VERIFY)
+            {
+                // The late-verification watch survives a restart.
+                open.late.insert(t.id.clone(), since);
             }
         }
         let (changes, _) = broadcast::channel(1024);
@@ -482,6 +492,19 @@ impl OtaService {
                     reason: format!("{} is not the current aircraft of {}", d.sn, req.gateway_sn),
                 });
             }
+            // The dock's own osd names its paired aircraft even when that one is off: a
+            // different serial there means the topology fwrepo holds is stale.
+            if let Some(osd_child) = gw.as_ref().and_then(|g| g.osd_child_sn.as_deref()) {
+                if osd_child != d.sn {
+                    return Err(OtaError::Preflight {
+                        check: "aircraft_attached",
+                        reason: format!(
+                            "the osd of {} reports aircraft {osd_child}, not {}",
+                            req.gateway_sn, d.sn
+                        ),
+                    });
+                }
+            }
             if let Some(x) = dev {
                 if x.mode_code == Some(13) || x.firmware_upgrade_status == Some(1) {
                     return Err(OtaError::Preflight {
@@ -658,6 +681,7 @@ impl OtaService {
         self.inner.catalog.put_task(&task.id, &task)?;
         self.inner.catalog.flush().await?;
         let payload = serde_json::to_vec(&message).unwrap_or_default();
+        let payload_copy = payload.clone();
         if !self.inner.publisher.publish(
             format!("thing/product/{}/services", task.gateway_sn),
             payload,
@@ -670,7 +694,10 @@ impl OtaService {
             .counters
             .created
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        task.note("publish", Some(message), Utc::now());
+        let raw = String::from_utf8(payload_copy)
+            .ok()
+            .and_then(|text| serde_json::value::RawValue::from_string(text).ok());
+        task.note("publish", raw, Utc::now());
         self.save(&task);
         for w in &warnings {
             tracing::warn!(task_id = %task.id, gateway_sn = %task.gateway_sn, "{w}");

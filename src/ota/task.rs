@@ -3,6 +3,10 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
+
+/// A message exactly as received (JSON text): cheap to clone and written out verbatim.
+pub type RawJson = Box<RawValue>;
 
 /// Task status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -121,7 +125,7 @@ pub struct Progress {
 }
 
 /// One entry of the task history.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct HistoryEntry {
     /// Server receive time.
     pub at: DateTime<Utc>,
@@ -133,14 +137,14 @@ pub struct HistoryEntry {
     pub progress: Progress,
     /// The raw message, if any.
     #[schema(value_type = Object)]
-    pub raw: Option<Value>,
+    pub raw: Option<RawJson>,
     /// Identical messages received after this one.
     #[serde(default)]
     pub repeats: u64,
 }
 
 /// An OTA task.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct OtaTask {
     /// Id (ULID).
     pub id: String,
@@ -187,7 +191,7 @@ impl OtaTask {
 
     /// Records a change in the history: a new entry for a change of status, sub_status or
     /// step, or a move of percent by at least 1; otherwise the last entry counts a repeat.
-    pub fn note(&mut self, source: &str, raw: Option<Value>, at: DateTime<Utc>) {
+    pub fn note(&mut self, source: &str, raw: Option<RawJson>, at: DateTime<Utc>) {
         self.updated_at = at;
         if let Some(last) = self.history.last_mut() {
             let same = last.status == self.status

@@ -202,3 +202,53 @@ async fn devices_api_put_get_delete() {
         .await;
     assert_eq!(status, 404);
 }
+
+#[tokio::test]
+async fn replies_none_sends_no_replies_but_still_learns() {
+    let app = spawn_with(|s| s.mqtt.replies = false).await;
+    let dock = sn("DOCK");
+    let (client, mut inbox) = mqtt_client(&app.mqtt_addr(), "noreplies").await;
+    for t in [
+        format!("sys/product/{dock}/status_reply"),
+        format!("thing/product/{dock}/events_reply"),
+    ] {
+        client.subscribe(t, QoS::AtLeastOnce).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let messages = [
+        (
+            format!("sys/product/{dock}/status"),
+            json!({"tid":"t1","bid":"b1","timestamp":1,"method":"update_topo",
+                "data":{"domain":"3","type":1,"sub_type":0,"sub_devices":[]}}),
+        ),
+        (
+            format!("thing/product/{dock}/events"),
+            json!({"tid":"t2","bid":"b2","timestamp":2,"method":"hms","need_reply":1,"data":{}}),
+        ),
+        (
+            format!("thing/product/{dock}/events"),
+            json!({"tid":"t3","bid":"b3","timestamp":3,"method":"ota_progress",
+                "data":{"output":{"status":"in_progress","progress":{"percent":5}}}}),
+        ),
+        (
+            format!("thing/product/{dock}/state"),
+            json!({"tid":"t4","bid":"b4","timestamp":4,"data":{"firmware_version":"1.2.3"}}),
+        ),
+    ];
+    for (topic, body) in &messages {
+        client
+            .publish(topic, QoS::AtLeastOnce, false, body.to_string())
+            .await
+            .unwrap();
+    }
+    // The state message comes last on the same connection: once it is learned, the events
+    // before it have been handled (and, with replies on, answered at once).
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/devices/{dock}")).await.1["firmware_version"] == "1.2.3"
+        })
+        .await
+    );
+    let got = tokio::time::timeout(Duration::from_millis(1500), inbox.recv()).await;
+    assert!(got.is_err(), "a reply was sent: {got:?}");
+}

@@ -387,6 +387,40 @@ async fn policy_preflight_and_bad_requests() {
         "{e}"
     );
     assert_eq!(e["check"], "aircraft_attached");
+    // The dock's osd names another aircraft than the topology: stale topology, refused.
+    let osd_naming = |child: &str| {
+        json!({"tid":"t","bid":"b","timestamp":4,"data":{"mode_code":0,"sub_device":{"device_sn":child,"device_online_status":1}}})
+            .to_string()
+    };
+    let osd_topic = format!("thing/product/{dock}/osd");
+    client
+        .publish(&osd_topic, QoS::AtLeastOnce, false, osd_naming("AC-STALE"))
+        .await
+        .unwrap();
+    let pair = json!({"gateway_sn": dock, "devices": [dev(&dock, &fw_id), dev(&aircraft, m30["id"].as_str().unwrap())], "dry_run": true});
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let (status, e) = post_ota(&app, pair.clone(), None).await;
+            status == 409 && e["message"].to_string().contains("AC-STALE")
+        })
+        .await
+    );
+    let (_, e) = post_ota(&app, pair.clone(), None).await;
+    assert_eq!(
+        (e["error"].as_str(), e["check"].as_str()),
+        (Some("preflight_failed"), Some("aircraft_attached")),
+        "{e}"
+    );
+    client
+        .publish(&osd_topic, QoS::AtLeastOnce, false, osd_naming(&aircraft))
+        .await
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            post_ota(&app, pair.clone(), None).await.0 == 200
+        })
+        .await
+    );
     let unknown =
         json!({"gateway_sn": dock, "devices": [dev(&dock, "01ARZ3NDEKTSV4RRFFQ69G5FAV")]});
     assert_eq!(post_ota(&app, unknown, None).await.0, 404);

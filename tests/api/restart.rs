@@ -154,6 +154,8 @@ async fn kill_9_mid_task_then_tracking_resumes() {
         listen.as_str(),
         "--ota-reply-timeout",
         "60",
+        "--verify-window",
+        "1",
     ];
     let mut server = ServerProcess::start(&data_dir, &args);
     let client = reqwest::Client::new();
@@ -234,4 +236,38 @@ async fn kill_9_mid_task_then_tracking_resumes() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert!(done, "tracking did not resume after the restart");
+    // No state within the 1 s verify window: unverified. Crash again; the late-verification
+    // watch comes back with the restart and a later report still verifies the device.
+    let base = server.base.clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            get_json_at(&base, &format!("/api/v1/ota/{id}")).await["devices"][0]["outcome"]
+                == "unverified"
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut server = server;
+    server.kill9();
+    let server = ServerProcess::start(&data_dir, &args);
+    let state =
+        json!({"timestamp": 9, "data": {"firmware_version": "2.0", "compatible_status": 0}});
+    let base = server.base.clone();
+    let mut verified = false;
+    for _ in 0..50 {
+        let _ = mq.try_publish(
+            format!("thing/product/{dock}/state"),
+            QoS::AtLeastOnce,
+            false,
+            state.to_string(),
+        );
+        if get_json_at(&base, &format!("/api/v1/ota/{id}")).await["devices"][0]["outcome"]
+            == "verified"
+        {
+            verified = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(verified, "late verification did not survive the restart");
 }
