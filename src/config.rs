@@ -106,6 +106,15 @@ pub struct ServeOptions {
     /// MQTT password for the external broker.
     #[arg(long, env = "FWREPO_MQTT_PASSWORD")]
     pub mqtt_password: Option<String>,
+    /// PEM CA bundle that signs the mqtts:// broker's certificate [default: the system's roots].
+    #[arg(long, env = "FWREPO_MQTT_CA_FILE")]
+    pub mqtt_ca_file: Option<PathBuf>,
+    /// PEM client certificate for an mqtts:// broker that requires one (with --mqtt-client-key).
+    #[arg(long, env = "FWREPO_MQTT_CLIENT_CERT")]
+    pub mqtt_client_cert: Option<PathBuf>,
+    /// PEM private key of --mqtt-client-cert.
+    #[arg(long, env = "FWREPO_MQTT_CLIENT_KEY")]
+    pub mqtt_client_key: Option<PathBuf>,
     /// Reply to update_topo and events: all or none [default: all].
     #[arg(long, env = "FWREPO_MQTT_REPLIES")]
     pub mqtt_replies: Option<String>,
@@ -164,6 +173,9 @@ impl ServeOptions {
             mqtt_client_id,
             mqtt_user,
             mqtt_password,
+            mqtt_ca_file,
+            mqtt_client_cert,
+            mqtt_client_key,
             mqtt_replies,
             online_window,
             verify_window,
@@ -357,7 +369,14 @@ impl Settings {
             }
         }
         let target = match o.mqtt_url.as_deref() {
-            Some(u) => parse_mqtt_url(u, o.mqtt_user.clone(), o.mqtt_password.clone())?,
+            Some(u) => {
+                let tls = crate::mqtt::tls::MqttTls {
+                    ca_file: o.mqtt_ca_file.clone(),
+                    client_cert: o.mqtt_client_cert.clone(),
+                    client_key: o.mqtt_client_key.clone(),
+                };
+                parse_mqtt_url(u, o.mqtt_user.clone(), o.mqtt_password.clone(), tls)?
+            }
             None => crate::mqtt::BrokerTarget::Embedded(
                 o.mqtt_listen
                     .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 1883))),
@@ -451,11 +470,21 @@ fn parse_mqtt_url(
     raw: &str,
     user: Option<String>,
     password: Option<String>,
+    tls_files: crate::mqtt::tls::MqttTls,
 ) -> Result<crate::mqtt::BrokerTarget, ConfigError> {
     let url = Url::parse(raw).map_err(|e| invalid(format!("mqtt_url {raw:?}: {e}")))?;
     let tls = match url.scheme() {
-        "mqtt" => false,
-        "mqtts" => true,
+        "mqtt" if tls_files == crate::mqtt::tls::MqttTls::default() => None,
+        "mqtt" => {
+            return Err(invalid(
+                "mqtt_ca_file, mqtt_client_cert and mqtt_client_key need an mqtts:// mqtt_url",
+            ));
+        }
+        "mqtts" => {
+            // Read and check the files now: bad TLS material fails before any port is bound.
+            tls_files.client_config().map_err(invalid)?;
+            Some(tls_files)
+        }
         _ => return Err(invalid("mqtt_url must start with mqtt:// or mqtts://")),
     };
     let host = url
@@ -463,7 +492,9 @@ fn parse_mqtt_url(
         .filter(|h| !h.is_empty())
         .ok_or_else(|| invalid("mqtt_url needs a host"))?
         .to_string();
-    let port = url.port().unwrap_or(if tls { 8883 } else { 1883 });
+    let port = url
+        .port()
+        .unwrap_or(if tls.is_some() { 8883 } else { 1883 });
     let url_user = (!url.username().is_empty()).then(|| url.username().to_string());
     Ok(crate::mqtt::BrokerTarget::External {
         host,

@@ -152,6 +152,7 @@ impl Application {
             catalog,
             blobs,
             settings: Arc::new(settings.clone()),
+            stopping: workers.clone(),
         };
         // Firmware an open task uses, or that registered devices run, is not deleted lightly.
         state.firmware.add_guard(Arc::new(state.ota.clone()));

@@ -62,6 +62,9 @@ pub struct AppState {
     pub mqtt: crate::mqtt::MqttHandle,
     /// OTA tasks.
     pub ota: crate::ota::OtaService,
+    /// Cancelled when shutdown begins: long-lived streams (SSE) end then instead of holding
+    /// the drain for its whole grace period.
+    pub stopping: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {

@@ -126,18 +126,27 @@ pub(super) async fn events(
     let first = state.ota.get(&id, session_of(&state))?;
     let done = first.settled();
     let head = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(sse(&first)) });
-    let rest = futures::stream::unfold((rx, done, id), |(mut rx, done, id)| async move {
-        if done {
-            return None;
-        }
-        loop {
-            match rx.recv().await {
-                Ok(t) if t.id == id => {
-                    let settled = t.settled();
-                    return Some((Ok(sse(&t)), (rx, settled, id)));
+    let stopping = state.stopping.clone();
+    let rest = futures::stream::unfold((rx, done, id), move |(mut rx, done, id)| {
+        let stopping = stopping.clone();
+        async move {
+            if done {
+                return None;
+            }
+            loop {
+                let next = tokio::select! {
+                    // Shutdown ends the stream; the client reconnects to the next instance.
+                    _ = stopping.cancelled() => return None,
+                    next = rx.recv() => next,
+                };
+                match next {
+                    Ok(t) if t.id == id => {
+                        let settled = t.settled();
+                        return Some((Ok(sse(&t)), (rx, settled, id)));
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return None,
                 }
-                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(_) => return None,
             }
         }
     });

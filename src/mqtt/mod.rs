@@ -4,6 +4,7 @@
 //! into registry updates; publishing never blocks the caller (a full queue counts as dropped).
 
 pub mod broker;
+pub mod tls;
 pub mod topics;
 pub mod wire;
 
@@ -38,8 +39,8 @@ pub enum BrokerTarget {
         host: String,
         /// Port.
         port: u16,
-        /// `mqtts`.
-        tls: bool,
+        /// `mqtts`: how to check the broker (and what to present).
+        tls: Option<tls::MqttTls>,
         /// User name.
         user: Option<String>,
         /// Password.
@@ -185,6 +186,9 @@ pub enum MqttError {
     /// The embedded broker failed.
     #[error(transparent)]
     Broker(#[from] broker::BrokerError),
+    /// The TLS material for `mqtts://` is unusable.
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Starts the embedded broker if configured, and the client session with its event loop task.
@@ -212,7 +216,7 @@ pub fn start(
             user,
             password,
         } => {
-            let scheme = if *tls { "mqtts" } else { "mqtt" };
+            let scheme = if tls.is_some() { "mqtts" } else { "mqtt" };
             (
                 host.clone(),
                 *port,
@@ -221,6 +225,12 @@ pub fn start(
                     .map(|u| (u, password.clone().unwrap_or_default())),
             )
         }
+    };
+    let transport = match &settings.target {
+        BrokerTarget::External { tls: Some(t), .. } => Some(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(t.client_config().map_err(MqttError::Tls)?),
+        )),
+        _ => None,
     };
     let client_id = settings
         .client_id
@@ -234,6 +244,9 @@ pub fn start(
         .set_inflight(100);
     if let Some((u, p)) = creds {
         options.set_credentials(u, p);
+    }
+    if let Some(t) = transport {
+        options.set_transport(t);
     }
     let (client, eventloop) = AsyncClient::new(options, 1024);
     let status = Arc::new(MqttStatus::default());

@@ -28,7 +28,7 @@ async fn external_broker_learns_devices_and_survives_an_oversized_publish() {
             target: fwrepo::mqtt::BrokerTarget::External {
                 host: host.clone(),
                 port,
-                tls: false,
+                tls: None,
                 user: None,
                 password: None,
             },
@@ -100,7 +100,7 @@ fn external(host: &str, port: u16, tag: &str) -> fwrepo::mqtt::MqttSettings {
         target: fwrepo::mqtt::BrokerTarget::External {
             host: host.to_string(),
             port,
-            tls: false,
+            tls: None,
             user: None,
             password: None,
         },
@@ -200,10 +200,15 @@ struct Mosquitto(std::process::Child);
 
 impl Mosquitto {
     fn start(dir: &std::path::Path, port: u16) -> Mosquitto {
+        Mosquitto::start_with(dir, port, "")
+    }
+
+    /// With extra configuration lines for the listener (TLS).
+    fn start_with(dir: &std::path::Path, port: u16, extra: &str) -> Mosquitto {
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+            format!("listener {port} 127.0.0.1\n{extra}allow_anonymous true\npersistence false\n"),
         )
         .unwrap();
         let child = std::process::Command::new("mosquitto")
@@ -282,4 +287,156 @@ async fn broker_restart_mid_task_reconnects_and_completes() {
         app.get_json(&format!("/api/v1/ota/{id}")).await.1
     );
     cancel.cancel();
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl on PATH");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fwrepo test CA",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    for name in ["server", "client"] {
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &format!("{name}.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ]);
+    }
+}
+
+#[tokio::test]
+async fn mqtts_with_a_private_ca_and_a_client_certificate() {
+    // Needs mosquitto and openssl; .ci/run provides them together with FWREPO_TEST_MQTT_URL.
+    if broker().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    make_certs(d);
+    let port = free_port();
+    // `user root`: a Mosquitto started as root would otherwise read the (0600) key file as
+    // the `mosquitto` user and fail; the option does nothing for a non-root user.
+    let tls_conf = format!(
+        "user root\ncafile {}\ncertfile {}\nkeyfile {}\nrequire_certificate true\n",
+        d.join("ca.pem").display(),
+        d.join("server.pem").display(),
+        d.join("server.key").display()
+    );
+    let _broker = Mosquitto::start_with(d, port, &tls_conf);
+    let tls = |client_cert: bool| fwrepo::mqtt::tls::MqttTls {
+        ca_file: Some(d.join("ca.pem")),
+        client_cert: client_cert.then(|| d.join("client.pem")),
+        client_key: client_cert.then(|| d.join("client.key")),
+    };
+    let settings = |client_cert: bool| {
+        let mut m = external(
+            "127.0.0.1",
+            port,
+            &fwrepo::domain::ids::next().to_lowercase(),
+        );
+        if let fwrepo::mqtt::BrokerTarget::External { tls: t, .. } = &mut m.target {
+            *t = Some(tls(client_cert));
+        }
+        m
+    };
+    // Without the client certificate the broker refuses the handshake: never connected.
+    let refused = spawn_with(|s| s.mqtt = settings(false)).await;
+    let app = spawn_with(|s| s.mqtt = settings(true)).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.state.mqtt.status.connected.load(Ordering::Relaxed)
+        })
+        .await,
+        "no TLS session: {:?}",
+        app.state.mqtt.status.last_error.lock().unwrap()
+    );
+    // A dock on the same TLS listener is learned.
+    let dock = format!("TLSDOCK{}", &fwrepo::domain::ids::next()[18..]);
+    let topo = json!({"tid":"t","bid":"b","timestamp":1,"method":"update_topo",
+        "data":{"domain":"3","type":1,"sub_type":0,"sub_devices":[]}});
+    let out = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .arg("--cafile")
+        .arg(d.join("ca.pem"))
+        .arg("--cert")
+        .arg(d.join("client.pem"))
+        .arg("--key")
+        .arg(d.join("client.key"))
+        .args([
+            "-t",
+            &format!("sys/product/{dock}/status"),
+            "-m",
+            &topo.to_string(),
+        ])
+        .output()
+        .expect("mosquitto_pub on PATH");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/devices/{dock}")).await.0 == 200
+        })
+        .await
+    );
+    assert!(!refused.state.mqtt.status.connected.load(Ordering::Relaxed));
+    assert!(
+        refused
+            .state
+            .mqtt
+            .status
+            .connect_errors
+            .load(Ordering::Relaxed)
+            >= 1
+    );
 }

@@ -507,7 +507,7 @@ async fn broker_down_is_503_and_nothing_is_stored() {
         s.mqtt.target = fwrepo::mqtt::BrokerTarget::External {
             host: "127.0.0.1".into(),
             port,
-            tls: false,
+            tls: None,
             user: None,
             password: None,
         };

@@ -107,7 +107,11 @@ async fn sigterm_flushes_and_exits_zero() {
     let root = tempfile::tempdir().unwrap();
     let data_dir = root.path().join("data");
     // A flush interval far beyond the test: only the shutdown flush can save the session.
-    let mut server = ServerProcess::start(&data_dir, &["--progress-flush-secs", "3600"]);
+    // A drain grace far beyond it too: an open SSE stream must end when shutdown begins.
+    let mut server = ServerProcess::start(
+        &data_dir,
+        &["--progress-flush-secs", "3600", "--shutdown-grace", "120"],
+    );
     let client = reqwest::Client::new();
     let r: Value = client
         .post(format!(
@@ -131,10 +135,48 @@ async fn sigterm_flushes_and_exits_zero() {
         .bytes()
         .await
         .unwrap();
+    // An open task (for a gateway never seen: sent with a warning) and its SSE stream.
+    let dock = format!("SDOCK{}", &fwrepo::domain::ids::next()[18..]);
+    let task: Value = client
+        .post(format!("{}/api/v1/ota", server.base))
+        .json(&serde_json::json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": r["id"]}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    // Idle keep-alive connections also hold actix's drain: only the SSE one may stay open.
+    drop(client);
+    let sse_client = reqwest::Client::new();
+    let mut sse = sse_client
+        .get(format!(
+            "{}/api/v1/ota/{}/events",
+            server.base,
+            task["id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .bytes_stream();
+    use futures::StreamExt;
+    let first = sse.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"event: task"));
+    // A client reading the stream to its end and then closing, as curl or a browser does.
+    let reader = tokio::spawn(async move {
+        while let Some(Ok(_)) = sse.next().await {}
+        drop(sse_client);
+    });
+    let started = std::time::Instant::now();
     let status = tokio::task::spawn_blocking(move || server.sigterm())
         .await
         .unwrap();
     assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "shutdown waited for the SSE stream's drain grace"
+    );
+    reader.await.unwrap();
     let server = ServerProcess::start(&data_dir, &[]);
     let sessions = get_json_at(&server.base, "/api/v1/downloads").await;
     assert_eq!(sessions["items"][0]["bytes_covered"], 5000, "{sessions}");
