@@ -195,8 +195,11 @@ impl LocalRead {
     ) -> JoinHandle<std::io::Result<Bytes>> {
         let (file, pos) = (Arc::clone(&self.file), self.pos);
         self.pos += len as u64;
+        // Allocated here, on the runtime's worker, where the chunk will also be freed: buffers
+        // made on blocking-pool threads land in those threads' malloc arenas and strand free
+        // memory there (BENCHMARKS.md, OTA benchmark).
+        let mut buf = Vec::with_capacity(len);
         tokio::task::spawn_blocking(move || {
-            let mut buf = Vec::with_capacity(len);
             let mut f = &*file;
             f.seek(SeekFrom::Start(pos))?;
             f.take(len as u64).read_to_end(&mut buf)?;
