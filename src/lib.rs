@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod mqtt;
 pub mod ota;
 pub mod progress;
+pub mod rollout;
 pub mod simulator;
 pub mod startup;
 pub mod telemetry;

@@ -121,6 +121,9 @@ impl Application {
             settings.ota.clone(),
         )?;
         tokio::spawn(ota.clone().run(ota_rx, workers.clone()));
+        let rollouts =
+            crate::rollout::RolloutService::load(catalog.clone(), devices.clone(), ota.clone())?;
+        tokio::spawn(rollouts.clone().run(workers.clone()));
 
         let metrics = Arc::new(Metrics::default());
         let budget = ReadBudget::new(settings.download_buffer_mb << 20);
@@ -149,6 +152,7 @@ impl Application {
             devices,
             mqtt,
             ota,
+            rollouts,
             catalog,
             blobs,
             settings: Arc::new(settings.clone()),
@@ -157,6 +161,7 @@ impl Application {
         // Firmware an open task uses, or that registered devices run, is not deleted lightly.
         state.firmware.add_guard(Arc::new(state.ota.clone()));
         state.firmware.add_guard(Arc::new(state.devices.clone()));
+        state.firmware.add_guard(Arc::new(state.rollouts.clone()));
         let grace = Duration::from_secs(settings.shutdown_grace_secs);
         let data = web::Data::new(state.clone());
         let connections = state.budget.clone();

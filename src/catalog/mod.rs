@@ -122,6 +122,8 @@ pub struct Catalog {
     orphans: sled::Tree,
     idempotency: sled::Tree,
     meta: sled::Tree,
+    rollouts: sled::Tree,
+    rollout_members: sled::Tree,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, CatalogError> {
@@ -177,6 +179,8 @@ impl Catalog {
             orphans: db.open_tree("ota_orphans")?,
             idempotency: db.open_tree("idempotency")?,
             meta: db.open_tree("meta")?,
+            rollouts: db.open_tree("rollouts")?,
+            rollout_members: db.open_tree("rollout_members")?,
             db,
         })
     }
@@ -550,6 +554,73 @@ impl Catalog {
             "at": chrono::Utc::now().timestamp()});
         self.idempotency.insert(key.as_bytes(), encode(&rec))?;
         Ok(())
+    }
+}
+
+impl Catalog {
+    /// Stores a rollout.
+    pub fn put_rollout<T: serde::Serialize>(&self, id: &str, r: &T) -> Result<(), CatalogError> {
+        self.rollouts.insert(id.as_bytes(), encode(r))?;
+        Ok(())
+    }
+
+    /// One rollout.
+    pub fn rollout<T: serde::de::DeserializeOwned>(
+        &self,
+        id: &str,
+    ) -> Result<Option<T>, CatalogError> {
+        self.rollouts
+            .get(id.as_bytes())?
+            .map(|v| decode(id.as_bytes(), &v))
+            .transpose()
+    }
+
+    /// Every rollout.
+    pub fn all_rollouts<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>, CatalogError> {
+        self.rollouts
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
+    }
+
+    /// Newest-first page of rollouts.
+    pub fn list_rollouts<T: serde::de::DeserializeOwned>(
+        &self,
+        page: &PageRequest,
+        filter: impl Fn(&T) -> bool,
+    ) -> Result<Page<T>, CatalogError> {
+        page_desc(&self.rollouts, page, filter)
+    }
+
+    /// Stores rollout members (one gateway each) under `rollout_id/key`.
+    pub fn put_members<T: serde::Serialize>(
+        &self,
+        rollout_id: &str,
+        members: &[(String, &T)],
+    ) -> Result<(), CatalogError> {
+        let mut batch = sled::Batch::default();
+        for (key, m) in members {
+            batch.insert(format!("{rollout_id}/{key}").into_bytes(), encode(m));
+        }
+        self.rollout_members.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// A rollout's members in key order.
+    pub fn members<T: serde::de::DeserializeOwned>(
+        &self,
+        rollout_id: &str,
+    ) -> Result<Vec<T>, CatalogError> {
+        self.rollout_members
+            .scan_prefix(format!("{rollout_id}/").as_bytes())
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
     }
 }
 

@@ -404,6 +404,13 @@ impl DeviceRegistry {
         Ok(self.present(d, now))
     }
 
+    /// Every device, as `get` presents it (online computed now).
+    pub fn all(&self) -> Vec<DeviceRecord> {
+        let now = Utc::now();
+        let devices: Vec<DeviceRecord> = lock(&self.inner.devices).values().cloned().collect();
+        devices.into_iter().map(|d| self.present(d, now)).collect()
+    }
+
     /// Forgets a device.
     pub fn delete(&self, sn: &str) -> Result<DeviceRecord, DeviceError> {
         let removed = lock(&self.inner.devices).remove(sn);

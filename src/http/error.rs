@@ -303,3 +303,28 @@ impl From<crate::ota::OtaError> for ApiError {
         }
     }
 }
+
+impl From<crate::rollout::RolloutError> for ApiError {
+    fn from(e: crate::rollout::RolloutError) -> Self {
+        use crate::rollout::RolloutError as R;
+        let msg = e.to_string();
+        match e {
+            R::NotFound(_) => ApiError::not_found(msg),
+            R::Validation(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", msg)
+            }
+            R::Invalid(_) => ApiError::invalid_request(msg),
+            R::InvalidTransition(_) => {
+                ApiError::new(StatusCode::CONFLICT, "invalid_transition", msg)
+            }
+            R::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "rollout_conflict", msg),
+            R::IdempotencyReused => ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                msg,
+            ),
+            R::Ota(o) => o.into(),
+            R::Catalog(c) => c.into(),
+        }
+    }
+}

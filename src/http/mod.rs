@@ -11,6 +11,7 @@ mod firmware;
 pub mod openapi;
 mod ops;
 mod ota;
+mod rollouts;
 mod upload_body;
 
 use std::net::IpAddr;
@@ -62,6 +63,8 @@ pub struct AppState {
     pub mqtt: crate::mqtt::MqttHandle,
     /// OTA tasks.
     pub ota: crate::ota::OtaService,
+    /// Staged rollouts.
+    pub rollouts: crate::rollout::RolloutService,
     /// Cancelled when shutdown begins: long-lived streams (SSE) end then instead of holding
     /// the drain for its whole grace period.
     pub stopping: tokio_util::sync::CancellationToken,
@@ -127,6 +130,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .configure(downloads::routes)
         .configure(devices::routes)
         .configure(ota::routes)
+        .configure(rollouts::routes)
         .configure(files::routes);
 }
 

@@ -377,7 +377,8 @@ impl OtaService {
         self.inner.changes.subscribe()
     }
 
-    fn resolve_firmware(&self, d: &RequestDevice) -> Result<FirmwareRecord, OtaError> {
+    /// The firmware a request entry names (by id, or model + version), if usable.
+    pub fn resolve_firmware(&self, d: &RequestDevice) -> Result<FirmwareRecord, OtaError> {
         let fw = match (&d.firmware_id, &d.model, &d.product_version) {
             (Some(id), _, _) => {
                 let id = FirmwareId::parse(id)

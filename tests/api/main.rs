@@ -11,6 +11,7 @@ mod mqtt_external;
 mod ops;
 mod ota;
 mod restart;
+mod rollouts;
 mod s3;
 mod simulator;
 mod upload;

@@ -1,0 +1,196 @@
+//! `/api/v1/rollouts`: staged rollouts across a fleet (contract §6).
+
+use actix_web::http::{StatusCode, header};
+use actix_web::{HttpRequest, HttpResponse, web};
+use bytes::Bytes;
+use serde::Deserialize;
+
+use super::error::ErrorBody;
+use super::{ApiError, AppState, PageQuery};
+use crate::rollout::{DeviceState, RolloutRequest, RolloutStatus, RolloutView};
+
+pub(super) fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::resource("/api/v1/rollouts")
+            .route(web::post().to(create))
+            .route(web::get().to(list)),
+    )
+    .route("/api/v1/rollouts/{id}", web::get().to(get))
+    .route("/api/v1/rollouts/{id}/devices", web::get().to(devices))
+    .route("/api/v1/rollouts/{id}/timeline", web::get().to(timeline))
+    .route("/api/v1/rollouts/{id}/events", web::get().to(events))
+    .route("/api/v1/rollouts/{id}/{action}", web::post().to(action));
+}
+
+/// Create a rollout (status `draft`).
+#[utoipa::path(post, path = "/api/v1/rollouts", tag = "rollouts", request_body = RolloutRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Same key and body within 24 h: the original answer")),
+    responses(
+        (status = 201, description = "Created (draft)", body = RolloutView),
+        (status = 400, body = ErrorBody), (status = 404, description = "unknown firmware", body = ErrorBody),
+        (status = 422, description = "validation_failed, idempotency_key_reused", body = ErrorBody)))]
+pub(super) async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Json<RolloutRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let key = req
+        .headers()
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let (status, answer) = state.rollouts.create(body.into_inner(), key)?;
+    Ok(
+        HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::CREATED))
+            .json(answer),
+    )
+}
+
+/// Filters of the rollout list.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(super) struct RolloutQuery {
+    /// Rollouts in this state.
+    #[param(value_type = Option<String>)]
+    status: Option<RolloutStatus>,
+}
+
+/// Rollouts, newest first.
+#[utoipa::path(get, path = "/api/v1/rollouts", tag = "rollouts", params(RolloutQuery, PageQuery),
+    responses((status = 200, description = "{items, next_cursor}"), (status = 400, body = ErrorBody)))]
+pub(super) async fn list(
+    state: web::Data<AppState>,
+    q: web::Query<RolloutQuery>,
+    page: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let p = state.rollouts.list(q.status, &page.to_request())?;
+    Ok(
+        HttpResponse::Ok()
+            .json(serde_json::json!({"items": p.items, "next_cursor": p.next_cursor})),
+    )
+}
+
+/// One rollout: per-stage and total device counts, current stage, ETA.
+#[utoipa::path(get, path = "/api/v1/rollouts/{id}", tag = "rollouts",
+    responses((status = 200, body = RolloutView), (status = 404, body = ErrorBody)))]
+pub(super) async fn get(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(state.rollouts.get(&id)?))
+}
+
+/// Filter of the device list.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub(super) struct DeviceQuery {
+    /// Devices in this state (`pending`, `in_flight`, `ok`, `failed`, …).
+    state: Option<String>,
+}
+
+/// The rollout's devices in stage order, paged.
+#[utoipa::path(get, path = "/api/v1/rollouts/{id}/devices", tag = "rollouts", params(DeviceQuery, PageQuery),
+    responses((status = 200, description = "{items, next_cursor}"), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+pub(super) async fn devices(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    q: web::Query<DeviceQuery>,
+    page: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let filter = match q.state.as_deref() {
+        None | Some("") => None,
+        Some(s) => Some(
+            DeviceState::parse(s)
+                .ok_or_else(|| ApiError::invalid_request(format!("unknown device state {s:?}")))?,
+        ),
+    };
+    let p = state.rollouts.devices(&id, filter, &page.to_request())?;
+    Ok(
+        HttpResponse::Ok()
+            .json(serde_json::json!({"items": p.items, "next_cursor": p.next_cursor})),
+    )
+}
+
+/// Device counts by state over time (for charts).
+#[utoipa::path(get, path = "/api/v1/rollouts/{id}/timeline", tag = "rollouts",
+    responses((status = 200, description = "{items: [{at, counts}]}"), (status = 404, body = ErrorBody)))]
+pub(super) async fn timeline(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(serde_json::json!({"items": state.rollouts.timeline(&id)?})))
+}
+
+/// `start`, `pause`, `resume`, `cancel` or `approve`.
+#[utoipa::path(post, path = "/api/v1/rollouts/{id}/{action}", tag = "rollouts",
+    params(("action" = String, Path, description = "start | pause | resume | cancel | approve")),
+    responses((status = 200, body = RolloutView), (status = 404, body = ErrorBody),
+        (status = 409, description = "invalid_transition, rollout_conflict", body = ErrorBody),
+        (status = 422, description = "validation_failed (start: the target holds no gateway)", body = ErrorBody)))]
+pub(super) async fn action(
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (id, action) = path.into_inner();
+    if !matches!(
+        action.as_str(),
+        "start" | "pause" | "resume" | "cancel" | "approve"
+    ) {
+        return Err(ApiError::not_found("no such resource"));
+    }
+    Ok(HttpResponse::Ok().json(state.rollouts.action(&id, &action).await?))
+}
+
+fn sse(view: &RolloutView) -> Bytes {
+    let data = serde_json::to_string(view).unwrap_or_default();
+    Bytes::from(format!("event: rollout\ndata: {data}\n\n"))
+}
+
+fn done(view: &RolloutView) -> bool {
+    matches!(
+        view.rollout.status,
+        RolloutStatus::Completed | RolloutStatus::Canceled
+    ) && !view.counts.contains_key("in_flight")
+}
+
+/// Server-Sent Events: the rollout now, then each change, until it is completed or canceled
+/// with nothing in flight.
+#[utoipa::path(get, path = "/api/v1/rollouts/{id}/events", tag = "rollouts",
+    responses((status = 200, description = "text/event-stream of rollout snapshots", content_type = "text/event-stream"),
+        (status = 404, body = ErrorBody)))]
+pub(super) async fn events(
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let rx = state.rollouts.subscribe();
+    let first = state.rollouts.get(&id)?;
+    let finished = done(&first);
+    let head = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(sse(&first)) });
+    let stopping = state.stopping.clone();
+    let rest = futures::stream::unfold((rx, finished, id), move |(mut rx, finished, id)| {
+        let stopping = stopping.clone();
+        async move {
+            if finished {
+                return None;
+            }
+            loop {
+                let next = tokio::select! {
+                    _ = stopping.cancelled() => return None,
+                    next = rx.recv() => next,
+                };
+                match next {
+                    Ok(v) if v.rollout.id == id => {
+                        let finished = done(&v);
+                        return Some((Ok(sse(&v)), (rx, finished, id)));
+                    }
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return None,
+                }
+            }
+        }
+    });
+    use futures::StreamExt;
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .streaming(head.chain(rest)))
+}

@@ -1,0 +1,510 @@
+//! Staged rollouts end to end: the real server, the built-in simulator's fleet (docks with
+//! aircraft) on the embedded broker, and the rollout API as an operator uses it.
+
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    sim: fwrepo::simulator::SimConfig,
+}
+
+/// Starts `gateways` simulated docks (each with an aircraft) on the app's broker.
+async fn fleet(mqtt_addr: &str, gateways: usize, extra: &[&str]) -> (String, CancellationToken) {
+    let prefix = format!("R{}", &fwrepo::domain::ids::next()[18..]);
+    let url = format!("mqtt://{mqtt_addr}");
+    let n = gateways.to_string();
+    let mut argv = vec![
+        "sim",
+        "--mqtt-url",
+        &url,
+        "--sn-prefix",
+        &prefix,
+        "--gateways",
+        &n,
+        "--osd-every",
+        "1",
+    ];
+    argv.extend_from_slice(extra);
+    let cancel = CancellationToken::new();
+    fwrepo::simulator::run(Args::parse_from(argv).sim, cancel.clone())
+        .await
+        .unwrap();
+    (prefix, cancel)
+}
+
+fn gw(prefix: &str, i: usize) -> String {
+    format!("{prefix}{i:04}")
+}
+
+fn models(s: &mut fwrepo::config::Settings) {
+    s.models = fwrepo::devices::ModelMap::from_table(Some(
+        &toml::from_str("\"3-1-0\" = \"Dock\"\n\"0-67-0\" = \"M30\"\n").unwrap(),
+    ))
+    .unwrap();
+    s.ota.reply_timeout = Duration::from_secs(5);
+}
+
+/// Uploads the release: a dock and an aircraft package (one named by id, one by model).
+async fn release(app: &TestApp) -> Value {
+    let dock = app.upload_ok("Dock_2.0.0.zip", payload(300_000, 11)).await;
+    app.upload_ok("M30_2.0.0.zip", payload(200_000, 12)).await;
+    json!([{"firmware_id": dock["id"]}, {"model": "M30", "product_version": "2.0.0"}])
+}
+
+async fn wait_fleet_online(app: &TestApp, prefix: &str, n: usize) {
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            let (_, d) = app
+                .get_json("/api/v1/devices?seen_within_s=30&limit=500")
+                .await;
+            d["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| {
+                    x["sn"].as_str().unwrap().starts_with(prefix)
+                        && x["online"] == true
+                        && x["model"].is_string()
+                        && (x["gateway_sn"].is_string() || x["child_sn"].is_string())
+                })
+                .count()
+                == 2 * n
+        })
+        .await,
+        "the simulated fleet never came online"
+    );
+}
+
+async fn post(app: &TestApp, path: &str, body: Value, key: Option<&str>) -> (u16, Value) {
+    let mut rb = app.client.post(app.url(path)).json(&body);
+    if let Some(k) = key {
+        rb = rb.header("idempotency-key", k);
+    }
+    let resp = rb.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn wait_status(app: &TestApp, id: &str, want: &[&str], secs: u64) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..secs * 5 {
+        let (_, r) = app.get_json(&format!("/api/v1/rollouts/{id}")).await;
+        if want.iter().any(|w| r["status"] == *w) {
+            return r;
+        }
+        last = r;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("rollout never reached {want:?}: {last}");
+}
+
+async fn devices_of(app: &TestApp, id: &str) -> Vec<Value> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (status, page) = app
+            .get_json(&format!(
+                "/api/v1/rollouts/{id}/devices?limit=7&cursor={cursor}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{page}");
+        out.extend(page["items"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = c.to_string(),
+            None => return out,
+        }
+    }
+}
+
+async fn tasks_of(app: &TestApp, gateway: &str) -> Vec<Value> {
+    let (_, page) = app
+        .get_json(&format!("/api/v1/ota?gateway_sn={gateway}&limit=100"))
+        .await;
+    page["items"].as_array().unwrap().clone()
+}
+
+fn ts(v: &Value) -> chrono::DateTime<chrono::Utc> {
+    v.as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn stages_in_order_pairs_together_caps_hold_offline_ends_unreachable() {
+    let app = spawn_with(models).await;
+    let firmware = release(&app).await;
+    let (prefix, sim) = fleet(&app.mqtt_addr(), 8, &[]).await;
+    wait_fleet_online(&app, &prefix, 8).await;
+    let mut target: Vec<String> = (1..=8).map(|i| gw(&prefix, i)).collect();
+    let offline = format!("{prefix}OFF");
+    target.push(offline.clone());
+    let body = json!({
+        "name": "fleet 2.0.0", "firmware": firmware, "target": {"gateway_sns": target},
+        "stages": [{"percent": 25}, {"percent": 60}, {"percent": 100}],
+        "max_in_flight": 2, "rate_per_minute": null, "device_timeout_s": 4, "min_sample": 2
+    });
+    let (status, r) = post(&app, "/api/v1/rollouts", body.clone(), Some("k-1")).await;
+    assert_eq!(status, 201, "{r}");
+    assert_eq!(r["status"], "draft");
+    let id = r["id"].as_str().unwrap().to_string();
+    // Idempotency-Key: same body → the original answer; another body → 422.
+    let (status, again) = post(&app, "/api/v1/rollouts", body.clone(), Some("k-1")).await;
+    assert_eq!((status, &again["id"]), (201, &r["id"]));
+    let mut other = body.clone();
+    other["name"] = json!("other");
+    let (status, e) = post(&app, "/api/v1/rollouts", other, Some("k-1")).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (422, Some("idempotency_key_reused"))
+    );
+
+    let (status, started) = post(
+        &app,
+        &format!("/api/v1/rollouts/{id}/start"),
+        json!({}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{started}");
+    assert_eq!(started["stages"][0]["gateways"], 3);
+    assert_eq!(started["stages"][2]["gateways"], 9);
+    let done = wait_status(&app, &id, &["completed", "paused"], 90).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["counts"]["ok"], 16, "{done}");
+    // The never-seen gateway waited, then ended unreachable, without pausing anything.
+    assert_eq!(done["counts"]["unreachable"], 1, "{done}");
+
+    let rows = devices_of(&app, &id).await;
+    assert_eq!(rows.len(), 17);
+    let (status, unreachable) = app
+        .get_json(&format!("/api/v1/rollouts/{id}/devices?state=unreachable"))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(unreachable["items"][0]["sn"], offline.as_str());
+
+    // One OTA task per gateway, dock and aircraft in the same ota_create.
+    let mut spans = Vec::new();
+    let mut created_by_stage: Vec<Vec<chrono::DateTime<chrono::Utc>>> = vec![Vec::new(); 3];
+    for i in 1..=8 {
+        let g = gw(&prefix, i);
+        let tasks = tasks_of(&app, &g).await;
+        assert_eq!(tasks.len(), 1, "{g} was dispatched {} times", tasks.len());
+        let t = &tasks[0];
+        assert_eq!(t["status"], "ok");
+        let sns: Vec<&str> = t["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["sn"].as_str().unwrap())
+            .collect();
+        assert_eq!(sns.len(), 2, "pair upgraded together: {sns:?}");
+        spans.push((ts(&t["created_at"]), ts(&t["finished_at"])));
+        let stage = rows.iter().find(|r| r["sn"] == g.as_str()).unwrap()["stage"]
+            .as_u64()
+            .unwrap();
+        created_by_stage[stage as usize].push(ts(&t["created_at"]));
+    }
+    // The in-flight cap held: never more than 2 tasks open at once.
+    for (start, _) in &spans {
+        let open = spans
+            .iter()
+            .filter(|(s, f)| s <= start && f > start)
+            .count();
+        assert!(open <= 2, "{open} tasks in flight at {start}");
+    }
+    // Stages in order: every task of a stage was created after every task of the one before.
+    for k in 1..3 {
+        if let (Some(prev), Some(next)) = (
+            created_by_stage[k - 1].iter().max(),
+            created_by_stage[k].iter().min(),
+        ) {
+            assert!(
+                prev <= next,
+                "stage {k} started before stage {} was dispatched",
+                k - 1
+            );
+        }
+    }
+    let (_, timeline) = app
+        .get_json(&format!("/api/v1/rollouts/{id}/timeline"))
+        .await;
+    assert!(
+        timeline["items"].as_array().unwrap().len() >= 2,
+        "{timeline}"
+    );
+    // A completed rollout cannot be resumed.
+    let (status, e) = post(
+        &app,
+        &format!("/api/v1/rollouts/{id}/resume"),
+        json!({}),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (409, Some("invalid_transition"))
+    );
+    sim.cancel();
+}
+
+#[tokio::test]
+async fn rate_limit_spaces_dispatches() {
+    let app = spawn_with(models).await;
+    let firmware = release(&app).await;
+    let (prefix, sim) = fleet(&app.mqtt_addr(), 4, &[]).await;
+    wait_fleet_online(&app, &prefix, 4).await;
+    let target: Vec<String> = (1..=4).map(|i| gw(&prefix, i)).collect();
+    let body = json!({"name": "slow", "firmware": firmware, "target": {"gateway_sns": target},
+        "stages": [{"percent": 100}], "rate_per_minute": 60, "max_in_flight": 10});
+    let (_, r) = post(&app, "/api/v1/rollouts", body, None).await;
+    let id = r["id"].as_str().unwrap().to_string();
+    post(
+        &app,
+        &format!("/api/v1/rollouts/{id}/start"),
+        json!({}),
+        None,
+    )
+    .await;
+    let done = wait_status(&app, &id, &["completed", "paused"], 60).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let mut created: Vec<_> = Vec::new();
+    for i in 1..=4 {
+        created.push(ts(&tasks_of(&app, &gw(&prefix, i)).await[0]["created_at"]));
+    }
+    created.sort();
+    // 60 per minute with ±20 % jitter: at least 0.8 s between two dispatches.
+    for w in created.windows(2) {
+        let gap = (w[1] - w[0]).num_milliseconds();
+        assert!(gap >= 750, "dispatches {gap} ms apart");
+    }
+    sim.cancel();
+}
+
+#[tokio::test]
+async fn error_threshold_pauses_and_retries_turn_failures_into_ok() {
+    let app = spawn_with(models).await;
+    let firmware = release(&app).await;
+    // Every upgrade fails: the error threshold pauses the rollout once min_sample are final.
+    let (bad, sim_bad) = fleet(&app.mqtt_addr(), 4, &["--fail", "upgrade"]).await;
+    wait_fleet_online(&app, &bad, 4).await;
+    let target: Vec<String> = (1..=4).map(|i| gw(&bad, i)).collect();
+    let body = json!({"name": "bad", "firmware": firmware, "target": {"gateway_sns": target},
+        "stages": [{"percent": 100}], "rate_per_minute": null, "max_retries": 0,
+        "min_sample": 4, "error_threshold": 10});
+    let (_, r) = post(&app, "/api/v1/rollouts", body, None).await;
+    let id = r["id"].as_str().unwrap().to_string();
+    post(
+        &app,
+        &format!("/api/v1/rollouts/{id}/start"),
+        json!({}),
+        None,
+    )
+    .await;
+    let paused = wait_status(&app, &id, &["paused", "completed"], 60).await;
+    assert_eq!(paused["status"], "paused", "{paused}");
+    assert!(
+        paused["pause_reason"]
+            .as_str()
+            .unwrap()
+            .contains("error_threshold"),
+        "{paused}"
+    );
+    sim_bad.cancel();
+
+    // Half the jobs fail: retries with a short backoff get every gateway to ok.
+    let (flaky, sim_flaky) = fleet(
+        &app.mqtt_addr(),
+        4,
+        &["--fail", "download", "--fail-rate", "0.5"],
+    )
+    .await;
+    wait_fleet_online(&app, &flaky, 4).await;
+    let target: Vec<String> = (1..=4).map(|i| gw(&flaky, i)).collect();
+    let body = json!({"name": "flaky", "firmware": firmware, "target": {"gateway_sns": target},
+        "stages": [{"percent": 100}], "rate_per_minute": null, "max_retries": 6,
+        "retry_backoff_s": 1, "error_threshold": 100, "success_threshold": 100});
+    let (_, r) = post(&app, "/api/v1/rollouts", body, None).await;
+    let id = r["id"].as_str().unwrap().to_string();
+    post(
+        &app,
+        &format!("/api/v1/rollouts/{id}/start"),
+        json!({}),
+        None,
+    )
+    .await;
+    let done = wait_status(&app, &id, &["completed", "paused"], 120).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["counts"]["ok"], 8, "{done}");
+    let mut attempts = 0;
+    for i in 1..=4 {
+        attempts += tasks_of(&app, &gw(&flaky, i)).await.len();
+    }
+    assert!(attempts > 4, "no failure was retried ({attempts} tasks)");
+    sim_flaky.cancel();
+}
+
+#[tokio::test]
+async fn approval_gate_cancel_conflicts_and_bad_input() {
+    let app = spawn_with(models).await;
+    let firmware = release(&app).await;
+    let (prefix, sim) = fleet(&app.mqtt_addr(), 4, &[]).await;
+    wait_fleet_online(&app, &prefix, 4).await;
+    let target: Vec<String> = (1..=4).map(|i| gw(&prefix, i)).collect();
+    let base = json!({"name": "gated", "firmware": firmware, "target": {"gateway_sns": target},
+        "stages": [{"percent": 25}, {"percent": 100}], "rate_per_minute": null,
+        "auto_advance": false});
+
+    // Bad input: JSON errors, nothing stored.
+    for (patch, code) in [
+        (
+            json!({"stages": [{"percent": 50}, {"percent": 50}]}),
+            "validation_failed",
+        ),
+        (
+            json!({"stages": [{"percent": 10}, {"percent": 90}]}),
+            "validation_failed",
+        ),
+        (json!({"success_threshold": 101}), "validation_failed"),
+        (json!({"error_threshold": -1}), "validation_failed"),
+        (json!({"rate_per_minute": 0}), "validation_failed"),
+        (json!({"target": {"gateway_sns": []}}), "validation_failed"),
+        (
+            json!({"firmware": [{"firmware_id": "01ARZ3NDEKTSV4RRFFQ69G5FAV"}]}),
+            "not_found",
+        ),
+        (
+            json!({"firmware": [{"model": "Nope", "product_version": "1.0"}]}),
+            "not_found",
+        ),
+        (json!({"surprise": 1}), "invalid_request"),
+    ] {
+        let mut body = base.clone();
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, e) = post(&app, "/api/v1/rollouts", body, None).await;
+        assert_eq!(e["error"], code, "{patch}: {status} {e}");
+    }
+    let (_, list) = app.get_json("/api/v1/rollouts").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 0, "{list}");
+
+    let (_, r) = post(&app, "/api/v1/rollouts", base.clone(), None).await;
+    let id = r["id"].as_str().unwrap().to_string();
+    for action in ["pause", "resume", "approve"] {
+        let (status, e) = post(
+            &app,
+            &format!("/api/v1/rollouts/{id}/{action}"),
+            json!({}),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, e["error"].as_str()),
+            (409, Some("invalid_transition")),
+            "{action} on a draft"
+        );
+    }
+    post(
+        &app,
+        &format!("/api/v1/rollouts/{id}/start"),
+        json!({}),
+        None,
+    )
+    .await;
+    let waiting = wait_status(&app, &id, &["waiting_approval", "paused", "completed"], 60).await;
+    assert_eq!(waiting["status"], "waiting_approval", "{waiting}");
+    assert_eq!(
+        waiting["counts"]["ok"], 2,
+        "stage 1 is one gateway: {waiting}"
+    );
+    assert_eq!(waiting["counts"]["pending"], 6);
+
+    // A second rollout touching the same gateways cannot start while this one runs.
+    let (_, r2) = post(&app, "/api/v1/rollouts", base.clone(), None).await;
+    let id2 = r2["id"].as_str().unwrap().to_string();
+    let (status, e) = post(
+        &app,
+        &format!("/api/v1/rollouts/{id2}/start"),
+        json!({}),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (409, Some("rollout_conflict")),
+        "{e}"
+    );
+    assert!(e["message"].as_str().unwrap().contains(&id), "{e}");
+
+    // Approve: stage 2 runs to the end.
+    let (status, _) = post(
+        &app,
+        &format!("/api/v1/rollouts/{id}/approve"),
+        json!({}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let done = wait_status(&app, &id, &["completed", "paused"], 60).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["counts"]["ok"], 8);
+
+    // The second one may start now; everything is up to date: skipped, completed.
+    let (status, _) = post(
+        &app,
+        &format!("/api/v1/rollouts/{id2}/start"),
+        json!({}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    wait_status(&app, &id2, &["waiting_approval"], 60).await;
+    post(
+        &app,
+        &format!("/api/v1/rollouts/{id2}/approve"),
+        json!({}),
+        None,
+    )
+    .await;
+    let skipped = wait_status(&app, &id2, &["completed", "paused"], 60).await;
+    assert_eq!(skipped["counts"]["skipped_up_to_date"], 8, "{skipped}");
+
+    // Cancel before anything is dispatched: every device canceled.
+    let mut slow = base.clone();
+    slow["rate_per_minute"] = json!(0.001);
+    slow["firmware"] = json!([{"model": "Dock", "product_version": "2.0.0"}]);
+    let (_, r3) = post(&app, "/api/v1/rollouts", slow, None).await;
+    let id3 = r3["id"].as_str().unwrap().to_string();
+    post(
+        &app,
+        &format!("/api/v1/rollouts/{id3}/start"),
+        json!({}),
+        None,
+    )
+    .await;
+    let (status, c) = post(
+        &app,
+        &format!("/api/v1/rollouts/{id3}/cancel"),
+        json!({}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{c}");
+    assert_eq!(c["status"], "canceled");
+    let (_, c) = app.get_json(&format!("/api/v1/rollouts/{id3}")).await;
+    let in_flight = c["counts"]["in_flight"].as_u64().unwrap_or(0);
+    let canceled = c["counts"]["canceled"].as_u64().unwrap_or(0);
+    assert_eq!(
+        in_flight + canceled + c["counts"]["skipped_up_to_date"].as_u64().unwrap_or(0),
+        4,
+        "{c}"
+    );
+    let (status, _) = app.get_json("/api/v1/rollouts/nope").await;
+    assert_eq!(status, 404);
+    sim.cancel();
+}
