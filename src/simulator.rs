@@ -418,19 +418,40 @@ impl Dock {
         let mut interrupted = false;
         let mut last_decile = 0;
         let started = std::time::Instant::now();
+        // A lost connection (server restart, network) is resumed from where it stopped, as a
+        // dock does: up to 20 tries, half a second apart.
+        let mut failures = 0;
         while have < size {
-            let resp = self
+            let resp = match self
                 .http
                 .get(url)
                 .header("range", format!("bytes={have}-"))
                 .send()
-                .await?;
+                .await
+            {
+                Ok(r) => r,
+                Err(e) if failures < 20 => {
+                    failures += 1;
+                    tracing::debug!(error = %e, "download request failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if !resp.status().is_success() {
                 anyhow::bail!("download answered {}", resp.status());
             }
             let mut body = resp.bytes_stream();
             while let Some(chunk) = body.next().await {
-                let chunk = chunk?;
+                let chunk = match chunk {
+                    Ok(c) => c,
+                    Err(e) if failures < 20 => {
+                        failures += 1;
+                        tracing::debug!(error = %e, "download interrupted; resuming");
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
                 md5.update(&chunk);
                 have += chunk.len() as u64;
                 self.stats

@@ -107,6 +107,10 @@ struct Inner {
     active: Mutex<HashMap<String, Active>>,
     changes: broadcast::Sender<RolloutView>,
     wake: Notify,
+    /// When this process started driving rollouts: a gateway is only dispatched once it has
+    /// been heard from since (after a restart with the embedded broker, docks reconnect and
+    /// resubscribe first; an `ota_create` sent before that is lost).
+    since: DateTime<Utc>,
 }
 
 /// The rollout service. Cheap to clone.
@@ -274,6 +278,7 @@ impl RolloutService {
                 active: Mutex::new(active),
                 changes,
                 wake: Notify::new(),
+                since: now,
             }),
         })
     }
@@ -766,12 +771,11 @@ impl RolloutService {
                 if def.rate_per_minute.is_some() && a.next_slot > now {
                     break;
                 }
-                // Only known, online gateways are dispatched; the others wait (preflight).
-                let online = self
-                    .inner
-                    .devices
-                    .get(&m.gateway_sn)
-                    .is_ok_and(|g| g.online);
+                // Only known gateways online since this process started are dispatched; the
+                // others wait (preflight).
+                let online = self.inner.devices.get(&m.gateway_sn).is_ok_and(|g| {
+                    g.online && g.last_seen_at.is_some_and(|t| t >= self.inner.since)
+                });
                 let m = &mut a.members[i];
                 if !online {
                     if m.state != DeviceState::WaitingEligible {

@@ -239,8 +239,10 @@ impl ServerProcess {
             .open(&stderr_path)
             .unwrap();
         let mut cmd = Command::new(bin());
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir);
+        cmd.arg("serve").arg("--data-dir").arg(data_dir);
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
         if !extra.contains(&"--mqtt-listen") && !extra.contains(&"--mqtt-url") {
             cmd.args(["--mqtt-listen", "127.0.0.1:0"]);
         }

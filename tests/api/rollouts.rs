@@ -263,6 +263,15 @@ async fn rate_limit_spaces_dispatches() {
         "stages": [{"percent": 100}], "rate_per_minute": 60, "max_in_flight": 10});
     let (_, r) = post(&app, "/api/v1/rollouts", body, None).await;
     let id = r["id"].as_str().unwrap().to_string();
+    // Live over SSE: a snapshot now, one per change, and the stream ends with the rollout.
+    let sse = app
+        .client
+        .get(app.url(&format!("/api/v1/rollouts/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.headers()["content-type"], "text/event-stream");
+    let reader = tokio::spawn(async move { sse.text().await.unwrap() });
     post(
         &app,
         &format!("/api/v1/rollouts/{id}/start"),
@@ -272,6 +281,18 @@ async fn rate_limit_spaces_dispatches() {
     .await;
     let done = wait_status(&app, &id, &["completed", "paused"], 60).await;
     assert_eq!(done["status"], "completed", "{done}");
+    let text = tokio::time::timeout(Duration::from_secs(10), reader)
+        .await
+        .expect("the SSE stream did not end")
+        .unwrap();
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert_eq!(events.first().unwrap()["status"], "draft");
+    assert_eq!(events.last().unwrap()["status"], "completed");
+    assert!(events.len() >= 4, "{} events", events.len());
     let mut created: Vec<_> = Vec::new();
     for i in 1..=4 {
         created.push(ts(&tasks_of(&app, &gw(&prefix, i)).await[0]["created_at"]));
@@ -506,5 +527,115 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
     );
     let (status, _) = app.get_json("/api/v1/rollouts/nope").await;
     assert_eq!(status, 404);
+    sim.cancel();
+}
+
+#[tokio::test]
+async fn kill_9_mid_rollout_then_it_completes_upgrading_each_device_once() {
+    let root = tempfile::tempdir().unwrap();
+    let data_dir = root.path().join("data");
+    let config = root.path().join("fwrepo.toml");
+    std::fs::write(
+        &config,
+        "[models]\n\"3-1-0\" = \"Dock\"\n\"0-67-0\" = \"M30\"\n",
+    )
+    .unwrap();
+    // Fixed ports: the docks' file_url and broker address must survive the restart.
+    let http = format!("127.0.0.1:{}", free_port());
+    let mqtt = format!("127.0.0.1:{}", free_port());
+    let args = [
+        "--listen",
+        http.as_str(),
+        "--mqtt-listen",
+        mqtt.as_str(),
+        "--config",
+        config.to_str().unwrap(),
+        "--ota-progress-timeout",
+        "5",
+    ];
+    let mut server = ServerProcess::start(&data_dir, &args);
+    let client = reqwest::Client::new();
+    let upload = |name: &'static str, seed: u64| {
+        let (client, base) = (client.clone(), server.base.clone());
+        async move {
+            let r: Value = client
+                .post(format!("{base}/api/v1/firmware?file_name={name}"))
+                .body(payload(300_000, seed))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            r["id"].as_str().unwrap().to_string()
+        }
+    };
+    let dock_fw = upload("Dock_2.0.0.zip", 21).await;
+    let ac_fw = upload("M30_2.0.0.zip", 22).await;
+    let (prefix, sim) = fleet(&mqtt, 6, &[]).await;
+    let base = server.base.clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            let d = get_json_at(&base, "/api/v1/devices?limit=500").await;
+            d["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|x| x["sn"].as_str().unwrap().starts_with(&prefix) && x["online"] == true)
+                .count()
+                == 12
+        })
+        .await
+    );
+    let target: Vec<String> = (1..=6).map(|i| gw(&prefix, i)).collect();
+    let body = json!({"name": "restart", "firmware": [{"firmware_id": dock_fw}, {"firmware_id": ac_fw}],
+        "target": {"gateway_sns": target}, "stages": [{"percent": 50}, {"percent": 100}],
+        "rate_per_minute": 40, "max_in_flight": 2});
+    let r: Value = client
+        .post(format!("{base}/api/v1/rollouts"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = r["id"].as_str().unwrap().to_string();
+    client
+        .post(format!("{base}/api/v1/rollouts/{id}/start"))
+        .send()
+        .await
+        .unwrap();
+    // Crash once some gateways are dispatched and others are not.
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            let r = get_json_at(&base, &format!("/api/v1/rollouts/{id}")).await;
+            r["counts"]["ok"].as_u64().unwrap_or(0) >= 2
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    server.kill9();
+    let server = ServerProcess::start(&data_dir, &args);
+    let base = server.base.clone();
+    let mut last = Value::Null;
+    for _ in 0..300 {
+        last = get_json_at(&base, &format!("/api/v1/rollouts/{id}")).await;
+        if last["status"] == "completed" || last["status"] == "paused" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(last["status"], "completed", "{last}");
+    assert_eq!(last["counts"]["ok"], 12, "{last}");
+    // Upgraded exactly once: one task per gateway ended ok (a task whose ota_create died with
+    // the server's embedded broker could time out and be retried, never upgrade twice).
+    for g in &target {
+        let tasks = get_json_at(&base, &format!("/api/v1/ota?gateway_sn={g}")).await;
+        let items = tasks["items"].as_array().unwrap();
+        let ok = items.iter().filter(|t| t["status"] == "ok").count();
+        assert_eq!(ok, 1, "{g} upgraded {ok} times: {tasks}");
+        assert!(items.len() <= 2, "{g} dispatched {} times", items.len());
+    }
     sim.cancel();
 }
