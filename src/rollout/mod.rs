@@ -721,10 +721,14 @@ impl RolloutService {
                 changed.push(i);
             }
         }
+        // Look for gateways that joined the target now and then, and always before the last
+        // stage is judged complete.
+        let finishing = a.rollout.current_stage + 1 >= def.stages.len()
+            && a.members.iter().all(|m| m.state.is_final());
         if a.rollout.status == RolloutStatus::Running
             && def.include_new_devices
             && def.target.model.is_some()
-            && now - a.last_refresh >= REFRESH_TARGET
+            && (finishing || now - a.last_refresh >= REFRESH_TARGET)
         {
             a.last_refresh = now;
             let existing: HashSet<String> =

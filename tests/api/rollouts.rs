@@ -462,6 +462,18 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
     );
     assert!(e["message"].as_str().unwrap().contains(&id), "{e}");
 
+    // Its firmware is in use while it runs.
+    let dock_id = firmware[0]["firmware_id"].as_str().unwrap();
+    let resp = app
+        .client
+        .delete(app.url(&format!("/api/v1/firmware/{dock_id}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 409);
+    let e: Value = resp.json().await.unwrap();
+    assert_eq!(e["error"], "firmware_in_use", "{e}");
+
     // Approve: stage 2 runs to the end.
     let (status, _) = post(
         &app,
@@ -637,5 +649,87 @@ async fn kill_9_mid_rollout_then_it_completes_upgrading_each_device_once() {
         assert_eq!(ok, 1, "{g} upgraded {ok} times: {tasks}");
         assert!(items.len() <= 2, "{g} dispatched {} times", items.len());
     }
+    sim.cancel();
+}
+
+#[tokio::test]
+async fn gateways_joining_a_model_target_are_added_when_asked() {
+    let app = spawn_with(models).await;
+    let firmware = release(&app).await;
+    let (first, sim1) = fleet(&app.mqtt_addr(), 2, &[]).await;
+    wait_fleet_online(&app, &first, 2).await;
+    let body = json!({"name": "grow", "firmware": firmware,
+        "target": {"model": "Dock", "seen_within_s": 600}, "include_new_devices": true,
+        "stages": [{"percent": 50}, {"percent": 100}], "rate_per_minute": 12});
+    let (_, r) = post(&app, "/api/v1/rollouts", body, None).await;
+    let id = r["id"].as_str().unwrap().to_string();
+    let (_, started) = post(
+        &app,
+        &format!("/api/v1/rollouts/{id}/start"),
+        json!({}),
+        None,
+    )
+    .await;
+    assert_eq!(started["gateways"], 2, "{started}");
+    // A dock that comes online while the rollout runs joins its last stage.
+    let (late, sim2) = fleet(&app.mqtt_addr(), 1, &[]).await;
+    let done = wait_status(&app, &id, &["completed", "paused"], 90).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["gateways"], 3, "{done}");
+    assert_eq!(done["counts"]["ok"], 6, "{done}");
+    let rows = devices_of(&app, &id).await;
+    let joined = rows
+        .iter()
+        .find(|r| r["sn"] == gw(&late, 1).as_str())
+        .unwrap();
+    assert_eq!(joined["stage"], 1, "{joined}");
+    sim1.cancel();
+    sim2.cancel();
+}
+
+#[tokio::test]
+async fn rollout_on_an_external_broker() {
+    let Ok(url) = std::env::var("FWREPO_TEST_MQTT_URL") else {
+        eprintln!("SKIP rollout on an external broker: FWREPO_TEST_MQTT_URL not set");
+        return;
+    };
+    let u = url::Url::parse(&url).unwrap();
+    let (host, port) = (u.host_str().unwrap().to_string(), u.port().unwrap_or(1883));
+    let app = spawn_with(|s| {
+        models(s);
+        s.mqtt = fwrepo::mqtt::MqttSettings {
+            target: fwrepo::mqtt::BrokerTarget::External {
+                host: host.clone(),
+                port,
+                tls: None,
+                user: None,
+                password: None,
+            },
+            client_id: Some(format!(
+                "fwrepo-test-{}",
+                fwrepo::domain::ids::next().to_lowercase()
+            )),
+            replies: true,
+        };
+    })
+    .await;
+    let firmware = release(&app).await;
+    let (prefix, sim) = fleet(&format!("{host}:{port}"), 4, &[]).await;
+    wait_fleet_online(&app, &prefix, 4).await;
+    let target: Vec<String> = (1..=4).map(|i| gw(&prefix, i)).collect();
+    let body = json!({"name": "external", "firmware": firmware, "target": {"gateway_sns": target},
+        "stages": [{"percent": 50}, {"percent": 100}], "rate_per_minute": null, "max_in_flight": 2});
+    let (_, r) = post(&app, "/api/v1/rollouts", body, None).await;
+    let id = r["id"].as_str().unwrap().to_string();
+    post(
+        &app,
+        &format!("/api/v1/rollouts/{id}/start"),
+        json!({}),
+        None,
+    )
+    .await;
+    let done = wait_status(&app, &id, &["completed", "paused"], 90).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["counts"]["ok"], 8, "{done}");
     sim.cancel();
 }
