@@ -733,3 +733,47 @@ async fn rollout_on_an_external_broker() {
     assert_eq!(done["counts"]["ok"], 8, "{done}");
     sim.cancel();
 }
+
+#[tokio::test]
+async fn timed_out_tasks_are_retried_only_while_the_dock_is_idle_and_off_target() {
+    // The docks never answer: each task times out (reply timeout 5 s). The docks keep
+    // reporting idle osd and the old version, so the rollout retries, then gives up.
+    let app = spawn_with(models).await;
+    let firmware = release(&app).await;
+    let (prefix, sim) = fleet(&app.mqtt_addr(), 2, &["--fail", "silent"]).await;
+    wait_fleet_online(&app, &prefix, 2).await;
+    let target: Vec<String> = (1..=2).map(|i| gw(&prefix, i)).collect();
+    let body = json!({"name": "silent", "firmware": firmware, "target": {"gateway_sns": target},
+        "stages": [{"percent": 100}], "rate_per_minute": null, "max_retries": 1,
+        "retry_backoff_s": 1, "min_sample": 10});
+    let (_, r) = post(&app, "/api/v1/rollouts", body, None).await;
+    let id = r["id"].as_str().unwrap().to_string();
+    post(
+        &app,
+        &format!("/api/v1/rollouts/{id}/start"),
+        json!({}),
+        None,
+    )
+    .await;
+    let done = wait_status(&app, &id, &["paused", "completed"], 60).await;
+    assert_eq!(done["status"], "paused", "{done}");
+    assert_eq!(done["counts"]["failed"], 4, "{done}");
+    assert!(
+        done["pause_reason"]
+            .as_str()
+            .unwrap()
+            .contains("success_threshold")
+    );
+    for g in (1..=2).map(|i| gw(&prefix, i)) {
+        let tasks = tasks_of(&app, &g).await;
+        assert_eq!(tasks.len(), 2, "one retry after the timeout: {g}");
+        assert!(tasks.iter().all(|t| t["status"] == "timeout"));
+    }
+    let rows = devices_of(&app, &id).await;
+    assert!(
+        rows.iter()
+            .all(|r| r["attempts"] == 2 && r["last_error"].as_str().unwrap().contains("timed out")),
+        "{rows:?}"
+    );
+    sim.cancel();
+}
