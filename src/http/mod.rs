@@ -12,6 +12,7 @@ pub mod openapi;
 mod ops;
 mod ota;
 mod rollouts;
+mod sse;
 mod upload_body;
 
 use std::net::IpAddr;

@@ -1,9 +1,7 @@
 //! `/api/v1/ota`: create OTA tasks, read them, follow them live (SSE); `/dl/…`: each device's
 //! own download URL.
 
-use actix_web::http::header;
 use actix_web::{HttpRequest, HttpResponse, web};
-use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -107,9 +105,17 @@ pub(super) async fn get(
     Ok(HttpResponse::Ok().json(state.ota.get(&id, session_of(&state))?))
 }
 
-fn sse(task: &OtaTask) -> Bytes {
-    let data = serde_json::to_string(task).unwrap_or_default();
-    Bytes::from(format!("event: task\ndata: {data}\n\n"))
+impl super::sse::Tracked for OtaTask {
+    const EVENT: &'static str = "task";
+    fn is(&self, id: &str) -> bool {
+        self.id == id
+    }
+    fn done(&self) -> bool {
+        self.settled()
+    }
+    fn data(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
 }
 
 /// Server-Sent Events: the task now, then each change, until it is final and every device's
@@ -124,37 +130,7 @@ pub(super) async fn events(
     let id = id.into_inner();
     let rx = state.ota.subscribe();
     let first = state.ota.get(&id, session_of(&state))?;
-    let done = first.settled();
-    let head = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(sse(&first)) });
-    let stopping = state.stopping.clone();
-    let rest = futures::stream::unfold((rx, done, id), move |(mut rx, done, id)| {
-        let stopping = stopping.clone();
-        async move {
-            if done {
-                return None;
-            }
-            loop {
-                let next = tokio::select! {
-                    // Shutdown ends the stream; the client reconnects to the next instance.
-                    _ = stopping.cancelled() => return None,
-                    next = rx.recv() => next,
-                };
-                match next {
-                    Ok(t) if t.id == id => {
-                        let settled = t.settled();
-                        return Some((Ok(sse(&t)), (rx, settled, id)));
-                    }
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return None,
-                }
-            }
-        }
-    });
-    use futures::StreamExt;
-    Ok(HttpResponse::Ok()
-        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
-        .insert_header((header::CACHE_CONTROL, "no-cache"))
-        .streaming(head.chain(rest)))
+    Ok(super::sse::stream(first, id, rx, state.stopping.clone()))
 }
 
 /// A device's own download URL: the same bytes as `/files/`, counted as this device's session.

@@ -1,8 +1,7 @@
 //! `/api/v1/rollouts`: staged rollouts across a fleet (contract §6).
 
-use actix_web::http::{StatusCode, header};
+use actix_web::http::StatusCode;
 use actix_web::{HttpRequest, HttpResponse, web};
-use bytes::Bytes;
 use serde::Deserialize;
 
 use super::error::ErrorBody;
@@ -139,16 +138,21 @@ pub(super) async fn action(
     Ok(HttpResponse::Ok().json(state.rollouts.action(&id, &action).await?))
 }
 
-fn sse(view: &RolloutView) -> Bytes {
-    let data = serde_json::to_string(view).unwrap_or_default();
-    Bytes::from(format!("event: rollout\ndata: {data}\n\n"))
-}
-
-fn done(view: &RolloutView) -> bool {
-    matches!(
-        view.rollout.status,
-        RolloutStatus::Completed | RolloutStatus::Canceled
-    ) && !view.counts.contains_key("in_flight")
+impl super::sse::Tracked for RolloutView {
+    const EVENT: &'static str = "rollout";
+    fn is(&self, id: &str) -> bool {
+        self.rollout.id == id
+    }
+    /// Completed or canceled with nothing in flight.
+    fn done(&self) -> bool {
+        matches!(
+            self.rollout.status,
+            RolloutStatus::Completed | RolloutStatus::Canceled
+        ) && !self.counts.contains_key("in_flight")
+    }
+    fn data(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
 }
 
 /// Server-Sent Events: the rollout now, then each change, until it is completed or canceled
@@ -163,34 +167,5 @@ pub(super) async fn events(
     let id = id.into_inner();
     let rx = state.rollouts.subscribe();
     let first = state.rollouts.get(&id)?;
-    let finished = done(&first);
-    let head = futures::stream::once(async move { Ok::<_, std::convert::Infallible>(sse(&first)) });
-    let stopping = state.stopping.clone();
-    let rest = futures::stream::unfold((rx, finished, id), move |(mut rx, finished, id)| {
-        let stopping = stopping.clone();
-        async move {
-            if finished {
-                return None;
-            }
-            loop {
-                let next = tokio::select! {
-                    _ = stopping.cancelled() => return None,
-                    next = rx.recv() => next,
-                };
-                match next {
-                    Ok(v) if v.rollout.id == id => {
-                        let finished = done(&v);
-                        return Some((Ok(sse(&v)), (rx, finished, id)));
-                    }
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return None,
-                }
-            }
-        }
-    });
-    use futures::StreamExt;
-    Ok(HttpResponse::Ok()
-        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
-        .insert_header((header::CACHE_CONTROL, "no-cache"))
-        .streaming(head.chain(rest)))
+    Ok(super::sse::stream(first, id, rx, state.stopping.clone()))
 }

@@ -92,6 +92,22 @@ async fn post(app: &TestApp, path: &str, body: Value, key: Option<&str>) -> (u16
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// Creates a rollout and starts it; returns its id.
+async fn start_rollout(app: &TestApp, body: Value) -> String {
+    let (status, r) = post(app, "/api/v1/rollouts", body, None).await;
+    assert_eq!(status, 201, "{r}");
+    let id = r["id"].as_str().unwrap().to_string();
+    let (status, started) = post(
+        app,
+        &format!("/api/v1/rollouts/{id}/start"),
+        json!({}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{started}");
+    id
+}
+
 async fn wait_status(app: &TestApp, id: &str, want: &[&str], secs: u64) -> Value {
     let mut last = Value::Null;
     for _ in 0..secs * 5 {
@@ -317,15 +333,7 @@ async fn error_threshold_pauses_and_retries_turn_failures_into_ok() {
     let body = json!({"name": "bad", "firmware": firmware, "target": {"gateway_sns": target},
         "stages": [{"percent": 100}], "rate_per_minute": null, "max_retries": 0,
         "min_sample": 4, "error_threshold": 10});
-    let (_, r) = post(&app, "/api/v1/rollouts", body, None).await;
-    let id = r["id"].as_str().unwrap().to_string();
-    post(
-        &app,
-        &format!("/api/v1/rollouts/{id}/start"),
-        json!({}),
-        None,
-    )
-    .await;
+    let id = start_rollout(&app, body).await;
     let paused = wait_status(&app, &id, &["paused", "completed"], 60).await;
     assert_eq!(paused["status"], "paused", "{paused}");
     assert!(
@@ -349,15 +357,7 @@ async fn error_threshold_pauses_and_retries_turn_failures_into_ok() {
     let body = json!({"name": "flaky", "firmware": firmware, "target": {"gateway_sns": target},
         "stages": [{"percent": 100}], "rate_per_minute": null, "max_retries": 6,
         "retry_backoff_s": 1, "error_threshold": 100, "success_threshold": 100});
-    let (_, r) = post(&app, "/api/v1/rollouts", body, None).await;
-    let id = r["id"].as_str().unwrap().to_string();
-    post(
-        &app,
-        &format!("/api/v1/rollouts/{id}/start"),
-        json!({}),
-        None,
-    )
-    .await;
+    let id = start_rollout(&app, body).await;
     let done = wait_status(&app, &id, &["completed", "paused"], 120).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["counts"]["ok"], 8, "{done}");
@@ -661,15 +661,8 @@ async fn gateways_joining_a_model_target_are_added_when_asked() {
     let body = json!({"name": "grow", "firmware": firmware,
         "target": {"model": "Dock", "seen_within_s": 600}, "include_new_devices": true,
         "stages": [{"percent": 50}, {"percent": 100}], "rate_per_minute": 12});
-    let (_, r) = post(&app, "/api/v1/rollouts", body, None).await;
-    let id = r["id"].as_str().unwrap().to_string();
-    let (_, started) = post(
-        &app,
-        &format!("/api/v1/rollouts/{id}/start"),
-        json!({}),
-        None,
-    )
-    .await;
+    let id = start_rollout(&app, body).await;
+    let (_, started) = app.get_json(&format!("/api/v1/rollouts/{id}")).await;
     assert_eq!(started["gateways"], 2, "{started}");
     // A dock that comes online while the rollout runs joins its last stage.
     let (late, sim2) = fleet(&app.mqtt_addr(), 1, &[]).await;
@@ -719,15 +712,7 @@ async fn rollout_on_an_external_broker() {
     let target: Vec<String> = (1..=4).map(|i| gw(&prefix, i)).collect();
     let body = json!({"name": "external", "firmware": firmware, "target": {"gateway_sns": target},
         "stages": [{"percent": 50}, {"percent": 100}], "rate_per_minute": null, "max_in_flight": 2});
-    let (_, r) = post(&app, "/api/v1/rollouts", body, None).await;
-    let id = r["id"].as_str().unwrap().to_string();
-    post(
-        &app,
-        &format!("/api/v1/rollouts/{id}/start"),
-        json!({}),
-        None,
-    )
-    .await;
+    let id = start_rollout(&app, body).await;
     let done = wait_status(&app, &id, &["completed", "paused"], 90).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["counts"]["ok"], 8, "{done}");
@@ -746,15 +731,7 @@ async fn timed_out_tasks_are_retried_only_while_the_dock_is_idle_and_off_target(
     let body = json!({"name": "silent", "firmware": firmware, "target": {"gateway_sns": target},
         "stages": [{"percent": 100}], "rate_per_minute": null, "max_retries": 1,
         "retry_backoff_s": 1, "min_sample": 10});
-    let (_, r) = post(&app, "/api/v1/rollouts", body, None).await;
-    let id = r["id"].as_str().unwrap().to_string();
-    post(
-        &app,
-        &format!("/api/v1/rollouts/{id}/start"),
-        json!({}),
-        None,
-    )
-    .await;
+    let id = start_rollout(&app, body).await;
     let done = wait_status(&app, &id, &["paused", "completed"], 60).await;
     assert_eq!(done["status"], "paused", "{done}");
     assert_eq!(done["counts"]["failed"], 4, "{done}");
