@@ -71,6 +71,8 @@ type Dispatch = (usize, OtaRequest, String);
 const FRESH: chrono::Duration = chrono::Duration::seconds(60);
 /// How often gateways that joined the target are looked for (`include_new_devices`).
 const REFRESH_TARGET: chrono::Duration = chrono::Duration::seconds(15);
+/// How soon a gateway that failed preflight (busy, not attached, …) is looked at again.
+const RECHECK: chrono::Duration = chrono::Duration::seconds(5);
 /// Timeline resolution.
 const SAMPLE_EVERY: chrono::Duration = chrono::Duration::seconds(2);
 
@@ -346,6 +348,7 @@ impl RolloutService {
             current_stage: 0,
             stage_sizes: Vec::new(),
             pause_reason: None,
+            acknowledged_failed: 0,
             created_at: now,
             updated_at: now,
             started_at: None,
@@ -567,13 +570,18 @@ impl RolloutService {
             })
     }
 
-    fn persist(&self, rollout: &Rollout, members: &[&Member]) {
+    /// Stores member rows, and the rollout record itself when `with_rollout` (its status,
+    /// events or timeline changed: it is the larger write).
+    fn persist(&self, rollout: &Rollout, members: &[&Member], with_rollout: bool) {
         let rows: Vec<(String, &Member)> = members.iter().map(|m| (m.order.clone(), *m)).collect();
         let stored = self
             .inner
             .catalog
             .put_members(&rollout.id, &rows)
-            .and_then(|()| self.inner.catalog.put_rollout(&rollout.id, rollout));
+            .and_then(|()| match with_rollout {
+                true => self.inner.catalog.put_rollout(&rollout.id, rollout),
+                false => Ok(()),
+            });
         if let Err(e) = stored {
             tracing::error!(rollout_id = %rollout.id, error = %e, "storing rollout failed");
         }
@@ -634,7 +642,7 @@ impl RolloutService {
                     last_sample: now,
                 };
                 a.rollout.sample(&a.counts(), now);
-                self.persist(&a.rollout, &a.members.iter().collect::<Vec<_>>());
+                self.persist(&a.rollout, &a.members.iter().collect::<Vec<_>>(), true);
                 let view = view_of(&a.rollout, &a.members, now);
                 active.insert(id.to_string(), a);
                 view
@@ -652,6 +660,10 @@ impl RolloutService {
                     ("resume", RolloutStatus::Paused) => {
                         a.rollout.status = RolloutStatus::Running;
                         a.rollout.pause_reason = None;
+                        a.rollout.acknowledged_failed = model::count(a.members.iter())
+                            .get(&DeviceState::Failed)
+                            .copied()
+                            .unwrap_or(0);
                     }
                     ("approve", RolloutStatus::WaitingApproval) => {
                         a.rollout.status = RolloutStatus::Running;
@@ -701,7 +713,7 @@ impl RolloutService {
                 };
                 a.rollout.event(action, None, now);
                 a.rollout.sample(&model::count(a.members.iter()), now);
-                self.persist(&a.rollout, &a.members.iter().collect::<Vec<_>>());
+                self.persist(&a.rollout, &a.members.iter().collect::<Vec<_>>(), true);
                 view_of(&a.rollout, &a.members, now)
             }
         };
@@ -716,8 +728,15 @@ impl RolloutService {
     fn step(&self, a: &mut Active, now: DateTime<Utc>) -> Vec<Dispatch> {
         let def = a.rollout.definition.clone();
         let mut changed: Vec<usize> = Vec::new();
+        let canceled = a.rollout.status == RolloutStatus::Canceled;
         for (i, m) in a.members.iter_mut().enumerate() {
-            if self.follow(m, &def, now) {
+            let mut moved = self.follow(m, &def, now);
+            // A canceled rollout only sees its in-flight tasks to their end: no retries.
+            if canceled && !m.state.is_final() && m.state != DeviceState::InFlight {
+                m.set_state(DeviceState::Canceled, now);
+                moved = true;
+            }
+            if moved {
                 changed.push(i);
             }
         }
@@ -765,7 +784,7 @@ impl RolloutService {
                 let m = &a.members[i];
                 let due = match m.state {
                     DeviceState::Pending => m.stage <= stage,
-                    DeviceState::WaitingEligible => true,
+                    DeviceState::WaitingEligible => m.next_attempt_at.is_none_or(|t| t <= now),
                     DeviceState::Retrying => m.next_attempt_at.is_none_or(|t| t <= now),
                     _ => false,
                 };
@@ -811,7 +830,7 @@ impl RolloutService {
             changed.sort_unstable();
             changed.dedup();
             let rows: Vec<&Member> = changed.iter().map(|&i| &a.members[i]).collect();
-            self.persist(&a.rollout, &rows);
+            self.persist(&a.rollout, &rows, status_changed);
             self.publish(a);
         }
         dispatches
@@ -984,7 +1003,12 @@ impl RolloutService {
         let def = &a.rollout.definition;
         let stage = a.rollout.current_stage;
         let held: Vec<&Member> = a.members.iter().filter(|m| m.stage <= stage).collect();
-        let j = Judgement::of(&model::count(held.iter().copied()));
+        let mut j = Judgement::of(&model::count(held.iter().copied()));
+        // Failures an operator saw and resumed past count in neither threshold again.
+        let acknowledged = a.rollout.acknowledged_failed.min(j.failed);
+        j.failed -= acknowledged;
+        j.final_count -= acknowledged;
+        j.denominator -= acknowledged;
         if let Some(rate) = j.error_rate(def.min_sample) {
             if rate > def.error_threshold {
                 let why = format!(
@@ -1049,11 +1073,12 @@ impl RolloutService {
             return;
         };
         let retry_later = |m: &mut Member, why: String| {
-            // Not an attempt: the gateway was not asked.
+            // Not an attempt: the gateway was not asked. Look again in a few seconds.
             m.attempts = m.attempts.saturating_sub(1);
             m.dispatch_key = None;
             m.last_error = Some(why);
             m.waiting_since.get_or_insert(now);
+            m.next_attempt_at = Some(now + RECHECK);
             m.set_state(DeviceState::WaitingEligible, now);
         };
         match result {
@@ -1109,7 +1134,7 @@ impl RolloutService {
             }
         }
         let row = a.members[i].clone();
-        self.persist(&a.rollout, &[&row]);
+        self.persist(&a.rollout, &[&row], false);
     }
 
     /// One round over every active rollout.
@@ -1128,7 +1153,7 @@ impl RolloutService {
                     let idle = !a.rollout.status.is_active()
                         && !a.members.iter().any(|m| m.state == DeviceState::InFlight);
                     if idle {
-                        self.persist(&a.rollout, &[]);
+                        self.persist(&a.rollout, &[], true);
                         active.remove(&id);
                     }
                 }
@@ -1169,6 +1194,9 @@ impl RolloutService {
                     }
                 }
             }
+            // Coalesce a burst of task changes (a fleet finishing together) into one round.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            while let Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) = tasks.try_recv() {}
             self.round().await;
         }
     }

@@ -504,6 +504,10 @@ pub struct Rollout {
     pub stage_sizes: Vec<usize>,
     /// Why it is paused.
     pub pause_reason: Option<String>,
+    /// Failed devices when an operator last resumed: they no longer count against the
+    /// thresholds (else a rollout paused by them would pause again at once).
+    #[serde(default)]
+    pub acknowledged_failed: u64,
     /// Created.
     pub created_at: DateTime<Utc>,
     /// Last change.

@@ -343,6 +343,19 @@ async fn error_threshold_pauses_and_retries_turn_failures_into_ok() {
             .contains("error_threshold"),
         "{paused}"
     );
+    // Resuming acknowledges those failures: it goes on (here: nothing left, so it completes)
+    // instead of pausing again at once.
+    let (status, resumed) = post(
+        &app,
+        &format!("/api/v1/rollouts/{id}/resume"),
+        json!({}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{resumed}");
+    let done = wait_status(&app, &id, &["completed", "paused"], 30).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["counts"]["failed"], 8, "{done}");
     sim_bad.cancel();
 
     // Half the jobs fail: retries with a short backoff get every gateway to ok.
