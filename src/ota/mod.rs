@@ -761,6 +761,19 @@ impl OtaService {
         Ok(t)
     }
 
+    /// A task's status without copying it (open tasks from memory).
+    pub fn status(&self, id: &str) -> Option<TaskStatus> {
+        if let Some(t) = lock(&self.inner.open).tasks.get(id) {
+            return Some(t.status);
+        }
+        self.inner
+            .catalog
+            .task::<OtaTask>(id)
+            .ok()
+            .flatten()
+            .map(|t| t.status)
+    }
+
     /// Newest-first page of tasks.
     pub fn list(
         &self,

@@ -18,6 +18,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
+use futures::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
 use sha2::Digest;
@@ -71,6 +72,8 @@ type Dispatch = (usize, OtaRequest, String);
 const FRESH: chrono::Duration = chrono::Duration::seconds(60);
 /// How often gateways that joined the target are looked for (`include_new_devices`).
 const REFRESH_TARGET: chrono::Duration = chrono::Duration::seconds(15);
+/// `ota_create`s of one round in progress at once.
+const DISPATCH_CONCURRENCY: usize = 64;
 /// How soon a gateway that failed preflight (busy, not attached, …) is looked at again.
 const RECHECK: chrono::Duration = chrono::Duration::seconds(5);
 /// Timeline resolution.
@@ -188,6 +191,27 @@ fn str_counts(c: &Counts) -> BTreeMap<String, u64> {
         .collect()
 }
 
+/// A copy of the rollout without its timeline (it has its own endpoint; up to 2,000 points).
+fn without_timeline(r: &Rollout) -> Rollout {
+    Rollout {
+        id: r.id.clone(),
+        name: r.name.clone(),
+        status: r.status,
+        definition: r.definition.clone(),
+        packages: r.packages.clone(),
+        current_stage: r.current_stage,
+        stage_sizes: r.stage_sizes.clone(),
+        pause_reason: r.pause_reason.clone(),
+        acknowledged_failed: r.acknowledged_failed,
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+        started_at: r.started_at,
+        finished_at: r.finished_at,
+        timeline: Vec::new(),
+        events: r.events.clone(),
+    }
+}
+
 fn view_of(rollout: &Rollout, members: &[Member], now: DateTime<Utc>) -> RolloutView {
     let counts = model::count(members.iter());
     let stages = rollout
@@ -216,10 +240,7 @@ fn view_of(rollout: &Rollout, members: &[Member], now: DateTime<Utc>) -> Rollout
         _ => None,
     };
     RolloutView {
-        rollout: Rollout {
-            timeline: Vec::new(),
-            ..rollout.clone()
-        },
+        rollout: without_timeline(rollout),
         counts: str_counts(&counts),
         stages,
         gateways: members.len(),
@@ -464,8 +485,8 @@ impl RolloutService {
         })
     }
 
-    /// The gateways the target names now, each with the devices that have a package.
-    /// Returns the members and how many gateways `require_pair` left out.
+    /// The gateways the target names now (not in `existing`), each with the devices that have
+    /// a package.
     fn resolve_members(&self, r: &Rollout, existing: &HashSet<String>) -> Vec<Member> {
         let all = self.inner.devices.all();
         let by_sn: HashMap<&str, &DeviceRecord> = all.iter().map(|d| (d.sn.as_str(), d)).collect();
@@ -494,63 +515,17 @@ impl RolloutService {
             }
             (None, None) => Vec::new(),
         };
-        let package = |model: Option<&str>| {
-            model.and_then(|m| r.packages.iter().find(|p| p.model.eq_ignore_ascii_case(m)))
-        };
-        let entry = |sn: &str, p: &Package| MemberDevice {
-            sn: sn.to_string(),
-            model: p.model.clone(),
-            firmware_id: p.firmware_id.clone(),
-            product_version: p.product_version.clone(),
-            state: DeviceState::Pending,
-        };
-        let mut members = Vec::new();
-        for gw in gateways.into_iter().filter(|g| !existing.contains(g)) {
-            let dock = by_sn.get(gw.as_str());
-            let mut devices = Vec::new();
-            let mut unpaired = false;
-            match dock {
-                // Never seen: one entry for the dock, resolved when it shows up.
-                None => devices.push(MemberDevice {
-                    sn: gw.clone(),
-                    model: String::new(),
-                    firmware_id: String::new(),
-                    product_version: String::new(),
-                    state: DeviceState::Pending,
-                }),
-                Some(d) => {
-                    match package(d.model.as_deref()) {
-                        Some(p) => devices.push(entry(&gw, p)),
-                        None => unpaired = true,
-                    }
-                    let child = d.child_sn.as_deref().and_then(|c| by_sn.get(c));
-                    match child.and_then(|c| package(c.model.as_deref()).map(|p| (c, p))) {
-                        Some((c, p)) => devices.push(entry(&c.sn, p)),
-                        None => unpaired = true,
-                    }
-                }
-            }
-            if devices.is_empty() || (def.require_pair && unpaired) {
-                continue;
-            }
-            members.push(Member {
-                order: model::order_key(&r.id, &gw),
-                gateway_sn: gw,
-                stage: 0,
-                devices,
-                state: DeviceState::Pending,
-                attempts: 0,
-                task_id: None,
-                dispatch_key: None,
-                last_error: None,
-                waiting_since: None,
-                first_dispatch_at: None,
-                dispatched_at: None,
-                next_attempt_at: None,
-                finished_at: None,
-            });
-        }
-        members
+        gateways
+            .into_iter()
+            .filter(|g| !existing.contains(g))
+            .filter_map(|gw| {
+                let dock = by_sn.get(gw.as_str()).copied();
+                let child = dock
+                    .and_then(|d| d.child_sn.as_deref())
+                    .and_then(|c| by_sn.get(c).copied());
+                member_for(r, gw, dock, child)
+            })
+            .collect()
     }
 
     /// Names a device another active rollout holds, if any.
@@ -846,15 +821,19 @@ impl RolloutService {
         a.rollout.timeline.len() != before
     }
 
-    /// Re-reads the gateway's devices at dispatch: a never-seen dock gets its packages, a new
-    /// aircraft replaces the old one.
+    /// Re-reads the gateway's devices at its first dispatch: a never-seen dock gets its
+    /// packages, a new aircraft replaces the old one (the registry is read for this gateway
+    /// only).
     fn refresh_devices(&self, m: &mut Member, r: &Rollout) {
         if m.attempts > 0 {
             return;
         }
-        let mut fresh = self.resolve_members(r, &HashSet::new());
-        fresh.retain(|f| f.gateway_sn == m.gateway_sn);
-        if let Some(f) = fresh.pop() {
+        let dock = self.inner.devices.get(&m.gateway_sn).ok();
+        let child = dock
+            .as_ref()
+            .and_then(|d| d.child_sn.as_deref())
+            .and_then(|c| self.inner.devices.get(c).ok());
+        if let Some(f) = member_for(r, m.gateway_sn.clone(), dock.as_ref(), child.as_ref()) {
             m.devices = f.devices;
         }
     }
@@ -886,12 +865,17 @@ impl RolloutService {
                 let Some(task_id) = m.task_id.clone() else {
                     return false;
                 };
+                if !self
+                    .inner
+                    .ota
+                    .status(&task_id)
+                    .is_some_and(TaskStatus::is_final)
+                {
+                    return false;
+                }
                 let Ok(task) = self.inner.ota.get(&task_id, |_, _| None) else {
                     return false;
                 };
-                if !task.status.is_final() {
-                    return false;
-                }
                 self.finish_attempt(m, &task, def, now);
                 true
             }
@@ -1160,17 +1144,25 @@ impl RolloutService {
             }
             work
         };
+        // Dispatches go out concurrently, as concurrent API requests would: their catalog
+        // flushes (one before each publish) are shared instead of queued one after another.
         for (id, dispatches) in work {
-            for (i, req, key) in dispatches {
-                let result = self.inner.ota.create(req, Some(key)).await;
+            let ota = self.inner.ota.clone();
+            let mut results = futures::stream::iter(dispatches.into_iter().map(|(i, req, key)| {
+                let ota = ota.clone();
+                async move { (i, ota.create(req, Some(key)).await) }
+            }))
+            .buffer_unordered(DISPATCH_CONCURRENCY);
+            while let Some((i, result)) = results.next().await {
                 if let Err(e) = &result {
                     tracing::info!(rollout_id = %id, error = %e, "rollout dispatch not sent");
                 }
-                let mut active = lock(&self.inner.active);
-                if let Some(a) = active.get_mut(&id) {
+                if let Some(a) = lock(&self.inner.active).get_mut(&id) {
                     self.dispatched(a, i, result);
-                    self.publish(a);
                 }
+            }
+            if let Some(a) = lock(&self.inner.active).get(&id) {
+                self.publish(a);
             }
         }
     }
@@ -1200,6 +1192,61 @@ impl RolloutService {
             self.round().await;
         }
     }
+}
+
+/// The member for gateway `gw` given what the registry knows of its dock and aircraft: the
+/// devices whose model has a package. `None` if none has, or `require_pair` is not met.
+fn member_for(
+    r: &Rollout,
+    gw: String,
+    dock: Option<&DeviceRecord>,
+    child: Option<&DeviceRecord>,
+) -> Option<Member> {
+    let package = |model: Option<&str>| {
+        model.and_then(|m| r.packages.iter().find(|p| p.model.eq_ignore_ascii_case(m)))
+    };
+    let entry = |sn: &str, p: Option<&Package>| MemberDevice {
+        sn: sn.to_string(),
+        model: p.map(|p| p.model.clone()).unwrap_or_default(),
+        firmware_id: p.map(|p| p.firmware_id.clone()).unwrap_or_default(),
+        product_version: p.map(|p| p.product_version.clone()).unwrap_or_default(),
+        state: DeviceState::Pending,
+    };
+    let mut devices = Vec::new();
+    let mut unpaired = false;
+    match dock {
+        // Never seen: one entry for the dock, resolved when it shows up.
+        None => devices.push(entry(&gw, None)),
+        Some(d) => {
+            match package(d.model.as_deref()) {
+                Some(p) => devices.push(entry(&gw, Some(p))),
+                None => unpaired = true,
+            }
+            match child.and_then(|c| package(c.model.as_deref()).map(|p| (c, p))) {
+                Some((c, p)) => devices.push(entry(&c.sn, Some(p))),
+                None => unpaired = true,
+            }
+        }
+    }
+    if devices.is_empty() || (r.definition.require_pair && unpaired) {
+        return None;
+    }
+    Some(Member {
+        order: model::order_key(&r.id, &gw),
+        gateway_sn: gw,
+        stage: 0,
+        devices,
+        state: DeviceState::Pending,
+        attempts: 0,
+        task_id: None,
+        dispatch_key: None,
+        last_error: None,
+        waiting_since: None,
+        first_dispatch_at: None,
+        dispatched_at: None,
+        next_attempt_at: None,
+        finished_at: None,
+    })
 }
 
 fn transition(r: &Rollout, action: &str) -> RolloutError {
