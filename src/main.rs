@@ -144,15 +144,15 @@ async fn simulate(cfg: fwrepo::simulator::SimConfig) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     tokio::spawn(signal_to(stop.clone()));
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-    let mut last = (0, 0, 0);
+    let mut last = (0, 0, 0, 0);
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {
                 use std::sync::atomic::Ordering::Relaxed;
-                let now = (stats.jobs.load(Relaxed), stats.ok.load(Relaxed), stats.failed.load(Relaxed));
+                let now = (stats.jobs.load(Relaxed), stats.ok.load(Relaxed), stats.failed.load(Relaxed), stats.reconnects.load(Relaxed));
                 if now != last {
-                    println!("jobs {} ok {} failed {} bytes {}", now.0, now.1, now.2, stats.bytes.load(Relaxed));
+                    println!("jobs {} ok {} failed {} bytes {} reconnects {}", now.0, now.1, now.2, stats.bytes.load(Relaxed), now.3);
                     last = now;
                 }
             }

@@ -95,6 +95,8 @@ pub struct SimStats {
     pub failed: AtomicU64,
     /// Bytes downloaded.
     pub bytes: AtomicU64,
+    /// MQTT connection errors (each followed by a reconnect).
+    pub reconnects: AtomicU64,
 }
 
 struct Dock {
@@ -143,7 +145,12 @@ pub async fn run(cfg: SimConfig, cancel: CancellationToken) -> anyhow::Result<Ar
         if !url.username().is_empty() {
             opts.set_credentials(url.username(), url.password().unwrap_or(""));
         }
-        let (client, eventloop) = AsyncClient::new(opts, 64);
+        let (client, mut eventloop) = AsyncClient::new(opts, 64);
+        // A broker that is busy accepting a whole fleet may take more than rumqttc's default
+        // 5 s to answer CONNECT; giving up early makes every dock reconnect, again and again.
+        let mut net = rumqttc::NetworkOptions::new();
+        net.set_connection_timeout(30);
+        eventloop.set_network_options(net);
         tokio::spawn(Arc::clone(&dock).session(client, eventloop, cancel.clone()));
     }
     Ok(stats)
@@ -237,14 +244,23 @@ impl Dock {
         mut eventloop: rumqttc::EventLoop,
         cancel: CancellationToken,
     ) {
-        let mut osd = tokio::time::interval(Duration::from_secs(self.cfg.osd_every.max(1)));
+        // Docks do not all power up in the same millisecond: spread the first connects.
+        tokio::time::sleep(Duration::from_millis(self.index as u64 % 2000)).await;
+        // osd on its own task: the event loop is only ever interrupted by `cancel` (a poll
+        // dropped half-way for a timer tick can lose the connection's state).
+        let (me, c, stop) = (Arc::clone(&self), client.clone(), cancel.clone());
+        tokio::spawn(async move {
+            let mut osd = tokio::time::interval(Duration::from_secs(me.cfg.osd_every.max(1)));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = osd.tick() => me.osd(&c).await,
+                }
+            }
+        });
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = osd.tick() => {
-                    let (me, c) = (Arc::clone(&self), client.clone());
-                    tokio::spawn(async move { me.osd(&c).await });
-                }
                 ev = eventloop.poll() => match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         let c = client.clone();
@@ -263,7 +279,11 @@ impl Dock {
                         }
                     }
                     Ok(_) => {}
-                    Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
+                    Err(e) => {
+                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(sn = %self.sn, error = %e, "simulated dock lost its MQTT connection");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
                 }
             }
         }

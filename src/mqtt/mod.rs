@@ -248,7 +248,12 @@ pub fn start(
     if let Some(t) = transport {
         options.set_transport(t);
     }
-    let (client, eventloop) = AsyncClient::new(options, 1024);
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    // rumqttc gives CONNECT 5 s by default; a broker busy with a reconnecting fleet may need
+    // longer, and giving up early only adds to its load.
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_connection_timeout(20);
+    eventloop.set_network_options(net);
     let status = Arc::new(MqttStatus::default());
     let handle = MqttHandle {
         client: client.clone(),
