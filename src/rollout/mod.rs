@@ -622,6 +622,17 @@ impl RolloutService {
                 active.insert(id.to_string(), a);
                 view
             } else {
+                if action == "resume" {
+                    // Another rollout may have taken some of its devices meanwhile.
+                    let held: Vec<String> = active
+                        .get(id)
+                        .map(|a| a.holds().map(str::to_string).collect())
+                        .unwrap_or_default();
+                    let set: HashSet<&str> = held.iter().map(String::as_str).collect();
+                    if let Some(c) = self.conflict(&active, id, &set) {
+                        return Err(RolloutError::Conflict(c));
+                    }
+                }
                 let Some(a) = active.get_mut(id) else {
                     let r = self.stored(id)?;
                     return Err(transition(&r, action));
@@ -664,24 +675,6 @@ impl RolloutService {
                         }
                     }
                     _ => return Err(transition(&a.rollout, action)),
-                }
-                if action == "resume" {
-                    let mut others = HashMap::new();
-                    std::mem::swap(&mut others, &mut *active);
-                    let a = others
-                        .get(id)
-                        .map(|a| a.holds().map(str::to_string).collect::<Vec<_>>());
-                    let conflict = a.and_then(|sns| {
-                        let set: HashSet<&str> = sns.iter().map(String::as_str).collect();
-                        self.conflict(&others, id, &set)
-                    });
-                    std::mem::swap(&mut others, &mut *active);
-                    if let Some(c) = conflict {
-                        if let Some(a) = active.get_mut(id) {
-                            a.rollout.status = RolloutStatus::Paused;
-                        }
-                        return Err(RolloutError::Conflict(c));
-                    }
                 }
                 let Some(a) = active.get_mut(id) else {
                     return Err(RolloutError::NotFound(id.to_string()));
