@@ -58,6 +58,12 @@ impl From<CatalogError> for FirmwareError {
 pub trait UsageGuard: Send + Sync {
     /// `Some(reason)` when `fw` is in use.
     fn in_use(&self, fw: &FirmwareRecord) -> Option<String>;
+
+    /// `Some(reason)` when `fw` may not be disabled (by default: when it is in use). Running
+    /// rollouts do not block it: they pause when their firmware is disabled.
+    fn blocks_disable(&self, fw: &FirmwareRecord) -> Option<String> {
+        self.in_use(fw)
+    }
 }
 
 /// Filter of `GET /api/v1/firmware`.
@@ -107,6 +113,14 @@ impl FirmwareService {
         guards.iter().find_map(|g| g.in_use(fw))
     }
 
+    fn blocks_disable(&self, fw: &FirmwareRecord) -> Option<String> {
+        let guards = match self.guards.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        guards.iter().find_map(|g| g.blocks_disable(fw))
+    }
+
     /// One record (tombstones included).
     pub fn get(&self, id: &str) -> Result<FirmwareRecord, FirmwareError> {
         let id = FirmwareId::parse(id).ok_or(FirmwareError::NotFound)?;
@@ -149,7 +163,7 @@ impl FirmwareService {
             return Err(FirmwareError::Corrupt(fw.id));
         }
         if !force {
-            if let Some(reason) = self.in_use(&fw) {
+            if let Some(reason) = self.blocks_disable(&fw) {
                 return Err(FirmwareError::InUse(reason));
             }
         }

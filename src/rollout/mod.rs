@@ -728,7 +728,7 @@ impl RolloutService {
                 changed.push(a.members.len() - 1);
             }
         }
-        let mut status_changed = self.judge(a, now);
+        let mut status_changed = self.check_packages(a, now) || self.judge(a, now);
         let mut dispatches = Vec::new();
         if a.rollout.status == RolloutStatus::Running {
             let mut in_flight = a
@@ -1035,6 +1035,31 @@ impl RolloutService {
         true
     }
 
+    /// A running rollout whose firmware was disabled (or deleted, or found corrupt) pauses.
+    fn check_packages(&self, a: &mut Active, now: DateTime<Utc>) -> bool {
+        if a.rollout.status != RolloutStatus::Running {
+            return false;
+        }
+        let unusable = a.rollout.packages.iter().find_map(|p| {
+            let id = crate::domain::FirmwareId::parse(&p.firmware_id)?;
+            let fw = self.inner.catalog.firmware(&id).ok()?;
+            (fw.status != crate::catalog::FirmwareStatus::Ready).then(|| {
+                let status = serde_json::to_value(fw.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                format!(
+                    "firmware {} ({} {}) is {status}",
+                    p.firmware_id, p.model, p.product_version
+                )
+            })
+        });
+        match unusable {
+            Some(why) => self.pause(a, why, now),
+            None => false,
+        }
+    }
+
     fn pause(&self, a: &mut Active, why: String, now: DateTime<Utc>) -> bool {
         tracing::warn!(rollout_id = %a.rollout.id, reason = %why, "rollout paused");
         a.rollout.status = RolloutStatus::Paused;
@@ -1253,6 +1278,11 @@ fn transition(r: &Rollout, action: &str) -> RolloutError {
 }
 
 impl crate::firmware::UsageGuard for RolloutService {
+    /// Disabling is allowed: the rollouts that use the firmware pause (contract §3).
+    fn blocks_disable(&self, _fw: &FirmwareRecord) -> Option<String> {
+        None
+    }
+
     fn in_use(&self, fw: &FirmwareRecord) -> Option<String> {
         let active = lock(&self.inner.active);
         active

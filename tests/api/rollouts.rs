@@ -506,10 +506,43 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
     let e: Value = resp.json().await.unwrap();
     assert_eq!(e["error"], "firmware_in_use", "{e}");
 
-    // Approve: stage 2 runs to the end.
+    // Disabling its firmware (forced: stage 1's dock runs it) pauses the rollout once it runs.
+    let (status, e) = post(
+        &app,
+        &format!("/api/v1/firmware/{dock_id}/disable?force=true"),
+        json!({}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{e}");
     let (status, _) = post(
         &app,
         &format!("/api/v1/rollouts/{id}/approve"),
+        json!({}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let paused = wait_status(&app, &id, &["paused"], 30).await;
+    assert!(
+        paused["pause_reason"]
+            .as_str()
+            .unwrap()
+            .contains("disabled"),
+        "{paused}"
+    );
+    // Enabled again and resumed: stage 2 runs to the end.
+    let (status, _) = post(
+        &app,
+        &format!("/api/v1/firmware/{dock_id}/enable"),
+        json!({}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = post(
+        &app,
+        &format!("/api/v1/rollouts/{id}/resume"),
         json!({}),
         None,
     )
