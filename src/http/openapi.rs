@@ -45,6 +45,36 @@ use utoipa::OpenApi;
         (name = "rollouts", description = "Operators: stage a release across a fleet"),
         (name = "devices", description = "Docks and aircraft learned over MQTT or declared"),
         (name = "operations", description = "Health, readiness, metrics"),
-    )
+    ),
+    modifiers(&UniqueOperationIds)
 )]
 pub struct ApiDoc;
+
+/// Operation ids are the handlers' names, which repeat across modules (`list`, `get`, …);
+/// OpenAPI requires them unique, so each is prefixed with its tag (`rollouts_list`).
+struct UniqueOperationIds;
+
+impl utoipa::Modify for UniqueOperationIds {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        for item in api.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.head,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let tag = op.tags.as_ref().and_then(|t| t.first()).cloned();
+                if let (Some(tag), Some(id)) = (tag, op.operation_id.as_mut()) {
+                    if !id.starts_with(&format!("{tag}_")) {
+                        *id = format!("{tag}_{id}");
+                    }
+                }
+            }
+        }
+    }
+}

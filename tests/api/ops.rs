@@ -36,10 +36,52 @@ async fn health_ready_metrics_openapi() {
         "/api/v1/downloads",
         "/files/{id}/{file_name}",
         "/readyz",
+        "/api/v1/ota",
+        "/api/v1/ota/{id}/events",
+        "/dl/{task_id}/{sn}/{file_name}",
+        "/api/v1/devices/{sn}",
+        "/api/v1/rollouts",
+        "/api/v1/rollouts/{id}",
+        "/api/v1/rollouts/{id}/{action}",
+        "/api/v1/rollouts/{id}/devices",
+        "/api/v1/rollouts/{id}/timeline",
+        "/api/v1/rollouts/{id}/events",
     ] {
         assert!(
             spec["paths"][path].is_object(),
             "{path} missing from the OpenAPI document"
+        );
+    }
+    // Every schema reference resolves (an OpenAPI client or fuzzer needs them all).
+    fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(r) = m.get("$ref").and_then(|r| r.as_str()) {
+                    out.push(r.to_string());
+                }
+                m.values().for_each(|x| refs(x, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| refs(x, out)),
+            _ => {}
+        }
+    }
+    // Operation ids are unique (OpenAPI requires it; code generators key on them).
+    let mut ids = std::collections::HashSet::new();
+    for item in spec["paths"].as_object().unwrap().values() {
+        for op in item.as_object().unwrap().values() {
+            if let Some(id) = op["operationId"].as_str() {
+                assert!(ids.insert(id.to_string()), "duplicate operationId {id}");
+            }
+        }
+    }
+    let mut all = Vec::new();
+    refs(&spec, &mut all);
+    assert!(!all.is_empty());
+    for r in all {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or(&r);
+        assert!(
+            spec["components"]["schemas"][name].is_object(),
+            "unresolved {r}"
         );
     }
 }
