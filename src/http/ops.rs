@@ -79,6 +79,7 @@ pub(super) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     let mut text = state.metrics.render(&gauges);
     text.push_str(&state.mqtt.status.render());
     text.push_str(&state.ota.render_metrics());
+    text.push_str(&state.rollouts.render_metrics());
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(text)

@@ -306,6 +306,48 @@ impl RolloutService {
         })
     }
 
+    /// Prometheus text: rollouts the scheduler drives, by status, and their devices by state.
+    pub fn render_metrics(&self) -> String {
+        use std::fmt::Write;
+        let active = lock(&self.inner.active);
+        let mut by_status: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut devices = Counts::new();
+        for a in active.values() {
+            let status = match a.rollout.status {
+                RolloutStatus::Draft => "draft",
+                RolloutStatus::Running => "running",
+                RolloutStatus::WaitingApproval => "waiting_approval",
+                RolloutStatus::Paused => "paused",
+                RolloutStatus::Completed => "completed",
+                RolloutStatus::Canceled => "canceled",
+            };
+            *by_status.entry(status).or_default() += 1;
+            for (k, v) in a.counts() {
+                *devices.entry(k).or_default() += v;
+            }
+        }
+        let mut out = String::from(
+            "# HELP fwrepo_rollouts_active Rollouts the scheduler drives, by status.\n# TYPE fwrepo_rollouts_active gauge\n",
+        );
+        for s in ["running", "waiting_approval", "paused", "canceled"] {
+            let _ = writeln!(
+                out,
+                "fwrepo_rollouts_active{{status=\"{s}\"}} {}",
+                by_status.get(s).copied().unwrap_or(0)
+            );
+        }
+        out.push_str("# HELP fwrepo_rollout_devices Devices of the active rollouts, by state.\n# TYPE fwrepo_rollout_devices gauge\n");
+        for state in model::ALL_STATES {
+            let _ = writeln!(
+                out,
+                "fwrepo_rollout_devices{{state=\"{}\"}} {}",
+                state.as_str(),
+                devices.get(&state).copied().unwrap_or(0)
+            );
+        }
+        out
+    }
+
     /// Change notifications (rollout views) for SSE.
     pub fn subscribe(&self) -> broadcast::Receiver<RolloutView> {
         self.inner.changes.subscribe()

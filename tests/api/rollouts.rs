@@ -247,6 +247,19 @@ async fn stages_in_order_pairs_together_caps_hold_offline_ends_unreachable() {
             );
         }
     }
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("fwrepo_rollouts_active{status=\"running\"} 0"),
+        "{metrics}"
+    );
     let (_, timeline) = app
         .get_json(&format!("/api/v1/rollouts/{id}/timeline"))
         .await;
@@ -476,6 +489,22 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
         "stage 1 is one gateway: {waiting}"
     );
     assert_eq!(waiting["counts"]["pending"], 6);
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "fwrepo_rollouts_active{status=\"waiting_approval\"} 1",
+        "fwrepo_rollout_devices{state=\"ok\"} 2",
+        "fwrepo_rollout_devices{state=\"pending\"} 6",
+    ] {
+        assert!(metrics.contains(line), "{line} not in {metrics}");
+    }
 
     // A second rollout touching the same gateways cannot start while this one runs.
     let (_, r2) = post(&app, "/api/v1/rollouts", base.clone(), None).await;
