@@ -542,6 +542,24 @@ impl Catalog {
         )))
     }
 
+    /// Removes the Idempotency-Key answers older than 24 h; returns how many.
+    pub fn prune_idempotency(&self) -> Result<usize, CatalogError> {
+        let cutoff = chrono::Utc::now().timestamp() - 86_400;
+        let mut removed = 0;
+        for kv in self.idempotency.iter() {
+            let (k, v) = kv?;
+            let at = serde_json::from_slice::<serde_json::Value>(&v)
+                .ok()
+                .and_then(|rec| rec["at"].as_i64())
+                .unwrap_or(0);
+            if at < cutoff {
+                self.idempotency.remove(&k)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Remembers the answer to an Idempotency-Key.
     pub fn put_idempotent(
         &self,
@@ -664,6 +682,20 @@ mod tests {
 
     fn record(model: &str, version: &str, sha: &str) -> FirmwareRecord {
         FirmwareRecord::new_for_test(model, version, sha)
+    }
+
+    #[test]
+    fn idempotency_answers_expire_after_a_day() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(dir.path(), 8).unwrap();
+        cat.put_idempotent("fresh", "h", 201, &serde_json::json!({}))
+            .unwrap();
+        let old = serde_json::json!({"hash": "h", "status": 201, "answer": {},
+            "at": chrono::Utc::now().timestamp() - 90_000});
+        cat.idempotency.insert("old", encode(&old)).unwrap();
+        assert_eq!(cat.prune_idempotency().unwrap(), 1);
+        assert!(cat.idempotent("fresh").unwrap().is_some());
+        assert!(cat.idempotency.get("old").unwrap().is_none());
     }
 
     #[test]

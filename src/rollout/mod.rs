@@ -1233,9 +1233,20 @@ impl RolloutService {
         let mut tasks = self.inner.ota.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Idempotency-Key answers (API requests and every rollout dispatch) are kept 24 h.
+        let mut prune = tokio::time::interval(Duration::from_secs(600));
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
+                _ = prune.tick() => {
+                    let catalog = self.inner.catalog.clone();
+                    match tokio::task::spawn_blocking(move || catalog.prune_idempotency()).await {
+                        Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "expired Idempotency-Key answers pruned"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "pruning Idempotency-Key answers failed"),
+                        _ => {}
+                    }
+                    continue;
+                }
                 _ = tick.tick() => {}
                 _ = self.inner.wake.notified() => {}
                 t = tasks.recv() => {
