@@ -312,6 +312,7 @@ impl Default for Settings {
                 preflight: "normal".into(),
                 preflight_skip: Vec::new(),
                 online_window: std::time::Duration::from_secs(60),
+                retention: std::time::Duration::from_secs(180 * 86_400),
             },
         }
     }
@@ -435,6 +436,9 @@ impl Settings {
                 preflight_skip: o.preflight_skip.clone().unwrap_or_default(),
                 online_window: std::time::Duration::from_secs(
                     o.online_window.unwrap_or(d.online_window_secs),
+                ),
+                retention: std::time::Duration::from_secs(
+                    o.retention_days.unwrap_or(d.retention_days) * 86_400,
                 ),
             },
             models,

@@ -484,6 +484,30 @@ impl Catalog {
         Ok(())
     }
 
+    /// Removes OTA tasks that finished before `cutoff`; returns how many.
+    pub fn prune_tasks(
+        &self,
+        cutoff: chrono::DateTime<chrono::Utc>,
+    ) -> Result<usize, CatalogError> {
+        #[derive(serde::Deserialize)]
+        struct Finished {
+            finished_at: Option<chrono::DateTime<chrono::Utc>>,
+        }
+        let mut removed = 0;
+        for kv in self.tasks.iter() {
+            let (k, v) = kv?;
+            let old = serde_json::from_slice::<Finished>(&v)
+                .ok()
+                .and_then(|t| t.finished_at)
+                .is_some_and(|f| f < cutoff);
+            if old {
+                self.tasks.remove(&k)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes an OTA task (one whose publish failed).
     pub fn delete_task(&self, id: &str) -> Result<(), CatalogError> {
         self.tasks.remove(id.as_bytes())?;
@@ -682,6 +706,23 @@ mod tests {
 
     fn record(model: &str, version: &str, sha: &str) -> FirmwareRecord {
         FirmwareRecord::new_for_test(model, version, sha)
+    }
+
+    #[test]
+    fn finished_tasks_are_pruned_past_retention() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(dir.path(), 8).unwrap();
+        let now = chrono::Utc::now();
+        let day = chrono::Duration::days(1);
+        cat.put_task("old", &serde_json::json!({"finished_at": now - day * 200}))
+            .unwrap();
+        cat.put_task("recent", &serde_json::json!({"finished_at": now - day}))
+            .unwrap();
+        cat.put_task("open", &serde_json::json!({"finished_at": null}))
+            .unwrap();
+        assert_eq!(cat.prune_tasks(now - day * 180).unwrap(), 1);
+        let left: Vec<serde_json::Value> = cat.all_tasks().unwrap();
+        assert_eq!(left.len(), 2);
     }
 
     #[test]

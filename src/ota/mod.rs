@@ -125,6 +125,8 @@ pub struct OtaSettings {
     pub preflight_skip: Vec<String>,
     /// Online window of the registry.
     pub online_window: Duration,
+    /// Finished tasks older than this are removed (`--retention-days`).
+    pub retention: Duration,
 }
 
 /// One device of a request.
@@ -1043,9 +1045,20 @@ impl OtaService {
     pub async fn run(self, mut inbox: mpsc::Receiver<OtaMessage>, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut prune = tokio::time::interval(Duration::from_secs(3600));
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
+                _ = prune.tick() => {
+                    let cutoff = Utc::now()
+                        - chrono::Duration::from_std(self.inner.settings.retention).unwrap_or_default();
+                    let catalog = self.inner.catalog.clone();
+                    match tokio::task::spawn_blocking(move || catalog.prune_tasks(cutoff)).await {
+                        Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "pruned OTA tasks past retention"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "pruning OTA tasks failed"),
+                        _ => {}
+                    }
+                }
                 _ = tick.tick() => {
                     self.tick();
                     self.verify_late(Utc::now());
