@@ -82,6 +82,9 @@ pub struct ServeOptions {
     /// Budget in MiB for download read buffers in flight across all clients [default: 64].
     #[arg(long, env = "FWREPO_DOWNLOAD_BUFFER_MB")]
     pub download_buffer_mb: Option<u64>,
+    /// Lifetime in seconds of the signed /dl/ URLs sent in ota_create [default: 604800, 7 days].
+    #[arg(long, env = "FWREPO_DOWNLOAD_URL_TTL")]
+    pub download_url_ttl: Option<u64>,
     /// Seconds an upload body may stall before it is aborted [default: 300].
     #[arg(long, env = "FWREPO_IDLE_TIMEOUT_SECS")]
     pub idle_timeout_secs: Option<u64>,
@@ -165,6 +168,7 @@ impl ServeOptions {
             trusted_proxies,
             sled_cache_mb,
             download_buffer_mb,
+            download_url_ttl,
             idle_timeout_secs,
             shutdown_grace,
             log_format,
@@ -259,6 +263,8 @@ pub struct Settings {
     pub sled_cache_mb: u64,
     /// Download buffer budget in MiB.
     pub download_buffer_mb: u64,
+    /// Lifetime of signed `/dl/` URLs in seconds.
+    pub download_url_ttl_secs: u64,
     /// Upload idle timeout in seconds.
     pub idle_timeout_secs: u64,
     /// Graceful shutdown budget in seconds.
@@ -292,6 +298,7 @@ impl Default for Settings {
             trusted_proxies: Vec::new(),
             sled_cache_mb: 64,
             download_buffer_mb: 64,
+            download_url_ttl_secs: 7 * 86_400,
             idle_timeout_secs: 300,
             shutdown_grace_secs: 20,
             log_format: LogFormat::Text,
@@ -398,6 +405,11 @@ impl Settings {
             )?,
             trusted_proxies: o.trusted_proxies.unwrap_or_default(),
             sled_cache_mb: positive("sled_cache_mb", o.sled_cache_mb, d.sled_cache_mb)?,
+            download_url_ttl_secs: positive(
+                "download_url_ttl",
+                o.download_url_ttl,
+                d.download_url_ttl_secs,
+            )?,
             download_buffer_mb: positive(
                 "download_buffer_mb",
                 o.download_buffer_mb,

@@ -55,6 +55,14 @@ pub enum StartupError {
     /// MQTT could not start.
     #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttError),
+    /// A file in the data directory could not be read or written.
+    #[error("cannot prepare {what}: {source}")]
+    Io {
+        /// What.
+        what: &'static str,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// A built server, bound and ready to run.
@@ -113,12 +121,21 @@ impl Application {
             workers.clone(),
         )?;
 
+        let signer = crate::download::signing::UrlSigner::load_or_create(
+            &settings.data_dir,
+            Duration::from_secs(settings.download_url_ttl_secs),
+        )
+        .map_err(|source| StartupError::Io {
+            what: "the download URL signing key",
+            source,
+        })?;
         let ota = crate::ota::OtaService::load(
             catalog.clone(),
             devices.clone(),
             Arc::new(mqtt.clone()),
             AppState::base_url(&public_url),
             settings.ota.clone(),
+            signer.clone(),
         )?;
         tokio::spawn(ota.clone().run(ota_rx, workers.clone()));
         let rollouts =
@@ -157,6 +174,7 @@ impl Application {
             blobs,
             settings: Arc::new(settings.clone()),
             stopping: workers.clone(),
+            signer,
         };
         // Firmware an open task uses, or that registered devices run, is not deleted lightly.
         state.firmware.add_guard(Arc::new(state.ota.clone()));

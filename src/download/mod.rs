@@ -7,6 +7,7 @@
 #![allow(clippy::single_range_in_vec_init)]
 
 pub mod range;
+pub mod signing;
 
 use std::ops::Range;
 use std::sync::Arc;

@@ -328,3 +328,14 @@ impl From<crate::rollout::RolloutError> for ApiError {
         }
     }
 }
+
+impl From<crate::download::signing::SignatureError> for ApiError {
+    fn from(e: crate::download::signing::SignatureError) -> Self {
+        use crate::download::signing::SignatureError as S;
+        let msg = e.to_string();
+        match e {
+            S::Invalid => ApiError::new(StatusCode::FORBIDDEN, "signature_invalid", msg),
+            S::Expired => ApiError::new(StatusCode::FORBIDDEN, "url_expired", msg),
+        }
+    }
+}

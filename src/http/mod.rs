@@ -69,6 +69,8 @@ pub struct AppState {
     /// Cancelled when shutdown begins: long-lived streams (SSE) end then instead of holding
     /// the drain for its whole grace period.
     pub stopping: tokio_util::sync::CancellationToken,
+    /// Signs and checks the per-device `/dl/` URLs.
+    pub signer: crate::download::signing::UrlSigner,
 }
 
 impl AppState {

@@ -22,6 +22,7 @@ use utoipa::OpenApi;
         super::ota::get,
         super::ota::events,
         super::ota::download,
+        super::ota::download_signed,
         super::rollouts::create,
         super::rollouts::list,
         super::rollouts::get,

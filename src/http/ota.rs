@@ -18,7 +18,15 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     .route("/api/v1/ota/{id}", web::get().to(get))
     .route("/api/v1/ota/{id}/events", web::get().to(events))
     .route("/dl/{task_id}/{sn}/{file_name}", web::get().to(download))
-    .route("/dl/{task_id}/{sn}/{file_name}", web::head().to(download));
+    .route("/dl/{task_id}/{sn}/{file_name}", web::head().to(download))
+    .route(
+        "/dl/{task_id}/{sn}/{signature}/{file_name}",
+        web::get().to(download_signed),
+    )
+    .route(
+        "/dl/{task_id}/{sn}/{signature}/{file_name}",
+        web::head().to(download_signed),
+    );
 }
 
 fn session_of(state: &AppState) -> impl Fn(&str, &str) -> Option<Value> + '_ {
@@ -144,10 +152,43 @@ pub(super) async fn download(
     path: web::Path<(String, String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (task_id, sn, file_name) = path.into_inner();
+    serve_device(&state, &req, task_id, sn, file_name, None).await
+}
+
+/// The signed form of a device's URL, as `ota_create` carries it: the signature binds task,
+/// device, firmware and expiry (403 `signature_invalid` / `url_expired` otherwise).
+#[utoipa::path(get, path = "/dl/{task_id}/{sn}/{signature}/{file_name}", tag = "downloads",
+    params(("task_id" = String, Path, description = "OTA task"), ("sn" = String, Path, description = "Device"),
+        ("signature" = String, Path, description = "`{expiry}-{hmac}` from the file_url"), ("file_name" = String, Path, description = "Package file name")),
+    responses((status = 200, description = "The package"), (status = 206, description = "Ranges"),
+        (status = 403, description = "signature_invalid, url_expired", body = ErrorBody),
+        (status = 404, body = ErrorBody), (status = 416, body = ErrorBody)))]
+pub(super) async fn download_signed(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String, String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (task_id, sn, signature, file_name) = path.into_inner();
+    serve_device(&state, &req, task_id, sn, file_name, Some(signature)).await
+}
+
+async fn serve_device(
+    state: &AppState,
+    req: &HttpRequest,
+    task_id: String,
+    sn: String,
+    file_name: String,
+    signature: Option<String>,
+) -> Result<HttpResponse, ApiError> {
     let (firmware_id, name) = state
         .ota
         .download_target(&task_id, &sn)
         .ok_or_else(|| ApiError::not_found("no such task download"))?;
+    if let Some(sig) = signature {
+        state
+            .signer
+            .verify(&task_id, &sn, &firmware_id, &sig, chrono::Utc::now())?;
+    }
     if name != file_name {
         return Err(ApiError::not_found("no such file"));
     }
@@ -155,8 +196,8 @@ pub(super) async fn download(
     let served = state
         .downloads
         .serve(super::files::download_request(
-            &state,
-            &req,
+            state,
+            req,
             &firmware_id,
             &file_name,
             task,

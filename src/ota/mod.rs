@@ -246,6 +246,7 @@ struct Inner {
     publisher: Arc<dyn Publisher>,
     public_url: Arc<str>,
     settings: OtaSettings,
+    signer: crate::download::signing::UrlSigner,
     open: Mutex<Open>,
     changes: broadcast::Sender<OtaTask>,
 }
@@ -284,6 +285,7 @@ impl OtaService {
         publisher: Arc<dyn Publisher>,
         public_url: Arc<str>,
         settings: OtaSettings,
+        signer: crate::download::signing::UrlSigner,
     ) -> Result<OtaService, CatalogError> {
         let mut open = Open::default();
         let now = Utc::now();
@@ -315,6 +317,7 @@ impl OtaService {
                 publisher,
                 public_url,
                 settings,
+                signer,
                 open: Mutex::new(open),
                 changes,
             }),
@@ -632,7 +635,15 @@ impl OtaService {
                 upgrade_type,
                 policy_rule: rule,
                 policy_reason: reason,
-                file_url: format!("{}/dl/{id}/{}/{segment}", self.inner.public_url, d.sn),
+                // Signed for this task, device and firmware (see download::signing).
+                file_url: format!(
+                    "{}/dl/{id}/{}/{}/{segment}",
+                    self.inner.public_url,
+                    d.sn,
+                    self.inner
+                        .signer
+                        .sign(&id, &d.sn, fw.id.as_str(), Utc::now())
+                ),
                 file_name: fw.file_name.clone(),
                 md5: fw.md5.clone(),
                 file_size: fw.file_size,

@@ -204,10 +204,36 @@ async fn dock_upgrade_end_to_end() {
     assert_eq!(dev["file_name"], "Dock_10.01.0300.zip");
     assert_eq!(dev["firmware_upgrade_type"], 3);
     let url = dev["file_url"].as_str().unwrap();
-    assert_eq!(
-        url,
-        format!("{}/dl/{id}/{dock}/Dock_10.01.0300.zip", app.base)
+    // `/dl/{task}/{sn}/{expiry}-{signature}/{file_name}`: signed for this task, device and
+    // firmware, valid 7 days by default, the file name last (wget/curl -O save under it).
+    let prefix = format!("{}/dl/{id}/{dock}/", app.base);
+    let signature = url
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.strip_suffix("/Dock_10.01.0300.zip"))
+        .unwrap_or_else(|| panic!("unexpected file_url {url}"));
+    let (expiry, _) = signature.split_once('-').unwrap();
+    let days = (expiry.parse::<i64>().unwrap() - chrono::Utc::now().timestamp()) / 86_400;
+    assert!((6..=7).contains(&days), "{url}");
+    // Tampered URLs are refused with 403 and JSON; nothing is served.
+    let mut flipped: Vec<char> = signature.chars().collect();
+    let last = flipped.len() - 1;
+    flipped[last] = if flipped[last] == 'A' { 'B' } else { 'A' };
+    let flipped: String = flipped.into_iter().collect();
+    let later = format!(
+        "{}-{}",
+        expiry.parse::<i64>().unwrap() + 86_400,
+        &signature[expiry.len() + 1..]
     );
+    for (bad, code) in [
+        (url.replace(signature, &flipped), "signature_invalid"),
+        (url.replace(signature, &later), "signature_invalid"),
+        (url.replace(signature, "garbage"), "signature_invalid"),
+    ] {
+        let resp = app.client.get(&bad).send().await.unwrap();
+        assert_eq!(resp.status(), 403, "{bad}");
+        let e: Value = resp.json().await.unwrap();
+        assert_eq!(e["error"], code, "{bad}");
+    }
 
     // The dock accepts, downloads in two ranges, reports progress, ends ok, reports the version.
     let reply = json!({"tid": create["tid"], "bid": create["bid"], "timestamp": 1, "method": "ota_create",
@@ -674,4 +700,87 @@ async fn firmware_in_use_by_a_task_or_by_devices() {
         .delete_json(&format!("/api/v1/firmware/{new_id}?force=true"))
         .await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn signed_urls_are_bound_to_task_device_and_firmware_and_expire() {
+    let app = spawn_with(|s| {
+        s.ota.preflight = "off".into();
+        s.download_url_ttl_secs = 3;
+    })
+    .await;
+    let dock_fw = app.upload_ok("Dock_4.0.zip", payload(10_000, 31)).await;
+    let ac_fw = app.upload_ok("M30_4.0.zip", payload(10_000, 32)).await;
+    let (g1, g2) = (sn("SIGA"), sn("SIGB"));
+    let ac = format!("{g1}-AC");
+    let (status, t1) = post_ota(
+        &app,
+        json!({"gateway_sn": g1, "devices": [
+        {"sn": g1, "firmware_id": dock_fw["id"]}, {"sn": ac, "firmware_id": ac_fw["id"]}]}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{t1}");
+    let dock_url = t1["devices"][0]["file_url"].as_str().unwrap().to_string();
+    let ac_url = t1["devices"][1]["file_url"].as_str().unwrap().to_string();
+    let sig = |u: &str| u.rsplit('/').nth(1).unwrap().to_string();
+    let get = |u: String| {
+        let c = app.client.clone();
+        async move {
+            let r = c
+                .get(&u)
+                .header("range", "bytes=0-99")
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    assert_eq!(get(dock_url.clone()).await.0, 206);
+    assert_eq!(get(ac_url.clone()).await.0, 206);
+    // The dock's signature on the aircraft's URL: other device, other firmware.
+    let swapped = ac_url.replace(&sig(&ac_url), &sig(&dock_url));
+    let (status, e) = get(swapped).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (403, Some("signature_invalid"))
+    );
+    // Another task's signature for the same firmware.
+    let (_, t2) = post_ota(
+        &app,
+        json!({"gateway_sn": g2, "devices": [{"sn": g2, "firmware_id": dock_fw["id"]}]}),
+        None,
+    )
+    .await;
+    let other = t2["devices"][0]["file_url"].as_str().unwrap().to_string();
+    let (status, e) = get(dock_url.replace(&sig(&dock_url), &sig(&other))).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (403, Some("signature_invalid"))
+    );
+    // Past its lifetime (3 s here) a resume fails cleanly; a new task signs a fresh URL.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let resp = app
+        .client
+        .get(&dock_url)
+        .header("range", "bytes=100-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+    assert_eq!(resp.json::<Value>().await.unwrap()["error"], "url_expired");
+    let g3 = sn("SIGC");
+    let (_, t3) = post_ota(
+        &app,
+        json!({"gateway_sn": g3, "devices": [{"sn": g3, "firmware_id": dock_fw["id"]}]}),
+        None,
+    )
+    .await;
+    assert_eq!(
+        get(t3["devices"][0]["file_url"].as_str().unwrap().to_string())
+            .await
+            .0,
+        206
+    );
 }
