@@ -145,15 +145,7 @@ async fn devices_are_learned_from_topology_state_and_osd() {
         .get_json("/api/v1/devices?model=m30&version=10.1.2.5")
         .await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     assert!(text.contains("fwrepo_mqtt_connected 1"));
     assert!(!text.contains("fwrepo_mqtt_malformed_total 0"), "{text}");
     let (_, ready) = app.get_json("/readyz").await;

@@ -136,6 +136,18 @@ impl TestApp {
         body
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let resp = self.client.get(self.url(path)).send().await.unwrap();
         let status = resp.status().as_u16();

@@ -15,15 +15,7 @@ async fn health_ready_metrics_openapi() {
     assert_eq!(body["blob_store"], "ok");
     assert!(body["mqtt"].is_string());
     app.upload_ok("dock_1.0.zip", payload(1000, 1)).await;
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     assert!(text.contains("fwrepo_uploads_created_total 1"), "{text}");
     assert!(text.contains("fwrepo_bytes_in_total 1000"));
     assert!(text.contains("fwrepo_active_downloads"));

@@ -556,15 +556,7 @@ async fn broker_down_is_503_and_nothing_is_stored() {
     let (status, ready) = app.get_json("/readyz").await;
     assert_eq!(status, 200);
     assert_ne!(ready["mqtt"], "connected");
-    let text = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     assert!(text.contains("fwrepo_mqtt_connected 0"));
     assert!(text.contains("fwrepo_ota_tasks_created_total 0"));
 }

@@ -92,6 +92,17 @@ async fn post(app: &TestApp, path: &str, body: Value, key: Option<&str>) -> (u16
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// `POST /api/v1/rollouts/{id}/{action}`.
+async fn act(app: &TestApp, id: &str, action: &str) -> (u16, Value) {
+    post(
+        app,
+        &format!("/api/v1/rollouts/{id}/{action}"),
+        json!({}),
+        None,
+    )
+    .await
+}
+
 /// Creates a rollout and starts it; returns its id.
 async fn start_rollout(app: &TestApp, body: Value) -> String {
     let (status, r) = post(app, "/api/v1/rollouts", body, None).await;
@@ -179,13 +190,7 @@ async fn stages_in_order_pairs_together_caps_hold_offline_ends_unreachable() {
         (422, Some("idempotency_key_reused"))
     );
 
-    let (status, started) = post(
-        &app,
-        &format!("/api/v1/rollouts/{id}/start"),
-        json!({}),
-        None,
-    )
-    .await;
+    let (status, started) = act(&app, &id, "start").await;
     assert_eq!(status, 200, "{started}");
     assert_eq!(started["stages"][0]["gateways"], 5);
     assert_eq!(started["stages"][1]["gateways"], 12);
@@ -247,15 +252,7 @@ async fn stages_in_order_pairs_together_caps_hold_offline_ends_unreachable() {
             );
         }
     }
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         metrics.contains("fwrepo_rollouts_active{status=\"running\"} 0"),
         "{metrics}"
@@ -268,13 +265,7 @@ async fn stages_in_order_pairs_together_caps_hold_offline_ends_unreachable() {
         "{timeline}"
     );
     // A completed rollout cannot be resumed.
-    let (status, e) = post(
-        &app,
-        &format!("/api/v1/rollouts/{id}/resume"),
-        json!({}),
-        None,
-    )
-    .await;
+    let (status, e) = act(&app, &id, "resume").await;
     assert_eq!(
         (status, e["error"].as_str()),
         (409, Some("invalid_transition"))
@@ -302,13 +293,7 @@ async fn rate_limit_spaces_dispatches() {
         .unwrap();
     assert_eq!(sse.headers()["content-type"], "text/event-stream");
     let reader = tokio::spawn(async move { sse.text().await.unwrap() });
-    post(
-        &app,
-        &format!("/api/v1/rollouts/{id}/start"),
-        json!({}),
-        None,
-    )
-    .await;
+    act(&app, &id, "start").await;
     let done = wait_status(&app, &id, &["completed", "paused"], 60).await;
     assert_eq!(done["status"], "completed", "{done}");
     let text = tokio::time::timeout(Duration::from_secs(10), reader)
@@ -377,13 +362,7 @@ async fn error_threshold_pauses_and_retries_turn_failures_into_ok() {
     assert!(failed >= 2 && ok + failed == 12, "{r}");
     // Resuming acknowledges those failures: it goes on (here: nothing left, so it completes)
     // instead of pausing again at once.
-    let (status, resumed) = post(
-        &app,
-        &format!("/api/v1/rollouts/{id}/resume"),
-        json!({}),
-        None,
-    )
-    .await;
+    let (status, resumed) = act(&app, &id, "resume").await;
     assert_eq!(status, 200, "{resumed}");
     let done = wait_status(&app, &id, &["completed", "paused"], 30).await;
     assert_eq!(done["status"], "completed", "{done}");
@@ -475,13 +454,7 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
             "{action} on a draft"
         );
     }
-    post(
-        &app,
-        &format!("/api/v1/rollouts/{id}/start"),
-        json!({}),
-        None,
-    )
-    .await;
+    act(&app, &id, "start").await;
     let waiting = wait_status(&app, &id, &["waiting_approval", "paused", "completed"], 60).await;
     assert_eq!(waiting["status"], "waiting_approval", "{waiting}");
     assert_eq!(
@@ -489,15 +462,7 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
         "stage 1 is one gateway: {waiting}"
     );
     assert_eq!(waiting["counts"]["pending"], 6);
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for line in [
         "fwrepo_rollouts_active{status=\"waiting_approval\"} 1",
         "fwrepo_rollout_devices{state=\"ok\"} 2",
@@ -509,13 +474,7 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
     // A second rollout touching the same gateways cannot start while this one runs.
     let (_, r2) = post(&app, "/api/v1/rollouts", base.clone(), None).await;
     let id2 = r2["id"].as_str().unwrap().to_string();
-    let (status, e) = post(
-        &app,
-        &format!("/api/v1/rollouts/{id2}/start"),
-        json!({}),
-        None,
-    )
-    .await;
+    let (status, e) = act(&app, &id2, "start").await;
     assert_eq!(
         (status, e["error"].as_str()),
         (409, Some("rollout_conflict")),
@@ -544,13 +503,7 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
     )
     .await;
     assert_eq!(status, 200, "{e}");
-    let (status, _) = post(
-        &app,
-        &format!("/api/v1/rollouts/{id}/approve"),
-        json!({}),
-        None,
-    )
-    .await;
+    let (status, _) = act(&app, &id, "approve").await;
     assert_eq!(status, 200);
     let paused = wait_status(&app, &id, &["paused"], 30).await;
     assert!(
@@ -569,35 +522,17 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
     )
     .await;
     assert_eq!(status, 200);
-    let (status, _) = post(
-        &app,
-        &format!("/api/v1/rollouts/{id}/resume"),
-        json!({}),
-        None,
-    )
-    .await;
+    let (status, _) = act(&app, &id, "resume").await;
     assert_eq!(status, 200);
     let done = wait_status(&app, &id, &["completed", "paused"], 60).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["counts"]["ok"], 8);
 
     // The second one may start now; everything is up to date: skipped, completed.
-    let (status, _) = post(
-        &app,
-        &format!("/api/v1/rollouts/{id2}/start"),
-        json!({}),
-        None,
-    )
-    .await;
+    let (status, _) = act(&app, &id2, "start").await;
     assert_eq!(status, 200);
     wait_status(&app, &id2, &["waiting_approval"], 60).await;
-    post(
-        &app,
-        &format!("/api/v1/rollouts/{id2}/approve"),
-        json!({}),
-        None,
-    )
-    .await;
+    act(&app, &id2, "approve").await;
     let skipped = wait_status(&app, &id2, &["completed", "paused"], 60).await;
     assert_eq!(skipped["counts"]["skipped_up_to_date"], 8, "{skipped}");
 
@@ -607,20 +542,8 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
     slow["firmware"] = json!([{"model": "Dock", "product_version": "2.0.0"}]);
     let (_, r3) = post(&app, "/api/v1/rollouts", slow, None).await;
     let id3 = r3["id"].as_str().unwrap().to_string();
-    post(
-        &app,
-        &format!("/api/v1/rollouts/{id3}/start"),
-        json!({}),
-        None,
-    )
-    .await;
-    let (status, c) = post(
-        &app,
-        &format!("/api/v1/rollouts/{id3}/cancel"),
-        json!({}),
-        None,
-    )
-    .await;
+    act(&app, &id3, "start").await;
+    let (status, c) = act(&app, &id3, "cancel").await;
     assert_eq!(status, 200, "{c}");
     assert_eq!(c["status"], "canceled");
     let (_, c) = app.get_json(&format!("/api/v1/rollouts/{id3}")).await;
