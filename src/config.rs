@@ -82,6 +82,12 @@ pub struct ServeOptions {
     /// Budget in MiB for download read buffers in flight across all clients [default: 64].
     #[arg(long, env = "FWREPO_DOWNLOAD_BUFFER_MB")]
     pub download_buffer_mb: Option<u64>,
+    /// API requests per second per client after the burst; 0 = no limit [default: 200].
+    #[arg(long, env = "FWREPO_API_RATE_LIMIT")]
+    pub api_rate_limit: Option<u32>,
+    /// API requests a client may make at once before the rate limit applies [default: 1000].
+    #[arg(long, env = "FWREPO_API_BURST")]
+    pub api_burst: Option<u32>,
     /// Lifetime in seconds of the signed /dl/ URLs sent in ota_create [default: 604800, 7 days].
     #[arg(long, env = "FWREPO_DOWNLOAD_URL_TTL")]
     pub download_url_ttl: Option<u64>,
@@ -169,6 +175,8 @@ impl ServeOptions {
             sled_cache_mb,
             download_buffer_mb,
             download_url_ttl,
+            api_rate_limit,
+            api_burst,
             idle_timeout_secs,
             shutdown_grace,
             log_format,
@@ -265,6 +273,10 @@ pub struct Settings {
     pub download_buffer_mb: u64,
     /// Lifetime of signed `/dl/` URLs in seconds.
     pub download_url_ttl_secs: u64,
+    /// API requests per second per client (0 = no limit).
+    pub api_rate_limit: u32,
+    /// API burst per client.
+    pub api_burst: u32,
     /// Upload idle timeout in seconds.
     pub idle_timeout_secs: u64,
     /// Graceful shutdown budget in seconds.
@@ -299,6 +311,8 @@ impl Default for Settings {
             sled_cache_mb: 64,
             download_buffer_mb: 64,
             download_url_ttl_secs: 7 * 86_400,
+            api_rate_limit: 200,
+            api_burst: 1000,
             idle_timeout_secs: 300,
             shutdown_grace_secs: 20,
             log_format: LogFormat::Text,
@@ -405,6 +419,14 @@ impl Settings {
             )?,
             trusted_proxies: o.trusted_proxies.unwrap_or_default(),
             sled_cache_mb: positive("sled_cache_mb", o.sled_cache_mb, d.sled_cache_mb)?,
+            api_rate_limit: o.api_rate_limit.unwrap_or(d.api_rate_limit),
+            api_burst: positive(
+                "api_burst",
+                o.api_burst.map(u64::from),
+                u64::from(d.api_burst),
+            )?
+            .try_into()
+            .map_err(|_| invalid("api_burst is too large"))?,
             download_url_ttl_secs: positive(
                 "download_url_ttl",
                 o.download_url_ttl,

@@ -175,6 +175,7 @@ impl Application {
             settings: Arc::new(settings.clone()),
             stopping: workers.clone(),
             signer,
+            api_limiter: crate::http::ApiLimiter::new(settings.api_rate_limit, settings.api_burst),
         };
         // Firmware an open task uses, or that registered devices run, is not deleted lightly.
         state.firmware.add_guard(Arc::new(state.ota.clone()));
@@ -206,6 +207,15 @@ impl Application {
                             );
                         }
                         Ok(res)
+                    }
+                })
+                // Per-client API rate limit (429 before any handler runs).
+                .wrap_fn(|req, srv| {
+                    use actix_web::dev::Service;
+                    use futures::future::{Either, ready};
+                    match http::rate_limited(&req) {
+                        Some(e) => Either::Left(ready(Err(e.into()))),
+                        None => Either::Right(srv.call(req)),
                     }
                 })
                 .wrap(TracingLogger::default())
@@ -255,6 +265,17 @@ impl Application {
             ..
         } = self;
         let device_flusher = tokio::spawn(state.devices.clone().run(workers.clone()));
+        // Rate-limit buckets of clients gone quiet are forgotten (bounded memory).
+        let (limiter, stop) = (state.api_limiter.clone(), workers.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = every.tick() => limiter.forget_idle(),
+                }
+            }
+        });
         let flusher = tokio::spawn(state.tracker.clone().run(
             Duration::from_secs(state.settings.progress_flush_secs),
             Duration::from_secs(state.settings.retention_days * 86_400),

@@ -160,6 +160,19 @@ impl From<CatalogError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// 429 `rate_limited`, retry after `wait` (at least a second).
+    pub fn rate_limited(wait: std::time::Duration) -> ApiError {
+        let mut a = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many API requests from this client; retry later",
+        );
+        a.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+        a
+    }
+}
+
 impl From<UploadError> for ApiError {
     fn from(e: UploadError) -> Self {
         use UploadError as U;

@@ -8,6 +8,7 @@ mod dto;
 pub mod error;
 mod files;
 mod firmware;
+pub mod limits;
 pub mod openapi;
 mod ops;
 mod ota;
@@ -34,6 +35,7 @@ use crate::metrics::Metrics;
 use crate::progress::{ClientInfo, DownloadTracker};
 use crate::upload::UploadService;
 pub use error::ApiError;
+pub use limits::ApiLimiter;
 
 /// Everything handlers need. Cheap to clone.
 #[derive(Clone)]
@@ -71,6 +73,8 @@ pub struct AppState {
     pub stopping: tokio_util::sync::CancellationToken,
     /// Signs and checks the per-device `/dl/` URLs.
     pub signer: crate::download::signing::UrlSigner,
+    /// Per-client API rate limit.
+    pub api_limiter: limits::ApiLimiter,
 }
 
 impl AppState {
@@ -79,16 +83,20 @@ impl AppState {
         url.as_str().trim_end_matches('/').into()
     }
 
-    /// Client address (X-Forwarded-For believed only from trusted proxies) and User-Agent.
-    pub fn client_info(&self, req: &HttpRequest) -> ClientInfo {
-        let peer = req.peer_addr().map(|a| a.ip());
-        let client = match peer {
+    /// The client's address: X-Forwarded-For believed only from trusted proxies.
+    pub fn client_ip(&self, req: &HttpRequest) -> IpAddr {
+        match req.peer_addr().map(|a| a.ip()) {
             Some(ip) if self.settings.is_trusted_proxy(ip) => {
                 forwarded_client(req, |a| self.settings.is_trusted_proxy(a)).unwrap_or(ip)
             }
             Some(ip) => ip,
             None => IpAddr::from([0, 0, 0, 0]),
-        };
+        }
+    }
+
+    /// Client address (X-Forwarded-For believed only from trusted proxies) and User-Agent.
+    pub fn client_info(&self, req: &HttpRequest) -> ClientInfo {
+        let client = self.client_ip(req);
         let user_agent = req
             .headers()
             .get(header::USER_AGENT)
@@ -102,6 +110,20 @@ impl AppState {
             user_agent,
         }
     }
+}
+
+/// 429 `rate_limited` (with `Retry-After`) when an `/api/` request's client is over its
+/// budget (see [`limits`]); `None` otherwise.
+pub fn rate_limited(req: &actix_web::dev::ServiceRequest) -> Option<ApiError> {
+    if !req.path().starts_with("/api/") {
+        return None;
+    }
+    let state = req.app_data::<web::Data<AppState>>()?;
+    let wait = state
+        .api_limiter
+        .check(state.client_ip(req.request()))
+        .err()?;
+    Some(ApiError::rate_limited(wait))
 }
 
 /// The right-most X-Forwarded-For address that is not a trusted proxy.

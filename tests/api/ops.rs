@@ -93,3 +93,42 @@ async fn framework_errors_are_json() {
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "invalid_request");
 }
+
+#[tokio::test]
+async fn a_burst_from_one_client_is_rate_limited_others_are_not() {
+    let app = spawn_with(|s| {
+        s.api_rate_limit = 1;
+        s.api_burst = 20;
+        // The test client is a trusted proxy: X-Forwarded-For names the client.
+        s.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
+    })
+    .await;
+    let get = |ip: &'static str| {
+        let c = app.client.clone();
+        let url = app.url("/api/v1/firmware");
+        async move {
+            c.get(url)
+                .header("x-forwarded-for", ip)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let answers = futures::future::join_all((0..200).map(|_| get("203.0.113.7"))).await;
+    let ok = answers.iter().filter(|r| r.status() == 200).count();
+    let limited: Vec<_> = answers.iter().filter(|r| r.status() == 429).collect();
+    assert!((20..=22).contains(&ok), "{ok} answered");
+    assert_eq!(ok + limited.len(), 200);
+    let retry: u64 = limited[0].headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    let body: serde_json::Value = get("203.0.113.7").await.json().await.unwrap();
+    assert_eq!(body["error"], "rate_limited");
+    // Another client, downloads and health checks are unaffected; the server stays healthy.
+    assert_eq!(get("198.51.100.9").await.status(), 200);
+    let (status, _) = app.get_json("/healthz").await;
+    assert_eq!(status, 200);
+}
