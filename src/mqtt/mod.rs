@@ -453,27 +453,32 @@ fn topology_of(data: &Value) -> TopologyReport {
 }
 
 fn state_of(data: &Value) -> StateReport {
-    let pick = |a: &str, b: &str| {
-        let v = &data[a];
-        if v.is_null() { &data[b] } else { v }
-    };
     StateReport {
-        firmware_version: str_of(pick("firmware_version", "firmwareVersion")),
-        compatible_status: int_of(pick("compatible_status", "compatibleStatus")),
-        firmware_upgrade_status: int_of(pick("firmware_upgrade_status", "firmwareUpgradeStatus")),
+        firmware_version: str_of(field(data, "firmware_version", "firmwareVersion")),
+        compatible_status: int_of(field(data, "compatible_status", "compatibleStatus")),
+        firmware_upgrade_status: int_of(field(
+            data,
+            "firmware_upgrade_status",
+            "firmwareUpgradeStatus",
+        )),
     }
 }
 
-/// Reads `mode_code` and a dock's `sub_device.device_sn` (DJI spelling, or camelCase).
+/// `v[a]`, else `v[b]` (snake_case, else camelCase), without copying.
+fn field<'a>(v: &'a Value, a: &str, b: &str) -> &'a Value {
+    match &v[a] {
+        Value::Null => &v[b],
+        x => x,
+    }
+}
+
+/// Reads `mode_code` and a dock's `sub_device.device_sn` (DJI spelling, or camelCase). osd
+/// is the high-volume topic: nothing is copied but the serial.
 fn osd_of(data: &Value) -> OsdReport {
-    let pick = |v: &Value, a: &str, b: &str| {
-        let x = &v[a];
-        if x.is_null() { v[b].clone() } else { x.clone() }
-    };
-    let sub = pick(data, "sub_device", "subDevice");
+    let sub = field(data, "sub_device", "subDevice");
     OsdReport {
-        mode_code: int_of(&pick(data, "mode_code", "modeCode")),
-        sub_device_sn: str_of(&pick(&sub, "device_sn", "deviceSn")).filter(|s| !s.is_empty()),
+        mode_code: int_of(field(data, "mode_code", "modeCode")),
+        sub_device_sn: str_of(field(sub, "device_sn", "deviceSn")).filter(|s| !s.is_empty()),
     }
 }
 
