@@ -30,3 +30,12 @@ pub mod simulator;
 pub mod startup;
 pub mod telemetry;
 pub mod upload;
+
+/// Locks `m`, recovering the data if a holder panicked (state here stays consistent between
+/// statements: a panic mid-update is a bug reported elsewhere, not a reason to stop serving).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}

@@ -4,7 +4,7 @@
 //! last-seen times (osd is high volume) are written by the flusher every 30 s.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -166,12 +166,7 @@ pub struct DeviceRegistry {
     inner: Arc<Inner>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
+use crate::lock;
 
 /// Filters of the device list.
 #[derive(Clone, Debug, Default)]

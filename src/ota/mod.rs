@@ -9,7 +9,7 @@ pub mod policy;
 pub mod task;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -257,12 +257,7 @@ pub struct OtaService {
     inner: Arc<Inner>,
 }
 
-fn lock(m: &Mutex<Open>) -> MutexGuard<'_, Open> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
+use crate::lock;
 
 fn uuid_like() -> String {
     let h = sha2::Sha256::digest(crate::domain::ids::next().as_bytes());
@@ -800,10 +795,18 @@ impl OtaService {
     }
 
     /// The firmware and file name behind a per-task URL, if the task and device exist.
+    /// Runs on every request to a `/dl/` URL: open tasks are read in place, not copied.
     pub fn download_target(&self, task_id: &str, sn: &str) -> Option<(String, String)> {
-        let t = self.get(task_id, |_, _| None).ok()?;
-        let d = t.devices.into_iter().find(|d| d.sn == sn)?;
-        Some((d.firmware_id, d.file_name))
+        let of = |t: &OtaTask| {
+            t.devices
+                .iter()
+                .find(|d| d.sn == sn)
+                .map(|d| (d.firmware_id.clone(), d.file_name.clone()))
+        };
+        if let Some(t) = lock(&self.inner.open).tasks.get(task_id) {
+            return of(t);
+        }
+        of(&self.inner.catalog.task::<OtaTask>(task_id).ok()??)
     }
 
     /// Applies a gateway message.

@@ -12,7 +12,7 @@
 pub mod model;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
@@ -178,12 +178,7 @@ pub struct DeviceRow {
     pub last_error: Option<String>,
 }
 
-fn lock(m: &Mutex<HashMap<String, Active>>) -> MutexGuard<'_, HashMap<String, Active>> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(p) => p.into_inner(),
-    }
-}
+use crate::lock;
 
 fn str_counts(c: &Counts) -> BTreeMap<String, u64> {
     c.iter()
@@ -313,15 +308,7 @@ impl RolloutService {
         let mut by_status: BTreeMap<&str, u64> = BTreeMap::new();
         let mut devices = Counts::new();
         for a in active.values() {
-            let status = match a.rollout.status {
-                RolloutStatus::Draft => "draft",
-                RolloutStatus::Running => "running",
-                RolloutStatus::WaitingApproval => "waiting_approval",
-                RolloutStatus::Paused => "paused",
-                RolloutStatus::Completed => "completed",
-                RolloutStatus::Canceled => "canceled",
-            };
-            *by_status.entry(status).or_default() += 1;
+            *by_status.entry(a.rollout.status.as_str()).or_default() += 1;
             for (k, v) in a.counts() {
                 *devices.entry(k).or_default() += v;
             }
@@ -1323,10 +1310,7 @@ fn member_for(
 fn transition(r: &Rollout, action: &str) -> RolloutError {
     RolloutError::InvalidTransition(format!(
         "cannot {action} a rollout that is {}",
-        serde_json::to_value(r.status)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default()
+        r.status.as_str()
     ))
 }
 

@@ -202,6 +202,18 @@ pub enum RolloutStatus {
 }
 
 impl RolloutStatus {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RolloutStatus::Draft => "draft",
+            RolloutStatus::Running => "running",
+            RolloutStatus::WaitingApproval => "waiting_approval",
+            RolloutStatus::Paused => "paused",
+            RolloutStatus::Completed => "completed",
+            RolloutStatus::Canceled => "canceled",
+        }
+    }
+
     /// Whether the rollout still holds its devices.
     pub fn is_active(self) -> bool {
         matches!(
