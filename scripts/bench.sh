@@ -105,7 +105,9 @@ start_server() {
         case ${SRV_URL##*:} in
             1883|8080) log "server got port ${SRV_URL##*:}, which we must not use; restarting"
                        stop_server "$SRV_PID" ;;
-            *) log "server $name (pid $SRV_PID) at $SRV_URL"; return 0 ;;
+            *) TOKEN=$(cat "$dir/admin.token")   # the API and /files/ need a token
+               export BENCH_TOKEN=$TOKEN
+               log "server $name (pid $SRV_PID) at $SRV_URL"; return 0 ;;
         esac
     done
     die "could not get a usable port"
@@ -123,7 +125,7 @@ vm_kib() { awk -v f="$2:" '$1 == f { print $2 }' "/proc/$1/status"; }
 # upload FILE NAME: prints "SECONDS URL MD5 SHA256 SIZE"
 upload() {
     local out=$WORK/upload.json t
-    t=$(curl -sS --fail-with-body -T "$1" -o "$out" -w '%{time_total}' \
+    t=$(curl -sS --fail-with-body -H "Authorization: Bearer $TOKEN" -T "$1" -o "$out" -w '%{time_total}' \
         "$SRV_URL/api/v1/firmware?file_name=$2") || die "upload of $2 failed: $(cat "$out" 2>/dev/null)"
     python3 - "$out" "$t" <<'EOF'
 import json, sys
@@ -135,7 +137,7 @@ EOF
 
 # download URL: prints "SECONDS BYTES"
 download() {
-    curl -sS --fail -o /dev/null -w '%{time_total} %{size_download}\n' "$1"
+    curl -sS --fail -H "Authorization: Bearer $TOKEN" -o /dev/null -w '%{time_total} %{size_download}\n' "$1"
 }
 
 # the load generator (asyncio, raw HTTP/1.1 over sockets)
@@ -148,7 +150,7 @@ rss:  N clients, each on one keep-alive connection doing M GETs of random SIZE-b
 lat:  for each round and each offset, N concurrent fresh connections each GET one SIZE-byte
       range at that offset; per-request latency from connect to last byte. Prints means.
 """
-import argparse, asyncio, json, mmap, random, statistics, sys, time
+import argparse, asyncio, json, mmap, os, random, statistics, sys, time
 from urllib.parse import urlsplit
 
 def parse_head(head):
@@ -164,6 +166,7 @@ def parse_head(head):
 async def get_range(reader, writer, host, path, start, size, total, ref):
     end = start + size - 1
     writer.write((f"GET {path} HTTP/1.1\r\nHost: {host}\r\nRange: bytes={start}-{end}\r\n"
+                  f"Authorization: Bearer {os.environ.get('BENCH_TOKEN', '')}\r\n"
                   f"User-Agent: fwrepo-bench\r\n\r\n").encode())
     await writer.drain()
     status, h = parse_head(await reader.readuntil(b"\r\n\r\n"))

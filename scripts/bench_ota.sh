@@ -232,6 +232,9 @@ def wait_port(port, timeout=10):
 
 # ---------------------------------------------------------------- HTTP
 
+TOKEN = None  # the server's admin.token, read once it has started
+
+
 class Http:
     def __init__(self, port):
         self.port = port
@@ -242,7 +245,10 @@ class Http:
             if self.conn is None:
                 self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
             try:
-                self.conn.request(method, path, body=body, headers=headers or {})
+                hdrs = dict(headers or {})
+                if TOKEN:
+                    hdrs["Authorization"] = f"Bearer {TOKEN}"
+                self.conn.request(method, path, body=body, headers=hdrs)
                 r = self.conn.getresponse()
                 data = r.read()
                 return r.status, data
@@ -466,6 +472,9 @@ def run(broker, fw_files):
     name = f"server-{broker}"
     server = spawn(name, args)
     hport = int(wait_line(server, name, r"HTTP listening on http://127\.0\.0\.1:(\d+)", 30).group(1))
+    global TOKEN
+    with open(os.path.join(data_dir, "admin.token")) as f:
+        TOKEN = f.read().strip()
     if broker == "embedded":
         mport = int(wait_line(server, name, r"MQTT listening on mqtt://127\.0\.0\.1:(\d+)", 30).group(1))
     else:

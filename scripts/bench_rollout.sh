@@ -252,6 +252,9 @@ def disk_usage(data_dir):
 
 # ---------------------------------------------------------------- HTTP
 
+TOKEN = None  # the server's admin.token, read once it has started
+
+
 class Http:
     def __init__(self, port):
         self.port = port
@@ -262,7 +265,10 @@ class Http:
             if self.conn is None:
                 self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
             try:
-                self.conn.request(method, path, body=body, headers=headers or {})
+                hdrs = dict(headers or {})
+                if TOKEN:
+                    hdrs["Authorization"] = f"Bearer {TOKEN}"
+                self.conn.request(method, path, body=body, headers=hdrs)
                 r = self.conn.getresponse()
                 data = r.read()
                 return r.status, data
@@ -633,6 +639,9 @@ def run(scenario, fw_files):
     name = f"server-{scenario}"
     server = spawn(name, args)
     hport = int(wait_line(server, name, r"HTTP listening on http://127\.0\.0\.1:(\d+)", 30).group(1))
+    global TOKEN
+    with open(os.path.join(data_dir, "admin.token")) as f:
+        TOKEN = f.read().strip()
     mport = int(wait_line(server, name, r"MQTT listening on mqtt://127\.0\.0\.1:(\d+)", 30).group(1))
     for port in (hport, mport):
         if port in (1883, 8080):

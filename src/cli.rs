@@ -1,4 +1,4 @@
-//! The command line: `serve`, the client commands (`upload`, `list`) and the offline tools
+//! The command line: `serve`, the client commands (`upload`, `list`, `token`) and the offline tools
 //! (`export`, `import`, `check-config`, `print-config`).
 
 use std::path::PathBuf;
@@ -25,6 +25,9 @@ pub enum Command {
     Upload(UploadArgs),
     /// List firmware on a running server.
     List(ListArgs),
+    /// Create, list and revoke API tokens on a running server (admin).
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Write the catalog as JSON lines (offline: the server must be stopped).
     Export(ExportArgs),
     /// Read a catalog export (offline: the server must be stopped).
@@ -43,9 +46,65 @@ pub struct ServerArgs {
     /// Server base URL.
     #[arg(long, env = "FWREPO_SERVER", default_value = "http://127.0.0.1:8080")]
     pub server: String,
-    /// API token (sent as Authorization: Bearer).
+    /// API token (sent as Authorization: Bearer). Without one, a local server's
+    /// <data-dir>/admin.token is used.
     #[arg(long, env = "FWREPO_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Data directory of a local server, whose admin.token is the fallback token.
+    #[arg(long = "data-dir", env = "FWREPO_DATA_DIR", default_value = "storage")]
+    pub data_dir: PathBuf,
+}
+
+/// `fwrepo token …`.
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Create a token and print it (shown only this once).
+    Create(TokenCreateArgs),
+    /// List tokens (never the tokens themselves).
+    List(TokenListArgs),
+    /// Revoke a token by id.
+    Revoke(TokenRevokeArgs),
+}
+
+/// `fwrepo token create`.
+#[derive(Args, Debug)]
+pub struct TokenCreateArgs {
+    /// Server and token.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Who or what holds the token.
+    #[arg(long)]
+    pub name: String,
+    /// Scopes: read, upload, operate, admin (comma-separated or repeated).
+    #[arg(long = "scope", value_delimiter = ',', required = true)]
+    pub scopes: Vec<String>,
+    /// Expiry in days from now (default: never).
+    #[arg(long)]
+    pub expires_in_days: Option<u32>,
+    /// Print the whole record as JSON instead of the token alone.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `fwrepo token list`.
+#[derive(Args, Debug)]
+pub struct TokenListArgs {
+    /// Server and token.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `fwrepo token revoke`.
+#[derive(Args, Debug)]
+pub struct TokenRevokeArgs {
+    /// Server and token.
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Id of the token to revoke.
+    pub id: String,
 }
 
 /// `fwrepo upload`.

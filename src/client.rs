@@ -1,5 +1,7 @@
 //! Client commands that talk to a running server over its HTTP API: `fwrepo upload` (streamed
-//! from disk with a progress bar; bounded memory whatever the file size) and `fwrepo list`.
+//! from disk with a progress bar; bounded memory whatever the file size), `fwrepo list` and
+//! `fwrepo token create|list|revoke`. The token is `--token`, else `FWREPO_TOKEN`, else (for a
+//! server on this machine) `<data-dir>/admin.token`.
 
 use std::time::Duration;
 
@@ -9,7 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 use tokio_util::io::ReaderStream;
 
-use crate::cli::{ListArgs, ServerArgs, UploadArgs};
+use crate::cli::{ListArgs, ServerArgs, TokenCommand, UploadArgs};
 
 fn client() -> Result<reqwest::Client> {
     reqwest::Client::builder()
@@ -18,11 +20,147 @@ fn client() -> Result<reqwest::Client> {
         .context("building the HTTP client")
 }
 
+/// The token to send: given, or the admin token file of a server on this machine.
+fn token_for(server: &ServerArgs) -> Option<String> {
+    if let Some(t) = server.token.as_ref().filter(|t| !t.is_empty()) {
+        return Some(t.clone());
+    }
+    let local = url::Url::parse(&server.server)
+        .ok()
+        .is_some_and(|u| match u.host() {
+            Some(url::Host::Domain(d)) => d == "localhost",
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => false,
+        });
+    if !local {
+        return None;
+    }
+    std::fs::read_to_string(server.data_dir.join(crate::auth::ADMIN_TOKEN_FILE))
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
 fn authorized(rb: reqwest::RequestBuilder, server: &ServerArgs) -> reqwest::RequestBuilder {
-    match &server.token {
+    match token_for(server) {
         Some(t) => rb.bearer_auth(t),
         None => rb,
     }
+}
+
+fn api_url(server: &ServerArgs, path: &str) -> String {
+    format!("{}{path}", server.server.trim_end_matches('/'))
+}
+
+/// Sends `rb` (with the token) and returns the JSON answer, or the server's error.
+async fn call(rb: reqwest::RequestBuilder, server: &ServerArgs) -> Result<Value> {
+    let resp = authorized(rb, server)
+        .send()
+        .await
+        .with_context(|| format!("calling {}", server.server))?;
+    if !resp.status().is_success() {
+        return Err(fail(resp).await);
+    }
+    resp.json().await.context("reading the server's answer")
+}
+
+/// `fwrepo token create|list|revoke`.
+pub async fn token(cmd: TokenCommand) -> Result<()> {
+    let http = client()?;
+    match cmd {
+        TokenCommand::Create(args) => {
+            let expires_at = args
+                .expires_in_days
+                .map(|d| chrono::Utc::now() + chrono::Duration::days(i64::from(d)));
+            let body = serde_json::json!({
+                "name": args.name,
+                "scopes": args.scopes,
+                "expires_at": expires_at,
+            });
+            let url = api_url(&args.server, "/api/v1/tokens");
+            let created = call(http.post(&url).json(&body), &args.server).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&created)?);
+            } else {
+                eprintln!(
+                    "created token {} ({}); it is shown only now:",
+                    created["id"].as_str().unwrap_or(""),
+                    created["name"].as_str().unwrap_or("")
+                );
+                println!("{}", created["token"].as_str().unwrap_or(""));
+            }
+        }
+        TokenCommand::List(args) => {
+            let url = api_url(&args.server, "/api/v1/tokens");
+            let mut cursor: Option<String> = None;
+            if !args.json {
+                println!(
+                    "{:<26}  {:<24}  {:<22}  {:<20}  {:<20}  STATE",
+                    "ID", "NAME", "SCOPES", "CREATED", "LAST USED"
+                );
+            }
+            loop {
+                let mut q = vec![("limit", "500".to_string())];
+                if let Some(c) = &cursor {
+                    q.push(("cursor", c.clone()));
+                }
+                let page = call(http.get(&url).query(&q), &args.server).await?;
+                for t in page["items"].as_array().into_iter().flatten() {
+                    if args.json {
+                        println!("{t}");
+                        continue;
+                    }
+                    let scopes: Vec<&str> = t["scopes"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                        .collect();
+                    let state = if !t["revoked_at"].is_null() {
+                        "revoked"
+                    } else if t["expires_at"]
+                        .as_str()
+                        .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok())
+                        .is_some_and(|e| e <= chrono::Utc::now())
+                    {
+                        "expired"
+                    } else {
+                        "active"
+                    };
+                    let short = |v: &Value| {
+                        v.as_str()
+                            .unwrap_or("-")
+                            .chars()
+                            .take(19)
+                            .collect::<String>()
+                    };
+                    println!(
+                        "{:<26}  {:<24}  {:<22}  {:<20}  {:<20}  {state}",
+                        t["id"].as_str().unwrap_or(""),
+                        t["name"].as_str().unwrap_or(""),
+                        scopes.join(","),
+                        short(&t["created_at"]),
+                        short(&t["last_used_at"]),
+                    );
+                }
+                cursor = page["next_cursor"].as_str().map(str::to_string);
+                if cursor.is_none() {
+                    break;
+                }
+            }
+        }
+        TokenCommand::Revoke(args) => {
+            let url = api_url(&args.server, &format!("/api/v1/tokens/{}", args.id));
+            let t = call(http.delete(&url), &args.server).await?;
+            eprintln!(
+                "revoked token {} ({})",
+                t["id"].as_str().unwrap_or(""),
+                t["name"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn fail(resp: reqwest::Response) -> anyhow::Error {

@@ -88,6 +88,19 @@ pub struct ServeOptions {
     /// API requests a client may make at once before the rate limit applies [default: 1000].
     #[arg(long, env = "FWREPO_API_BURST")]
     pub api_burst: Option<u32>,
+    /// API authentication: on (every /api/ call needs a token) or off (demos only; logs a
+    /// warning) [default: on].
+    #[arg(long, env = "FWREPO_AUTH")]
+    pub auth: Option<String>,
+    /// Extra plain-HTTP listener serving only /metrics, without a token (for a scraper on a
+    /// private network) [default: none; /metrics on the main listener needs a token].
+    #[arg(long, env = "FWREPO_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Downloads (/files/, /dl/) one client address may run at once; more get 429
+    /// rate_limited. Docks behind a carrier NAT share an address, so the default is high: it
+    /// stops one address from holding unbounded connections, never a fleet [default: 1024].
+    #[arg(long, env = "FWREPO_MAX_DOWNLOADS_PER_IP")]
+    pub max_downloads_per_ip: Option<usize>,
     /// Lifetime in seconds of the signed /dl/ URLs sent in ota_create [default: 604800, 7 days].
     #[arg(long, env = "FWREPO_DOWNLOAD_URL_TTL")]
     pub download_url_ttl: Option<u64>,
@@ -177,6 +190,9 @@ impl ServeOptions {
             download_url_ttl,
             api_rate_limit,
             api_burst,
+            auth,
+            metrics_listen,
+            max_downloads_per_ip,
             idle_timeout_secs,
             shutdown_grace,
             log_format,
@@ -277,6 +293,12 @@ pub struct Settings {
     pub api_rate_limit: u32,
     /// API burst per client.
     pub api_burst: u32,
+    /// Whether `/api/` calls need a token.
+    pub auth_enabled: bool,
+    /// Token-free `/metrics` listener.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Concurrent downloads per client address.
+    pub max_downloads_per_ip: usize,
     /// Upload idle timeout in seconds.
     pub idle_timeout_secs: u64,
     /// Graceful shutdown budget in seconds.
@@ -313,6 +335,9 @@ impl Default for Settings {
             download_url_ttl_secs: 7 * 86_400,
             api_rate_limit: 200,
             api_burst: 1000,
+            auth_enabled: true,
+            metrics_listen: None,
+            max_downloads_per_ip: 1024,
             idle_timeout_secs: 300,
             shutdown_grace_secs: 20,
             log_format: LogFormat::Text,
@@ -427,6 +452,19 @@ impl Settings {
             )?
             .try_into()
             .map_err(|_| invalid("api_burst is too large"))?,
+            auth_enabled: match o.auth.as_deref().map(str::trim) {
+                None | Some("on") => true,
+                Some("off") => false,
+                Some(other) => {
+                    return Err(invalid(format!("auth must be on or off, not {other:?}")));
+                }
+            },
+            metrics_listen: o.metrics_listen,
+            max_downloads_per_ip: positive(
+                "max_downloads_per_ip",
+                o.max_downloads_per_ip.map(|n| n as u64),
+                d.max_downloads_per_ip as u64,
+            )? as usize,
             download_url_ttl_secs: positive(
                 "download_url_ttl",
                 o.download_url_ttl,

@@ -9,6 +9,8 @@
 #![warn(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod audit;
+pub mod auth;
 pub mod backup;
 pub mod blobs;
 pub mod catalog;

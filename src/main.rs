@@ -59,6 +59,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(options) => serve(options).await,
         Command::Upload(args) => fwrepo::client::upload(args).await,
         Command::List(args) => fwrepo::client::list(args).await,
+        Command::Token(cmd) => fwrepo::client::token(cmd).await,
         Command::Simulate(cfg) => simulate(cfg).await,
         Command::Export(args) => {
             let n = match &args.output {

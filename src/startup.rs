@@ -55,6 +55,9 @@ pub enum StartupError {
     /// MQTT could not start.
     #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttError),
+    /// The token store could not be prepared.
+    #[error("cannot prepare API tokens: {0}")]
+    Auth(String),
     /// A file in the data directory could not be read or written.
     #[error("cannot prepare {what}: {source}")]
     Io {
@@ -142,6 +145,18 @@ impl Application {
             crate::rollout::RolloutService::load(catalog.clone(), devices.clone(), ota.clone())?;
         tokio::spawn(rollouts.clone().run(workers.clone()));
 
+        let tokens = crate::auth::TokenService::load(catalog.clone())
+            .map_err(|e| StartupError::Auth(e.to_string()))?;
+        if let Some(path) = tokens
+            .bootstrap(&settings.data_dir)
+            .map_err(|e| StartupError::Auth(e.to_string()))?
+        {
+            tracing::info!(path = %path.display(), "no API token existed: created an admin token");
+        }
+        if !settings.auth_enabled {
+            tracing::warn!("--auth off: the API and downloads need no token; for demos only");
+        }
+        let audit = crate::audit::AuditLog::new(catalog.clone());
         let metrics = Arc::new(Metrics::default());
         let budget = ReadBudget::new(settings.download_buffer_mb << 20);
         let tracker = DownloadTracker::load(catalog.clone())?;
@@ -176,6 +191,9 @@ impl Application {
             stopping: workers.clone(),
             signer,
             api_limiter: crate::http::ApiLimiter::new(settings.api_rate_limit, settings.api_burst),
+            download_slots: crate::http::limits::DownloadSlots::new(settings.max_downloads_per_ip),
+            tokens,
+            audit,
         };
         // Firmware an open task uses, or that registered devices run, is not deleted lightly.
         state.firmware.add_guard(Arc::new(state.ota.clone()));
@@ -209,15 +227,8 @@ impl Application {
                         Ok(res)
                     }
                 })
-                // Per-client API rate limit (429 before any handler runs).
-                .wrap_fn(|req, srv| {
-                    use actix_web::dev::Service;
-                    use futures::future::{Either, ready};
-                    match http::rate_limited(&req) {
-                        Some(e) => Either::Left(ready(Err(e.into()))),
-                        None => Either::Right(srv.call(req)),
-                    }
-                })
+                // Tokens and scopes, rate limits, download slots, the audit log.
+                .wrap(actix_web::middleware::from_fn(http::access::gate))
                 .wrap(TracingLogger::default())
                 .configure(http::routes)
         })
@@ -276,6 +287,24 @@ impl Application {
                 }
             }
         });
+        let token_writer = tokio::spawn(state.tokens.clone().run(workers.clone()));
+        // Audit entries older than the retention go, hourly.
+        let (audit, stop) = (state.audit.clone(), workers.clone());
+        let retention = chrono::Duration::days(state.settings.retention_days as i64);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = every.tick() => {}
+                }
+                match audit.prune(retention) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "pruned old audit entries"),
+                    Err(e) => tracing::warn!(error = %e, "cannot prune the audit log"),
+                }
+            }
+        });
         let flusher = tokio::spawn(state.tracker.clone().run(
             Duration::from_secs(state.settings.progress_flush_secs),
             Duration::from_secs(state.settings.retention_days * 86_400),
@@ -292,6 +321,7 @@ impl Application {
         workers.cancel();
         let _ = flusher.await;
         let _ = device_flusher.await;
+        let _ = token_writer.await;
         if let Err(e) = state.catalog.flush().await {
             tracing::error!(error = %e, "final catalog flush failed");
         }

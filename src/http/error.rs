@@ -138,6 +138,9 @@ impl ResponseError for ApiError {
         if let Some(secs) = self.retry_after {
             resp.insert_header((header::RETRY_AFTER, HeaderValue::from(secs)));
         }
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.insert_header((header::WWW_AUTHENTICATE, "Bearer realm=\"fwrepo\""));
+        }
         resp.json(ErrorBody {
             error: self.code.to_string(),
             message: self.message.clone(),
@@ -350,5 +353,39 @@ impl From<crate::download::signing::SignatureError> for ApiError {
             S::Invalid => ApiError::new(StatusCode::FORBIDDEN, "signature_invalid", msg),
             S::Expired => ApiError::new(StatusCode::FORBIDDEN, "url_expired", msg),
         }
+    }
+}
+
+impl From<crate::auth::AuthError> for ApiError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        use crate::auth::AuthError as A;
+        let msg = e.to_string();
+        match e {
+            A::Missing | A::Malformed | A::Unknown | A::Revoked | A::Expired => {
+                ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", msg)
+            }
+            A::Forbidden(_) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", msg),
+            A::Invalid(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "validation_failed", msg)
+            }
+            A::NotFound(_) => ApiError::not_found(msg),
+            A::Catalog(c) => c.into(),
+            A::Io { .. } => {
+                ApiError::internal(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", &e)
+            }
+        }
+    }
+}
+
+impl ApiError {
+    /// 429 `rate_limited` for a client running too many downloads at once.
+    pub fn too_many_downloads() -> ApiError {
+        let mut a = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many concurrent downloads from this client address; retry later",
+        );
+        a.retry_after = Some(5);
+        a
     }
 }

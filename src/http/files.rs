@@ -4,7 +4,7 @@
 use actix_web::body::SizedStream;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::{Method, StatusCode};
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 
 use super::error::ErrorBody;
 use super::{ApiError, AppState};
@@ -63,11 +63,12 @@ pub(super) async fn file(
         .downloads
         .serve(download_request(&state, &req, &id, &file_name, None))
         .await?;
-    respond(served)
+    respond(&req, served)
 }
 
-/// Builds the HTTP answer for a served download (shared by every download URL).
-pub(super) fn respond(served: Served) -> Result<HttpResponse, ApiError> {
+/// Builds the HTTP answer for a served download (shared by every download URL). The client's
+/// download slot (taken by the access gate) lives as long as the body.
+pub(super) fn respond(req: &HttpRequest, served: Served) -> Result<HttpResponse, ApiError> {
     let len = served.firmware.file_size;
     let status = match &served.kind {
         ServedKind::Full => StatusCode::OK,
@@ -104,5 +105,13 @@ pub(super) fn respond(served: Served) -> Result<HttpResponse, ApiError> {
     let body = served
         .body
         .unwrap_or_else(|| Box::pin(futures::stream::empty()));
+    let slot = req.extensions_mut().remove::<super::limits::DownloadSlot>();
+    let body: crate::blobs::ByteStream = match slot {
+        Some(slot) => Box::pin(futures::StreamExt::map(body, move |chunk| {
+            let _held = &slot;
+            chunk
+        })),
+        None => body,
+    };
     Ok(resp.body(SizedStream::new(served.content_length, body)))
 }

@@ -2,6 +2,7 @@
 //! shape for everything, framework errors included. Handlers are thin: extract, call one
 //! service, map the result.
 
+pub mod access;
 mod devices;
 mod downloads;
 mod dto;
@@ -14,6 +15,7 @@ mod ops;
 mod ota;
 mod rollouts;
 mod sse;
+mod tokens;
 mod upload_body;
 
 use std::net::IpAddr;
@@ -73,8 +75,14 @@ pub struct AppState {
     pub stopping: tokio_util::sync::CancellationToken,
     /// Signs and checks the per-device `/dl/` URLs.
     pub signer: crate::download::signing::UrlSigner,
-    /// Per-client API rate limit.
+    /// Per-caller API rate limit.
     pub api_limiter: limits::ApiLimiter,
+    /// Concurrent downloads per client address.
+    pub download_slots: limits::DownloadSlots,
+    /// API tokens.
+    pub tokens: crate::auth::TokenService,
+    /// The audit log.
+    pub audit: crate::audit::AuditLog,
 }
 
 impl AppState {
@@ -112,20 +120,6 @@ impl AppState {
     }
 }
 
-/// 429 `rate_limited` (with `Retry-After`) when an `/api/` request's client is over its
-/// budget (see [`limits`]); `None` otherwise.
-pub fn rate_limited(req: &actix_web::dev::ServiceRequest) -> Option<ApiError> {
-    if !req.path().starts_with("/api/") {
-        return None;
-    }
-    let state = req.app_data::<web::Data<AppState>>()?;
-    let wait = state
-        .api_limiter
-        .check(state.client_ip(req.request()))
-        .err()?;
-    Some(ApiError::rate_limited(wait))
-}
-
 /// The right-most X-Forwarded-For address that is not a trusted proxy.
 fn forwarded_client(req: &HttpRequest, trusted: impl Fn(IpAddr) -> bool) -> Option<IpAddr> {
     let mut hops: Vec<IpAddr> = Vec::new();
@@ -156,7 +150,13 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .configure(devices::routes)
         .configure(ota::routes)
         .configure(rollouts::routes)
+        .configure(tokens::routes)
         .configure(files::routes);
+}
+
+/// Routes of the token-free `--metrics-listen` listener.
+pub fn metrics_routes(cfg: &mut web::ServiceConfig) {
+    cfg.configure(ops::metrics_routes);
 }
 
 fn json_config() -> web::JsonConfig {

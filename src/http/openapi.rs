@@ -38,7 +38,13 @@ use utoipa::OpenApi;
         super::ops::readyz,
         super::ops::metrics,
         super::ops::openapi,
+        super::tokens::create,
+        super::tokens::list,
+        super::tokens::get,
+        super::tokens::revoke,
+        super::tokens::audit,
     ),
+    components(schemas(crate::audit::AuditEntry)),
     tags(
         (name = "firmware", description = "Release engineers: upload and manage packages"),
         (name = "downloads", description = "Gateways: package downloads and their progress"),
@@ -46,6 +52,7 @@ use utoipa::OpenApi;
         (name = "rollouts", description = "Operators: stage a release across a fleet"),
         (name = "devices", description = "Docks and aircraft learned over MQTT or declared"),
         (name = "operations", description = "Health, readiness, metrics"),
+        (name = "auth", description = "Admins: API tokens and the audit log"),
     ),
     modifiers(&UniqueOperationIds)
 )]

@@ -14,6 +14,12 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/v1/openapi.json", web::get().to(openapi));
 }
 
+/// `/metrics` and the health checks, for the token-free `--metrics-listen` listener.
+pub(super) fn metrics_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/metrics", web::get().to(metrics));
+}
+
 /// Liveness.
 #[derive(Serialize, utoipa::ToSchema)]
 pub(super) struct Health {

@@ -203,5 +203,5 @@ async fn serve_device(
             task,
         ))
         .await?;
-    super::files::respond(served)
+    super::files::respond(req, served)
 }

@@ -52,7 +52,7 @@ async fn upload_and_list_commands() {
             "--release-note",
             "n1",
         ]),
-        vec![],
+        vec![("FWREPO_TOKEN".into(), app.token.clone())],
     )
     .await;
     assert!(
@@ -75,6 +75,8 @@ async fn upload_and_list_commands() {
             "--md5",
             &"0".repeat(32),
             "-q",
+            "--token",
+            &app.token,
         ]),
         vec![("FWREPO_SERVER".into(), app.base.clone())],
     )
@@ -82,12 +84,114 @@ async fn upload_and_list_commands() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("checksum_mismatch"), "{err}");
+    // Without a token: refused with the contract's code.
     let out = run(s(&["list", "--server", &app.base]), vec![]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("401") && err.contains("unauthorized"), "{err}");
+    // A local server's admin.token is the fallback (by --data-dir or FWREPO_DATA_DIR).
+    let data_dir = app.dir.path().to_str().unwrap().to_string();
+    let out = run(
+        s(&["list", "--server", &app.base, "--data-dir", &data_dir]),
+        vec![],
+    )
+    .await;
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("WM245") && text.contains(&md5), "{text}");
-    let out = run(s(&["list", "--server", &app.base, "--json"]), vec![]).await;
+    let out = run(
+        s(&["list", "--server", &app.base, "--json"]),
+        vec![("FWREPO_DATA_DIR".into(), data_dir)],
+    )
+    .await;
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+}
+
+#[tokio::test]
+async fn token_commands_create_list_and_revoke() {
+    let app = spawn_app().await;
+    let data_dir = app.dir.path().to_str().unwrap().to_string();
+    let local = vec![
+        ("FWREPO_SERVER".to_string(), app.base.clone()),
+        ("FWREPO_DATA_DIR".to_string(), data_dir),
+    ];
+    let out = run(
+        s(&[
+            "token",
+            "create",
+            "--name",
+            "ci uploader",
+            "--scope",
+            "upload",
+        ]),
+        local.clone(),
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(token.starts_with("fwr_") && token.len() >= 40, "{token}");
+    // The new token uploads; it may not create tokens.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("WM245_1.00.224.zip");
+    std::fs::write(&file, payload(1000, 3)).unwrap();
+    let upload = |token: String| {
+        let file = file.to_str().unwrap().to_string();
+        let base = app.base.clone();
+        async move {
+            run(
+                s(&["upload", &file, "--server", &base, "-q"]),
+                vec![("FWREPO_TOKEN".into(), token)],
+            )
+            .await
+        }
+    };
+    let out = upload(token.clone()).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut as_uploader = local.clone();
+    as_uploader.push(("FWREPO_TOKEN".into(), token.clone()));
+    let out = run(
+        s(&["token", "create", "--name", "x", "--scope", "admin"]),
+        as_uploader,
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"));
+    // Listed (never the token itself), then revoked: refused from then on.
+    let out = run(s(&["token", "list", "--json"]), local.clone()).await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("ci uploader") && !text.contains(&token),
+        "{text}"
+    );
+    let id = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|t| t["name"] == "ci uploader")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let out = run(s(&["token", "revoke", &id]), local.clone()).await;
+    assert!(out.status.success());
+    let out = run(s(&["token", "list"]), local).await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("ci uploader") && l.ends_with("revoked")),
+        "{table}"
+    );
+    let out = upload(token).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unauthorized"));
 }
 
 #[tokio::test]
@@ -95,7 +199,7 @@ async fn export_and_import_offline() {
     let root = tempfile::tempdir().unwrap();
     let data_dir = root.path().join("data");
     let mut server = ServerProcess::start(&data_dir, &[]);
-    let client = reqwest::Client::new();
+    let client = server.client();
     for name in ["dock_1.0.zip", "dock_2.0.zip"] {
         let resp = client
             .post(format!("{}/api/v1/firmware?file_name={name}", server.base))

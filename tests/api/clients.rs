@@ -36,19 +36,41 @@ async fn curl_wget_and_aria2c_fetch_intact_and_sessions_reach_100() {
     let url = r["file_url"].as_str().unwrap().to_string();
     let md5 = md5_hex(&data);
     let dir = tempfile::tempdir().unwrap();
+    // Unsigned download URLs need a read token: each client sends it as a header.
+    let auth = format!("Authorization: Bearer {}", app.token);
 
     // curl: an interrupted first part (fetched as a range), then `-C -` resumes.
     let out = dir.path().join("curl.zip");
     let mut c = Command::new("curl");
-    c.args(["-sS", "-f", "-r", "0-9999999", "-A", "curl-resume", "-o"])
-        .arg(&out)
-        .arg(&url);
+    c.args([
+        "-sS",
+        "-f",
+        "-H",
+        &auth,
+        "-r",
+        "0-9999999",
+        "-A",
+        "curl-resume",
+        "-o",
+    ])
+    .arg(&out)
+    .arg(&url);
     assert!(sh(c).await.status.success());
     assert_eq!(std::fs::metadata(&out).unwrap().len(), 10_000_000);
     let mut c = Command::new("curl");
-    c.args(["-sS", "-f", "-C", "-", "-A", "curl-resume", "-o"])
-        .arg(&out)
-        .arg(&url);
+    c.args([
+        "-sS",
+        "-f",
+        "-H",
+        &auth,
+        "-C",
+        "-",
+        "-A",
+        "curl-resume",
+        "-o",
+    ])
+    .arg(&out)
+    .arg(&url);
     let o = sh(c).await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(md5_hex(&std::fs::read(&out).unwrap()), md5);
@@ -57,12 +79,23 @@ async fn curl_wget_and_aria2c_fetch_intact_and_sessions_reach_100() {
     let wdir = dir.path().join("wget");
     std::fs::create_dir(&wdir).unwrap();
     let mut c = Command::new("curl");
-    c.args(["-sS", "-f", "-r", "0-4999999", "-A", "wget-resume", "-o"])
-        .arg(wdir.join("Dock2_10.01.0205.zip"))
-        .arg(&url);
+    c.args([
+        "-sS",
+        "-f",
+        "-H",
+        &auth,
+        "-r",
+        "0-4999999",
+        "-A",
+        "wget-resume",
+        "-o",
+    ])
+    .arg(wdir.join("Dock2_10.01.0205.zip"))
+    .arg(&url);
     assert!(sh(c).await.status.success());
     let mut c = Command::new("wget");
     c.args(["-q", "-c", "-U", "wget-resume", "-P"])
+        .arg(format!("--header={auth}"))
         .arg(&wdir)
         .arg(&url);
     let o = sh(c).await;
@@ -85,6 +118,7 @@ async fn curl_wget_and_aria2c_fetch_intact_and_sessions_reach_100() {
         "aria2-seg",
     ])
     .arg(format!("--checksum=md5={md5}"))
+    .arg(format!("--header={auth}"))
     .arg("-d")
     .arg(&adir)
     .arg(&url);

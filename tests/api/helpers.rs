@@ -17,10 +17,50 @@ use tokio_util::sync::CancellationToken;
 pub struct TestApp {
     pub addr: SocketAddr,
     pub base: String,
+    /// A client that sends the bootstrap admin token.
     pub client: reqwest::Client,
+    /// The bootstrap admin token (`<data-dir>/admin.token`).
+    pub token: String,
     pub dir: tempfile::TempDir,
     pub shutdown: CancellationToken,
     pub state: fwrepo::http::AppState,
+}
+
+/// The bootstrap admin token a server wrote into `data_dir`.
+pub fn admin_token(data_dir: &Path) -> String {
+    std::fs::read_to_string(data_dir.join("admin.token"))
+        .expect("admin.token in the data dir")
+        .trim()
+        .to_string()
+}
+
+/// An HTTP client that sends `token` with every request.
+pub fn authed_client(token: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {token}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
+/// Admin tokens of the servers started as processes, by base URL (a restarted server keeps
+/// its data dir, so its token).
+static TOKENS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
+
+/// A client with the admin token of the server process at `base`.
+pub fn client_for(base: &str) -> reqwest::Client {
+    let tokens = TOKENS.lock().unwrap();
+    let token = tokens
+        .iter()
+        .rev()
+        .find(|(b, _)| b == base)
+        .map(|(_, t)| t.clone())
+        .unwrap_or_else(|| panic!("no server process at {base}"));
+    authed_client(&token)
 }
 
 pub fn init_logs() {
@@ -48,10 +88,12 @@ pub async fn spawn_settings(settings: Settings, dir: tempfile::TempDir) -> TestA
     let state = app.state().clone();
     let shutdown = CancellationToken::new();
     tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    let token = admin_token(dir.path());
     TestApp {
         addr,
         base: format!("http://{addr}"),
-        client: reqwest::Client::new(),
+        client: authed_client(&token),
+        token,
         dir,
         shutdown,
         state,
@@ -100,6 +142,20 @@ where
 }
 
 impl TestApp {
+    /// Creates a token with `scopes` (as the admin) and returns it.
+    pub async fn create_token(&self, name: &str, scopes: &[&str]) -> String {
+        let resp = self
+            .client
+            .post(self.url("/api/v1/tokens"))
+            .json(&serde_json::json!({"name": name, "scopes": scopes}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201);
+        let v: Value = resp.json().await.unwrap();
+        v["token"].as_str().unwrap().to_string()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }
@@ -235,6 +291,8 @@ pub struct ServerProcess {
     /// The broker as "host:port".
     pub mqtt: String,
     pub stderr_path: PathBuf,
+    /// The bootstrap admin token.
+    pub token: String,
 }
 
 pub fn bin() -> &'static str {
@@ -296,11 +354,14 @@ impl ServerProcess {
             let mut sink = Vec::new();
             let _ = stdout.read_to_end(&mut sink);
         });
+        let token = admin_token(data_dir);
+        TOKENS.lock().unwrap().push((base.clone(), token.clone()));
         ServerProcess {
             child,
             base,
             mqtt,
             stderr_path,
+            token,
         }
     }
 
@@ -341,9 +402,18 @@ pub fn held_body() -> (
     (tx, reqwest::Body::wrap_stream(stream))
 }
 
-/// GET a JSON document from a server started as a process.
+impl ServerProcess {
+    /// A client that sends this server's admin token.
+    pub fn client(&self) -> reqwest::Client {
+        authed_client(&self.token)
+    }
+}
+
+/// GET a JSON document (with the admin token) from a server started as a process.
 pub async fn get_json_at(base: &str, path: &str) -> Value {
-    reqwest::get(format!("{base}{path}"))
+    client_for(base)
+        .get(format!("{base}{path}"))
+        .send()
         .await
         .unwrap()
         .json()

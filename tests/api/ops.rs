@@ -1,5 +1,7 @@
 //! Operations endpoints and the JSON error shape of framework errors.
 
+use futures::StreamExt;
+
 use crate::helpers::*;
 
 #[tokio::test]
@@ -103,32 +105,54 @@ async fn a_burst_from_one_client_is_rate_limited_others_are_not() {
         s.trusted_proxies = vec!["127.0.0.1/32".parse().unwrap()];
     })
     .await;
-    let get = |ip: &'static str| {
-        let c = app.client.clone();
+    let a = app.create_token("client-a", &["read"]).await;
+    let b = app.create_token("client-b", &["read"]).await;
+    let client = reqwest::Client::new();
+    let get = |token: Option<String>, ip: &'static str| {
         let url = app.url("/api/v1/firmware");
+        let client = client.clone();
         async move {
-            c.get(url)
-                .header("x-forwarded-for", ip)
-                .send()
-                .await
-                .unwrap()
+            let mut rb = client.get(url).header("x-forwarded-for", ip);
+            if let Some(t) = token {
+                rb = rb.bearer_auth(t);
+            }
+            rb.send().await.unwrap()
         }
     };
-    let answers = futures::future::join_all((0..200).map(|_| get("203.0.113.7"))).await;
+    // 1,000 at once with one token: the burst passes, the rest get 429 with Retry-After.
+    let answers: Vec<reqwest::Response> = futures::stream::iter(0..1000)
+        .map(|_| get(Some(a.clone()), "203.0.113.7"))
+        .buffer_unordered(100)
+        .collect()
+        .await;
     let ok = answers.iter().filter(|r| r.status() == 200).count();
     let limited: Vec<_> = answers.iter().filter(|r| r.status() == 429).collect();
     assert!((20..=22).contains(&ok), "{ok} answered");
-    assert_eq!(ok + limited.len(), 200);
+    assert_eq!(ok + limited.len(), 1000);
     let retry: u64 = limited[0].headers()["retry-after"]
         .to_str()
         .unwrap()
         .parse()
         .unwrap();
     assert!(retry >= 1);
-    let body: serde_json::Value = get("203.0.113.7").await.json().await.unwrap();
+    let body: serde_json::Value = get(Some(a.clone()), "203.0.113.7")
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(body["error"], "rate_limited");
-    // Another client, downloads and health checks are unaffected; the server stays healthy.
-    assert_eq!(get("198.51.100.9").await.status(), 200);
+    // Another token (even from the same address) is unaffected.
+    assert_eq!(get(Some(b.clone()), "203.0.113.7").await.status(), 200);
+    // Requests without a token spend their address's budget: 401s, then 429s.
+    let answers = futures::future::join_all((0..30).map(|_| get(None, "198.51.100.9"))).await;
+    let unauthorized = answers.iter().filter(|r| r.status() == 401).count();
+    let limited = answers.iter().filter(|r| r.status() == 429).count();
+    assert!(
+        (20..=22).contains(&unauthorized),
+        "{unauthorized} unauthorized"
+    );
+    assert_eq!(unauthorized + limited, 30);
+    // Health checks are unaffected; the server stays healthy.
     let (status, _) = app.get_json("/healthz").await;
     assert_eq!(status, 200);
 }

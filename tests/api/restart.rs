@@ -14,7 +14,7 @@ async fn kill_9_mid_upload_then_restart() {
     let root = tempfile::tempdir().unwrap();
     let data_dir = root.path().join("data");
     let mut server = ServerProcess::start(&data_dir, &["--progress-flush-secs", "1"]);
-    let client = reqwest::Client::new();
+    let client = server.client();
     let data = payload(3_000_000, 7);
     let r: Value = client
         .post(format!(
@@ -87,7 +87,14 @@ async fn kill_9_mid_upload_then_restart() {
     );
     // The package is intact.
     let new_url = url.replace(&url[..url.find("/files/").unwrap()], &server.base);
-    let body = reqwest::get(&new_url).await.unwrap().bytes().await.unwrap();
+    let body = client_for(&server.base)
+        .get(&new_url)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
     assert_eq!(md5_hex(&body), md5_hex(&data));
     // The interrupted version can be uploaded again.
     let resp = client
@@ -112,7 +119,7 @@ async fn sigterm_flushes_and_exits_zero() {
         &data_dir,
         &["--progress-flush-secs", "3600", "--shutdown-grace", "120"],
     );
-    let client = reqwest::Client::new();
+    let client = server.client();
     let r: Value = client
         .post(format!(
             "{}/api/v1/firmware?file_name=dock_5.0.zip",
@@ -148,7 +155,7 @@ async fn sigterm_flushes_and_exits_zero() {
         .unwrap();
     // Idle keep-alive connections also hold actix's drain: only the SSE one may stay open.
     drop(client);
-    let sse_client = reqwest::Client::new();
+    let sse_client = server.client();
     let mut sse = sse_client
         .get(format!(
             "{}/api/v1/ota/{}/events",
@@ -200,7 +207,7 @@ async fn kill_9_mid_task_then_tracking_resumes() {
         "1",
     ];
     let mut server = ServerProcess::start(&data_dir, &args);
-    let client = reqwest::Client::new();
+    let client = server.client();
     let fw: Value = client
         .post(format!(
             "{}/api/v1/firmware?file_name=Dock_2.0.zip",

@@ -583,7 +583,7 @@ async fn kill_9_mid_rollout_then_it_completes_upgrading_each_device_once() {
         "5",
     ];
     let mut server = ServerProcess::start(&data_dir, &args);
-    let client = reqwest::Client::new();
+    let client = server.client();
     let upload = |name: &'static str, seed: u64| {
         let (client, base) = (client.clone(), server.base.clone());
         async move {

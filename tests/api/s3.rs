@@ -102,8 +102,9 @@ async fn s3_crash_mid_upload_is_swept_on_restart() {
         server.base,
         "0".repeat(32)
     );
+    let client = server.client();
     let pending = tokio::spawn(async move {
-        reqwest::Client::new()
+        client
             .post(url)
             .header("content-type", "application/octet-stream")
             .body(body)

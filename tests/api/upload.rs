@@ -272,6 +272,10 @@ async fn size_limit_is_413_before_and_while_reading() {
 async fn declared_length_beyond_free_space_is_507() {
     let app = spawn_with(|s| s.max_upload_bytes = u64::MAX / 2).await;
     let req = "POST /api/v1/firmware?file_name=m_1.0.zip HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000000000000000000\r\nConnection: close\r\n\r\nabc";
+    let req = req.replace(
+        "Host: x\r\n",
+        &format!("Host: x\r\nAuthorization: Bearer {}\r\n", app.token),
+    );
     let addr = app.addr;
     let answer = tokio::task::spawn_blocking(move || raw_request(addr, req.as_bytes()))
         .await
@@ -351,7 +355,10 @@ async fn client_disconnect_mid_upload_leaves_nothing() {
             "m_1.0.zip&md5=00112233445566778899aabbccddeeff",
         );
         let addr = app.addr;
-        let head = head.to_string();
+        let head = head.replace(
+            "Host: x\r\n",
+            &format!("Host: x\r\nAuthorization: Bearer {}\r\n", app.token),
+        );
         tokio::task::spawn_blocking(move || send_partial(addr, head, 6))
             .await
             .unwrap();
