@@ -92,6 +92,17 @@ pub struct ServeOptions {
     /// warning) [default: on].
     #[arg(long, env = "FWREPO_AUTH")]
     pub auth: Option<String>,
+    /// PEM certificate chain: serve HTTPS on --listen (with --tls-key) [default: plain HTTP].
+    #[arg(long, env = "FWREPO_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FWREPO_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Extra plain-HTTP listener serving only downloads (/files/, /dl/) and /healthz, for docks
+    /// that trust only public CAs while the API is HTTPS; file_url then points at it unless
+    /// --public-url says otherwise [default: none].
+    #[arg(long, env = "FWREPO_DOWNLOAD_LISTEN")]
+    pub download_listen: Option<SocketAddr>,
     /// Extra plain-HTTP listener serving only /metrics, without a token (for a scraper on a
     /// private network) [default: none; /metrics on the main listener needs a token].
     #[arg(long, env = "FWREPO_METRICS_LISTEN")]
@@ -191,6 +202,9 @@ impl ServeOptions {
             api_rate_limit,
             api_burst,
             auth,
+            tls_cert,
+            tls_key,
+            download_listen,
             metrics_listen,
             max_downloads_per_ip,
             idle_timeout_secs,
@@ -297,6 +311,10 @@ pub struct Settings {
     pub auth_enabled: bool,
     /// Token-free `/metrics` listener.
     pub metrics_listen: Option<SocketAddr>,
+    /// HTTPS on the main listener: (certificate chain, key) PEM files.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Plain-HTTP download listener.
+    pub download_listen: Option<SocketAddr>,
     /// Concurrent downloads per client address.
     pub max_downloads_per_ip: usize,
     /// Upload idle timeout in seconds.
@@ -337,6 +355,8 @@ impl Default for Settings {
             api_burst: 1000,
             auth_enabled: true,
             metrics_listen: None,
+            tls: None,
+            download_listen: None,
             max_downloads_per_ip: 1024,
             idle_timeout_secs: 300,
             shutdown_grace_secs: 20,
@@ -382,14 +402,21 @@ impl Settings {
         let d = Settings::default();
         let data_dir = o.data_dir.unwrap_or(d.data_dir);
         let listen = o.listen.unwrap_or(d.listen);
+        // file_url points at the download listener when there is one.
+        let file_host = o.download_listen.unwrap_or(listen);
         let public_url = match o.public_url.as_deref() {
             Some(raw) => Some(parse_public_url(raw)?),
-            None if !listen.ip().is_loopback() => {
+            None if !file_host.ip().is_loopback() => {
                 return Err(invalid(format!(
-                    "listening on {listen} needs --public-url: a loopback or unspecified address in file_url only makes gateways fail their download"
+                    "listening on {file_host} needs --public-url: a loopback or unspecified address in file_url only makes gateways fail their download"
                 )));
             }
             None => None,
+        };
+        let tls = match (o.tls_cert.clone(), o.tls_key.clone()) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => return Err(invalid("tls_cert and tls_key go together")),
         };
         let blob_backend = parse_blob_store(o.blob_store.as_deref(), &data_dir, o.s3_endpoint)?;
         let max_concurrent_uploads = match o.max_concurrent_uploads {
@@ -460,6 +487,8 @@ impl Settings {
                 }
             },
             metrics_listen: o.metrics_listen,
+            tls,
+            download_listen: o.download_listen,
             max_downloads_per_ip: positive(
                 "max_downloads_per_ip",
                 o.max_downloads_per_ip.map(|n| n as u64),

@@ -8,11 +8,13 @@ use std::process::ExitCode;
 use clap::Parser;
 use fwrepo::cli::{Cli, Command};
 use fwrepo::config::{ServeOptions, Settings};
-use fwrepo::startup::Application;
+use fwrepo::startup::{Application, Listener};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    // One rustls crypto provider for HTTPS, mqtts:// and the HTTP client, chosen here.
+    fwrepo::startup::install_crypto_provider();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -110,10 +112,22 @@ async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     let app = Application::build(settings).await?;
     let addr = app.http_addr();
     let mqtt = app.state().mqtt.clone();
-    print_line(&format!("HTTP listening on http://{addr}"))?;
+    let scheme = if app.is_https() { "https" } else { "http" };
+    print_line(&format!("HTTP listening on {scheme}://{addr}"))?;
+    let extra = [
+        ("Downloads", Listener::Downloads),
+        ("Metrics", Listener::Metrics),
+    ]
+    .into_iter()
+    .filter_map(|(name, role)| app.listener_addr(role).map(|a| (name, a)))
+    .collect::<Vec<_>>();
     if embedded {
         print_line(&mqtt.address_line)?;
-    } else {
+    }
+    for (name, a) in extra {
+        print_line(&format!("{name} listening on http://{a}"))?;
+    }
+    if !embedded {
         // An external broker's line is printed once the session is up.
         tokio::spawn(async move {
             while !mqtt

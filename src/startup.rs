@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,6 +56,9 @@ pub enum StartupError {
     /// MQTT could not start.
     #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttError),
+    /// The TLS certificate or key could not be used.
+    #[error("cannot use the TLS certificate: {0}")]
+    Tls(String),
     /// The token store could not be prepared.
     #[error("cannot prepare API tokens: {0}")]
     Auth(String),
@@ -71,7 +75,8 @@ pub enum StartupError {
 /// A built server, bound and ready to run.
 pub struct Application {
     http_addr: SocketAddr,
-    server: Server,
+    extra: Vec<(Listener, SocketAddr)>,
+    servers: Vec<Server>,
     state: AppState,
     grace: Duration,
     workers: CancellationToken,
@@ -80,6 +85,7 @@ pub struct Application {
 impl Application {
     /// Opens storage, sweeps crash leftovers, binds HTTP and prepares the workers.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        install_crypto_provider();
         std::fs::create_dir_all(&settings.data_dir).map_err(|e| StartupError::Catalog {
             dir: settings.data_dir.display().to_string(),
             source: crate::catalog::CatalogError::Storage(e.into()),
@@ -94,18 +100,25 @@ impl Application {
         let blobs = BlobStore::open(&settings.blob_backend)?;
         sweep(&catalog, &blobs).await?;
 
-        let listener = TcpListener::bind(settings.listen).map_err(|source| StartupError::Bind {
-            addr: settings.listen,
-            source,
-        })?;
-        let http_addr = listener.local_addr().map_err(|source| StartupError::Bind {
-            addr: settings.listen,
-            source,
-        })?;
+        // TLS material is read before any port is bound: bad files fail the start.
+        let tls = match &settings.tls {
+            Some((cert, key)) => Some(server_tls(cert, key)?),
+            None => None,
+        };
+        let (main_listener, http_addr) = bind(settings.listen)?;
+        let download_listener = settings.download_listen.map(bind).transpose()?;
+        let metrics_listener = settings.metrics_listen.map(bind).transpose()?;
         let public_url = match &settings.public_url {
             Some(u) => u.clone(),
-            None => Url::parse(&format!("http://{http_addr}"))
-                .map_err(|e| StartupError::PublicUrl(e.to_string()))?,
+            None => {
+                let (scheme, addr) = match (&download_listener, &tls) {
+                    (Some((_, addr)), _) => ("http", *addr),
+                    (None, Some(_)) => ("https", http_addr),
+                    (None, None) => ("http", http_addr),
+                };
+                Url::parse(&format!("{scheme}://{addr}"))
+                    .map_err(|e| StartupError::PublicUrl(e.to_string()))?
+            }
         };
 
         let workers = CancellationToken::new();
@@ -201,54 +214,21 @@ impl Application {
         state.firmware.add_guard(Arc::new(state.rollouts.clone()));
         let grace = Duration::from_secs(settings.shutdown_grace_secs);
         let data = web::Data::new(state.clone());
-        let connections = state.budget.clone();
-        let server = HttpServer::new(move || {
-            App::new()
-                .app_data(data.clone())
-                .wrap(http::json_errors())
-                .wrap_fn(|req, srv| {
-                    use actix_web::HttpMessage;
-                    use actix_web::dev::Service;
-                    let id = req
-                        .extensions()
-                        .get::<tracing_actix_web::RequestId>()
-                        .map(|id| id.to_string());
-                    let fut = srv.call(req);
-                    async move {
-                        let mut res = fut.await?;
-                        if let Some(v) = id
-                            .and_then(|id| actix_web::http::header::HeaderValue::from_str(&id).ok())
-                        {
-                            res.headers_mut().insert(
-                                actix_web::http::header::HeaderName::from_static("x-request-id"),
-                                v,
-                            );
-                        }
-                        Ok(res)
-                    }
-                })
-                // Tokens and scopes, rate limits, download slots, the audit log.
-                .wrap(actix_web::middleware::from_fn(http::access::gate))
-                .wrap(TracingLogger::default())
-                .configure(http::routes)
-        })
-        // Each open connection takes a share of the download buffer budget.
-        .on_connect(move |_, ext| {
-            ext.insert(connections.connection_guard());
-        })
-        .listen(listener)
-        .map_err(|source| StartupError::Bind {
-            addr: http_addr,
-            source,
-        })?
-        .disable_signals()
-        .shutdown_timeout(grace.as_secs())
-        .client_request_timeout(Duration::from_secs(30))
-        .keep_alive(Duration::from_secs(75))
-        .run();
+        let mut servers = vec![serve(&data, Listener::Main, main_listener, tls, grace)?];
+        let mut extra = Vec::new();
+        for (role, listener) in [
+            (Listener::Downloads, download_listener),
+            (Listener::Metrics, metrics_listener),
+        ] {
+            if let Some((listener, addr)) = listener {
+                servers.push(serve(&data, role, listener, None, grace)?);
+                extra.push((role, addr));
+            }
+        }
         Ok(Application {
             http_addr,
-            server,
+            extra,
+            servers,
             state,
             grace,
             workers,
@@ -260,6 +240,17 @@ impl Application {
         self.http_addr
     }
 
+    /// Whether the main listener speaks HTTPS.
+    pub fn is_https(&self) -> bool {
+        self.state.settings.tls.is_some()
+    }
+
+    /// The bound address of the extra listener `role` (`--download-listen`,
+    /// `--metrics-listen`), if configured.
+    pub fn listener_addr(&self, role: Listener) -> Option<SocketAddr> {
+        self.extra.iter().find(|(r, _)| *r == role).map(|(_, a)| *a)
+    }
+
     /// The shared state (tests and tools call services directly).
     pub fn state(&self) -> &AppState {
         &self.state
@@ -269,7 +260,7 @@ impl Application {
     /// requests within the grace period.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
         let Application {
-            server,
+            servers,
             state,
             grace,
             workers,
@@ -310,14 +301,16 @@ impl Application {
             Duration::from_secs(state.settings.retention_days * 86_400),
             workers.clone(),
         ));
-        let handle = server.handle();
-        let server = tokio::spawn(server);
+        let handles: Vec<_> = servers.iter().map(Server::handle).collect();
+        let servers: Vec<_> = servers.into_iter().map(tokio::spawn).collect();
         shutdown.cancelled().await;
         tracing::info!(
             grace_secs = grace.as_secs(),
             "shutting down: no new connections, draining"
         );
-        let stopping = tokio::spawn(async move { handle.stop(true).await });
+        let stopping = tokio::spawn(async move {
+            futures::future::join_all(handles.iter().map(|h| h.stop(true))).await
+        });
         workers.cancel();
         let _ = flusher.await;
         let _ = device_flusher.await;
@@ -326,11 +319,144 @@ impl Application {
             tracing::error!(error = %e, "final catalog flush failed");
         }
         let _ = stopping.await;
-        match server.await {
-            Ok(r) => r,
-            Err(e) => Err(std::io::Error::other(e)),
+        for server in servers {
+            server.await.map_err(std::io::Error::other)??;
         }
+        Ok(())
     }
+}
+
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// Everything (`--listen`).
+    Main,
+    /// Downloads and `/healthz` only, plain HTTP (`--download-listen`).
+    Downloads,
+    /// `/metrics` and `/healthz` only, without a token (`--metrics-listen`).
+    Metrics,
+}
+
+fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {
+    let listener = TcpListener::bind(addr).map_err(|source| StartupError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartupError::Bind { addr, source })?;
+    Ok((listener, bound))
+}
+
+/// The rustls server configuration from PEM files. The process-wide crypto provider is
+/// installed explicitly first (two providers in the dependency tree would otherwise make
+/// rustls panic at first use).
+fn server_tls(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, StartupError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    install_crypto_provider();
+    let fail = |what: &Path, e: &dyn std::fmt::Display| {
+        StartupError::Tls(format!("{}: {e}", what.display()))
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| fail(cert, &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(cert, &e))?;
+    if chain.is_empty() {
+        return Err(fail(cert, &"no certificate in the file"));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| fail(key, &e))?;
+    rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| fail(key, &e))
+}
+
+/// Installs aws-lc-rs as rustls' process-wide provider (once; later calls do nothing).
+pub fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    }
+}
+
+/// The app of one listener: the same middleware everywhere, the routes of its role.
+fn app(
+    data: web::Data<AppState>,
+    role: Listener,
+) -> App<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(data)
+        .app_data(role)
+        .wrap(http::json_errors())
+        .wrap_fn(|req, srv| {
+            use actix_web::HttpMessage;
+            use actix_web::dev::Service;
+            let id = req
+                .extensions()
+                .get::<tracing_actix_web::RequestId>()
+                .map(|id| id.to_string());
+            let fut = srv.call(req);
+            async move {
+                let mut res = fut.await?;
+                if let Some(v) =
+                    id.and_then(|id| actix_web::http::header::HeaderValue::from_str(&id).ok())
+                {
+                    res.headers_mut().insert(
+                        actix_web::http::header::HeaderName::from_static("x-request-id"),
+                        v,
+                    );
+                }
+                Ok(res)
+            }
+        })
+        // Tokens and scopes, rate limits, download slots, the audit log.
+        .wrap(actix_web::middleware::from_fn(http::access::gate))
+        .wrap(TracingLogger::default())
+        .configure(move |cfg| match role {
+            Listener::Main => http::routes(cfg),
+            Listener::Downloads => http::download_routes(cfg),
+            Listener::Metrics => http::metrics_routes(cfg),
+        })
+}
+
+/// An HTTP server for `role` on `listener` (HTTPS with `tls`).
+fn serve(
+    data: &web::Data<AppState>,
+    role: Listener,
+    listener: TcpListener,
+    tls: Option<rustls::ServerConfig>,
+    grace: Duration,
+) -> Result<Server, StartupError> {
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let bind_err = |source| StartupError::Bind { addr, source };
+    let connections = data.budget.clone();
+    let factory = {
+        let data = data.clone();
+        move || app(data.clone(), role)
+    };
+    let server = HttpServer::new(factory)
+        // Each open connection takes a share of the download buffer budget.
+        .on_connect(move |_, ext| {
+            ext.insert(connections.connection_guard());
+        });
+    let server = match tls {
+        Some(config) => server.listen_rustls_0_23(listener, config),
+        None => server.listen(listener),
+    }
+    .map_err(bind_err)?;
+    Ok(server
+        .disable_signals()
+        .shutdown_timeout(grace.as_secs())
+        .client_request_timeout(Duration::from_secs(30))
+        .keep_alive(Duration::from_secs(75))
+        .run())
 }
 
 /// Removes what interrupted uploads left: recorded S3 multipart uploads are aborted and their

@@ -782,7 +782,6 @@ impl Catalog {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -154,6 +154,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .configure(files::routes);
 }
 
+/// Routes of the plain-HTTP `--download-listen` listener: downloads and `/healthz`.
+pub fn download_routes(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(path_config())
+        .configure(ops::health_routes)
+        .configure(ota::download_routes)
+        .configure(files::routes);
+}
+
 /// Routes of the token-free `--metrics-listen` listener.
 pub fn metrics_routes(cfg: &mut web::ServiceConfig) {
     cfg.configure(ops::metrics_routes);

@@ -14,10 +14,15 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/v1/openapi.json", web::get().to(openapi));
 }
 
-/// `/metrics` and the health checks, for the token-free `--metrics-listen` listener.
+/// `/metrics` and `/healthz`, for the token-free `--metrics-listen` listener.
 pub(super) fn metrics_routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
+    cfg.configure(health_routes)
         .route("/metrics", web::get().to(metrics));
+}
+
+/// `/healthz` alone (the extra listeners).
+pub(super) fn health_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz));
 }
 
 /// Liveness.

@@ -17,16 +17,21 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     )
     .route("/api/v1/ota/{id}", web::get().to(get))
     .route("/api/v1/ota/{id}/events", web::get().to(events))
-    .route("/dl/{task_id}/{sn}/{file_name}", web::get().to(download))
-    .route("/dl/{task_id}/{sn}/{file_name}", web::head().to(download))
-    .route(
-        "/dl/{task_id}/{sn}/{signature}/{file_name}",
-        web::get().to(download_signed),
-    )
-    .route(
-        "/dl/{task_id}/{sn}/{signature}/{file_name}",
-        web::head().to(download_signed),
-    );
+    .configure(download_routes);
+}
+
+/// The per-device `/dl/` URLs (also served by `--download-listen`).
+pub(super) fn download_routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/dl/{task_id}/{sn}/{file_name}", web::get().to(download))
+        .route("/dl/{task_id}/{sn}/{file_name}", web::head().to(download))
+        .route(
+            "/dl/{task_id}/{sn}/{signature}/{file_name}",
+            web::get().to(download_signed),
+        )
+        .route(
+            "/dl/{task_id}/{sn}/{signature}/{file_name}",
+            web::head().to(download_signed),
+        );
 }
 
 fn session_of(state: &AppState) -> impl Fn(&str, &str) -> Option<Value> + '_ {

@@ -1,6 +1,7 @@
 //! Integration tests: the real server on port 0 with a temp data directory, driven over HTTP
 //! as release engineers and gateways would. One test binary (faster to link).
 
+mod auth;
 mod cli;
 mod clients;
 mod devices;

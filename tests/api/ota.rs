@@ -716,8 +716,10 @@ async fn signed_urls_are_bound_to_task_device_and_firmware_and_expire() {
     let dock_url = t1["devices"][0]["file_url"].as_str().unwrap().to_string();
     let ac_url = t1["devices"][1]["file_url"].as_str().unwrap().to_string();
     let sig = |u: &str| u.rsplit('/').nth(1).unwrap().to_string();
+    // Signed URLs need no token (docks have none).
+    let anonymous = reqwest::Client::new();
     let get = |u: String| {
-        let c = app.client.clone();
+        let c = anonymous.clone();
         async move {
             let r = c
                 .get(&u)
@@ -731,6 +733,12 @@ async fn signed_urls_are_bound_to_task_device_and_firmware_and_expire() {
     };
     assert_eq!(get(dock_url.clone()).await.0, 206);
     assert_eq!(get(ac_url.clone()).await.0, 206);
+    // The unsigned form of the same URL needs a read token.
+    let unsigned = dock_url.replace(&format!("/{}/", sig(&dock_url)), "/");
+    let (status, e) = get(unsigned.clone()).await;
+    assert_eq!((status, e["error"].as_str()), (401, Some("unauthorized")));
+    let resp = app.client.get(&unsigned).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
     // The dock's signature on the aircraft's URL: other device, other firmware.
     let swapped = ac_url.replace(&sig(&ac_url), &sig(&dock_url));
     let (status, e) = get(swapped).await;
@@ -753,8 +761,7 @@ async fn signed_urls_are_bound_to_task_device_and_firmware_and_expire() {
     );
     // Past its lifetime (3 s here) a resume fails cleanly; a new task signs a fresh URL.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let resp = app
-        .client
+    let resp = anonymous
         .get(&dock_url)
         .header("range", "bytes=100-")
         .send()
