@@ -28,6 +28,9 @@ pub enum Command {
     /// Create, list and revoke API tokens on a running server (admin).
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Print the embedded broker's MQTT password of each gateway serial (`--mqtt-auth on`;
+    /// reads <data-dir>/mqtt-credentials.key, works while the server runs).
+    MqttPassword(MqttPasswordArgs),
     /// Write the catalog as JSON lines (offline: the server must be stopped).
     Export(ExportArgs),
     /// Read a catalog export (offline: the server must be stopped).
@@ -159,6 +162,17 @@ pub struct ListArgs {
     /// Print JSON lines instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `fwrepo mqtt-password`.
+#[derive(Args, Debug)]
+pub struct MqttPasswordArgs {
+    /// Data directory of the server.
+    #[arg(long, env = "FWREPO_DATA_DIR", default_value = "storage")]
+    pub data_dir: PathBuf,
+    /// Gateway serials (each is the client id and the user name).
+    #[arg(required = true)]
+    pub sn: Vec<String>,
 }
 
 /// `fwrepo export`.

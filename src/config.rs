@@ -148,6 +148,20 @@ pub struct ServeOptions {
     /// PEM private key of --mqtt-client-cert.
     #[arg(long, env = "FWREPO_MQTT_CLIENT_KEY")]
     pub mqtt_client_key: Option<PathBuf>,
+    /// Embedded broker: require per-gateway credentials (user name = client id, password from
+    /// `fwrepo mqtt-password SN`): on or off [default: off].
+    #[arg(long, env = "FWREPO_MQTT_AUTH")]
+    pub mqtt_auth: Option<String>,
+    /// Embedded broker: an extra MQTT-over-TLS listener (with --mqtt-tls-cert/--mqtt-tls-key)
+    /// [default: none].
+    #[arg(long, env = "FWREPO_MQTT_TLS_LISTEN")]
+    pub mqtt_tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain of --mqtt-tls-listen.
+    #[arg(long, env = "FWREPO_MQTT_TLS_CERT")]
+    pub mqtt_tls_cert: Option<PathBuf>,
+    /// PEM private key of --mqtt-tls-listen.
+    #[arg(long, env = "FWREPO_MQTT_TLS_KEY")]
+    pub mqtt_tls_key: Option<PathBuf>,
     /// Reply to update_topo and events: all or none [default: all].
     #[arg(long, env = "FWREPO_MQTT_REPLIES")]
     pub mqtt_replies: Option<String>,
@@ -218,6 +232,10 @@ impl ServeOptions {
             mqtt_ca_file,
             mqtt_client_cert,
             mqtt_client_key,
+            mqtt_auth,
+            mqtt_tls_listen,
+            mqtt_tls_cert,
+            mqtt_tls_key,
             mqtt_replies,
             online_window,
             verify_window,
@@ -368,6 +386,7 @@ impl Default for Settings {
                 ))),
                 client_id: None,
                 replies: true,
+                embedded: Default::default(),
             },
             online_window_secs: 60,
             models: crate::devices::ModelMap::default(),
@@ -457,6 +476,36 @@ impl Settings {
             ),
         };
         let models = crate::devices::ModelMap::from_table(o.models.as_ref()).map_err(invalid)?;
+        let embedded = crate::mqtt::broker::EmbeddedOptions {
+            auth: match o.mqtt_auth.as_deref().map(str::trim) {
+                None | Some("off") => false,
+                Some("on") => true,
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "mqtt_auth must be on or off, not {other:?}"
+                    )));
+                }
+            },
+            tls: match (
+                o.mqtt_tls_listen,
+                o.mqtt_tls_cert.clone(),
+                o.mqtt_tls_key.clone(),
+            ) {
+                (Some(addr), Some(cert), Some(key)) => Some((addr, cert, key)),
+                (None, None, None) => None,
+                _ => {
+                    return Err(invalid(
+                        "mqtt_tls_listen, mqtt_tls_cert and mqtt_tls_key go together",
+                    ));
+                }
+            },
+        };
+        let embedded_only = embedded.auth || embedded.tls.is_some();
+        if embedded_only && !matches!(target, crate::mqtt::BrokerTarget::Embedded(_)) {
+            return Err(invalid(
+                "mqtt_auth and mqtt_tls_* configure the embedded broker; an external broker has its own (see deploy/mosquitto)",
+            ));
+        }
         Ok(Settings {
             listen,
             public_url,
@@ -515,6 +564,7 @@ impl Settings {
                 target,
                 client_id: o.mqtt_client_id.filter(|c| !c.is_empty()),
                 replies: o.mqtt_replies.as_deref() != Some("none"),
+                embedded,
             },
             online_window_secs: positive("online_window", o.online_window, d.online_window_secs)?,
             ota: crate::ota::OtaSettings {

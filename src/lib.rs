@@ -31,6 +31,7 @@ pub mod rollout;
 pub mod simulator;
 pub mod startup;
 pub mod telemetry;
+pub mod tls;
 pub mod upload;
 
 /// Locks `m`, recovering the data if a holder panicked (state here stays consistent between

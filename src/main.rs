@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 fn main() -> ExitCode {
     limit_malloc_arenas();
     // One rustls crypto provider for HTTPS, mqtts:// and the HTTP client, chosen here.
-    fwrepo::startup::install_crypto_provider();
+    fwrepo::tls::install_crypto_provider();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -62,6 +62,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Upload(args) => fwrepo::client::upload(args).await,
         Command::List(args) => fwrepo::client::list(args).await,
         Command::Token(cmd) => fwrepo::client::token(cmd).await,
+        Command::MqttPassword(args) => {
+            let key = args.data_dir.join(fwrepo::mqtt::credentials::KEY_FILE);
+            let credentials = fwrepo::mqtt::credentials::GatewayCredentials::load(&key)?;
+            for sn in &args.sn {
+                println!("{sn} {}", credentials.password(sn));
+            }
+            Ok(())
+        }
         Command::Simulate(cfg) => simulate(cfg).await,
         Command::Export(args) => {
             let n = match &args.output {
@@ -123,6 +131,9 @@ async fn serve(options: ServeOptions) -> anyhow::Result<()> {
     .collect::<Vec<_>>();
     if embedded {
         print_line(&mqtt.address_line)?;
+        if let Some(line) = &mqtt.tls_address_line {
+            print_line(line)?;
+        }
     }
     for (name, a) in extra {
         print_line(&format!("{name} listening on http://{a}"))?;

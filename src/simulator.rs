@@ -82,6 +82,10 @@ pub struct SimConfig {
     /// Seconds between osd messages.
     #[arg(long, default_value_t = 2)]
     pub osd_every: u64,
+    /// The embedded broker's `mqtt-credentials.key` (with `--mqtt-auth on`): each dock connects
+    /// with user name = its serial and the password derived from it.
+    #[arg(long)]
+    pub mqtt_credentials_key: Option<std::path::PathBuf>,
 }
 
 /// Totals over all simulated docks.
@@ -124,6 +128,10 @@ pub async fn run(cfg: SimConfig, cancel: CancellationToken) -> anyhow::Result<Ar
     let host = url.host_str().unwrap_or("127.0.0.1").to_string();
     let port = url.port().unwrap_or(1883);
     let stats = Arc::new(SimStats::default());
+    let credentials = match &cfg.mqtt_credentials_key {
+        Some(path) => Some(crate::mqtt::credentials::GatewayCredentials::load(path)?),
+        None => None,
+    };
     let http = reqwest::Client::builder()
         .user_agent("fwrepo-simulator")
         .build()?;
@@ -142,7 +150,9 @@ pub async fn run(cfg: SimConfig, cancel: CancellationToken) -> anyhow::Result<Ar
         let mut opts = MqttOptions::new(dock.sn.clone(), host.clone(), port);
         opts.set_keep_alive(Duration::from_secs(30))
             .set_max_packet_size(1 << 20, 1 << 20);
-        if !url.username().is_empty() {
+        if let Some(c) = &credentials {
+            opts.set_credentials(dock.sn.clone(), c.password(&dock.sn));
+        } else if !url.username().is_empty() {
             opts.set_credentials(url.username(), url.password().unwrap_or(""));
         }
         let (client, mut eventloop) = AsyncClient::new(opts, 64);

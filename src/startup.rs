@@ -4,7 +4,6 @@
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -85,7 +84,7 @@ pub struct Application {
 impl Application {
     /// Opens storage, sweeps crash leftovers, binds HTTP and prepares the workers.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
-        install_crypto_provider();
+        crate::tls::install_crypto_provider();
         std::fs::create_dir_all(&settings.data_dir).map_err(|e| StartupError::Catalog {
             dir: settings.data_dir.display().to_string(),
             source: crate::catalog::CatalogError::Storage(e.into()),
@@ -102,7 +101,9 @@ impl Application {
 
         // TLS material is read before any port is bound: bad files fail the start.
         let tls = match &settings.tls {
-            Some((cert, key)) => Some(server_tls(cert, key)?),
+            Some((cert, key)) => {
+                Some(crate::tls::server_config(cert, key).map_err(StartupError::Tls)?)
+            }
             None => None,
         };
         let (main_listener, http_addr) = bind(settings.listen)?;
@@ -129,12 +130,23 @@ impl Application {
         )?;
         let instance_id = catalog.instance_id()?;
         let (ota_tx, ota_rx) = tokio::sync::mpsc::channel(4096);
+        let credentials = match (&settings.mqtt.target, settings.mqtt.embedded.auth) {
+            (crate::mqtt::BrokerTarget::Embedded(_), true) => Some(
+                crate::mqtt::credentials::GatewayCredentials::load_or_create(&settings.data_dir)
+                    .map_err(|source| StartupError::Io {
+                        what: "the MQTT credentials key",
+                        source,
+                    })?,
+            ),
+            _ => None,
+        };
         let mqtt = crate::mqtt::start(
             &settings.mqtt,
             &instance_id,
             devices.clone(),
             ota_tx,
             workers.clone(),
+            credentials,
         )?;
 
         let signer = crate::download::signing::UrlSigner::load_or_create(
@@ -343,37 +355,6 @@ fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {
         .local_addr()
         .map_err(|source| StartupError::Bind { addr, source })?;
     Ok((listener, bound))
-}
-
-/// The rustls server configuration from PEM files. The process-wide crypto provider is
-/// installed explicitly first (two providers in the dependency tree would otherwise make
-/// rustls panic at first use).
-fn server_tls(cert: &Path, key: &Path) -> Result<rustls::ServerConfig, StartupError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    install_crypto_provider();
-    let fail = |what: &Path, e: &dyn std::fmt::Display| {
-        StartupError::Tls(format!("{}: {e}", what.display()))
-    };
-    let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| fail(cert, &e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(cert, &e))?;
-    if chain.is_empty() {
-        return Err(fail(cert, &"no certificate in the file"));
-    }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| fail(key, &e))?;
-    rustls::ServerConfig::builder()
-        .with_no_client_auth()
-        .with_single_cert(chain, key_der)
-        .map_err(|e| fail(key, &e))
-}
-
-/// Installs aws-lc-rs as rustls' process-wide provider (once; later calls do nothing).
-pub fn install_crypto_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    }
 }
 
 /// The app of one listener: the same middleware everywhere, the routes of its role.

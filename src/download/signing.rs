@@ -47,7 +47,8 @@ impl std::fmt::Debug for UrlSigner {
     }
 }
 
-fn read_key(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
+/// Reads a hex key of at least 32 bytes; `None` if the file does not exist.
+pub(crate) fn read_key(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
     match std::fs::read_to_string(path) {
         Ok(text) => hex::decode(text.trim())
             .ok()
@@ -76,17 +77,7 @@ impl UrlSigner {
     /// Loads the key from `data_dir` (creating it, mode 0600, if missing) and the previous
     /// one if present.
     pub fn load_or_create(data_dir: &Path, ttl: std::time::Duration) -> std::io::Result<UrlSigner> {
-        let path = data_dir.join(KEY_FILE);
-        let current = match read_key(&path)? {
-            Some(k) => k,
-            None => {
-                let mut key = [0u8; 32];
-                getrandom::fill(&mut key).map_err(std::io::Error::other)?;
-                write_private(&path, &hex::encode(key))?;
-                tracing::info!(path = %path.display(), "created the download URL signing key");
-                key.to_vec()
-            }
-        };
+        let current = load_or_create_key(&data_dir.join(KEY_FILE))?;
         let mut keys = vec![current];
         if let Some(previous) = read_key(&data_dir.join(PREVIOUS_KEY_FILE))? {
             keys.push(previous);
@@ -141,6 +132,18 @@ impl UrlSigner {
         }
         Ok(())
     }
+}
+
+/// Reads the key at `path`, creating a random 256-bit one (mode 0600) if missing.
+pub(crate) fn load_or_create_key(path: &Path) -> std::io::Result<Vec<u8>> {
+    if let Some(k) = read_key(path)? {
+        return Ok(k);
+    }
+    let mut key = [0u8; 32];
+    getrandom::fill(&mut key).map_err(std::io::Error::other)?;
+    write_private(path, &hex::encode(key))?;
+    tracing::info!(path = %path.display(), "created a key");
+    Ok(key.to_vec())
 }
 
 /// Writes `text` to a new file readable by its owner only.

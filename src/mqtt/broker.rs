@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 
+use super::credentials::GatewayCredentials;
+
 /// Largest publish payload the embedded broker accepts (contract §5: up to 1 MiB).
 pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Connections the embedded broker accepts.
@@ -29,13 +31,30 @@ pub enum BrokerError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The TLS listener's certificate or key is unusable.
+    #[error("embedded MQTT broker TLS: {0}")]
+    Tls(String),
     /// The broker did not accept connections in time.
     #[error("embedded MQTT broker did not start on {0}")]
     NotStarted(SocketAddr),
 }
 
-fn config(addr: SocketAddr) -> Config {
-    let connections = ConnectionSettings {
+/// The embedded broker's options beyond its plain listener.
+#[derive(Clone, Debug, Default)]
+pub struct EmbeddedOptions {
+    /// `--mqtt-auth on`: per-gateway credentials (user name = client id) are required.
+    pub auth: bool,
+    /// A TLS listener next to the plain one: (address, certificate chain, key) PEM files.
+    pub tls: Option<(SocketAddr, std::path::PathBuf, std::path::PathBuf)>,
+}
+
+fn server(
+    name: &str,
+    addr: SocketAddr,
+    tls: Option<rumqttd::TlsConfig>,
+    credentials: Option<&GatewayCredentials>,
+) -> ServerSettings {
+    let mut connections = ConnectionSettings {
         connection_timeout_ms: 60_000,
         max_payload_size: MAX_PAYLOAD,
         max_inflight_count: 500,
@@ -43,13 +62,44 @@ fn config(addr: SocketAddr) -> Config {
         external_auth: None,
         dynamic_filters: true,
     };
-    let server = ServerSettings {
-        name: "fwrepo-v4".into(),
+    if let Some(c) = credentials.cloned() {
+        connections.set_auth_handler(move |client_id: String, user: String, pass: String| {
+            let ok = c.check(&client_id, &user, &pass);
+            if !ok {
+                tracing::warn!(%client_id, %user, "embedded broker refused a CONNECT: bad credentials");
+            }
+            async move { ok }
+        });
+    }
+    ServerSettings {
+        name: name.into(),
         listen: addr,
-        tls: None,
+        tls,
         next_connection_delay_ms: 1,
         connections,
-    };
+    }
+}
+
+fn config(
+    addr: SocketAddr,
+    tls: Option<(SocketAddr, &std::path::Path, &std::path::Path)>,
+    credentials: Option<&GatewayCredentials>,
+) -> Config {
+    let mut servers = HashMap::from([(
+        "1".to_string(),
+        server("fwrepo-v4", addr, None, credentials),
+    )]);
+    if let Some((tls_addr, cert, key)) = tls {
+        let tls = rumqttd::TlsConfig::Rustls {
+            capath: None,
+            certpath: cert.display().to_string(),
+            keypath: key.display().to_string(),
+        };
+        servers.insert(
+            "2".to_string(),
+            server("fwrepo-v4-tls", tls_addr, Some(tls), credentials),
+        );
+    }
     Config {
         id: 0,
         router: RouterConfig {
@@ -61,24 +111,41 @@ fn config(addr: SocketAddr) -> Config {
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
-        v4: Some(HashMap::from([("1".to_string(), server)])),
+        v4: Some(servers),
         ..Default::default()
     }
 }
 
-/// Starts the broker on `listen` (port 0: a free port) and waits until it accepts
-/// connections. Returns the bound address.
-pub fn start(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
+/// A free address for `listen` (port 0: one the OS picks).
+fn pick(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
     let probe = TcpListener::bind(listen).map_err(|source| BrokerError::Bind {
         addr: listen,
         source,
     })?;
-    let addr = probe.local_addr().map_err(|source| BrokerError::Bind {
+    probe.local_addr().map_err(|source| BrokerError::Bind {
         addr: listen,
         source,
-    })?;
-    drop(probe);
-    let mut broker = Broker::new(config(addr));
+    })
+}
+
+/// Starts the broker on `listen` (port 0: a free port), plus its TLS listener if configured,
+/// and waits until it accepts connections. Returns the bound addresses (plain, TLS).
+pub fn start(
+    listen: SocketAddr,
+    options: &EmbeddedOptions,
+    credentials: Option<&GatewayCredentials>,
+) -> Result<(SocketAddr, Option<SocketAddr>), BrokerError> {
+    if let Some((_, cert, key)) = &options.tls {
+        // rumqttd reads these only when a client connects: prove them now.
+        crate::tls::server_config(cert, key).map_err(BrokerError::Tls)?;
+    }
+    let addr = pick(listen)?;
+    let tls = match &options.tls {
+        Some((tls_listen, cert, key)) => Some((pick(*tls_listen)?, cert.as_path(), key.as_path())),
+        None => None,
+    };
+    let tls_addr = tls.map(|(a, _, _)| a);
+    let mut broker = Broker::new(config(addr, tls, credentials));
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
@@ -90,7 +157,7 @@ pub fn start(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-            return Ok(addr);
+            return Ok((addr, tls_addr));
         }
         std::thread::sleep(Duration::from_millis(20));
     }

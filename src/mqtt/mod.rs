@@ -4,6 +4,7 @@
 //! into registry updates; publishing never blocks the caller (a full queue counts as dropped).
 
 pub mod broker;
+pub mod credentials;
 pub mod tls;
 pub mod topics;
 pub mod wire;
@@ -57,6 +58,8 @@ pub struct MqttSettings {
     pub client_id: Option<String>,
     /// Send `status_reply` / `events_reply` (false: another platform replies).
     pub replies: bool,
+    /// The embedded broker's credentials and TLS listener (ignored with an external broker).
+    pub embedded: broker::EmbeddedOptions,
 }
 
 /// Counters and connection state, shared with `/metrics` and `/readyz`.
@@ -148,6 +151,8 @@ pub struct MqttHandle {
     pub status: Arc<MqttStatus>,
     /// What to print on stdout once up (`MQTT listening on …` / `MQTT connected to …`).
     pub address_line: String,
+    /// The embedded broker's TLS listener line (`MQTT listening on mqtts://…`), if any.
+    pub tls_address_line: Option<String>,
 }
 
 impl crate::ota::Publisher for MqttHandle {
@@ -198,15 +203,26 @@ pub fn start(
     registry: DeviceRegistry,
     ota: tokio::sync::mpsc::Sender<OtaMessage>,
     cancel: CancellationToken,
+    credentials: Option<credentials::GatewayCredentials>,
 ) -> Result<MqttHandle, MqttError> {
+    let client_id = settings
+        .client_id
+        .clone()
+        .unwrap_or_else(|| format!("fwrepo-{instance_id}"));
+    let mut tls_address_line = None;
     let (host, port, address_line, creds) = match &settings.target {
         BrokerTarget::Embedded(listen) => {
-            let addr = broker::start(*listen)?;
+            let (addr, tls_addr) =
+                broker::start(*listen, &settings.embedded, credentials.as_ref())?;
+            tls_address_line = tls_addr.map(|a| format!("MQTT listening on mqtts://{a}"));
             (
                 addr.ip().to_string(),
                 addr.port(),
                 format!("MQTT listening on mqtt://{addr}"),
-                None,
+                // fwrepo's own session carries credentials like any other client.
+                credentials
+                    .as_ref()
+                    .map(|c| (client_id.clone(), c.password(&client_id))),
             )
         }
         BrokerTarget::External {
@@ -232,10 +248,6 @@ pub fn start(
         )),
         _ => None,
     };
-    let client_id = settings
-        .client_id
-        .clone()
-        .unwrap_or_else(|| format!("fwrepo-{instance_id}"));
     let mut options = MqttOptions::new(client_id, host, port);
     options
         .set_clean_session(false)
@@ -259,6 +271,7 @@ pub fn start(
         client: client.clone(),
         status: Arc::clone(&status),
         address_line,
+        tls_address_line,
     };
     let session = Session {
         handle: handle.clone(),

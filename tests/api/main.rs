@@ -8,6 +8,7 @@ mod devices;
 mod downloads;
 mod helpers;
 mod lifecycle;
+mod mqtt_auth;
 mod mqtt_external;
 mod ops;
 mod ota;

@@ -720,6 +720,7 @@ async fn rollout_on_an_external_broker() {
                 fwrepo::domain::ids::next().to_lowercase()
             )),
             replies: true,
+            embedded: Default::default(),
         };
     })
     .await;

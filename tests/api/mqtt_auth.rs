@@ -1,0 +1,204 @@
+//! The embedded broker with `--mqtt-auth on` and a TLS listener: a dock connects only as
+//! itself (user name = client id, its derived password), fwrepo's own session and the simulator
+//! carry credentials, and an OTA task runs end to end; a client trusting another CA is refused.
+
+use std::time::Duration;
+
+use clap::Parser;
+use fwrepo::mqtt::credentials::{GatewayCredentials, KEY_FILE};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::*;
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    sim: fwrepo::simulator::SimConfig,
+}
+
+/// Connects with these options; `Ok` once the broker accepted the CONNECT.
+async fn connect(
+    addr: &str,
+    client_id: &str,
+    login: Option<(&str, &str)>,
+    tls_ca: Option<&str>,
+) -> Result<(), String> {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let mut opts = rumqttc::MqttOptions::new(client_id, host, port.parse().unwrap());
+    opts.set_keep_alive(Duration::from_secs(30));
+    if let Some((u, p)) = login {
+        opts.set_credentials(u, p);
+    }
+    if let Some(ca) = tls_ca {
+        opts.set_transport(rumqttc::Transport::tls(ca.as_bytes().to_vec(), None, None));
+    }
+    let (_client, mut eventloop) = rumqttc::AsyncClient::new(opts, 10);
+    let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a))) => {
+                    return if a.code == rumqttc::ConnectReturnCode::Success {
+                        Ok(())
+                    } else {
+                        Err(format!("{:?}", a.code))
+                    };
+                }
+                Ok(_) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    outcome.unwrap_or_else(|_| Err("timed out".into()))
+}
+
+/// A CA and a server certificate for 127.0.0.1 / localhost, as PEM (ca, cert, key).
+fn certificates() -> (String, String, String) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "fwrepo broker test CA");
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+#[tokio::test]
+async fn embedded_broker_credentials_bind_the_client_id_and_tls_listener_works() {
+    let certs_dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates();
+    let (cert_path, key_path) = (
+        certs_dir.path().join("cert.pem"),
+        certs_dir.path().join("key.pem"),
+    );
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let app = spawn_with(|s| {
+        s.models = fwrepo::devices::ModelMap::from_table(Some(
+            &toml::from_str("\"3-1-0\" = \"Dock\"\n\"0-67-0\" = \"M30\"\n").unwrap(),
+        ))
+        .unwrap();
+        s.mqtt.embedded.auth = true;
+        s.mqtt.embedded.tls = Some(("127.0.0.1:0".parse().unwrap(), cert_path, key_path));
+    })
+    .await;
+    // fwrepo's own session authenticated like any client.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json("/readyz").await.1["mqtt"] == "connected"
+        })
+        .await,
+        "fwrepo's session never connected"
+    );
+    let key_file = app.dir.path().join(KEY_FILE);
+    let credentials = GatewayCredentials::load(&key_file).unwrap();
+    let mqtt = app.mqtt_addr();
+    let sn = format!("MA{}", &fwrepo::domain::ids::next()[16..]);
+    let other = format!("{sn}X");
+    let password = credentials.password(&sn);
+    assert!(
+        connect(&mqtt, &sn, Some((&sn, &password)), None)
+            .await
+            .is_ok()
+    );
+    // No credentials, a wrong password, another dock's identity: refused.
+    assert!(connect(&mqtt, &sn, None, None).await.is_err());
+    assert!(
+        connect(&mqtt, &sn, Some((&sn, "wrong")), None)
+            .await
+            .is_err()
+    );
+    assert!(
+        connect(&mqtt, &other, Some((&sn, &password)), None)
+            .await
+            .is_err(),
+        "a dock's credentials must not open another client id"
+    );
+    assert!(
+        connect(&mqtt, &other, Some((&other, &password)), None)
+            .await
+            .is_err()
+    );
+
+    // The TLS listener: the same credentials; a client trusting another CA is refused.
+    let tls_line = app.state.mqtt.tls_address_line.clone().unwrap();
+    let tls_addr = tls_line.rsplit("mqtts://").next().unwrap().to_string();
+    let tls_addr = tls_addr.replace("127.0.0.1", "localhost");
+    connect(&tls_addr, &sn, Some((&sn, &password)), Some(&ca))
+        .await
+        .unwrap();
+    let (other_ca, _, _) = certificates();
+    assert!(
+        connect(&tls_addr, &sn, Some((&sn, &password)), Some(&other_ca))
+            .await
+            .is_err()
+    );
+
+    // `fwrepo mqtt-password` prints the same password.
+    let out = std::process::Command::new(bin())
+        .args(["mqtt-password", "--data-dir"])
+        .arg(app.dir.path())
+        .arg(&sn)
+        .env_remove("FWREPO_DATA_DIR")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{sn} {password}")
+    );
+
+    // The simulator with the key: its dock comes online and an OTA task ends ok.
+    let prefix = format!("MS{}", &fwrepo::domain::ids::next()[18..]);
+    let url = format!("mqtt://{mqtt}");
+    let argv = [
+        "sim",
+        "--mqtt-url",
+        url.as_str(),
+        "--sn-prefix",
+        prefix.as_str(),
+        "--osd-every",
+        "1",
+        "--mqtt-credentials-key",
+        key_file.to_str().unwrap(),
+    ];
+    let cancel = CancellationToken::new();
+    fwrepo::simulator::run(Args::parse_from(argv).sim, cancel.clone())
+        .await
+        .unwrap();
+    let dock = format!("{prefix}0001");
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            app.get_json(&format!("/api/v1/devices/{dock}")).await.1["online"] == true
+        })
+        .await,
+        "the simulated dock never came online"
+    );
+    let fw = app.upload_ok("Dock_9.0.zip", payload(50_000, 9)).await;
+    let resp = app
+        .client
+        .post(app.url("/api/v1/ota"))
+        .json(&json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw["id"]}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let task: Value = resp.json().await.unwrap();
+    let id = task["id"].as_str().unwrap().to_string();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            app.get_json(&format!("/api/v1/ota/{id}")).await.1["status"] == "ok"
+        })
+        .await,
+        "{}",
+        app.get_json(&format!("/api/v1/ota/{id}")).await.1
+    );
+    cancel.cancel();
+}
