@@ -167,10 +167,22 @@ pub fn metrics_routes(cfg: &mut web::ServiceConfig) {
     cfg.configure(ops::metrics_routes);
 }
 
+/// Largest JSON request body (task and rollout requests are far smaller).
+pub const JSON_LIMIT: usize = 1 << 20;
+
 fn json_config() -> web::JsonConfig {
     web::JsonConfig::default()
-        .limit(1 << 20)
-        .error_handler(|e, _| ApiError::invalid_request(format!("invalid JSON body: {e}")).into())
+        .limit(JSON_LIMIT)
+        .error_handler(|e, _| match e {
+            actix_web::error::JsonPayloadError::Overflow { .. }
+            | actix_web::error::JsonPayloadError::OverflowKnownLength { .. } => ApiError::new(
+                actix_web::http::StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("JSON bodies are limited to {JSON_LIMIT} bytes"),
+            )
+            .into(),
+            e => ApiError::invalid_request(format!("invalid JSON body: {e}")).into(),
+        })
 }
 
 fn query_config() -> web::QueryConfig {

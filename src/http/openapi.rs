@@ -54,7 +54,7 @@ use utoipa::OpenApi;
         (name = "operations", description = "Health, readiness, metrics"),
         (name = "auth", description = "Admins: API tokens and the audit log"),
     ),
-    modifiers(&UniqueOperationIds)
+    modifiers(&UniqueOperationIds, &BearerAuth)
 )]
 pub struct ApiDoc;
 
@@ -80,6 +80,80 @@ impl utoipa::Modify for UniqueOperationIds {
                 if let (Some(tag), Some(id)) = (tag, op.operation_id.as_mut()) {
                     if !id.starts_with(&format!("{tag}_")) {
                         *id = format!("{tag}_{id}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every operation needs `Authorization: Bearer <token>` unless it says `security(())` (health
+/// checks, this document, the signed download URLs).
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        };
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An API token (`fwrepo token create`; the first admin token is in \
+                         <data-dir>/admin.token). Scopes: read, upload, operate, admin.",
+                    ))
+                    .build(),
+            ),
+        );
+        api.security = Some(vec![SecurityRequirement::new(
+            "bearer",
+            Vec::<String>::new(),
+        )]);
+        // What the access gate may answer before any handler runs.
+        let gate = [
+            (
+                "401",
+                "unauthorized: token missing, malformed, unknown, revoked or expired",
+            ),
+            ("403", "forbidden: the token lacks the scope"),
+            ("429", "rate_limited (Retry-After)"),
+        ];
+        for item in api.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.head,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                // `security(())` = open (health checks, this document, signed URLs).
+                if op.security.is_some() {
+                    continue;
+                }
+                for (code, text) in gate {
+                    if !op.responses.responses.contains_key(code) {
+                        let response = utoipa::openapi::ResponseBuilder::new()
+                            .description(text)
+                            .content(
+                                "application/json",
+                                utoipa::openapi::ContentBuilder::new()
+                                    .schema(Some(utoipa::openapi::Ref::from_schema_name(
+                                        "ErrorBody",
+                                    )))
+                                    .build(),
+                            )
+                            .build();
+                        op.responses
+                            .responses
+                            .insert(code.to_string(), response.into());
                     }
                 }
             }

@@ -162,7 +162,7 @@ pub(super) async fn download(
 
 /// The signed form of a device's URL, as `ota_create` carries it: the signature binds task,
 /// device, firmware and expiry (403 `signature_invalid` / `url_expired` otherwise).
-#[utoipa::path(get, path = "/dl/{task_id}/{sn}/{signature}/{file_name}", tag = "downloads",
+#[utoipa::path(get, path = "/dl/{task_id}/{sn}/{signature}/{file_name}", tag = "downloads", security(()),
     params(("task_id" = String, Path, description = "OTA task"), ("sn" = String, Path, description = "Device"),
         ("signature" = String, Path, description = "`{expiry}-{hmac}` from the file_url"), ("file_name" = String, Path, description = "Package file name")),
     responses((status = 200, description = "The package"), (status = 206, description = "Ranges"),

@@ -520,3 +520,37 @@ async fn bad_tls_material_fails_before_binding() {
     let err = Application::build(settings).await.err().expect("refused");
     assert!(err.to_string().contains("TLS"), "{err}");
 }
+
+#[tokio::test]
+async fn oversized_headers_and_json_bodies_are_refused_and_the_server_stays_up() {
+    let app = spawn_app().await;
+    // actix-http caps a request head at 128 KiB (and 96 headers).
+    let big = "x".repeat(200 * 1024);
+    let req = format!(
+        "GET /api/v1/firmware HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nX-Big: {big}\r\nConnection: close\r\n\r\n",
+        app.token
+    );
+    let addr = app.addr;
+    let answer = tokio::task::spawn_blocking(move || raw_request(addr, req.as_bytes()))
+        .await
+        .unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 431") || answer.starts_with("HTTP/1.1 400"),
+        "{}",
+        &answer[..answer.len().min(200)]
+    );
+    let resp = app
+        .client
+        .post(app.url("/api/v1/rollouts"))
+        .header("content-type", "application/json")
+        .body(format!("{{\"name\": \"{}\"}}", "n".repeat(2 << 20)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "too_large");
+    assert_eq!(app.get_json("/healthz").await.0, 200);
+    let (_, list) = app.get_json("/api/v1/rollouts").await;
+    assert!(list["items"].as_array().unwrap().is_empty());
+}

@@ -23,6 +23,17 @@ async fn health_ready_metrics_openapi() {
     assert!(text.contains("fwrepo_active_downloads"));
     let (status, spec) = app.get_json("/api/v1/openapi.json").await;
     assert_eq!(status, 200);
+    // Bearer tokens everywhere except the open endpoints, whose security is empty.
+    assert_eq!(
+        spec["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    assert_eq!(spec["security"][0]["bearer"], serde_json::json!([]));
+    assert_eq!(
+        spec["paths"]["/healthz"]["get"]["security"],
+        serde_json::json!([{}])
+    );
+    assert!(spec["paths"]["/api/v1/firmware"]["post"]["responses"]["401"].is_object());
     assert!(spec["openapi"].as_str().unwrap().starts_with("3."));
     for path in [
         "/api/v1/firmware",
@@ -40,6 +51,9 @@ async fn health_ready_metrics_openapi() {
         "/api/v1/rollouts/{id}/devices",
         "/api/v1/rollouts/{id}/timeline",
         "/api/v1/rollouts/{id}/events",
+        "/api/v1/tokens",
+        "/api/v1/tokens/{id}",
+        "/api/v1/audit",
     ] {
         assert!(
             spec["paths"][path].is_object(),
