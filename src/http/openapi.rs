@@ -64,23 +64,11 @@ struct UniqueOperationIds;
 
 impl utoipa::Modify for UniqueOperationIds {
     fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
-        for item in api.paths.paths.values_mut() {
-            for op in [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.head,
-                &mut item.patch,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                let tag = op.tags.as_ref().and_then(|t| t.first()).cloned();
-                if let (Some(tag), Some(id)) = (tag, op.operation_id.as_mut()) {
-                    if !id.starts_with(&format!("{tag}_")) {
-                        *id = format!("{tag}_{id}");
-                    }
+        for op in operations(api) {
+            let tag = op.tags.as_ref().and_then(|t| t.first()).cloned();
+            if let (Some(tag), Some(id)) = (tag, op.operation_id.as_mut()) {
+                if !id.starts_with(&format!("{tag}_")) {
+                    *id = format!("{tag}_{id}");
                 }
             }
         }
@@ -122,41 +110,45 @@ impl utoipa::Modify for BearerAuth {
             ("403", "forbidden: the token lacks the scope"),
             ("429", "rate_limited (Retry-After)"),
         ];
-        for item in api.paths.paths.values_mut() {
-            for op in [
-                &mut item.get,
-                &mut item.put,
-                &mut item.post,
-                &mut item.delete,
-                &mut item.head,
-                &mut item.patch,
-            ]
-            .into_iter()
-            .flatten()
-            {
-                // `security(())` = open (health checks, this document, signed URLs).
-                if op.security.is_some() {
-                    continue;
-                }
-                for (code, text) in gate {
-                    if !op.responses.responses.contains_key(code) {
-                        let response = utoipa::openapi::ResponseBuilder::new()
-                            .description(text)
-                            .content(
-                                "application/json",
-                                utoipa::openapi::ContentBuilder::new()
-                                    .schema(Some(utoipa::openapi::Ref::from_schema_name(
-                                        "ErrorBody",
-                                    )))
-                                    .build(),
-                            )
-                            .build();
-                        op.responses
-                            .responses
-                            .insert(code.to_string(), response.into());
-                    }
+        for op in operations(api) {
+            // `security(())` = open (health checks, this document, signed URLs).
+            if op.security.is_some() {
+                continue;
+            }
+            for (code, text) in gate {
+                if !op.responses.responses.contains_key(code) {
+                    let response = utoipa::openapi::ResponseBuilder::new()
+                        .description(text)
+                        .content(
+                            "application/json",
+                            utoipa::openapi::ContentBuilder::new()
+                                .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                                .build(),
+                        )
+                        .build();
+                    op.responses
+                        .responses
+                        .insert(code.to_string(), response.into());
                 }
             }
         }
     }
+}
+
+/// Every operation of the document.
+fn operations(
+    api: &mut utoipa::openapi::OpenApi,
+) -> impl Iterator<Item = &mut utoipa::openapi::path::Operation> {
+    api.paths.paths.values_mut().flat_map(|item| {
+        [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.head,
+            &mut item.patch,
+        ]
+        .into_iter()
+        .flatten()
+    })
 }

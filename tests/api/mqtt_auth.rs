@@ -53,23 +53,6 @@ async fn connect(
     outcome.unwrap_or_else(|_| Err("timed out".into()))
 }
 
-/// A CA and a server certificate for 127.0.0.1 / localhost, as PEM (ca, cert, key).
-fn certificates() -> (String, String, String) {
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "fwrepo broker test CA");
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let params =
-        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    (ca.pem(), cert.pem(), key.serialize_pem())
-}
-
 #[tokio::test]
 async fn embedded_broker_credentials_bind_the_client_id_and_tls_listener_works() {
     let certs_dir = tempfile::tempdir().unwrap();
