@@ -94,8 +94,8 @@ async fn curl_wget_and_aria2c_fetch_intact_and_sessions_reach_100() {
     .arg(&url);
     assert!(sh(c).await.status.success());
     let mut c = Command::new("wget");
-    c.args(["-q", "-c", "-U", "wget-resume", "-P"])
-        .arg(format!("--header={auth}"))
+    c.arg(format!("--header={auth}"))
+        .args(["-q", "-c", "-U", "wget-resume", "-P"])
         .arg(&wdir)
         .arg(&url);
     let o = sh(c).await;
