@@ -16,6 +16,7 @@ mod ota;
 mod rollouts;
 mod sse;
 mod tokens;
+mod ui;
 mod upload_body;
 
 use std::net::IpAddr;
@@ -151,6 +152,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .configure(ota::routes)
         .configure(rollouts::routes)
         .configure(tokens::routes)
+        .configure(ui::routes)
         .configure(files::routes);
 }
 

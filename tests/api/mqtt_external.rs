@@ -210,7 +210,14 @@ impl Mosquitto {
         let conf = dir.join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\n{extra}allow_anonymous true\npersistence false\n"),
+            format!(
+                "listener {port} 127.0.0.1\n{extra}{}persistence false\n",
+                if extra.contains("allow_anonymous") {
+                    ""
+                } else {
+                    "allow_anonymous true\n"
+                }
+            ),
         )
         .unwrap();
         let child = std::process::Command::new("mosquitto")
@@ -440,5 +447,122 @@ async fn mqtts_with_a_private_ca_and_a_client_certificate() {
             .connect_errors
             .load(Ordering::Relaxed)
             >= 1
+    );
+}
+
+/// Publishes one message with `mosquitto_pub` as `user` (client id = user name); whether the
+/// broker accepted the connection.
+fn pub_as(port: u16, user: &str, password: &str, topic: &str, payload: &str) -> bool {
+    std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"])
+        .args([
+            "-i", user, "-u", user, "-P", password, "-t", topic, "-m", payload,
+        ])
+        .output()
+        .expect("mosquitto_pub on PATH")
+        .status
+        .success()
+}
+
+#[tokio::test]
+async fn mosquitto_with_the_deploy_password_file_and_acl() {
+    // Needs mosquitto and mosquitto_passwd; .ci/run provides them with FWREPO_TEST_MQTT_URL.
+    if broker().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The ACL shipped in deploy/ (fwrepo's user, the dock patterns, dock 4TADK000000001 with
+    // its aircraft), and a password file made as deploy/mosquitto/README.md says.
+    let acl = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/mosquitto/acl");
+    let passwd = d.join("passwd");
+    let dock = "4TADK000000001";
+    for (user, password) in [("fwrepo", "server-secret"), (dock, "dock-secret")] {
+        let mut cmd = std::process::Command::new("mosquitto_passwd");
+        if !passwd.exists() {
+            cmd.arg("-c");
+        }
+        let out = cmd
+            .arg("-b")
+            .arg(&passwd)
+            .args([user, password])
+            .output()
+            .expect("mosquitto_passwd on PATH");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let port = free_port();
+    let conf = format!(
+        "user root\nallow_anonymous false\npassword_file {}\nacl_file {}\n",
+        passwd.display(),
+        acl.display()
+    );
+    let _broker = Mosquitto::start_with(d, port, &conf);
+    let app = spawn_with(|s| {
+        s.mqtt = external("127.0.0.1", port, "unused");
+        s.mqtt.client_id = Some(format!("fwrepo-acl-{}", fwrepo::domain::ids::next()));
+        if let fwrepo::mqtt::BrokerTarget::External { user, password, .. } = &mut s.mqtt.target {
+            *user = Some("fwrepo".into());
+            *password = Some("server-secret".into());
+        }
+    })
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.state.mqtt.status.connected.load(Ordering::Relaxed)
+        })
+        .await,
+        "fwrepo could not log in: {:?}",
+        app.state.mqtt.status.last_error.lock().unwrap()
+    );
+    let topo = |sn: &str| {
+        json!({"tid": "t", "bid": "b", "timestamp": 1, "method": "update_topo",
+            "data": {"domain": "3", "type": 1, "sub_type": 0, "sub_devices": []}, "gateway": sn})
+        .to_string()
+    };
+    // The dock logs in and speaks for itself: fwrepo learns it.
+    assert!(pub_as(
+        port,
+        dock,
+        "dock-secret",
+        &format!("sys/product/{dock}/status"),
+        &topo(dock)
+    ));
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/devices/{dock}")).await.0 == 200
+        })
+        .await
+    );
+    // Speaking for another dock is dropped by the ACL; bad or no credentials are refused.
+    let other = "4TADK000000002";
+    pub_as(
+        port,
+        dock,
+        "dock-secret",
+        &format!("sys/product/{other}/status"),
+        &topo(other),
+    );
+    assert!(!pub_as(
+        port,
+        other,
+        "dock-secret",
+        &format!("sys/product/{other}/status"),
+        &topo(other)
+    ));
+    assert!(!pub_as(
+        port,
+        dock,
+        "wrong",
+        &format!("sys/product/{dock}/status"),
+        &topo(dock)
+    ));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        app.get_json(&format!("/api/v1/devices/{other}")).await.0,
+        404
     );
 }

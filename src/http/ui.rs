@@ -1,0 +1,60 @@
+//! The web dashboard: a small single-page app (HTML, CSS, vanilla JS) embedded in the binary at
+//! build time and served at `/` — no separate server, no build step, no CDN at run time. It
+//! uses the same API and tokens as every other client (the token is kept in the browser's
+//! session storage), so these routes need no token themselves.
+
+use actix_web::http::header;
+use actix_web::{HttpRequest, HttpResponse, web};
+
+const INDEX: &str = include_str!("ui/index.html");
+const APP_JS: &str = include_str!("ui/app.js");
+const APP_CSS: &str = include_str!("ui/app.css");
+
+pub(super) fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/", web::get().to(index))
+        .route("/ui/app.js", web::get().to(app_js))
+        .route("/ui/app.css", web::get().to(app_css));
+}
+
+/// Serves an embedded asset with a content hash as ETag (revalidated on every load, so a new
+/// binary's dashboard is picked up at once).
+fn asset(req: &HttpRequest, body: &'static str, content_type: &'static str) -> HttpResponse {
+    use sha2::Digest;
+    let etag = format!(
+        "\"{}\"",
+        &hex::encode(sha2::Sha256::digest(body.as_bytes()))[..32]
+    );
+    let matches = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+    let mut resp = if matches {
+        HttpResponse::NotModified()
+    } else {
+        HttpResponse::Ok()
+    };
+    resp.insert_header((header::ETAG, etag))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header((
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data: blob:; frame-ancestors 'none'",
+        ))
+        .insert_header((header::X_CONTENT_TYPE_OPTIONS, "nosniff"));
+    if matches {
+        return resp.finish();
+    }
+    resp.content_type(content_type).body(body)
+}
+
+async fn index(req: HttpRequest) -> HttpResponse {
+    asset(&req, INDEX, "text/html; charset=utf-8")
+}
+
+async fn app_js(req: HttpRequest) -> HttpResponse {
+    asset(&req, APP_JS, "text/javascript; charset=utf-8")
+}
+
+async fn app_css(req: HttpRequest) -> HttpResponse {
+    asset(&req, APP_CSS, "text/css; charset=utf-8")
+}
