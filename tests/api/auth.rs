@@ -237,10 +237,29 @@ async fn open_endpoints_token_only_endpoints_and_the_audit_log() {
     let app = spawn_app().await;
     let fw = app.upload_ok("Dock_3.0.zip", payload(5000, 3)).await;
     let anonymous = reqwest::Client::new();
-    for path in ["/healthz", "/readyz", "/api/v1/openapi.json"] {
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/api/v1/openapi.json",
+        "/",
+        "/ui/app.js",
+        "/ui/app.css",
+    ] {
         let resp = anonymous.get(app.url(path)).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{path}");
     }
+    // The dashboard is one embedded page; it loads nothing from elsewhere.
+    let page = anonymous.get(app.url("/")).send().await.unwrap();
+    let csp = page.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(csp.starts_with("default-src 'self'"), "{csp}");
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains("/ui/app.js") && !html.contains("http"),
+        "{html}"
+    );
     let file_url = fw["file_url"].as_str().unwrap();
     for url in [app.url("/metrics"), file_url.to_string()] {
         let resp = anonymous.get(&url).send().await.unwrap();

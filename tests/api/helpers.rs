@@ -500,3 +500,40 @@ pub fn certificates() -> (String, String, String) {
     let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
     (ca.pem(), cert.pem(), key.serialize_pem())
 }
+
+#[derive(clap::Parser)]
+struct SimArgs {
+    #[command(flatten)]
+    sim: fwrepo::simulator::SimConfig,
+}
+
+/// Starts `gateways` simulated docks (each with an aircraft) on the app's broker.
+pub async fn fleet(
+    mqtt_addr: &str,
+    gateways: usize,
+    extra: &[&str],
+) -> (String, CancellationToken) {
+    let prefix = format!("R{}", &fwrepo::domain::ids::next()[18..]);
+    let url = format!("mqtt://{mqtt_addr}");
+    let n = gateways.to_string();
+    let mut argv = vec![
+        "sim",
+        "--mqtt-url",
+        &url,
+        "--sn-prefix",
+        &prefix,
+        "--gateways",
+        &n,
+        "--osd-every",
+        "1",
+    ];
+    argv.extend_from_slice(extra);
+    let cancel = CancellationToken::new();
+    fwrepo::simulator::run(
+        <SimArgs as clap::Parser>::parse_from(argv).sim,
+        cancel.clone(),
+    )
+    .await
+    .unwrap();
+    (prefix, cancel)
+}

@@ -16,4 +16,5 @@ mod restart;
 mod rollouts;
 mod s3;
 mod simulator;
+mod ui;
 mod upload;

@@ -4,18 +4,10 @@
 
 use std::time::Duration;
 
-use clap::Parser;
 use fwrepo::mqtt::credentials::{GatewayCredentials, KEY_FILE};
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
-
-#[derive(Parser)]
-struct Args {
-    #[command(flatten)]
-    sim: fwrepo::simulator::SimConfig,
-}
 
 /// Connects with these options; `Ok` once the broker accepted the CONNECT.
 async fn connect(
@@ -139,23 +131,8 @@ async fn embedded_broker_credentials_bind_the_client_id_and_tls_listener_works()
     );
 
     // The simulator with the key: its dock comes online and an OTA task ends ok.
-    let prefix = format!("MS{}", &fwrepo::domain::ids::next()[18..]);
-    let url = format!("mqtt://{mqtt}");
-    let argv = [
-        "sim",
-        "--mqtt-url",
-        url.as_str(),
-        "--sn-prefix",
-        prefix.as_str(),
-        "--osd-every",
-        "1",
-        "--mqtt-credentials-key",
-        key_file.to_str().unwrap(),
-    ];
-    let cancel = CancellationToken::new();
-    fwrepo::simulator::run(Args::parse_from(argv).sim, cancel.clone())
-        .await
-        .unwrap();
+    let key_arg = key_file.to_str().unwrap().to_string();
+    let (prefix, cancel) = fleet(&mqtt, 1, &["--mqtt-credentials-key", &key_arg]).await;
     let dock = format!("{prefix}0001");
     assert!(
         wait_until(Duration::from_secs(20), || async {

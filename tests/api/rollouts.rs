@@ -3,41 +3,9 @@
 
 use std::time::Duration;
 
-use clap::Parser;
 use serde_json::{Value, json};
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::*;
-
-#[derive(Parser)]
-struct Args {
-    #[command(flatten)]
-    sim: fwrepo::simulator::SimConfig,
-}
-
-/// Starts `gateways` simulated docks (each with an aircraft) on the app's broker.
-async fn fleet(mqtt_addr: &str, gateways: usize, extra: &[&str]) -> (String, CancellationToken) {
-    let prefix = format!("R{}", &fwrepo::domain::ids::next()[18..]);
-    let url = format!("mqtt://{mqtt_addr}");
-    let n = gateways.to_string();
-    let mut argv = vec![
-        "sim",
-        "--mqtt-url",
-        &url,
-        "--sn-prefix",
-        &prefix,
-        "--gateways",
-        &n,
-        "--osd-every",
-        "1",
-    ];
-    argv.extend_from_slice(extra);
-    let cancel = CancellationToken::new();
-    fwrepo::simulator::run(Args::parse_from(argv).sim, cancel.clone())
-        .await
-        .unwrap();
-    (prefix, cancel)
-}
 
 fn gw(prefix: &str, i: usize) -> String {
     format!("{prefix}{i:04}")

@@ -268,22 +268,25 @@ function upload(file) {
 // ------------------------------------------------------------------ downloads
 
 function viewDownloads() {
-  main.innerHTML = `<h1>Active downloads</h1><table id="dl-table"><thead><tr><th>Progress</th><th></th><th>Rate</th><th>Client</th><th>Device</th><th>Firmware</th><th>State</th><th>Last seen</th></tr></thead><tbody></tbody></table>`;
+  main.innerHTML = `<h1>Downloads</h1><p class="muted" id="dl-summary"></p><table id="dl-table"><thead><tr><th>Progress</th><th></th><th>Rate</th><th>Client</th><th>Device</th><th>Firmware</th><th>State</th><th>Last seen</th></tr></thead><tbody></tbody></table>`;
   const last = {};
   every(1000, async () => {
-    const page = await api("GET", "/api/v1/downloads?active=true&limit=200").catch(() => null);
+    const page = await api("GET", "/api/v1/downloads?limit=100").catch(() => null);
     const body = $("#dl-table tbody");
     if (!page || !body) return;
     const now = Date.now();
-    body.innerHTML = page.items.map((s) => {
+    // Running downloads first, then the most recent others.
+    const items = page.items.filter((s) => s.state === "active").concat(page.items.filter((s) => s.state !== "active"));
+    $("#dl-summary").textContent = `${items.filter((s) => s.state === "active").length} running · the ${items.length} most recent sessions (percent = distinct bytes sent)`;
+    body.innerHTML = items.map((s) => {
       const prev = last[s.id];
       const rate = prev ? (s.bytes_sent - prev.bytes) / Math.max(0.001, (now - prev.at) / 1000) : 0;
       last[s.id] = { bytes: s.bytes_sent, at: now };
-      return `<tr><td style="width:30%">${bar(s.percent, s.state === "complete")}</td><td class="num">${Number(s.percent).toFixed(1)} %</td>
+      return `<tr><td style="width:28%">${bar(s.percent, s.state === "complete")}</td><td class="num">${Number(s.percent).toFixed(1)} %</td>
         <td class="num">${rate > 0 ? bytes(rate) + "/s" : ""}</td><td>${esc(s.client)}<div class="muted">${esc(s.user_agent)}</div></td>
         <td>${esc(s.sn || "")}${s.task_id ? `<div><a href="#/ota/${esc(s.task_id)}">task</a></div>` : ""}</td>
         <td class="mono">${esc(s.firmware_id)}</td><td>${badge(s.state)}</td><td>${ago(s.last_seen_at)}</td></tr>`;
-    }).join("") || `<tr><td colspan="8" class="muted">No download is running.</td></tr>`;
+    }).join("") || `<tr><td colspan="8" class="muted">No download yet.</td></tr>`;
   });
 }
 
@@ -382,7 +385,7 @@ function renderTask(t) {
         const s = d.download_session;
         const served = s ? s.percent : 0;
         return `<tr><td>${esc(d.sn)}</td><td>${esc(d.product_version)} <span class="muted">${esc(d.file_name)}</span></td>
-          <td>${esc(d.upgrade_type)}</td>
+          <td>${d.upgrade_type === 2 ? "2 · consistency" : d.upgrade_type === 3 ? "3 · normal" : esc(d.upgrade_type)}<div class="muted">${esc(d.policy_reason)}</div></td>
           <td>${bar(t.progress.percent, t.status === "ok")} ${t.progress.percent ?? 0} % ${esc(t.progress.step_key || "")}</td>
           <td>${bar(served, served >= 100)} ${Number(served || 0).toFixed(1)} %${s ? ` · ${bytes(s.bytes_covered)} of ${bytes(d.file_size)}` : ""}</td>
           <td>${badge(d.outcome)}</td></tr>`;
@@ -390,10 +393,27 @@ function renderTask(t) {
     <h2>Timeline</h2><table id="task-history"><thead><tr><th>At</th><th>Source</th><th>Status</th><th>Step</th><th>%</th><th></th></tr></thead><tbody>${steps}</tbody></table>`;
 }
 
+// Calls fn at most once per `ms`, and once more after the last call of a burst.
+function throttle(ms, fn) {
+  let last = 0, timer = null;
+  return () => {
+    const wait = last + ms - Date.now();
+    if (wait <= 0) { last = Date.now(); fn(); return; }
+    if (!timer) timer = setTimeout(() => { timer = null; last = Date.now(); fn(); }, wait);
+  };
+}
+
 function viewOta(id) {
   main.innerHTML = `<h1>OTA task <span class="mono">${esc(id)}</span></h1><div id="task"><p class="muted">Loading…</p></div>`;
-  api("GET", "/api/v1/ota/" + encodeURIComponent(id)).then(renderTask).catch((e) => { $("#task").innerHTML = `<p class="error">${esc(explain(e))}</p>`; });
-  stream("/api/v1/ota/" + encodeURIComponent(id) + "/events", (name, data) => { if (name === "task" && $("#task")) renderTask(data); });
+  // The SSE events carry the task; GET adds each device's download session (served bytes).
+  const load = () => api("GET", "/api/v1/ota/" + encodeURIComponent(id))
+    .then((t) => { if ($("#task")) renderTask(t); })
+    .catch((e) => { if ($("#task")) $("#task").innerHTML = `<p class="error">${esc(explain(e))}</p>`; });
+  load();
+  const refresh = throttle(1000, load);
+  stream("/api/v1/ota/" + encodeURIComponent(id) + "/events", (name) => { if (name === "task") refresh(); });
+  // Downloads move between MQTT reports too.
+  timers.push(setInterval(() => { if ($("#task-status") && !/ok|failed|canceled|rejected|timeout/.test($("#task-status").textContent)) load(); }, 2000));
 }
 
 // ------------------------------------------------------------------ rollouts
@@ -454,7 +474,8 @@ async function viewRolloutNew() {
 
 const CHART = [["ok", "#1f9d55"], ["in_flight", "#2f6fdf"], ["failed", "#d64545"], ["pending", "#9aa5b5"]];
 
-function chart(points) {
+function chart(points, now) {
+  if (now) points = points.concat([now]);
   if (!points.length) return `<p class="muted">No progress yet.</p>`;
   const W = 1000, H = 200;
   const t0 = new Date(points[0].at).getTime();
@@ -462,8 +483,12 @@ function chart(points) {
   const max = Math.max(1, ...points.map((p) => Object.values(p.counts).reduce((a, b) => a + b, 0)));
   const x = (t) => (((new Date(t).getTime() - t0) / (t1 - t0)) * (W - 20) + 10).toFixed(1);
   const y = (v) => (H - 10 - (v / max) * (H - 20)).toFixed(1);
-  const lines = CHART.map(([k, color]) => `<polyline fill="none" stroke="${color}" stroke-width="2" points="${
-    points.map((p) => x(p.at) + "," + y(p.counts[k] || 0)).join(" ")}"/>`).join("");
+  // Steps: a count holds until the next sample.
+  const steps = (k) => points.map((p, i) => {
+    const here = x(p.at) + "," + y(p.counts[k] || 0);
+    return i ? x(p.at) + "," + y(points[i - 1].counts[k] || 0) + " " + here : here;
+  }).join(" ");
+  const lines = CHART.map(([k, color]) => `<polyline fill="none" stroke="${color}" stroke-width="2" points="${steps(k)}"/>`).join("");
   return `<svg class="chart" id="rollout-chart" viewBox="0 0 ${W} ${H}" preserveAspectRatio="none">${lines}</svg>
     <div class="legend">${CHART.map(([k, c]) => `<span><i style="background:${c}"></i>${k}</span>`).join("")} <span class="muted">devices over time (max ${max})</span></div>`;
 }
@@ -492,18 +517,21 @@ function renderRollout(r) {
       flash(explain(e));
     }
   });
-  refreshChart(r.id);
+  refreshChart(r);
 }
 
-let chartPending = false;
-async function refreshChart(id) {
-  if (chartPending) return;
-  chartPending = true;
+// The timeline (sampled by the server) plus the counts of now as its last point.
+let chartRollout = null;
+const drawChart = throttle(1000, async () => {
+  const r = chartRollout;
   try {
-    const t = await api("GET", `/api/v1/rollouts/${encodeURIComponent(id)}/timeline`);
-    if ($("#chart-box")) $("#chart-box").innerHTML = chart(t.items);
-  } catch (_) { /* shown on the next change */ }
-  chartPending = false;
+    const t = await api("GET", `/api/v1/rollouts/${encodeURIComponent(r.id)}/timeline`);
+    if ($("#chart-box")) $("#chart-box").innerHTML = chart(t.items, { at: new Date().toISOString(), counts: r.counts });
+  } catch (_) { /* drawn on the next change */ }
+});
+function refreshChart(r) {
+  chartRollout = r;
+  drawChart();
 }
 
 function viewRollout(id) {
