@@ -210,7 +210,7 @@ async function loadFirmware() {
   if (!body) return;
   body.innerHTML = page.items.map((f) => `<tr data-id="${esc(f.id)}" data-md5="${esc(f.md5)}">
       <td>${esc(f.model)}</td><td>${esc(f.product_version)}</td>
-      <td><a href="${esc(f.file_url)}" class="dl" data-url="${esc(f.file_url)}">${esc(f.file_name)}</a></td>
+      <td><a href="${esc(f.file_url)}" class="dl" data-url="${esc(f.file_url)}" data-size="${f.file_size}">${esc(f.file_name)}</a></td>
       <td class="num">${bytes(f.file_size)}</td><td class="mono md5">${esc(f.md5)}</td>
       <td class="mono" title="${esc(f.sha256)}">${esc(f.sha256.slice(0, 16))}…</td>
       <td>${when(f.created_at)}</td><td class="num">${count[f.id] || 0}</td><td>${badge(f.status)}</td></tr>`).join("")
@@ -218,6 +218,10 @@ async function loadFirmware() {
   // Package links need the token: fetch them instead of navigating.
   body.querySelectorAll("a.dl").forEach((a) => a.onclick = async (ev) => {
     ev.preventDefault();
+    // The browser would hold the whole file in memory: big packages go through a client.
+    if (Number(a.dataset.size) > 256 * 1024 * 1024) {
+      return flash(`Large package: download it with  curl -H "Authorization: Bearer $TOKEN" -C - -O ${a.dataset.url}`, true);
+    }
     const res = await fetch(a.dataset.url, { headers: { Authorization: "Bearer " + token } });
     if (!res.ok) return flash("Download failed: " + res.status);
     const url = URL.createObjectURL(await res.blob());
@@ -438,7 +442,8 @@ async function viewRolloutNew() {
       <label>Name</label><input id="r-name" required placeholder="fleet 2.0.0">
       <label>Packages (one per model)</label><select id="r-firmware" multiple size="6">${fw.map((f) =>
         `<option value="${esc(f.id)}">${esc(f.model)} ${esc(f.product_version)} · ${esc(f.file_name)}</option>`).join("")}</select>
-      <label>Target gateways</label><textarea id="r-sns" rows="3" placeholder="serials, one per line or comma-separated (or leave empty and give a model)"></textarea>
+      <label>Target gateways</label><div><textarea id="r-sns" rows="3" cols="60" placeholder="serials, one per line or comma-separated (or leave empty and give a model)"></textarea>
+        <div><button type="button" id="r-all-online">Every online dock</button></div></div>
       <label>…or every dock of model</label><input id="r-model" placeholder="Dock">
       <label>Stages (percent)</label><input id="r-stages" value="10, 50, 100">
       <label>Gateways at once</label><input id="r-inflight" type="number" min="1" value="50">
@@ -447,6 +452,10 @@ async function viewRolloutNew() {
       <label>Error threshold %</label><input id="r-error" type="number" min="0" max="100" value="10">
       <label>Advance stages by itself</label><input id="r-auto" type="checkbox">
     </div><div class="row" style="margin-top:1rem"><button class="primary" id="r-create" type="submit">Create</button><span id="r-error-msg" class="error"></span></div></form>`;
+  $("#r-all-online").onclick = async () => {
+    const page = await api("GET", "/api/v1/devices?limit=500").catch(() => ({ items: [] }));
+    $("#r-sns").value = page.items.filter((d) => !d.gateway_sn && d.online).map((d) => d.sn).join("\n");
+  };
   $("#rollout-form").onsubmit = async (ev) => {
     ev.preventDefault();
     const sns = $("#r-sns").value.split(/[\s,]+/).filter(Boolean);
