@@ -56,45 +56,9 @@
 # not retried or hidden.
 set -euo pipefail
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-BIN=${FWREPO_BIN:-$ROOT/target/release/fwrepo}
-
-log() { printf '[bench_rollout %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-die() { log "ERROR: $*"; exit 1; }
-
-[[ -x $BIN ]] || die "no binary at $BIN; run: cargo build --release"
-command -v python3 >/dev/null || die "python3 is required"
-
-WORK=$(mktemp -d "${BENCH_TMP:-/tmp}/fwrepo-bench-rollout.XXXXXX")
-PYPID=
-cleanup() {
-    local rc=$?
-    set +e
-    trap - INT TERM
-    local pids=()
-    [[ -n $PYPID ]] && pids+=("$PYPID")
-    # every process the python driver started, one pid per line
-    [[ -f $WORK/pids ]] && mapfile -t -O "${#pids[@]}" pids < "$WORK/pids"
-    for p in "${pids[@]}"; do
-        [[ $p =~ ^[0-9]+$ ]] || continue
-        kill -TERM "$p" 2>/dev/null
-    done
-    for p in "${pids[@]}"; do
-        [[ $p =~ ^[0-9]+$ ]] || continue
-        for _ in $(seq 1 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null
-    done
-    if [[ ${BENCH_KEEP:-} == 1 ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
-    exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# A private copy, so a rebuild during the run cannot swap the binary between processes.
-cp "$BIN" "$WORK/fwrepo"
-BIN_BUILT=$(date -u -r "$BIN" '+%Y-%m-%d %H:%M UTC')
-REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-DIRTY=$(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock 2>/dev/null | wc -l)
+# shellcheck source=scripts/benchlib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/benchlib.sh"
+bench_setup bench_rollout
 
 cat > "$WORK/driver.py" <<'PYEOF'
 import datetime

@@ -690,24 +690,27 @@ impl OtaService {
         self.inner.catalog.put_task(&task.id, &task)?;
         self.inner.catalog.flush().await?;
         let payload = serde_json::to_vec(&message).unwrap_or_default();
-        let payload_copy = payload.clone();
+        let raw = String::from_utf8(payload.clone())
+            .ok()
+            .and_then(|text| serde_json::value::RawValue::from_string(text).ok());
+        // The task is open (findable by tid and bid) before the message leaves: a gateway may
+        // answer faster than this function returns, and its services_reply must not be an
+        // orphan.
+        task.status = TaskStatus::Sent;
+        task.note("publish", raw, Utc::now());
+        self.save(&task);
         if !self.inner.publisher.publish(
             format!("thing/product/{}/services", task.gateway_sn),
             payload,
         ) {
+            lock(&self.inner.open).forget(&task);
             self.inner.catalog.delete_task(&task.id)?;
             return Err(OtaError::BrokerUnavailable);
         }
-        task.status = TaskStatus::Sent;
         self.inner
             .counters
             .created
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let raw = String::from_utf8(payload_copy)
-            .ok()
-            .and_then(|text| serde_json::value::RawValue::from_string(text).ok());
-        task.note("publish", raw, Utc::now());
-        self.save(&task);
         for w in &warnings {
             tracing::warn!(task_id = %task.id, gateway_sn = %task.gateway_sn, "{w}");
         }
@@ -1119,4 +1122,84 @@ pub fn ota_create(task: &OtaTask) -> Value {
         "method": "ota_create",
         "data": {"devices": devices},
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A broker and gateway in one: `publish` delivers the gateway's `services_reply` to the
+    /// service before it returns — the fastest answer a gateway can give.
+    struct InstantReply {
+        service: std::sync::OnceLock<OtaService>,
+    }
+
+    impl Publisher for InstantReply {
+        fn connected(&self) -> bool {
+            true
+        }
+
+        fn publish(&self, topic: String, payload: Vec<u8>) -> bool {
+            let msg: Value = serde_json::from_slice(&payload).unwrap();
+            let sn = topic.split('/').nth(2).unwrap().to_string();
+            let reply = json!({"tid": msg["tid"], "bid": msg["bid"], "method": "ota_create",
+                "data": {"result": 0}});
+            let raw = serde_json::value::RawValue::from_string(reply.to_string()).unwrap();
+            self.service.get().unwrap().on_message(OtaMessage {
+                is_reply: true,
+                topic_sn: sn,
+                tid: msg["tid"].as_str().map(str::to_string),
+                bid: msg["bid"].as_str().map(str::to_string),
+                method: Some("ota_create".into()),
+                data: reply["data"].clone(),
+                raw: raw.into(),
+            });
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_that_arrives_before_create_returns_is_not_an_orphan() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(&dir.path().join("c"), 8).unwrap();
+        let fw = crate::catalog::FirmwareRecord::new_for_test("Dock", "2.0", &"a".repeat(64));
+        assert!(catalog.import_firmware(&fw).unwrap());
+        let devices =
+            DeviceRegistry::load(catalog.clone(), Default::default(), Duration::from_secs(60))
+                .unwrap();
+        let publisher = Arc::new(InstantReply {
+            service: std::sync::OnceLock::new(),
+        });
+        let settings = OtaSettings {
+            reply_timeout: Duration::from_secs(30),
+            progress_timeout: Duration::from_secs(60),
+            verify_window: Duration::from_secs(60),
+            preflight: "off".into(),
+            preflight_skip: vec![],
+            online_window: Duration::from_secs(60),
+            retention: Duration::from_secs(86_400),
+        };
+        let signer =
+            crate::download::signing::UrlSigner::new(vec![vec![7; 32]], Duration::from_secs(3600));
+        let service = OtaService::load(
+            catalog,
+            devices,
+            publisher.clone(),
+            "http://127.0.0.1:1".into(),
+            settings,
+            signer,
+        )
+        .unwrap();
+        assert!(publisher.service.set(service.clone()).is_ok());
+        let req: OtaRequest = serde_json::from_value(json!({"gateway_sn": "RACE1",
+            "devices": [{"sn": "RACE1", "firmware_id": fw.id.as_str()}]}))
+        .unwrap();
+        let Created::Task(task) = service.create(req, None).await.unwrap() else {
+            panic!("not a task");
+        };
+        let stored = service.get(&task.id, |_, _| None).unwrap();
+        let sources: Vec<&str> = stored.history.iter().map(|h| h.source.as_str()).collect();
+        assert_eq!(sources, ["api", "publish", "services_reply"], "{sources:?}");
+        assert!(stored.replied_at.is_some());
+    }
 }
