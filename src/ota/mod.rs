@@ -1152,7 +1152,7 @@ mod tests {
                 bid: msg["bid"].as_str().map(str::to_string),
                 method: Some("ota_create".into()),
                 data: reply["data"].clone(),
-                raw: raw.into(),
+                raw,
             });
             true
         }
