@@ -181,7 +181,14 @@ struct Open {
     by_device: HashMap<String, String>,
     /// Settled tasks with `unverified` devices that may still report the target late.
     late: HashMap<String, DateTime<Utc>>,
+    /// tid → task id of recently settled tasks (oldest first, bounded): a `services_reply`
+    /// can arrive after the task's last progress event (rumqttd delivers topic filters in
+    /// turn, not in publish order) and is still recorded.
+    settled_tids: std::collections::VecDeque<(String, String)>,
 }
+
+/// Settled tasks whose late `services_reply` is still recorded.
+const SETTLED_TIDS: usize = 10_000;
 
 impl Open {
     fn index(&mut self, t: &OtaTask) {
@@ -211,7 +218,12 @@ impl Open {
 
     fn forget(&mut self, t: &OtaTask) {
         self.release(t);
-        self.by_tid.remove(&t.tid);
+        if self.by_tid.remove(&t.tid).is_some() {
+            if self.settled_tids.len() == SETTLED_TIDS {
+                self.settled_tids.pop_front();
+            }
+            self.settled_tids.push_back((t.tid.clone(), t.id.clone()));
+        }
         self.by_bid.remove(&t.bid);
         self.tasks.remove(&t.id);
     }
@@ -831,6 +843,17 @@ impl OtaService {
                     })
             }
         };
+        if msg.is_reply {
+            let settled = match &task {
+                Some(t) if t.status.is_final() => Some(t.clone()),
+                Some(_) => None,
+                None => self.settled_task(msg.tid.as_deref()),
+            };
+            if let Some(t) = settled {
+                self.late_reply(t, msg, now);
+                return;
+            }
+        }
         let Some(mut task) = task else {
             tracing::info!(topic_sn = %msg.topic_sn, tid = ?msg.tid, bid = ?msg.bid, method = ?msg.method, "OTA message matches no open task (orphan)");
             let orphan = json!({"at": now, "topic_sn": msg.topic_sn, "tid": msg.tid, "bid": msg.bid,
@@ -914,6 +937,36 @@ impl OtaService {
         }
         task.note(source, Some(msg.raw), now);
         self.save(&task);
+    }
+
+    /// A recently settled task by the tid of its `ota_create`, from the catalog.
+    fn settled_task(&self, tid: Option<&str>) -> Option<OtaTask> {
+        let tid = tid?;
+        let id = lock(&self.inner.open)
+            .settled_tids
+            .iter()
+            .rev()
+            .find(|(t, _)| t == tid)
+            .map(|(_, id)| id.clone())?;
+        self.inner.catalog.task::<OtaTask>(&id).ok()?
+    }
+
+    /// Records a `services_reply` that came after the task ended (its progress events were
+    /// delivered first): the history and `replied_at` get it; the outcome stays.
+    fn late_reply(&self, mut task: OtaTask, msg: OtaMessage, now: DateTime<Utc>) {
+        if task.replied_at.is_some() {
+            tracing::info!(task_id = %task.id, "repeated services_reply for a finished task ignored");
+            return;
+        }
+        task.replied_at = Some(now);
+        task.note("services_reply", Some(msg.raw), now);
+        tracing::info!(task_id = %task.id, "services_reply recorded after the task ended");
+        let open = lock(&self.inner.open).tasks.contains_key(&task.id);
+        if open {
+            self.save(&task);
+        } else if let Err(e) = self.inner.catalog.put_task(&task.id, &task) {
+            tracing::error!(task_id = %task.id, error = %e, "storing task failed");
+        }
     }
 
     fn finish_devices(&self, task: &mut OtaTask, now: DateTime<Utc>) {
@@ -1132,6 +1185,9 @@ mod tests {
     /// service before it returns — the fastest answer a gateway can give.
     struct InstantReply {
         service: std::sync::OnceLock<OtaService>,
+        /// Deliver the gateway's whole upgrade (progress to `ok`) before its reply, as rumqttd
+        /// may (it serves topic filters in turn).
+        progress_first: bool,
     }
 
     impl Publisher for InstantReply {
@@ -1145,7 +1201,21 @@ mod tests {
             let reply = json!({"tid": msg["tid"], "bid": msg["bid"], "method": "ota_create",
                 "data": {"result": 0}});
             let raw = serde_json::value::RawValue::from_string(reply.to_string()).unwrap();
-            self.service.get().unwrap().on_message(OtaMessage {
+            let service = self.service.get().unwrap();
+            if self.progress_first {
+                let event = json!({"bid": msg["bid"], "method": "ota_progress", "data": {"result": 0,
+                    "output": {"status": "ok", "progress": {"percent": 100, "step_key": "upgrade_firmware"}}}});
+                service.on_message(OtaMessage {
+                    is_reply: false,
+                    topic_sn: sn.clone(),
+                    tid: None,
+                    bid: msg["bid"].as_str().map(str::to_string),
+                    method: Some("ota_progress".into()),
+                    data: event["data"].clone(),
+                    raw: serde_json::value::RawValue::from_string(event.to_string()).unwrap(),
+                });
+            }
+            service.on_message(OtaMessage {
                 is_reply: true,
                 topic_sn: sn,
                 tid: msg["tid"].as_str().map(str::to_string),
@@ -1160,6 +1230,29 @@ mod tests {
 
     #[tokio::test]
     async fn a_reply_that_arrives_before_create_returns_is_not_an_orphan() {
+        let (service, task, _dir) = run_one(false).await;
+        let stored = service.get(&task.id, |_, _| None).unwrap();
+        let sources: Vec<&str> = stored.history.iter().map(|h| h.source.as_str()).collect();
+        assert_eq!(sources, ["api", "publish", "services_reply"], "{sources:?}");
+        assert!(stored.replied_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn a_reply_after_the_last_progress_event_is_still_recorded() {
+        let (service, task, _dir) = run_one(true).await;
+        let stored = service.get(&task.id, |_, _| None).unwrap();
+        assert_eq!(stored.status, TaskStatus::Ok);
+        let sources: Vec<&str> = stored.history.iter().map(|h| h.source.as_str()).collect();
+        assert_eq!(
+            sources,
+            ["api", "publish", "ota_progress", "services_reply"],
+            "{sources:?}"
+        );
+        assert!(stored.replied_at.is_some());
+    }
+
+    /// One task for one device, answered by an [`InstantReply`] gateway.
+    async fn run_one(progress_first: bool) -> (OtaService, Box<OtaTask>, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let catalog = Catalog::open(&dir.path().join("c"), 8).unwrap();
         let fw = crate::catalog::FirmwareRecord::new_for_test("Dock", "2.0", &"a".repeat(64));
@@ -1169,6 +1262,7 @@ mod tests {
                 .unwrap();
         let publisher = Arc::new(InstantReply {
             service: std::sync::OnceLock::new(),
+            progress_first,
         });
         let settings = OtaSettings {
             reply_timeout: Duration::from_secs(30),
@@ -1197,9 +1291,6 @@ mod tests {
         let Created::Task(task) = service.create(req, None).await.unwrap() else {
             panic!("not a task");
         };
-        let stored = service.get(&task.id, |_, _| None).unwrap();
-        let sources: Vec<&str> = stored.history.iter().map(|h| h.source.as_str()).collect();
-        assert_eq!(sources, ["api", "publish", "services_reply"], "{sources:?}");
-        assert!(stored.replied_at.is_some());
+        (service, task, dir)
     }
 }
