@@ -16,25 +16,47 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
         .route("/ui/app.css", web::get().to(app_css));
 }
 
-/// Serves an embedded asset with a content hash as ETag (revalidated on every load, so a new
-/// binary's dashboard is picked up at once).
-fn asset(req: &HttpRequest, body: &'static str, content_type: &'static str) -> HttpResponse {
-    use sha2::Digest;
-    let etag = format!(
-        "\"{}\"",
-        &hex::encode(sha2::Sha256::digest(body.as_bytes()))[..32]
-    );
+/// An embedded asset and its ETag (a content hash, computed once).
+struct Asset {
+    body: &'static str,
+    content_type: &'static str,
+    etag: String,
+}
+
+impl Asset {
+    fn new(body: &'static str, content_type: &'static str) -> Asset {
+        use sha2::Digest;
+        let hash = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+        Asset {
+            body,
+            content_type,
+            etag: format!("\"{}\"", &hash[..32]),
+        }
+    }
+}
+
+static ASSETS: std::sync::LazyLock<[Asset; 3]> = std::sync::LazyLock::new(|| {
+    [
+        Asset::new(INDEX, "text/html; charset=utf-8"),
+        Asset::new(APP_JS, "text/javascript; charset=utf-8"),
+        Asset::new(APP_CSS, "text/css; charset=utf-8"),
+    ]
+});
+
+/// Serves an embedded asset, revalidated on every load (`no-cache` + ETag) so a new binary's
+/// dashboard is picked up at once.
+fn asset(req: &HttpRequest, a: &Asset) -> HttpResponse {
     let matches = req
         .headers()
         .get(header::IF_NONE_MATCH)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag));
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == a.etag));
     let mut resp = if matches {
         HttpResponse::NotModified()
     } else {
         HttpResponse::Ok()
     };
-    resp.insert_header((header::ETAG, etag))
+    resp.insert_header((header::ETAG, a.etag.as_str()))
         .insert_header((header::CACHE_CONTROL, "no-cache"))
         .insert_header((
             header::CONTENT_SECURITY_POLICY,
@@ -44,17 +66,17 @@ fn asset(req: &HttpRequest, body: &'static str, content_type: &'static str) -> H
     if matches {
         return resp.finish();
     }
-    resp.content_type(content_type).body(body)
+    resp.content_type(a.content_type).body(a.body)
 }
 
 async fn index(req: HttpRequest) -> HttpResponse {
-    asset(&req, INDEX, "text/html; charset=utf-8")
+    asset(&req, &ASSETS[0])
 }
 
 async fn app_js(req: HttpRequest) -> HttpResponse {
-    asset(&req, APP_JS, "text/javascript; charset=utf-8")
+    asset(&req, &ASSETS[1])
 }
 
 async fn app_css(req: HttpRequest) -> HttpResponse {
-    asset(&req, APP_CSS, "text/css; charset=utf-8")
+    asset(&req, &ASSETS[2])
 }

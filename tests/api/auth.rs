@@ -255,11 +255,19 @@ async fn open_endpoints_token_only_endpoints_and_the_audit_log() {
         .unwrap()
         .to_string();
     assert!(csp.starts_with("default-src 'self'"), "{csp}");
+    let etag = page.headers()["etag"].to_str().unwrap().to_string();
     let html = page.text().await.unwrap();
     assert!(
         html.contains("/ui/app.js") && !html.contains("http"),
         "{html}"
     );
+    let again = anonymous
+        .get(app.url("/"))
+        .header("if-none-match", &etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
     let file_url = fw["file_url"].as_str().unwrap();
     for url in [app.url("/metrics"), file_url.to_string()] {
         let resp = anonymous.get(&url).send().await.unwrap();
