@@ -4,6 +4,7 @@
 //! line. Screenshots of each page at 1280×800 go to `target/tmp/screenshots/` (README.md links
 //! the copies in `docs/screenshots/`).
 
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -27,7 +28,12 @@ struct Driver(Child);
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        // chromedriver and the browsers it started share a process group: a failed test must
+        // not leave Chromium running.
+        // SAFETY: kill(2) on our own child's process group; no memory is involved.
+        unsafe {
+            libc::kill(-(self.0.id() as i32), libc::SIGKILL);
+        }
         let _ = self.0.wait();
     }
 }
@@ -37,6 +43,7 @@ async fn browser() -> (Client, Driver) {
     let driver =
         Command::new(std::env::var("FWREPO_CHROMEDRIVER").unwrap_or("chromedriver".into()))
             .arg(format!("--port={port}"))
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
