@@ -491,43 +491,12 @@ def report(results, started, took):
 
 
 def main():
-    started = time.time()
-    os.environ["LOAD0"] = " ".join(open("/proc/loadavg").read().split()[0:3])
-    with open(os.path.join(WORK, "fwrepo.toml"), "w") as f:
-        f.write('[models]\n"3-1-0" = "Dock"\n"0-67-0" = "M30"\n')
-    fw_files = {}
-    for model in ("Dock", "M30"):
-        p = os.path.join(WORK, f"{model}_2.0.0.zip")
-        with open(p, "wb") as f:
-            f.write(os.urandom(PKG_KIB * 1024))
-        fw_files[model] = p
-    results, aborted = [], []
-    try:
-        for b in BROKERS:
-            if b not in ("embedded", "mosquitto"):
-                raise SystemExit(f"unknown broker {b!r}")
-            try:
-                results.append(run(b, fw_files))
-            except RuntimeError as e:  # a broken run is reported, the next one still runs
-                log(f"[{b}] run aborted: {e}")
-                aborted.append(f"**{b} run aborted**: {e}")
-            stop_all()
-    finally:
-        stop_all()
-    text = report(results, started, time.time() - started) if results else ""
-    if aborted:
-        text += "\n" + "\n".join(f"- {a}" for a in aborted) + "\n"
-    sys.stdout.write(text)
-    if os.environ.get("BENCH_REPORT"):
-        with open(os.environ["BENCH_REPORT"], "w") as f:
-            f.write(text)
+    benchlib.run_all(BROKERS, ("embedded", "mosquitto"), run, report, PKG_KIB, errors=(RuntimeError,))
 
 
 if __name__ == "__main__":
     main()
 PYEOF
 
-log "binary $BIN (built $BIN_BUILT, HEAD $REV), temp dir $WORK"
-WORK=$WORK MOSQ=$MOSQ REV=$REV BIN_BUILT=$BIN_BUILT DIRTY=$DIRTY SCRIPTS="$ROOT/scripts" python3 "$WORK/driver.py" &
-PYPID=$!
-wait "$PYPID"
+export MOSQ
+bench_run_driver

@@ -652,44 +652,11 @@ def report(results, started, took):
 
 
 def main():
-    started = time.time()
-    os.environ["LOAD0"] = " ".join(open("/proc/loadavg").read().split()[0:3])
-    with open(os.path.join(WORK, "fwrepo.toml"), "w") as f:
-        f.write('[models]\n"3-1-0" = "Dock"\n"0-67-0" = "M30"\n')
-    fw_files = {}
-    for model in ("Dock", "M30"):
-        p = os.path.join(WORK, f"{model}_2.0.0.zip")
-        with open(p, "wb") as f:
-            f.write(os.urandom(PKG_KIB * 1024))
-        fw_files[model] = p
-    results, aborted = [], []
-    try:
-        for s in SCENARIOS:
-            if s not in ("direct", "rollout"):
-                raise SystemExit(f"unknown scenario {s!r}")
-            try:
-                results.append(run(s, fw_files))
-            except Exception as e:  # noqa: BLE001 - a broken run is reported, the next one still runs
-                log(f"[{s}] run aborted: {e!r}")
-                aborted.append(f"**{s} run aborted**: {e!r}")
-            stop_all()
-    finally:
-        stop_all()
-    text = report(results, started, time.time() - started) if results else ""
-    if aborted:
-        text += "\n" + "\n".join(f"- {a}" for a in aborted) + "\n"
-    sys.stdout.write(text)
-    if os.environ.get("BENCH_REPORT"):
-        with open(os.environ["BENCH_REPORT"], "w") as f:
-            f.write(text)
+    benchlib.run_all(SCENARIOS, ("direct", "rollout"), run, report, PKG_KIB, errors=(Exception,))
 
 
 if __name__ == "__main__":
     main()
 PYEOF
 
-log "binary $BIN (built $BIN_BUILT, HEAD $REV), temp dir $WORK"
-export WORK REV BIN_BUILT DIRTY
-SCRIPTS="$ROOT/scripts" python3 "$WORK/driver.py" &
-PYPID=$!
-wait "$PYPID"
+bench_run_driver

@@ -293,3 +293,45 @@ def bounded(fn, secs):
     if "e" in box:
         raise box["e"]
     return box["v"]
+
+
+def write_release(pkg_kib):
+    """The models table (fwrepo.toml) and a Dock and an M30 package of random bytes in $WORK;
+    returns {model: path}."""
+    with open(os.path.join(WORK, "fwrepo.toml"), "w") as f:
+        f.write('[models]\n"3-1-0" = "Dock"\n"0-67-0" = "M30"\n')
+    files = {}
+    for model in ("Dock", "M30"):
+        p = os.path.join(WORK, f"{model}_2.0.0.zip")
+        with open(p, "wb") as f:
+            f.write(os.urandom(pkg_kib * 1024))
+        files[model] = p
+    return files
+
+
+def run_all(kinds, allowed, run, report, pkg_kib, errors=(Exception,)):
+    """Runs `run(kind, packages)` for each kind (a broken run is reported and the next one
+    still runs), then writes the markdown report to stdout and $BENCH_REPORT."""
+    started = time.time()
+    os.environ["LOAD0"] = " ".join(open("/proc/loadavg").read().split()[0:3])
+    fw_files = write_release(pkg_kib)
+    results, aborted = [], []
+    try:
+        for k in kinds:
+            if k not in allowed:
+                raise SystemExit(f"unknown run {k!r} (one of {', '.join(allowed)})")
+            try:
+                results.append(run(k, fw_files))
+            except errors as e:
+                log(f"[{k}] run aborted: {e!r}")
+                aborted.append(f"**{k} run aborted**: {e!r}")
+            stop_all()
+    finally:
+        stop_all()
+    text = report(results, started, time.time() - started) if results else ""
+    if aborted:
+        text += "\n" + "\n".join(f"- {a}" for a in aborted) + "\n"
+    sys.stdout.write(text)
+    if os.environ.get("BENCH_REPORT"):
+        with open(os.environ["BENCH_REPORT"], "w") as f:
+            f.write(text)

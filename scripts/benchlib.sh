@@ -2,8 +2,8 @@
 # logging, a private temp dir with a copy of the binary, and a cleanup that stops the Python
 # driver and every process it recorded in $WORK/pids on exit, error, SIGINT or SIGTERM.
 #
-# bench_setup NAME: sets ROOT, BIN, WORK, BIN_BUILT, REV, DIRTY; PYPID is the driver's pid once
-# the caller starts it.
+# bench_setup NAME: sets ROOT, BIN, WORK, BIN_BUILT, REV, DIRTY.
+# bench_run_driver: runs $WORK/driver.py (which imports benchlib.py) and waits for it.
 
 log() { printf '[%s %(%H:%M:%S)T] %s\n' "$BENCH_NAME" -1 "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -44,4 +44,12 @@ bench_setup() {
     BIN_BUILT=$(date -u -r "$BIN" '+%Y-%m-%d %H:%M UTC')
     REV=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
     DIRTY=$(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock 2>/dev/null | wc -l)
+}
+
+bench_run_driver() {
+    log "binary $BIN (built $BIN_BUILT, HEAD $REV), temp dir $WORK"
+    export WORK REV BIN_BUILT DIRTY
+    SCRIPTS="$ROOT/scripts" python3 "$WORK/driver.py" &
+    PYPID=$!
+    wait "$PYPID"
 }

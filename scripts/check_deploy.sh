@@ -24,8 +24,16 @@ skip() { printf 'SKIP %s\n' "$*"; }
 
 # Runs a Python check; its stdout lines are already in the ok/FAIL/SKIP/NOTE format, and a
 # non-zero exit marks the whole run failed.
+# Every Python check starts with `say` (prints a status line; a FAIL sets `bad`) and ends
+# with sys.exit(1 if bad else 0).
+PY_PRELUDE='bad = False
+def say(status, msg):
+    global bad
+    print(f"{status} {msg}" if status == "SKIP" else f"{status:<5} {msg}")
+    bad |= status == "FAIL"
+'
 pycheck() {
-  if ! "$PY" - "$@"; then
+  if ! { printf '%s\n' "$PY_PRELUDE"; cat; } | "$PY" - "$@"; then
     failed=1
   fi
 }
@@ -45,11 +53,6 @@ fi
 if [ "$have_yaml" = 1 ]; then
   pycheck <<'PY'
 import glob, sys, yaml
-bad = False
-def say(status, msg):
-    global bad
-    print(f"{status} {msg}" if status == "SKIP" else f"{status:<5} {msg}")
-    bad |= status == "FAIL"
 
 files = ["deploy/docker-compose.yml"] + sorted(glob.glob("deploy/k8s/*.yaml") + glob.glob("deploy/k8s/*.yml"))
 if len(files) == 1:
@@ -98,11 +101,6 @@ fi
 pycheck "$have_yaml" <<'PY'
 import fnmatch, glob, json, os, re, shlex, sys
 have_yaml = sys.argv[1] == "1"
-bad = False
-def say(status, msg):
-    global bad
-    print(f"{status} {msg}" if status == "SKIP" else f"{status:<5} {msg}")
-    bad |= status == "FAIL"
 
 # .dockerignore of the build context (the repository root), with ! exceptions.
 ignore = []
@@ -337,11 +335,6 @@ fi
 pycheck "$have_yaml" <<'PY'
 import glob, os, re, sys
 have_yaml = sys.argv[1] == "1"
-bad = False
-def say(status, msg):
-    global bad
-    print(f"{status} {msg}" if status == "SKIP" else f"{status:<5} {msg}")
-    bad |= status == "FAIL"
 
 readme = open("README.md").read()
 m = re.search(r"^## Configuration\n(.*?)(?=^##? )", readme, re.M | re.S)

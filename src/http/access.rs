@@ -25,9 +25,17 @@ pub enum Access {
 
 /// The scope `method` on `path` needs.
 pub fn required(method: &Method, path: &str) -> Access {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    // Every request passes here (range requests too): the first segments on the stack.
+    let mut parts = [""; 6];
+    let mut n = 0;
+    for (i, p) in path.trim_start_matches('/').split('/').enumerate() {
+        if let Some(slot) = parts.get_mut(i) {
+            *slot = p;
+        }
+        n = i + 1;
+    }
     let write = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
-    match segments.as_slice() {
+    match &parts[..n.min(parts.len())] {
         ["files", ..] => Access::Token(Scope::Read),
         // The signed form, /dl/{task}/{sn}/{expiry-hmac}/{file}, carries its own proof.
         ["dl", _, _, _, _] => Access::Open,
@@ -179,6 +187,7 @@ mod tests {
             (Method::GET, "/files/01ABC/a.bin", Token(Read)),
             (Method::HEAD, "/dl/t/sn/a.bin", Token(Read)),
             (Method::GET, "/dl/t/sn/123-abc/a.bin", Open),
+            (Method::GET, "/dl/t/sn/123-abc/a.bin/extra", Token(Read)),
             (Method::GET, "/api/v1/firmware", Token(Read)),
             (Method::POST, "/api/v1/firmware", Token(Upload)),
             (Method::PUT, "/api/v1/firmware", Token(Upload)),
