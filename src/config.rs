@@ -6,6 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Args;
 use ipnet::IpNet;
@@ -61,6 +62,13 @@ pub struct ServeOptions {
     /// credentials and region.
     #[arg(long, env = "FWREPO_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
+    /// Seconds to connect to the S3 server before the attempt fails [default: 5].
+    #[arg(long, env = "FWREPO_BLOB_CONNECT_TIMEOUT")]
+    pub blob_connect_timeout: Option<u64>,
+    /// Seconds an S3 request may wait for its next bytes (per read, so long downloads go on)
+    /// and may spend on retries before it fails; /readyz waits at most 1.5 s [default: 30].
+    #[arg(long, env = "FWREPO_BLOB_TIMEOUT")]
+    pub blob_timeout: Option<u64>,
     /// Largest accepted upload in bytes [default: 8 GiB].
     #[arg(long, env = "FWREPO_MAX_UPLOAD_BYTES")]
     pub max_upload_bytes: Option<u64>,
@@ -205,6 +213,8 @@ impl ServeOptions {
             public_url,
             blob_store,
             s3_endpoint,
+            blob_connect_timeout,
+            blob_timeout,
             max_upload_bytes,
             max_concurrent_uploads,
             retention_days,
@@ -305,6 +315,8 @@ pub struct Settings {
     pub public_url: Option<Url>,
     /// Blob backend.
     pub blob_backend: BlobBackend,
+    /// Timeouts of a remote blob store.
+    pub blob_timeouts: crate::blobs::BlobTimeouts,
     /// Largest upload in bytes.
     pub max_upload_bytes: u64,
     /// Concurrent uploads.
@@ -359,6 +371,7 @@ impl Default for Settings {
             blob_backend: BlobBackend::Local {
                 dir: data_dir.join("blobs"),
             },
+            blob_timeouts: crate::blobs::BlobTimeouts::default(),
             data_dir,
             public_url: None,
             max_upload_bytes: 8 << 30,
@@ -510,6 +523,18 @@ impl Settings {
             listen,
             public_url,
             blob_backend,
+            blob_timeouts: crate::blobs::BlobTimeouts {
+                connect: Duration::from_secs(positive(
+                    "blob_connect_timeout",
+                    o.blob_connect_timeout,
+                    d.blob_timeouts.connect.as_secs(),
+                )?),
+                request: Duration::from_secs(positive(
+                    "blob_timeout",
+                    o.blob_timeout,
+                    d.blob_timeouts.request.as_secs(),
+                )?),
+            },
             max_upload_bytes: positive("max_upload_bytes", o.max_upload_bytes, d.max_upload_bytes)?,
             max_concurrent_uploads,
             retention_days: positive("retention_days", o.retention_days, d.retention_days)?,

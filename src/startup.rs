@@ -96,7 +96,17 @@ impl Application {
                 source,
             }
         })?;
-        let blobs = BlobStore::open(&settings.blob_backend)?;
+        let blobs = BlobStore::open(&settings.blob_backend, &settings.blob_timeouts)?;
+        let metrics = Arc::new(Metrics::default());
+        let uploads = UploadService::new(
+            catalog.clone(),
+            blobs.clone(),
+            Arc::clone(&metrics),
+            settings.max_concurrent_uploads,
+            settings.max_upload_bytes,
+            Duration::from_secs(settings.idle_timeout_secs),
+        );
+        uploads.discard_unfinished().await;
         sweep(&catalog, &blobs).await?;
 
         // TLS material is read before any port is bound: bad files fail the start.
@@ -182,19 +192,11 @@ impl Application {
             tracing::warn!("--auth off: the API and downloads need no token; for demos only");
         }
         let audit = crate::audit::AuditLog::new(catalog.clone());
-        let metrics = Arc::new(Metrics::default());
         let budget = ReadBudget::new(settings.download_buffer_mb << 20);
         let tracker = DownloadTracker::load(catalog.clone())?;
         let state = AppState {
             public_url: AppState::base_url(&public_url),
-            uploads: UploadService::new(
-                catalog.clone(),
-                blobs.clone(),
-                Arc::clone(&metrics),
-                settings.max_concurrent_uploads,
-                settings.max_upload_bytes,
-                Duration::from_secs(settings.idle_timeout_secs),
-            ),
+            uploads,
             firmware: FirmwareService::new(catalog.clone(), blobs.clone(), budget.clone()),
             downloads: DownloadService::new(
                 catalog.clone(),
@@ -279,6 +281,8 @@ impl Application {
             ..
         } = self;
         let device_flusher = tokio::spawn(state.devices.clone().run(workers.clone()));
+        // Catalog health: sees a failed background write, reopens sled once the disk recovers.
+        tokio::spawn(state.catalog.clone().watch(workers.clone()));
         // Rate-limit buckets of clients gone quiet are forgotten (bounded memory).
         let (limiter, stop) = (state.api_limiter.clone(), workers.clone());
         tokio::spawn(async move {
@@ -327,14 +331,15 @@ impl Application {
         let _ = flusher.await;
         let _ = device_flusher.await;
         let _ = token_writer.await;
-        if let Err(e) = state.catalog.flush().await {
-            tracing::error!(error = %e, "final catalog flush failed");
-        }
+        let final_flush = state.catalog.flush().await;
         let _ = stopping.await;
+        // Uploads cut by the shutdown leave nothing behind (their handlers are gone now).
+        state.uploads.discard_unfinished().await;
         for server in servers {
             server.await.map_err(std::io::Error::other)??;
         }
-        Ok(())
+        // Changes that could not be made durable: the exit status says so.
+        final_flush.map_err(|e| std::io::Error::other(format!("final catalog flush failed: {e}")))
     }
 }
 
@@ -381,9 +386,17 @@ fn app(
                 .extensions()
                 .get::<tracing_actix_web::RequestId>()
                 .map(|id| id.to_string());
+            let stopping = req
+                .app_data::<web::Data<AppState>>()
+                .map(|s| s.stopping.clone());
             let fut = srv.call(req);
             async move {
                 let mut res = fut.await?;
+                if stopping.is_some_and(|s| s.is_cancelled()) {
+                    res.response_mut()
+                        .head_mut()
+                        .set_connection_type(actix_web::http::ConnectionType::Close);
+                }
                 if let Some(v) =
                     id.and_then(|id| actix_web::http::header::HeaderValue::from_str(&id).ok())
                 {
@@ -404,6 +417,10 @@ fn app(
             Listener::Metrics => http::metrics_routes(cfg),
         })
 }
+
+/// How long an idle keep-alive connection stays open (also the longest an idle client can
+/// delay a shutdown).
+const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
 /// An HTTP server for `role` on `listener` (HTTPS with `tls`).
 fn serve(
@@ -435,8 +452,11 @@ fn serve(
     Ok(server
         .disable_signals()
         .shutdown_timeout(grace.as_secs())
-        .client_request_timeout(Duration::from_secs(30))
-        .keep_alive(Duration::from_secs(75))
+        // actix drains connections on shutdown but never closes idle keep-alive ones: an idle
+        // connection is closed after KEEP_ALIVE instead of holding the whole grace period,
+        // and while stopping every answer says `Connection: close`.
+        .client_request_timeout(Duration::from_secs(10))
+        .keep_alive(KEEP_ALIVE)
         .run())
 }
 
@@ -444,15 +464,12 @@ fn serve(
 /// keys deleted; the local blob directory is walked and every file that is not the blob of a
 /// live record (object_store staging files included) is removed.
 async fn sweep(catalog: &Catalog, blobs: &BlobStore) -> Result<(), StartupError> {
-    for pending in catalog.pending_uploads()? {
-        if let Some(id) = &pending.multipart_id {
-            blobs.abort_multipart(&pending.blob_key, id).await?;
-        }
-        blobs.delete(&pending.blob_key).await?;
-        catalog.remove_pending_upload(&pending.id)?;
-        tracing::info!(upload_id = %pending.id, "swept an interrupted upload");
-    }
     let mut keep = HashSet::new();
+    // Pending uploads that could not be cleaned (S3 unreachable) keep their files for now.
+    for pending in catalog.pending_uploads()? {
+        keep.insert(pending.blob_key.clone());
+        keep.insert(format!("{}.part", pending.blob_key));
+    }
     for record in catalog.all_firmware() {
         let record = record?;
         if record.status != FirmwareStatus::Deleted {

@@ -48,6 +48,16 @@ pub enum BlobError {
     Task(String),
 }
 
+impl BlobError {
+    /// Whether the cause is a full file system (the answer is 507, not 502).
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            BlobError::Io(e) => crate::domain::io_no_space(e),
+            _ => false,
+        }
+    }
+}
+
 fn missing_or(key: &str, e: object_store::Error) -> BlobError {
     match e {
         object_store::Error::NotFound { .. } => BlobError::Missing(key.to_string()),
@@ -67,6 +77,25 @@ enum Backend {
     },
 }
 
+/// Timeouts of a remote (S3) store. object_store's defaults let one request to a frozen
+/// server retry for three minutes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlobTimeouts {
+    /// To establish a connection.
+    pub connect: std::time::Duration,
+    /// Between two reads of one response, and for all retries of one request.
+    pub request: std::time::Duration,
+}
+
+impl Default for BlobTimeouts {
+    fn default() -> Self {
+        BlobTimeouts {
+            connect: std::time::Duration::from_secs(5),
+            request: std::time::Duration::from_secs(30),
+        }
+    }
+}
+
 /// Handle on the configured blob store. Cheap to clone.
 #[derive(Clone)]
 pub struct BlobStore {
@@ -82,7 +111,7 @@ const PARTS_IN_FLIGHT: usize = 2;
 
 impl BlobStore {
     /// Opens the configured backend (creating the local directory).
-    pub fn open(backend: &BlobBackend) -> Result<BlobStore, BlobError> {
+    pub fn open(backend: &BlobBackend, timeouts: &BlobTimeouts) -> Result<BlobStore, BlobError> {
         let backend = match backend {
             BlobBackend::Local { dir } => {
                 std::fs::create_dir_all(dir)?;
@@ -98,7 +127,21 @@ impl BlobStore {
                 prefix,
                 endpoint,
             } => {
-                let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+                // A read timeout instead of a total one: a multi-GiB download to a slow dock
+                // may take hours, but a server that stops answering is noticed at once.
+                let client = object_store::ClientOptions::new()
+                    .with_connect_timeout(timeouts.connect)
+                    .with_read_timeout(timeouts.request)
+                    .with_timeout_disabled();
+                let retry = object_store::RetryConfig {
+                    max_retries: 3,
+                    retry_timeout: timeouts.request,
+                    ..Default::default()
+                };
+                let mut b = AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .with_client_options(client)
+                    .with_retry(retry);
                 if let Some(ep) = endpoint {
                     b = b
                         .with_endpoint(ep)
@@ -217,6 +260,27 @@ impl BlobStore {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Removes everything an unfinished upload of `key` may have left: its S3 multipart upload
+    /// (`multipart_id`), the object, and a local staging file.
+    pub async fn discard_partial(
+        &self,
+        key: &str,
+        multipart_id: Option<&str>,
+    ) -> Result<(), BlobError> {
+        if let Some(id) = multipart_id {
+            self.abort_multipart(key, id).await?;
+        }
+        if let Backend::Local { dir, .. } = &self.backend {
+            let staging = local_write::staging_path(&dir.join(key));
+            match tokio::fs::remove_file(&staging).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.delete(key).await
     }
 
     /// Aborts an S3 multipart upload recorded by a crashed or failed upload (no-op locally).

@@ -9,6 +9,9 @@
 //!   transaction; a delete tombstones the record and frees its index entry in one transaction.
 //! - Download sessions are written only by the progress flusher, never once per request.
 
+mod admin;
+mod firmware;
+mod fleet;
 mod records;
 
 pub use records::{
@@ -16,13 +19,16 @@ pub use records::{
     SessionState, VerifyStatus,
 };
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex, RwLock};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+use sled::transaction::TransactionError;
 
-use crate::domain::{FirmwareId, ProductVersion};
+use crate::domain::ProductVersion;
 
 /// Errors of the catalog layer.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +50,9 @@ pub enum CatalogError {
     /// The paging cursor is not one this catalog issued.
     #[error("invalid cursor")]
     InvalidCursor,
+    /// A write could not be made durable and writes are refused until the catalog recovers.
+    #[error("the catalog cannot make writes durable now ({0:?})")]
+    Unwritable(CatalogFault),
 }
 
 /// Result of committing an upload.
@@ -104,14 +113,12 @@ pub fn cursor_for(key: &str) -> String {
 #[derive(Default)]
 struct FlushGate {
     gate: tokio::sync::Mutex<()>,
-    requested: std::sync::atomic::AtomicU64,
-    completed: std::sync::atomic::AtomicU64,
+    requested: AtomicU64,
+    completed: AtomicU64,
 }
 
-/// The sled database and its trees. Cheap to clone.
-#[derive(Clone)]
-pub struct Catalog {
-    flushes: std::sync::Arc<FlushGate>,
+/// The open sled database and its trees.
+pub(crate) struct Trees {
     db: sled::Db,
     firmware: sled::Tree,
     firmware_versions: sled::Tree,
@@ -126,6 +133,72 @@ pub struct Catalog {
     rollout_members: sled::Tree,
     tokens: sled::Tree,
     audit: sled::Tree,
+}
+
+impl Trees {
+    fn open(dir: &Path, cache_mb: u64) -> Result<Trees, CatalogError> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_mb.saturating_mul(1 << 20))
+            .open()?;
+        Ok(Trees {
+            firmware: db.open_tree("firmware")?,
+            firmware_versions: db.open_tree("firmware_versions")?,
+            uploads: db.open_tree("uploads")?,
+            sessions: db.open_tree("download_sessions")?,
+            devices: db.open_tree("devices")?,
+            tasks: db.open_tree("ota_tasks")?,
+            orphans: db.open_tree("ota_orphans")?,
+            idempotency: db.open_tree("idempotency")?,
+            meta: db.open_tree("meta")?,
+            rollouts: db.open_tree("rollouts")?,
+            rollout_members: db.open_tree("rollout_members")?,
+            tokens: db.open_tree("api_tokens")?,
+            audit: db.open_tree("audit")?,
+            db,
+        })
+    }
+}
+
+struct Shared {
+    dir: PathBuf,
+    cache_mb: u64,
+    /// `None` only while a broken database is being reopened.
+    trees: RwLock<Option<Arc<Trees>>>,
+    flushes: FlushGate,
+    /// Whether the last flush (or recovery probe) made writes durable.
+    writable: AtomicBool,
+    /// Why the catalog cannot write (for `/readyz` and the logs).
+    fault: Mutex<Option<CatalogFault>>,
+    /// One recovery at a time.
+    recovering: tokio::sync::Mutex<()>,
+}
+
+/// Why the catalog cannot make writes durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatalogFault {
+    /// The file system is full.
+    NoSpace,
+    /// Any other I/O or storage error.
+    Unavailable,
+}
+
+impl CatalogFault {
+    fn of(e: &CatalogError) -> CatalogFault {
+        if e.is_no_space() {
+            CatalogFault::NoSpace
+        } else {
+            CatalogFault::Unavailable
+        }
+    }
+}
+
+/// The sled database and its trees. Cheap to clone. sled keeps the first I/O error it meets
+/// and fails every later write with it, so a failed flush marks the catalog unwritable and
+/// [`Catalog::recover`] reopens the database once the cause is gone (a full disk freed).
+#[derive(Clone)]
+pub struct Catalog {
+    shared: Arc<Shared>,
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, CatalogError> {
@@ -163,510 +236,217 @@ impl From<std::convert::Infallible> for CatalogError {
     }
 }
 
+impl CatalogError {
+    /// Whether the cause is a full file system (ENOSPC, EDQUOT).
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            CatalogError::Storage(sled::Error::Io(e)) => crate::domain::io_no_space(e),
+            CatalogError::Unwritable(CatalogFault::NoSpace) => true,
+            _ => false,
+        }
+    }
+}
+
+fn join_error(e: tokio::task::JoinError) -> CatalogError {
+    CatalogError::Storage(sled::Error::ReportableBug(e.to_string()))
+}
+
 impl Catalog {
     /// Opens (or creates) the catalog under `dir` with a page cache of `cache_mb` MiB.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Catalog, CatalogError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .cache_capacity(cache_mb.saturating_mul(1 << 20))
-            .open()?;
+        let trees = Trees::open(dir, cache_mb)?;
         Ok(Catalog {
-            flushes: std::sync::Arc::default(),
-            firmware: db.open_tree("firmware")?,
-            firmware_versions: db.open_tree("firmware_versions")?,
-            uploads: db.open_tree("uploads")?,
-            sessions: db.open_tree("download_sessions")?,
-            devices: db.open_tree("devices")?,
-            tasks: db.open_tree("ota_tasks")?,
-            orphans: db.open_tree("ota_orphans")?,
-            idempotency: db.open_tree("idempotency")?,
-            meta: db.open_tree("meta")?,
-            rollouts: db.open_tree("rollouts")?,
-            rollout_members: db.open_tree("rollout_members")?,
-            tokens: db.open_tree("api_tokens")?,
-            audit: db.open_tree("audit")?,
-            db,
+            shared: Arc::new(Shared {
+                dir: dir.to_path_buf(),
+                cache_mb,
+                trees: RwLock::new(Some(Arc::new(trees))),
+                flushes: FlushGate::default(),
+                writable: AtomicBool::new(true),
+                fault: Mutex::new(None),
+                recovering: tokio::sync::Mutex::new(()),
+            }),
         })
     }
 
+    /// The open database, or `Unwritable` while it is being reopened.
+    pub(crate) fn trees(&self) -> Result<Arc<Trees>, CatalogError> {
+        let slot = self.shared.trees.read().unwrap_or_else(|p| p.into_inner());
+        slot.clone()
+            .ok_or(CatalogError::Unwritable(CatalogFault::Unavailable))
+    }
+
     /// Flushes everything written so far to disk. Concurrent callers share fsyncs (group
-    /// commit): a caller returns once a flush that started after its call has finished.
+    /// commit): a caller returns once a flush that started after its call has finished. A
+    /// failure marks the catalog unwritable until [`Catalog::recover`] succeeds.
     pub async fn flush(&self) -> Result<(), CatalogError> {
-        use std::sync::atomic::Ordering::SeqCst;
-        let f = &self.flushes;
+        let f = &self.shared.flushes;
         let mine = f.requested.fetch_add(1, SeqCst) + 1;
         let _turn = f.gate.lock().await;
         if f.completed.load(SeqCst) >= mine {
-            return Ok(());
+            return self.writable_or_fault();
         }
         let covers = f.requested.load(SeqCst);
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+        let trees = self.trees()?;
+        let result = tokio::task::spawn_blocking(move || trees.db.flush())
             .await
-            .map_err(|e| CatalogError::Storage(sled::Error::ReportableBug(e.to_string())))??;
-        f.completed.fetch_max(covers, SeqCst);
-        Ok(())
+            .map_err(join_error)
+            .and_then(|r| r.map_err(CatalogError::from));
+        match result {
+            Ok(_) => {
+                f.completed.fetch_max(covers, SeqCst);
+                self.writable_or_fault()
+            }
+            Err(e) => {
+                self.mark_unwritable(&e);
+                Err(e)
+            }
+        }
+    }
+
+    fn writable_or_fault(&self) -> Result<(), CatalogError> {
+        match self.fault() {
+            None => Ok(()),
+            Some(fault) => Err(CatalogError::Unwritable(fault)),
+        }
+    }
+
+    fn mark_unwritable(&self, e: &CatalogError) {
+        let fault = CatalogFault::of(e);
+        if self.shared.writable.swap(false, SeqCst) {
+            tracing::error!(error = %e, "the catalog cannot make writes durable; refusing writes until it recovers");
+        }
+        *self.shared.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some(fault);
+    }
+
+    /// Why writes are refused now, if they are.
+    pub fn fault(&self) -> Option<CatalogFault> {
+        if self.shared.writable.load(SeqCst) {
+            return None;
+        }
+        let fault = *self.shared.fault.lock().unwrap_or_else(|p| p.into_inner());
+        Some(fault.unwrap_or(CatalogFault::Unavailable))
+    }
+
+    /// Reopens a catalog whose writes failed and proves with a probe write and a flush that
+    /// writes are durable again. A no-op while the catalog is writable.
+    pub async fn recover(&self) -> Result<(), CatalogError> {
+        let _one = self.shared.recovering.lock().await;
+        if self.fault().is_none() {
+            return Ok(());
+        }
+        let old = self
+            .shared
+            .trees
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut old) = old {
+            // Requests in flight hold the old database for a moment; sled's file lock is only
+            // released when the last handle is gone.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(trees) => {
+                        tokio::task::spawn_blocking(move || drop(trees))
+                            .await
+                            .map_err(join_error)?;
+                        break;
+                    }
+                    Err(still) if std::time::Instant::now() < deadline => {
+                        old = still;
+                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    }
+                    Err(still) => {
+                        *self.shared.trees.write().unwrap_or_else(|p| p.into_inner()) =
+                            Some(still);
+                        return Err(CatalogError::Unwritable(CatalogFault::Unavailable));
+                    }
+                }
+            }
+        }
+        let (dir, cache_mb) = (self.shared.dir.clone(), self.shared.cache_mb);
+        let opened = tokio::task::spawn_blocking(move || {
+            let trees = Trees::open(&dir, cache_mb)?;
+            // Probe: a write that must reach the disk.
+            let probe = trees
+                .meta
+                .insert("write_probe", chrono::Utc::now().to_rfc3339().as_bytes())
+                .and_then(|_| trees.db.flush());
+            Ok::<_, CatalogError>((trees, probe))
+        })
+        .await
+        .map_err(join_error)?;
+        let (trees, probe) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                self.mark_unwritable(&e);
+                return Err(e);
+            }
+        };
+        *self.shared.trees.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(trees));
+        match probe {
+            Ok(_) => {
+                *self.shared.fault.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                self.shared.writable.store(true, SeqCst);
+                tracing::info!("the catalog writes durably again");
+                Ok(())
+            }
+            Err(e) => {
+                let e = CatalogError::from(e);
+                self.mark_unwritable(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// Keeps the catalog's health current until `cancel`: flushes every second (sled writes
+    /// in the background too, and a failure there must be seen) and, while writes fail,
+    /// tries to reopen the database every second.
+    pub async fn watch(self, cancel: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if self.fault().is_some() {
+                if let Err(e) = self.recover().await {
+                    tracing::debug!(error = %e, "catalog still unwritable");
+                }
+            } else {
+                let _ = self.flush().await;
+            }
+        }
     }
 
     /// Flushes synchronously (offline tools).
     pub fn flush_blocking(&self) -> Result<(), CatalogError> {
-        self.db.flush()?;
+        self.trees()?.db.flush()?;
         Ok(())
     }
 
-    /// A cheap read that proves the database answers (readiness).
+    /// Proves the database answers and writes durably (readiness).
     pub fn check(&self) -> Result<(), CatalogError> {
-        self.meta.get("instance_id")?;
+        self.writable_or_fault()?;
+        self.trees()?.meta.get("instance_id")?;
         Ok(())
     }
 
     /// The instance id kept in the data directory, created on first use.
     pub fn instance_id(&self) -> Result<String, CatalogError> {
-        if let Some(v) = self.meta.get("instance_id")? {
+        let t = self.trees()?;
+        if let Some(v) = t.meta.get("instance_id")? {
             return Ok(String::from_utf8_lossy(&v).into_owned());
         }
         let id = crate::domain::ids::next().to_lowercase();
-        let _ = self.meta.compare_and_swap(
+        let _ = t.meta.compare_and_swap(
             "instance_id",
             None as Option<&[u8]>,
             Some(id.as_bytes()),
         )?;
-        let v = self.meta.get("instance_id")?.unwrap_or_default();
+        let v = t.meta.get("instance_id")?.unwrap_or_default();
         Ok(String::from_utf8_lossy(&v).into_owned())
-    }
-
-    // ---- firmware ----
-
-    /// One firmware record (tombstones included).
-    pub fn firmware(&self, id: &FirmwareId) -> Result<FirmwareRecord, CatalogError> {
-        let key = id.as_str().as_bytes();
-        let v = self.firmware.get(key)?.ok_or(CatalogError::NotFound)?;
-        decode(key, &v)
-    }
-
-    /// Newest-first page of firmware records matching `filter`.
-    pub fn list_firmware(
-        &self,
-        page: &PageRequest,
-        filter: impl Fn(&FirmwareRecord) -> bool,
-    ) -> Result<Page<FirmwareRecord>, CatalogError> {
-        page_desc(&self.firmware, page, filter)
-    }
-
-    /// Every firmware record, oldest first (export).
-    pub fn all_firmware(&self) -> impl Iterator<Item = Result<FirmwareRecord, CatalogError>> + '_ {
-        self.firmware.iter().map(|kv| {
-            let (k, v) = kv?;
-            decode(&k, &v)
-        })
-    }
-
-    /// Inserts a record as committed and drops the pending upload row, in one transaction;
-    /// unless its model + version exists: then nothing changes (the caller removes its blob and
-    /// then the pending row) and the outcome says whether the content is the same.
-    pub fn commit_firmware(
-        &self,
-        record: &FirmwareRecord,
-        version: &ProductVersion,
-        upload_id: &str,
-    ) -> Result<CommitOutcome, CatalogError> {
-        let vkey = version_key(&record.model, version);
-        let id_key = record.id.as_str().as_bytes().to_vec();
-        let value = encode(record);
-        let outcome = (&self.firmware, &self.firmware_versions, &self.uploads)
-            .transaction(|(fw, versions, uploads)| {
-                if let Some(existing_id) = versions.get(&vkey)? {
-                    let existing = fw.get(&existing_id)?.ok_or_else(|| {
-                        ConflictableTransactionError::Abort(CatalogError::NotFound)
-                    })?;
-                    let existing: FirmwareRecord = decode(&existing_id, &existing)
-                        .map_err(ConflictableTransactionError::Abort)?;
-                    return Ok(
-                        if existing.sha256 == record.sha256
-                            && existing.file_size == record.file_size
-                        {
-                            CommitOutcome::Duplicate(existing)
-                        } else {
-                            CommitOutcome::Conflict(existing)
-                        },
-                    );
-                }
-                fw.insert(id_key.as_slice(), value.as_slice())?;
-                versions.insert(vkey.as_slice(), id_key.as_slice())?;
-                uploads.remove(upload_id.as_bytes())?;
-                Ok(CommitOutcome::Created(record.clone()))
-            })
-            .map_err(tx_abort)?;
-        Ok(outcome)
-    }
-
-    /// Rewrites a record (status changes); tombstoning also frees its model+version, in one
-    /// transaction. Returns the stored record.
-    pub fn update_firmware(
-        &self,
-        id: &FirmwareId,
-        change: impl Fn(&mut FirmwareRecord),
-    ) -> Result<FirmwareRecord, CatalogError> {
-        let key = id.as_str().as_bytes();
-        let updated = (&self.firmware, &self.firmware_versions)
-            .transaction(|(fw, versions)| {
-                let current = fw
-                    .get(key)?
-                    .ok_or(ConflictableTransactionError::Abort(CatalogError::NotFound))?;
-                let mut record: FirmwareRecord =
-                    decode(key, &current).map_err(ConflictableTransactionError::Abort)?;
-                let was_deleted = record.status == FirmwareStatus::Deleted;
-                change(&mut record);
-                if record.status == FirmwareStatus::Deleted && !was_deleted {
-                    if let Ok(v) = ProductVersion::parse(&record.product_version) {
-                        let vkey = version_key(&record.model, &v);
-                        if versions.get(&vkey)?.as_deref() == Some(key) {
-                            versions.remove(vkey)?;
-                        }
-                    }
-                }
-                fw.insert(key, encode(&record))?;
-                Ok(record)
-            })
-            .map_err(tx_abort)?;
-        Ok(updated)
-    }
-
-    /// Imports a record as is (offline restore). Returns false if its id or its model+version
-    /// is already present.
-    pub fn import_firmware(&self, record: &FirmwareRecord) -> Result<bool, CatalogError> {
-        let key = record.id.as_str().as_bytes().to_vec();
-        let vkey = ProductVersion::parse(&record.product_version)
-            .ok()
-            .filter(|_| record.status != FirmwareStatus::Deleted)
-            .map(|v| version_key(&record.model, &v));
-        let value = encode(record);
-        (&self.firmware, &self.firmware_versions)
-            .transaction(|(fw, versions)| {
-                if fw.get(&key)?.is_some() {
-                    return Ok(false);
-                }
-                if let Some(vkey) = &vkey {
-                    if versions.get(vkey)?.is_some() {
-                        return Ok(false);
-                    }
-                    versions.insert(vkey.as_slice(), key.as_slice())?;
-                }
-                fw.insert(key.as_slice(), value.as_slice())?;
-                Ok(true)
-            })
-            .map_err(tx_abort::<std::convert::Infallible>)
-    }
-
-    // ---- pending uploads ----
-
-    /// Records an upload that has started (before its first byte reaches the blob store).
-    pub fn put_pending_upload(&self, upload: &PendingUpload) -> Result<(), CatalogError> {
-        self.uploads.insert(upload.id.as_bytes(), encode(upload))?;
-        Ok(())
-    }
-
-    /// Forgets a pending upload (aborted and cleaned up).
-    pub fn remove_pending_upload(&self, id: &str) -> Result<(), CatalogError> {
-        self.uploads.remove(id.as_bytes())?;
-        Ok(())
-    }
-
-    /// Every pending upload (the start-up sweep aborts them).
-    pub fn pending_uploads(&self) -> Result<Vec<PendingUpload>, CatalogError> {
-        self.uploads
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
-    }
-
-    // ---- download sessions ----
-
-    /// Stores sessions (the progress flusher) in one batch.
-    pub fn put_sessions(&self, sessions: &[DownloadSessionRecord]) -> Result<(), CatalogError> {
-        let mut batch = sled::Batch::default();
-        for s in sessions {
-            batch.insert(s.id.as_bytes(), encode(s));
-        }
-        self.sessions.apply_batch(batch)?;
-        Ok(())
-    }
-
-    /// Newest-first page of stored sessions matching `filter`.
-    pub fn list_sessions(
-        &self,
-        page: &PageRequest,
-        filter: impl Fn(&DownloadSessionRecord) -> bool,
-    ) -> Result<Page<DownloadSessionRecord>, CatalogError> {
-        page_desc(&self.sessions, page, filter)
-    }
-
-    /// Stored sessions last seen within `since_secs` (restart: resume keyed sessions).
-    pub fn recent_sessions(
-        &self,
-        since: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Vec<DownloadSessionRecord>, CatalogError> {
-        let mut out = Vec::new();
-        for kv in self.sessions.iter() {
-            let (k, v) = kv?;
-            let s: DownloadSessionRecord = decode(&k, &v)?;
-            if s.last_seen_at >= since {
-                out.push(s);
-            }
-        }
-        Ok(out)
-    }
-
-    /// Deletes sessions last seen before `cutoff`; returns how many.
-    pub fn prune_sessions(
-        &self,
-        cutoff: chrono::DateTime<chrono::Utc>,
-    ) -> Result<usize, CatalogError> {
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for kv in self.sessions.iter() {
-            let (k, v) = kv?;
-            let s: DownloadSessionRecord = decode(&k, &v)?;
-            if s.last_seen_at < cutoff {
-                batch.remove(k);
-                n += 1;
-            }
-        }
-        self.sessions.apply_batch(batch)?;
-        Ok(n)
-    }
-}
-
-impl Catalog {
-    /// Stores a device record under its serial number.
-    pub fn put_device<T: serde::Serialize>(
-        &self,
-        sn: &str,
-        device: &T,
-    ) -> Result<(), CatalogError> {
-        self.devices.insert(sn.as_bytes(), encode(device))?;
-        Ok(())
-    }
-
-    /// Removes a device record.
-    pub fn delete_device(&self, sn: &str) -> Result<(), CatalogError> {
-        self.devices.remove(sn.as_bytes())?;
-        Ok(())
-    }
-
-    /// Every stored device record.
-    pub fn all_devices<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>, CatalogError> {
-        self.devices
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
-    }
-}
-
-impl Catalog {
-    /// Stores an OTA task.
-    pub fn put_task<T: serde::Serialize>(&self, id: &str, task: &T) -> Result<(), CatalogError> {
-        self.tasks.insert(id.as_bytes(), encode(task))?;
-        Ok(())
-    }
-
-    /// Keeps an OTA message that matched no task (at most 10,000; the oldest go first).
-    pub fn put_orphan(&self, msg: &serde_json::Value) -> Result<(), CatalogError> {
-        while self.orphans.len() >= 10_000 {
-            if self.orphans.pop_min()?.is_none() {
-                break;
-            }
-        }
-        self.orphans
-            .insert(crate::domain::ids::next().as_bytes(), encode(msg))?;
-        Ok(())
-    }
-
-    /// Removes OTA tasks that finished before `cutoff`; returns how many.
-    pub fn prune_tasks(
-        &self,
-        cutoff: chrono::DateTime<chrono::Utc>,
-    ) -> Result<usize, CatalogError> {
-        #[derive(serde::Deserialize)]
-        struct Finished {
-            finished_at: Option<chrono::DateTime<chrono::Utc>>,
-        }
-        let mut removed = 0;
-        for kv in self.tasks.iter() {
-            let (k, v) = kv?;
-            let old = serde_json::from_slice::<Finished>(&v)
-                .ok()
-                .and_then(|t| t.finished_at)
-                .is_some_and(|f| f < cutoff);
-            if old {
-                self.tasks.remove(&k)?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
-    }
-
-    /// Removes an OTA task (one whose publish failed).
-    pub fn delete_task(&self, id: &str) -> Result<(), CatalogError> {
-        self.tasks.remove(id.as_bytes())?;
-        Ok(())
-    }
-
-    /// One OTA task.
-    pub fn task<T: serde::de::DeserializeOwned>(
-        &self,
-        id: &str,
-    ) -> Result<Option<T>, CatalogError> {
-        self.tasks
-            .get(id.as_bytes())?
-            .map(|v| decode(id.as_bytes(), &v))
-            .transpose()
-    }
-
-    /// Every OTA task.
-    pub fn all_tasks<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>, CatalogError> {
-        self.tasks
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
-    }
-
-    /// Newest-first page of OTA tasks.
-    pub fn list_tasks<T: serde::de::DeserializeOwned>(
-        &self,
-        page: &PageRequest,
-        filter: impl Fn(&T) -> bool,
-    ) -> Result<Page<T>, CatalogError> {
-        page_desc(&self.tasks, page, filter)
-    }
-
-    /// The stored answer of an Idempotency-Key seen within 24 h: (body hash, status, answer).
-    pub fn idempotent(
-        &self,
-        key: &str,
-    ) -> Result<Option<(String, u16, serde_json::Value)>, CatalogError> {
-        let Some(v) = self.idempotency.get(key.as_bytes())? else {
-            return Ok(None);
-        };
-        let rec: serde_json::Value = decode(key.as_bytes(), &v)?;
-        let at = rec["at"].as_i64().unwrap_or(0);
-        if chrono::Utc::now().timestamp() - at > 86_400 {
-            self.idempotency.remove(key.as_bytes())?;
-            return Ok(None);
-        }
-        Ok(Some((
-            rec["hash"].as_str().unwrap_or_default().to_string(),
-            rec["status"].as_u64().unwrap_or(200) as u16,
-            rec["answer"].clone(),
-        )))
-    }
-
-    /// Removes the Idempotency-Key answers older than 24 h; returns how many.
-    pub fn prune_idempotency(&self) -> Result<usize, CatalogError> {
-        let cutoff = chrono::Utc::now().timestamp() - 86_400;
-        let mut removed = 0;
-        for kv in self.idempotency.iter() {
-            let (k, v) = kv?;
-            let at = serde_json::from_slice::<serde_json::Value>(&v)
-                .ok()
-                .and_then(|rec| rec["at"].as_i64())
-                .unwrap_or(0);
-            if at < cutoff {
-                self.idempotency.remove(&k)?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
-    }
-
-    /// Remembers the answer to an Idempotency-Key.
-    pub fn put_idempotent(
-        &self,
-        key: &str,
-        hash: &str,
-        status: u16,
-        answer: &serde_json::Value,
-    ) -> Result<(), CatalogError> {
-        let rec = serde_json::json!({"hash": hash, "status": status, "answer": answer,
-            "at": chrono::Utc::now().timestamp()});
-        self.idempotency.insert(key.as_bytes(), encode(&rec))?;
-        Ok(())
-    }
-}
-
-impl Catalog {
-    /// Stores a rollout.
-    pub fn put_rollout<T: serde::Serialize>(&self, id: &str, r: &T) -> Result<(), CatalogError> {
-        self.rollouts.insert(id.as_bytes(), encode(r))?;
-        Ok(())
-    }
-
-    /// One rollout.
-    pub fn rollout<T: serde::de::DeserializeOwned>(
-        &self,
-        id: &str,
-    ) -> Result<Option<T>, CatalogError> {
-        self.rollouts
-            .get(id.as_bytes())?
-            .map(|v| decode(id.as_bytes(), &v))
-            .transpose()
-    }
-
-    /// Every rollout.
-    pub fn all_rollouts<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>, CatalogError> {
-        self.rollouts
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
-    }
-
-    /// Newest-first page of rollouts.
-    pub fn list_rollouts<T: serde::de::DeserializeOwned>(
-        &self,
-        page: &PageRequest,
-        filter: impl Fn(&T) -> bool,
-    ) -> Result<Page<T>, CatalogError> {
-        page_desc(&self.rollouts, page, filter)
-    }
-
-    /// Stores rollout members (one gateway each) under `rollout_id/key`.
-    pub fn put_members<T: serde::Serialize>(
-        &self,
-        rollout_id: &str,
-        members: &[(String, &T)],
-    ) -> Result<(), CatalogError> {
-        let mut batch = sled::Batch::default();
-        for (key, m) in members {
-            batch.insert(format!("{rollout_id}/{key}").into_bytes(), encode(m));
-        }
-        self.rollout_members.apply_batch(batch)?;
-        Ok(())
-    }
-
-    /// A rollout's members in key order.
-    pub fn members<T: serde::de::DeserializeOwned>(
-        &self,
-        rollout_id: &str,
-    ) -> Result<Vec<T>, CatalogError> {
-        self.rollout_members
-            .scan_prefix(format!("{rollout_id}/").as_bytes())
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
     }
 }
 
@@ -704,84 +484,6 @@ fn page_desc<T: serde::de::DeserializeOwned>(
     })
 }
 
-impl Catalog {
-    /// Stores an API token record (only the token's hash is in it) under its id.
-    pub fn put_token<T: serde::Serialize>(&self, id: &str, t: &T) -> Result<(), CatalogError> {
-        self.tokens.insert(id.as_bytes(), encode(t))?;
-        Ok(())
-    }
-
-    /// Every API token record.
-    pub fn all_tokens<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>, CatalogError> {
-        self.tokens
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
-    }
-
-    /// Newest-first page of API token records.
-    pub fn list_tokens<T: serde::de::DeserializeOwned>(
-        &self,
-        page: &PageRequest,
-    ) -> Result<Page<T>, CatalogError> {
-        page_desc(&self.tokens, page, |_: &T| true)
-    }
-
-    /// Appends an audit entry under its (time-ordered) id.
-    pub fn put_audit<T: serde::Serialize>(&self, id: &str, entry: &T) -> Result<(), CatalogError> {
-        self.audit.insert(id.as_bytes(), encode(entry))?;
-        Ok(())
-    }
-
-    /// Newest-first page of audit entries whose id sorts at or after `since_key`.
-    pub fn list_audit<T: serde::de::DeserializeOwned>(
-        &self,
-        page: &PageRequest,
-        since_key: Option<&str>,
-    ) -> Result<Page<T>, CatalogError> {
-        let Some(since) = since_key else {
-            return page_desc(&self.audit, page, |_: &T| true);
-        };
-        let limit = page.limit();
-        let upper = page.after_key()?;
-        let iter = match &upper {
-            Some(after) => self.audit.range(since.as_bytes()..after.as_slice()),
-            None => self.audit.range(since.as_bytes()..),
-        };
-        let mut items = Vec::with_capacity(limit);
-        let mut last_key: Option<sled::IVec> = None;
-        for kv in iter.rev() {
-            let (k, v) = kv?;
-            if items.len() == limit {
-                return Ok(Page {
-                    items,
-                    next_cursor: last_key.map(|k| cursor_for(&String::from_utf8_lossy(&k))),
-                });
-            }
-            items.push(decode(&k, &v)?);
-            last_key = Some(k);
-        }
-        Ok(Page {
-            items,
-            next_cursor: None,
-        })
-    }
-
-    /// Removes audit entries whose id sorts before `before_key`; returns how many.
-    pub fn prune_audit(&self, before_key: &str) -> Result<usize, CatalogError> {
-        let mut removed = 0;
-        for kv in self.audit.range(..before_key.as_bytes()) {
-            let (k, _) = kv?;
-            self.audit.remove(&k)?;
-            removed += 1;
-        }
-        Ok(removed)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -815,10 +517,10 @@ mod tests {
             .unwrap();
         let old = serde_json::json!({"hash": "h", "status": 201, "answer": {},
             "at": chrono::Utc::now().timestamp() - 90_000});
-        cat.idempotency.insert("old", encode(&old)).unwrap();
+        cat.trees().unwrap().idempotency.insert("old", encode(&old)).unwrap();
         assert_eq!(cat.prune_idempotency().unwrap(), 1);
         assert!(cat.idempotent("fresh").unwrap().is_some());
-        assert!(cat.idempotency.get("old").unwrap().is_none());
+        assert!(cat.trees().unwrap().idempotency.get("old").unwrap().is_none());
     }
 
     #[test]

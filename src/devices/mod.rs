@@ -205,6 +205,26 @@ impl DeviceRegistry {
         })
     }
 
+    /// Changes a device and stores it before the change becomes visible: a failed write
+    /// changes nothing (API writes, which must be durable when answered).
+    fn store_device<R>(
+        &self,
+        sn: &str,
+        now: DateTime<Utc>,
+        f: impl FnOnce(&mut DeviceRecord) -> R,
+    ) -> Result<R, CatalogError> {
+        let mut devices = lock(&self.inner.devices);
+        let mut d = devices
+            .get(sn)
+            .cloned()
+            .unwrap_or_else(|| new_device(sn, now));
+        let r = f(&mut d);
+        self.inner.catalog.put_device(&d.sn, &d)?;
+        lock(&self.inner.dirty).remove(sn);
+        devices.insert(sn.to_string(), d);
+        Ok(r)
+    }
+
     fn with_device<R>(
         &self,
         sn: &str,
@@ -216,27 +236,7 @@ impl DeviceRegistry {
             let mut devices = lock(&self.inner.devices);
             let d = devices
                 .entry(sn.to_string())
-                .or_insert_with(|| DeviceRecord {
-                    sn: sn.to_string(),
-                    order: crate::domain::ids::next(),
-                    gateway_sn: None,
-                    child_sn: None,
-                    osd_child_sn: None,
-                    model_key: None,
-                    model: None,
-                    model_declared: false,
-                    firmware_version: None,
-                    compatible_status: None,
-                    firmware_upgrade_status: None,
-                    mode_code: None,
-                    thing_version: None,
-                    dialect: None,
-                    first_seen_at: now,
-                    last_seen_at: None,
-                    last_osd_at: None,
-                    last_state_at: None,
-                    online: false,
-                });
+                .or_insert_with(|| new_device(sn, now));
             let r = f(d);
             (r, persist_now.then(|| d.clone()))
         };
@@ -383,7 +383,7 @@ impl DeviceRegistry {
             return Err(DeviceError::Invalid("invalid serial number".into()));
         }
         let now = Utc::now();
-        let d = self.with_device(sn, now, true, |d| {
+        let d = self.store_device(sn, now, |d| {
             if let Some(m) = model.filter(|m| !m.trim().is_empty()) {
                 d.model = Some(m.trim().to_string());
                 d.model_declared = true;
@@ -392,9 +392,9 @@ impl DeviceRegistry {
                 d.gateway_sn = Some(g);
             }
             d.clone()
-        });
+        })?;
         if let Some(g) = &d.gateway_sn {
-            self.with_device(g, now, true, |gw| gw.child_sn = Some(sn.to_string()));
+            self.store_device(g, now, |gw| gw.child_sn = Some(sn.to_string()))?;
         }
         Ok(self.present(d, now))
     }
@@ -408,11 +408,13 @@ impl DeviceRegistry {
 
     /// Forgets a device.
     pub fn delete(&self, sn: &str) -> Result<DeviceRecord, DeviceError> {
-        let removed = lock(&self.inner.devices).remove(sn);
-        let d = removed.ok_or(DeviceError::NotFound)?;
-        lock(&self.inner.dirty).remove(sn);
+        let mut devices = lock(&self.inner.devices);
+        if !devices.contains_key(sn) {
+            return Err(DeviceError::NotFound);
+        }
         self.inner.catalog.delete_device(sn)?;
-        Ok(d)
+        lock(&self.inner.dirty).remove(sn);
+        devices.remove(sn).ok_or(DeviceError::NotFound)
     }
 
     /// Newest-first page of devices matching the filter.
@@ -450,8 +452,9 @@ impl DeviceRegistry {
             })
             .filter(|d| {
                 filter.seen_within_s.is_none_or(|s| {
+                    // Compared as unsigned: any u64 window is valid (a huge one means "ever").
                     d.last_seen_at
-                        .is_some_and(|t| (now - t).num_seconds() <= s as i64)
+                        .is_some_and(|t| (now - t).num_seconds().max(0).unsigned_abs() <= s)
                 })
             })
             .cloned()
@@ -523,5 +526,29 @@ impl crate::firmware::UsageGuard for DeviceRegistry {
                 fw.model, fw.product_version
             )
         })
+    }
+}
+
+fn new_device(sn: &str, now: DateTime<Utc>) -> DeviceRecord {
+    DeviceRecord {
+        sn: sn.to_string(),
+        order: crate::domain::ids::next(),
+        gateway_sn: None,
+        child_sn: None,
+        osd_child_sn: None,
+        model_key: None,
+        model: None,
+        model_declared: false,
+        firmware_version: None,
+        compatible_status: None,
+        firmware_upgrade_status: None,
+        mode_code: None,
+        thing_version: None,
+        dialect: None,
+        first_seen_at: now,
+        last_seen_at: None,
+        last_osd_at: None,
+        last_state_at: None,
+        online: false,
     }
 }

@@ -6,7 +6,13 @@ use serde_json::Value;
 /// An int-like value: a number or a numeric string.
 pub fn int_of(v: &Value) -> Option<i64> {
     match v {
-        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        // A float counts only when it is a whole number inside i64 (`1e300` is malformed,
+        // not i64::MAX).
+        Value::Number(n) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e18)
+                .map(|f| f as i64)
+        }),
         Value::String(s) => s.trim().parse().ok(),
         _ => None,
     }

@@ -41,6 +41,13 @@ impl fmt::Display for FirmwareId {
     }
 }
 
+/// Whether an I/O error means the file system is full (ENOSPC, EDQUOT): the answer is 507,
+/// not a generic failure.
+pub fn io_no_space(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull
+        || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+}
+
 /// Monotonic ULID generation shared by every id type.
 pub mod ids {
     use std::sync::Mutex;

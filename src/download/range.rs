@@ -149,10 +149,11 @@ pub fn parse_range(header: &str, len: u64) -> RangeSpec {
             return RangeSpec::Ignore;
         };
         let (first, last) = (first.trim(), last.trim());
+        // Digits beyond u64 are a valid, huge position (RFC 9110: a last-pos past the end
+        // means "to the end"), not a malformed header.
         let num = |s: &str| -> Option<u64> {
             (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| s.parse().ok())
-                .flatten()
+                .then(|| s.parse().unwrap_or(u64::MAX))
         };
         match (first.is_empty(), last.is_empty()) {
             (true, true) => return RangeSpec::Ignore,
@@ -253,6 +254,9 @@ mod tests {
             ("items=0-1", Ignore),
             ("0-1", Ignore),
             ("bytes=+1-2", Ignore),
+            ("bytes=0-99999999999999999999999", Ranges(vec![0..1000])),
+            ("bytes=-99999999999999999999999", Ranges(vec![0..1000])),
+            ("bytes=99999999999999999999999-", Unsatisfiable),
         ];
         for (h, want) in cases {
             assert_eq!(&r(h), want, "{h}");

@@ -1,7 +1,9 @@
 //! Who may call what: the gate every request passes before its handler. It names the scope a
 //! route needs ([`required`]), checks the bearer token, spends the caller's rate-limit budget
-//! (`/api/`), takes a download slot for the client address (`/files/`, `/dl/`), and writes the
-//! audit entry of every state-changing API call and every refused token.
+//! (`/api/`), takes a download slot for the client address (`/files/`, `/dl/`), writes the
+//! audit entry of every state-changing API call and every refused token, and makes a
+//! state-changing call's effects durable before its success is answered (or refuses it while
+//! the catalog cannot write).
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
@@ -151,6 +153,14 @@ pub async fn gate(
     if let Some(p) = &principal {
         req.extensions_mut().insert(p.clone());
     }
+    // A catalog that cannot make writes durable refuses them before anything changes.
+    if audited {
+        if let Some(fault) = state.catalog.fault() {
+            let e = ApiError::from(crate::catalog::CatalogError::Unwritable(fault));
+            audit(principal.as_ref(), e.status_code().as_u16(), Some(e.code()));
+            return Err(e.into());
+        }
+    }
     let res = next.call(req).await;
     if audited {
         let (status, code) = match &res {
@@ -167,6 +177,15 @@ pub async fn gate(
             ),
         };
         audit(principal.as_ref(), status, code);
+        // Durable before acknowledged: a success is answered only once the change (and its
+        // audit entry) is on disk. Concurrent requests share one flush.
+        if (200..300).contains(&status) {
+            if let Err(e) = state.catalog.flush().await {
+                let e = ApiError::from(e);
+                audit(principal.as_ref(), e.status_code().as_u16(), Some(e.code()));
+                return Err(e.into());
+            }
+        }
     }
     res
 }

@@ -156,6 +156,26 @@ impl From<CatalogError> for ApiError {
         match e {
             CatalogError::NotFound => ApiError::not_found("not found"),
             CatalogError::InvalidCursor => ApiError::invalid_request("invalid cursor"),
+            e if e.is_no_space() => {
+                let mut a = ApiError::internal(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    &e,
+                );
+                a.message = "the catalog's disk is full; nothing was stored".into();
+                a.retry_after = Some(30);
+                a
+            }
+            e @ (CatalogError::Unwritable(_) | CatalogError::Storage(_)) => {
+                let mut a = ApiError::internal(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "catalog_unavailable",
+                    &e,
+                );
+                a.message = "the catalog cannot store changes now; nothing was stored".into();
+                a.retry_after = Some(5);
+                a
+            }
             other => {
                 ApiError::internal(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", &other)
             }
@@ -208,6 +228,15 @@ impl From<UploadError> for ApiError {
             U::VersionConflict { existing, .. } => {
                 let mut a = ApiError::new(StatusCode::CONFLICT, "version_conflict", msg);
                 a.detail_mut().firmware_id = Some(existing.to_string());
+                a
+            }
+            U::Blob(b) if b.is_no_space() => {
+                let mut a = ApiError::internal(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "insufficient_storage",
+                    &b,
+                );
+                a.message = "the blob store's disk filled during the upload; nothing was kept".into();
                 a
             }
             U::Blob(b) => ApiError::internal(StatusCode::BAD_GATEWAY, "blob_store_error", &b),

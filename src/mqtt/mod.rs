@@ -283,6 +283,20 @@ pub fn start(
     Ok(handle)
 }
 
+/// First reconnect delay after the connection drops.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+/// Longest reconnect delay: a broker that restarts is back within a second or two, and the
+/// docks reconnect that fast too; messages published meanwhile are lost on a broker without
+/// persistence, so the gap must stay short.
+const RECONNECT_MAX: Duration = Duration::from_secs(1);
+
+/// `d` scaled by a random factor in [0.5, 1): replicas and restarts do not reconnect in step.
+fn jittered(d: Duration) -> Duration {
+    let mut b = [0u8; 2];
+    let r = getrandom::fill(&mut b).map_or(0, |_| u16::from_le_bytes(b));
+    d.mul_f64(0.5 + f64::from(r) / 131_072.0)
+}
+
 struct Session {
     handle: MqttHandle,
     registry: DeviceRegistry,
@@ -292,7 +306,7 @@ struct Session {
 
 impl Session {
     async fn run(self, mut eventloop: rumqttc::EventLoop, cancel: CancellationToken) {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = RECONNECT_FIRST;
         loop {
             let event = tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -300,7 +314,7 @@ impl Session {
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    backoff = Duration::from_millis(200);
+                    backoff = RECONNECT_FIRST;
                     self.handle.status.connected.store(true, Ordering::Relaxed);
                     tracing::info!("MQTT session up; subscribing");
                     self.subscribe();
@@ -318,9 +332,9 @@ impl Session {
                     }
                     tokio::select! {
                         _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(jittered(backoff)) => {}
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
                 }
             }
         }
@@ -383,10 +397,15 @@ impl Session {
                     self.registry.on_seen(&sn);
                 }
             }
-            Inbound::State(sn) => {
-                self.registry
-                    .on_state(&sn, env.gateway.as_deref(), &state_of(&env.data));
-            }
+            Inbound::State(sn) => match state_of(&env.data) {
+                Ok(report) => self
+                    .registry
+                    .on_state(&sn, env.gateway.as_deref(), &report),
+                Err(field) => {
+                    status.malformed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(topic, field, "malformed state report: not an integer; ignored");
+                }
+            },
             Inbound::Osd(sn) => {
                 self.registry
                     .on_osd(&sn, env.gateway.as_deref(), &osd_of(&env.data));
@@ -465,16 +484,21 @@ fn topology_of(data: &Value) -> TopologyReport {
     }
 }
 
-fn state_of(data: &Value) -> StateReport {
-    StateReport {
+/// The state report, or the name of a field that is present but not an integer.
+fn state_of(data: &Value) -> Result<StateReport, &'static str> {
+    let int = |a: &'static str, b: &str| {
+        let v = field(data, a, b);
+        match int_of(v) {
+            Some(i) => Ok(Some(i)),
+            None if v.is_null() => Ok(None),
+            None => Err(a),
+        }
+    };
+    Ok(StateReport {
         firmware_version: str_of(field(data, "firmware_version", "firmwareVersion")),
-        compatible_status: int_of(field(data, "compatible_status", "compatibleStatus")),
-        firmware_upgrade_status: int_of(field(
-            data,
-            "firmware_upgrade_status",
-            "firmwareUpgradeStatus",
-        )),
-    }
+        compatible_status: int("compatible_status", "compatibleStatus")?,
+        firmware_upgrade_status: int("firmware_upgrade_status", "firmwareUpgradeStatus")?,
+    })
 }
 
 /// `v[a]`, else `v[b]` (snake_case, else camelCase), without copying.
@@ -526,8 +550,22 @@ mod tests {
         let t = topology_of(&autel);
         assert_eq!(t.thing_version.as_deref(), Some("2.0"));
         assert!(t.sub_devices.is_empty());
-        let s = state_of(&json!({"firmware_version":"10.01.0205","compatible_status":"1"}));
+        let s = state_of(&json!({"firmware_version":"10.01.0205","compatible_status":"1"})).unwrap();
         assert_eq!(s.firmware_version.as_deref(), Some("10.01.0205"));
         assert_eq!(s.compatible_status, Some(1));
+    }
+
+    #[test]
+    fn out_of_range_integers_make_a_state_report_malformed() {
+        assert_eq!(
+            state_of(&json!({"compatible_status": 1e300})).err(),
+            Some("compatible_status")
+        );
+        assert_eq!(
+            state_of(&json!({"firmwareUpgradeStatus": 0.5})).err(),
+            Some("firmware_upgrade_status")
+        );
+        let s = state_of(&json!({"compatible_status": 1.0, "firmware_upgrade_status": null}));
+        assert_eq!(s.map(|s| s.compatible_status), Ok(Some(1)));
     }
 }

@@ -80,6 +80,8 @@ pub enum OtaError {
 /// The preflight checks, each switchable with `--preflight-skip`.
 pub const PREFLIGHT_CHECKS: [&str; 3] = ["gateway_online", "not_upgrading", "aircraft_attached"];
 
+/// How long an open task must be quiet before device reports may close it.
+const RECONCILE_AFTER: chrono::Duration = chrono::Duration::seconds(10);
 /// How long a device whose outcome is `unverified` may still become verified (late).
 const LATE_VERIFY: chrono::Duration = chrono::Duration::hours(24);
 
@@ -1040,7 +1042,7 @@ impl OtaService {
         let tasks: Vec<OtaTask> = lock(&self.inner.open).tasks.values().cloned().collect();
         let s = &self.inner.settings;
         for mut t in tasks {
-            let mut changed = false;
+            let mut changed = self.reconcile(&mut t, now);
             if !t.status.is_final() {
                 let last = t.last_event_at.unwrap_or(t.created_at);
                 let silent = (now - last).to_std().unwrap_or_default();
@@ -1068,6 +1070,55 @@ impl OtaService {
                 self.save(&t);
             }
         }
+    }
+
+    /// Closes an open task whose final `ota_progress` never arrived (published while the
+    /// broker was restarting, or while fwrepo was): when every device still pending reports,
+    /// since the task began, the task's target (and consistency, for a consistency upgrade)
+    /// while not upgrading, the task ends `ok` and those devices `verified`.
+    fn reconcile(&self, task: &mut OtaTask, now: DateTime<Utc>) -> bool {
+        // The normal path (the gateway's final ota_progress) goes first: only a task that has
+        // been quiet for a while is closed from reports.
+        let quiet = now - task.last_event_at.unwrap_or(task.created_at);
+        if task.status.is_final() || quiet < RECONCILE_AFTER {
+            return false;
+        }
+        let mut pending = task
+            .devices
+            .iter()
+            .filter(|d| d.outcome == Outcome::Pending)
+            .peekable();
+        if pending.peek().is_none() {
+            return false;
+        }
+        let done = pending.all(|d| {
+            let upgrading = self.inner.devices.get(&d.sn).ok().is_none_or(|x| {
+                let busy_mode = if d.sn == task.gateway_sn { 3 } else { 13 };
+                x.firmware_upgrade_status == Some(1) || x.mode_code == Some(busy_mode)
+            });
+            !upgrading
+                && self
+                    .check_device(task.created_at, d)
+                    .is_some_and(|(_, _, verified)| verified)
+        });
+        if !done {
+            return false;
+        }
+        task.status = TaskStatus::Ok;
+        task.finished_at = Some(now);
+        task.last_event_at = Some(now);
+        for d in task
+            .devices
+            .iter_mut()
+            .filter(|d| d.outcome == Outcome::Pending)
+        {
+            d.outcome = Outcome::Verified;
+            d.outcome_at = Some(now);
+        }
+        self.inner.counters.finish(TaskStatus::Ok);
+        task.note("reconcile", None, now);
+        tracing::info!(task_id = %task.id, gateway_sn = %task.gateway_sn, "OTA task closed from device reports (its final ota_progress never arrived)");
+        true
     }
 
     /// Devices left `unverified` that report the target within a day still become verified

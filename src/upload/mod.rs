@@ -309,20 +309,92 @@ impl UploadService {
     }
 
     async fn discard(&self, key: &str, writer: Option<BlobWriter>, published: bool) {
+        let mut clean = true;
         if let Some(w) = writer {
             if let Err(e) = w.abort().await {
-                tracing::warn!(upload_id = key, error = %e, "aborting blob upload failed");
+                tracing::warn!(upload_id = key, error = %e, "aborting blob upload failed; retrying in the background");
+                clean = false;
             }
         }
         if published {
             if let Err(e) = self.blobs.delete(key).await {
-                tracing::warn!(upload_id = key, error = %e, "removing blob of failed upload failed");
-                return; // keep the pending row: the next start-up sweep retries
+                tracing::warn!(upload_id = key, error = %e, "removing blob of failed upload failed; retrying in the background");
+                clean = false;
             }
+        }
+        if !clean {
+            // The pending row (with the S3 upload id) stays until the cleanup has succeeded:
+            // the background retry and the start-up sweep both work from it.
+            self.retry_cleanup(key.to_string());
+            return;
         }
         if let Err(e) = self.catalog.remove_pending_upload(key) {
             tracing::warn!(upload_id = key, error = %e, "dropping pending upload row failed");
         }
+    }
+
+    /// Removes what one pending upload left (S3 multipart upload, blob, local staging file)
+    /// and then its row.
+    async fn clean_pending(&self, pending: &PendingUpload) -> Result<(), UploadError> {
+        self.blobs
+            .discard_partial(&pending.blob_key, pending.multipart_id.as_deref())
+            .await?;
+        self.catalog.remove_pending_upload(&pending.id)?;
+        Ok(())
+    }
+
+    /// Retries the cleanup of `key` with backoff (1 s doubling to 5 min) until it succeeds or
+    /// the pending row is gone; a restart's sweep takes over if the process ends first.
+    fn retry_cleanup(&self, key: String) {
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let mut wait = std::time::Duration::from_secs(1);
+            loop {
+                tokio::time::sleep(wait).await;
+                let pending = match svc.catalog.pending_uploads() {
+                    Ok(all) => all.into_iter().find(|p| p.id == key),
+                    Err(_) => None,
+                };
+                let Some(pending) = pending else { return };
+                match svc.clean_pending(&pending).await {
+                    Ok(()) => {
+                        tracing::info!(upload_id = %key, "cleaned up an interrupted upload");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::debug!(upload_id = %key, error = %e, "upload cleanup still failing");
+                        wait = (wait * 2).min(std::time::Duration::from_secs(300));
+                    }
+                }
+            }
+        });
+    }
+
+    /// Cleans up every pending upload: at start-up (what a crash left) and at shutdown (what
+    /// the shutdown cut; no upload handler runs any more). One that cannot be cleaned now
+    /// keeps its row and is retried in the background. Returns how many were cleaned.
+    pub async fn discard_unfinished(&self) -> usize {
+        let pending = match self.catalog.pending_uploads() {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read pending uploads");
+                return 0;
+            }
+        };
+        let mut cleaned = 0;
+        for p in pending {
+            match self.clean_pending(&p).await {
+                Ok(()) => {
+                    tracing::info!(upload_id = %p.id, "swept an interrupted upload");
+                    cleaned += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(upload_id = %p.id, error = %e, "cannot clean up an interrupted upload now; retrying in the background");
+                    self.retry_cleanup(p.id.clone());
+                }
+            }
+        }
+        cleaned
     }
 }
 
