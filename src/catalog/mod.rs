@@ -492,6 +492,39 @@ mod tests {
         FirmwareRecord::new_for_test(model, version, sha)
     }
 
+    #[tokio::test]
+    async fn an_unwritable_catalog_refuses_until_recover_reopens_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(dir.path(), 8).unwrap();
+        cat.put_task("kept", &serde_json::json!({"n": 1})).unwrap();
+        cat.flush().await.unwrap();
+        assert!(cat.check().is_ok() && cat.fault().is_none());
+
+        // As a failed flush does (ENOSPC): every later flush and readiness check fails.
+        let full = CatalogError::Storage(sled::Error::Io(std::io::Error::from_raw_os_error(
+            libc::ENOSPC,
+        )));
+        assert!(full.is_no_space());
+        cat.mark_unwritable(&full);
+        assert_eq!(cat.fault(), Some(CatalogFault::NoSpace));
+        assert!(matches!(
+            cat.flush().await,
+            Err(CatalogError::Unwritable(CatalogFault::NoSpace))
+        ));
+        assert!(cat.check().is_err());
+
+        // Recovery drops sled (releasing its file lock, even with a clone of the handle
+        // alive), reopens it and proves a write reaches the disk.
+        let other = cat.clone();
+        cat.recover().await.unwrap();
+        assert!(other.fault().is_none() && other.check().is_ok());
+        let kept: Option<serde_json::Value> = other.task("kept").unwrap();
+        assert_eq!(kept, Some(serde_json::json!({"n": 1})));
+        other.put_task("after", &serde_json::json!({"n": 2})).unwrap();
+        other.flush().await.unwrap();
+        assert!(cat.task::<serde_json::Value>("after").unwrap().is_some());
+    }
+
     #[test]
     fn finished_tasks_are_pruned_past_retention() {
         let dir = tempfile::tempdir().unwrap();

@@ -783,3 +783,104 @@ async fn signed_urls_are_bound_to_task_device_and_firmware_and_expire() {
         206
     );
 }
+
+/// A dock's final `ota_progress` is lost (a broker gap): the task still ends `ok`, verified,
+/// once the dock's state reports show the target version while not upgrading.
+#[tokio::test]
+async fn a_lost_final_progress_is_closed_from_state_reports() {
+    let app = app_with_models(30).await;
+    let fw = app
+        .upload_ok("Dock_10.01.0400.zip", payload(200_000, 41))
+        .await;
+    let fw_id = fw["id"].as_str().unwrap();
+    let (dock, aircraft) = (sn("DOCK"), sn("AC"));
+    let (client, mut inbox) = mqtt_client(&app.mqtt_addr(), "reconcile").await;
+    client
+        .subscribe(format!("thing/product/{dock}/services"), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    announce(&client, &dock, &aircraft, "10.01.0205", 0).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/devices/{dock}")).await.1["firmware_version"]
+                == "10.01.0205"
+        })
+        .await
+    );
+    let (status, task) = post_ota(
+        &app,
+        json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw_id}]}),
+        None,
+    )
+    .await;
+    assert_eq!(status, 202, "{task}");
+    let id = task["id"].as_str().unwrap().to_string();
+    let create = next_on(&mut inbox, "/services").await;
+    let publish = |topic: String, msg: Value| {
+        let client = client.clone();
+        async move {
+            client
+                .publish(topic, QoS::AtLeastOnce, false, msg.to_string())
+                .await
+                .unwrap()
+        }
+    };
+    publish(
+        format!("thing/product/{dock}/services_reply"),
+        json!({"tid": create["tid"], "bid": create["bid"], "timestamp": 1, "method": "ota_create",
+            "data": {"result": 0, "output": {"status": "in_progress", "progress": {"percent": 90}}}}),
+    )
+    .await;
+    let path = format!("/api/v1/ota/{id}");
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&path).await.1["status"] == "in_progress"
+        })
+        .await
+    );
+    // Still upgrading on the old version: nothing is concluded from that.
+    let state = |version: &str, upgrading: i64| {
+        json!({"tid":"t","bid":"b","timestamp":5,"data":{"firmware_version":version,
+            "compatible_status":0,"firmware_upgrade_status":upgrading}})
+    };
+    publish(
+        format!("thing/product/{dock}/state"),
+        state("10.01.0205", 1),
+    )
+    .await;
+    // The final progress is never delivered; the dock comes back on the target version.
+    publish(
+        format!("thing/product/{dock}/state"),
+        state("10.01.0400", 0),
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            app.get_json(&path).await.1["status"] == "ok"
+        })
+        .await,
+        "{}",
+        app.get_json(&path).await.1
+    );
+    let (_, t) = app.get_json(&path).await;
+    assert_eq!(t["devices"][0]["outcome"], "verified", "{t}");
+    let sources: Vec<&str> = t["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h["source"].as_str())
+        .collect();
+    assert_eq!(sources.last(), Some(&"reconcile"), "{t}");
+    // The gateway is free for the next task.
+    let (status, e) = post_ota(
+        &app,
+        json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw_id}]}),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (409, Some("already_up_to_date")),
+        "{e}"
+    );
+}
