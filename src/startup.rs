@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::dev::Server;
-use actix_web::{App, HttpServer, web};
+use actix_web::{App, web};
 use tokio_util::sync::CancellationToken;
 use tracing_actix_web::TracingLogger;
 use url::Url;
@@ -19,7 +19,7 @@ use crate::config::Settings;
 use crate::devices::DeviceRegistry;
 use crate::download::DownloadService;
 use crate::firmware::FirmwareService;
-use crate::http::{self, AppState};
+use crate::http::{self, AppState, conn as http_conn};
 use crate::metrics::Metrics;
 use crate::progress::DownloadTracker;
 use crate::upload::UploadService;
@@ -422,6 +422,43 @@ fn app(
 /// delay a shutdown).
 const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
+/// The HTTP/1 service over one kind of connection, as actix-web's HttpServer builds it (which
+/// cannot wrap the connection: the wrapper gives actix-http's own error answers JSON).
+fn http_service<T>(
+    data: web::Data<AppState>,
+    role: Listener,
+    addr: SocketAddr,
+) -> impl actix_service::ServiceFactory<
+    (T, actix_http::Protocol, Option<SocketAddr>),
+    Config = (),
+    Response = (),
+    Error = actix_http::error::DispatchError,
+    InitError = (),
+>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + 'static,
+{
+    use actix_service::{IntoServiceFactory, ServiceFactoryExt, map_config};
+    let connections = data.budget.clone();
+    actix_http::HttpService::build()
+        // actix drains connections on shutdown but never closes idle keep-alive ones: an idle
+        // connection is closed after KEEP_ALIVE instead of holding the whole grace period, and
+        // while stopping every answer says `Connection: close`.
+        .keep_alive(KEEP_ALIVE)
+        .client_request_timeout(Duration::from_secs(10))
+        .local_addr(addr)
+        // Each open connection takes a share of the download buffer budget.
+        .on_connect_ext(move |_: &T, ext: &mut actix_web::dev::Extensions| {
+            ext.insert(connections.connection_guard());
+        })
+        .finish(map_config(
+            app(data, role)
+                .into_factory()
+                .map_err(|e: actix_web::Error| e.error_response()),
+            |_| actix_web::dev::AppConfig::default(),
+        ))
+}
+
 /// An HTTP server for `role` on `listener` (HTTPS with `tls`).
 fn serve(
     data: &web::Data<AppState>,
@@ -430,34 +467,57 @@ fn serve(
     tls: Option<rustls::ServerConfig>,
     grace: Duration,
 ) -> Result<Server, StartupError> {
+    use actix_service::{ServiceFactoryExt, fn_service};
+    use http_conn::JsonErrorIo;
+
     let addr = listener
         .local_addr()
         .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let bind_err = |source| StartupError::Bind { addr, source };
-    let connections = data.budget.clone();
-    let factory = {
-        let data = data.clone();
-        move || app(data.clone(), role)
-    };
-    let server = HttpServer::new(factory)
-        // Each open connection takes a share of the download buffer budget.
-        .on_connect(move |_, ext| {
-            ext.insert(connections.connection_guard());
-        });
-    let server = match tls {
-        Some(config) => server.listen_rustls_0_23(listener, config),
-        None => server.listen(listener),
+    let data = data.clone();
+    let builder = actix_server::Server::build()
+        .disable_signals()
+        .shutdown_timeout(grace.as_secs());
+    let name = format!("fwrepo-{addr}");
+    let builder = match tls {
+        None => builder.listen(name, listener, move || {
+            fn_service(|io: actix_rt::net::TcpStream| async move {
+                let peer = io.peer_addr().ok();
+                Ok::<_, actix_http::error::DispatchError>((
+                    JsonErrorIo::new(io),
+                    actix_http::Protocol::Http1,
+                    peer,
+                ))
+            })
+            .and_then(http_service(data.clone(), role, addr))
+        }),
+        Some(mut config) => {
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            builder.listen(name, listener, move || {
+                let mut acceptor = actix_tls::accept::rustls_0_23::Acceptor::new(config.clone());
+                acceptor.set_handshake_timeout(Duration::from_secs(10));
+                acceptor
+                    .map_init_err(|_| ())
+                    .map_err(|e| {
+                        tracing::debug!(error = ?e, "TLS handshake failed");
+                        actix_http::error::DispatchError::Io(std::io::Error::other("TLS handshake failed"))
+                    })
+                    .and_then(fn_service(
+                        |io: actix_tls::accept::rustls_0_23::TlsStream<actix_rt::net::TcpStream>| async move {
+                            let peer = io.get_ref().0.peer_addr().ok();
+                            Ok::<_, actix_http::error::DispatchError>((
+                                JsonErrorIo::new(io),
+                                actix_http::Protocol::Http1,
+                                peer,
+                            ))
+                        },
+                    ))
+                    .and_then(http_service(data.clone(), role, addr))
+            })
+        }
     }
     .map_err(bind_err)?;
-    Ok(server
-        .disable_signals()
-        .shutdown_timeout(grace.as_secs())
-        // actix drains connections on shutdown but never closes idle keep-alive ones: an idle
-        // connection is closed after KEEP_ALIVE instead of holding the whole grace period,
-        // and while stopping every answer says `Connection: close`.
-        .client_request_timeout(Duration::from_secs(10))
-        .keep_alive(KEEP_ALIVE)
-        .run())
+    Ok(builder.run())
 }
 
 /// Removes what interrupted uploads left: recorded S3 multipart uploads are aborted and their

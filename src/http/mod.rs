@@ -3,6 +3,7 @@
 //! service, map the result.
 
 pub mod access;
+pub mod conn;
 mod devices;
 mod downloads;
 mod dto;

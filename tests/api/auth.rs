@@ -549,6 +549,7 @@ async fn oversized_headers_and_json_bodies_are_refused_and_the_server_stays_up()
         "{}",
         &answer[..answer.len().min(200)]
     );
+    assert_json_error(&answer);
     // Its own client: the server closes a connection whose body it refused unread.
     let resp = authed_client(&app.token)
         .post(app.url("/api/v1/rollouts"))
@@ -563,4 +564,39 @@ async fn oversized_headers_and_json_bodies_are_refused_and_the_server_stays_up()
     assert_eq!(app.get_json("/healthz").await.0, 200);
     let (_, list) = app.get_json("/api/v1/rollouts").await;
     assert!(list["items"].as_array().unwrap().is_empty());
+}
+
+/// The body of a raw answer is the contract's JSON error.
+fn assert_json_error(answer: &str) {
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((answer, ""));
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{head}"
+    );
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{answer}"));
+    assert!(v["error"].is_string() && v["message"].is_string(), "{v}");
+}
+
+#[tokio::test]
+async fn requests_refused_before_routing_get_the_json_error_body() {
+    let app = spawn_app().await;
+    let addr = app.addr;
+    let long_url = format!(
+        "GET /api/v1/firmware/{} HTTP/1.1\r\nHost: x\r\n\r\n",
+        "a".repeat(100_000)
+    );
+    let negative = "POST /api/v1/devices/X HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n";
+    let bad_header = "GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n";
+    for req in [long_url.as_str(), negative, bad_header] {
+        let req = req.to_string();
+        let answer = tokio::task::spawn_blocking(move || raw_request(addr, req.as_bytes()))
+            .await
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400"), "{}", &answer[..answer.len().min(200)]);
+        assert_json_error(&answer);
+    }
+    // The server is unharmed and the answers of the application are unchanged.
+    let (status, body) = app.get_json("/api/v1/firmware/nope").await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
 }
