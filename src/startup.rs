@@ -500,10 +500,14 @@ fn serve(
                     .map_init_err(|_| ())
                     .map_err(|e| {
                         tracing::debug!(error = ?e, "TLS handshake failed");
-                        actix_http::error::DispatchError::Io(std::io::Error::other("TLS handshake failed"))
+                        actix_http::error::DispatchError::Io(std::io::Error::other(
+                            "TLS handshake failed",
+                        ))
                     })
                     .and_then(fn_service(
-                        |io: actix_tls::accept::rustls_0_23::TlsStream<actix_rt::net::TcpStream>| async move {
+                        |io: actix_tls::accept::rustls_0_23::TlsStream<
+                            actix_rt::net::TcpStream,
+                        >| async move {
                             let peer = io.get_ref().0.peer_addr().ok();
                             Ok::<_, actix_http::error::DispatchError>((
                                 JsonErrorIo::new(io),

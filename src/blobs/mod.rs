@@ -333,8 +333,11 @@ impl BlobStore {
         match &self.backend {
             Backend::Local { dir, .. } => {
                 let probe = dir.join(".readyz-probe");
-                tokio::fs::write(&probe, b"ok").await?;
-                tokio::fs::remove_file(&probe).await?;
+                let written = tokio::fs::write(&probe, b"ok").await;
+                // Removed whether the write worked or not (a full disk leaves it empty).
+                let removed = tokio::fs::remove_file(&probe).await;
+                written?;
+                removed?;
                 Ok(())
             }
             Backend::S3 { store, prefix } => {

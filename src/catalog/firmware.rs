@@ -6,7 +6,6 @@ use super::*;
 use crate::domain::{FirmwareId, ProductVersion};
 
 impl Catalog {
-
     /// One firmware record (tombstones included).
     pub fn firmware(&self, id: &FirmwareId) -> Result<FirmwareRecord, CatalogError> {
         let t = self.trees()?;

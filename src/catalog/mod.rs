@@ -174,6 +174,10 @@ struct Shared {
     recovering: tokio::sync::Mutex<()>,
 }
 
+/// Free bytes a full disk must have again before the catalog is reopened (sled writes a
+/// segment of up to 512 KiB and its config when it opens).
+const RECOVERY_ROOM: u64 = 4 << 20;
+
 /// Why the catalog cannot make writes durable.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CatalogFault {
@@ -271,8 +275,9 @@ impl Catalog {
     /// The open database, or `Unwritable` while it is being reopened.
     pub(crate) fn trees(&self) -> Result<Arc<Trees>, CatalogError> {
         let slot = self.shared.trees.read().unwrap_or_else(|p| p.into_inner());
-        slot.clone()
-            .ok_or(CatalogError::Unwritable(CatalogFault::Unavailable))
+        slot.clone().ok_or_else(|| {
+            CatalogError::Unwritable(self.fault().unwrap_or(CatalogFault::Unavailable))
+        })
     }
 
     /// Flushes everything written so far to disk. Concurrent callers share fsyncs (group
@@ -331,8 +336,14 @@ impl Catalog {
     /// writes are durable again. A no-op while the catalog is writable.
     pub async fn recover(&self) -> Result<(), CatalogError> {
         let _one = self.shared.recovering.lock().await;
-        if self.fault().is_none() {
+        let Some(fault) = self.fault() else {
             return Ok(());
+        };
+        // The broken database still serves reads; it is only dropped (sled must be closed
+        // before it can be opened again) once the disk has room for the reopen and the probe.
+        let room = fs4::available_space(&self.shared.dir).unwrap_or(u64::MAX);
+        if fault == CatalogFault::NoSpace && room < RECOVERY_ROOM {
+            return Err(CatalogError::Unwritable(fault));
         }
         let old = self
             .shared
@@ -357,8 +368,7 @@ impl Catalog {
                         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     }
                     Err(still) => {
-                        *self.shared.trees.write().unwrap_or_else(|p| p.into_inner()) =
-                            Some(still);
+                        *self.shared.trees.write().unwrap_or_else(|p| p.into_inner()) = Some(still);
                         return Err(CatalogError::Unwritable(CatalogFault::Unavailable));
                     }
                 }
@@ -440,11 +450,9 @@ impl Catalog {
             return Ok(String::from_utf8_lossy(&v).into_owned());
         }
         let id = crate::domain::ids::next().to_lowercase();
-        let _ = t.meta.compare_and_swap(
-            "instance_id",
-            None as Option<&[u8]>,
-            Some(id.as_bytes()),
-        )?;
+        let _ =
+            t.meta
+                .compare_and_swap("instance_id", None as Option<&[u8]>, Some(id.as_bytes()))?;
         let v = t.meta.get("instance_id")?.unwrap_or_default();
         Ok(String::from_utf8_lossy(&v).into_owned())
     }
@@ -520,7 +528,9 @@ mod tests {
         assert!(other.fault().is_none() && other.check().is_ok());
         let kept: Option<serde_json::Value> = other.task("kept").unwrap();
         assert_eq!(kept, Some(serde_json::json!({"n": 1})));
-        other.put_task("after", &serde_json::json!({"n": 2})).unwrap();
+        other
+            .put_task("after", &serde_json::json!({"n": 2}))
+            .unwrap();
         other.flush().await.unwrap();
         assert!(cat.task::<serde_json::Value>("after").unwrap().is_some());
     }
@@ -550,10 +560,21 @@ mod tests {
             .unwrap();
         let old = serde_json::json!({"hash": "h", "status": 201, "answer": {},
             "at": chrono::Utc::now().timestamp() - 90_000});
-        cat.trees().unwrap().idempotency.insert("old", encode(&old)).unwrap();
+        cat.trees()
+            .unwrap()
+            .idempotency
+            .insert("old", encode(&old))
+            .unwrap();
         assert_eq!(cat.prune_idempotency().unwrap(), 1);
         assert!(cat.idempotent("fresh").unwrap().is_some());
-        assert!(cat.trees().unwrap().idempotency.get("old").unwrap().is_none());
+        assert!(
+            cat.trees()
+                .unwrap()
+                .idempotency
+                .get("old")
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

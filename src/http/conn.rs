@@ -161,12 +161,19 @@ mod tests {
         let (head, body) = out.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{head}");
         assert!(head.contains("connection: close"), "{head}");
-        assert!(head.contains(&format!("content-length: {}", body.len())), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
         let v: serde_json::Value = serde_json::from_str(body).unwrap();
         assert_eq!(v["error"], "invalid_request");
 
         let big = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
-        assert!(text(rewrite_error_head(big)).unwrap().contains("\"error\":"));
+        assert!(
+            text(rewrite_error_head(big))
+                .unwrap()
+                .contains("\"error\":")
+        );
         let slow = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n\r\n";
         assert!(rewrite_error_head(slow).is_some());
 

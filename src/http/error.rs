@@ -167,11 +167,8 @@ impl From<CatalogError> for ApiError {
                 a
             }
             e @ (CatalogError::Unwritable(_) | CatalogError::Storage(_)) => {
-                let mut a = ApiError::internal(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "catalog_unavailable",
-                    &e,
-                );
+                let mut a =
+                    ApiError::internal(StatusCode::SERVICE_UNAVAILABLE, "catalog_unavailable", &e);
                 a.message = "the catalog cannot store changes now; nothing was stored".into();
                 a.retry_after = Some(5);
                 a
@@ -236,7 +233,8 @@ impl From<UploadError> for ApiError {
                     "insufficient_storage",
                     &b,
                 );
-                a.message = "the blob store's disk filled during the upload; nothing was kept".into();
+                a.message =
+                    "the blob store's disk filled during the upload; nothing was kept".into();
                 a
             }
             U::Blob(b) => ApiError::internal(StatusCode::BAD_GATEWAY, "blob_store_error", &b),

@@ -398,12 +398,14 @@ impl Session {
                 }
             }
             Inbound::State(sn) => match state_of(&env.data) {
-                Ok(report) => self
-                    .registry
-                    .on_state(&sn, env.gateway.as_deref(), &report),
+                Ok(report) => self.registry.on_state(&sn, env.gateway.as_deref(), &report),
                 Err(field) => {
                     status.malformed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(topic, field, "malformed state report: not an integer; ignored");
+                    tracing::warn!(
+                        topic,
+                        field,
+                        "malformed state report: not an integer; ignored"
+                    );
                 }
             },
             Inbound::Osd(sn) => {
@@ -550,7 +552,8 @@ mod tests {
         let t = topology_of(&autel);
         assert_eq!(t.thing_version.as_deref(), Some("2.0"));
         assert!(t.sub_devices.is_empty());
-        let s = state_of(&json!({"firmware_version":"10.01.0205","compatible_status":"1"})).unwrap();
+        let s =
+            state_of(&json!({"firmware_version":"10.01.0205","compatible_status":"1"})).unwrap();
         assert_eq!(s.firmware_version.as_deref(), Some("10.01.0205"));
         assert_eq!(s.compatible_status, Some(1));
     }

@@ -5,6 +5,7 @@
 //! reports. Free of MQTT and HTTP types: messages arrive as [`OtaMessage`], publishing goes
 //! through the [`Publisher`] trait.
 
+pub mod machine;
 pub mod policy;
 pub mod task;
 
@@ -852,7 +853,8 @@ impl OtaService {
                 None => self.settled_task(msg.tid.as_deref()),
             };
             if let Some(t) = settled {
-                self.late_reply(t, msg, now);
+                let event = machine::TaskEvent::Reply(report_of(&msg.data), Some(msg.raw));
+                self.late_reply(t, event, now);
                 return;
             }
         }
@@ -865,80 +867,27 @@ impl OtaService {
             }
             return;
         };
-        if task.status.is_final() {
-            tracing::info!(task_id = %task.id, "late OTA message for a finished task ignored");
-            return;
-        }
-        let result = lenient::int_of(&msg.data["result"]).unwrap_or(0);
-        let output = if msg.data["output"].is_object() {
-            &msg.data["output"]
+        let report = report_of(&msg.data);
+        let event = if msg.is_reply {
+            machine::TaskEvent::Reply(report, Some(msg.raw))
         } else {
-            // The older shape: status/progress directly under data.
-            &msg.data
+            machine::TaskEvent::Progress(report, Some(msg.raw))
         };
-        let wire_status = lenient::str_of(&output["status"]);
-        let status = wire_status.as_deref().and_then(TaskStatus::from_wire);
-        let progress = &output["progress"];
-        if let Some(p) = lenient::int_of(&progress["percent"]) {
-            task.progress.percent = Some(p.clamp(0, 100));
+        self.apply(&mut task, event, now);
+    }
+
+    /// Runs the state machine on `task` and carries out its effects: settle devices and count
+    /// a task that just ended, then persist and notify.
+    fn apply(&self, task: &mut OtaTask, event: machine::TaskEvent, now: DateTime<Utc>) {
+        let fx = machine::apply(task, event, now);
+        if let Some(status) = fx.finished {
+            self.inner.counters.finish(status);
+            self.finish_devices(task, now);
+            tracing::info!(task_id = %task.id, status = ?status, "OTA task finished");
         }
-        let step = lenient::str_of(&progress["step_key"])
-            .or_else(|| lenient::str_of(&progress["current_step"]))
-            .or_else(|| lenient::str_of(&progress["step"]))
-            .map(|s| match s.as_str() {
-                "1" => "download_firmware".to_string(),
-                "2" => "upgrade_firmware".to_string(),
-                _ => s,
-            });
-        if step.is_some() {
-            task.progress.step_key = step;
+        if fx.save {
+            self.save(task);
         }
-        if let Some(s) = lenient::str_of(&output["sub_status"]) {
-            task.progress.sub_status = Some(s);
-        }
-        if let Some(r) = lenient::int_of(&output["ext"]["rate"]) {
-            task.progress.rate = Some(r);
-        }
-        task.last_event_at = Some(now);
-        let source = if msg.is_reply {
-            task.replied_at.get_or_insert(now);
-            "services_reply"
-        } else {
-            "ota_progress"
-        };
-        let new_status = if msg.is_reply && result != 0 {
-            Some(TaskStatus::Rejected)
-        } else if let Some(s) = status {
-            // A non-zero result with a non-final status still means failure.
-            if result != 0 && !s.is_final() {
-                Some(TaskStatus::Failed)
-            } else if msg.is_reply && s == TaskStatus::Sent {
-                Some(TaskStatus::Sent)
-            } else {
-                Some(s)
-            }
-        } else if result != 0 {
-            Some(TaskStatus::Failed)
-        } else {
-            None
-        };
-        if let Some(s) = new_status {
-            task.status = s;
-        }
-        if result != 0 {
-            let (reason, retry) = task::explain(result);
-            task.result_code = Some(result);
-            task.result_reason = Some(reason);
-            task.retryable = Some(retry);
-        }
-        if task.status.is_final() {
-            task.finished_at = Some(now);
-            self.inner.counters.finish(task.status);
-            self.finish_devices(&mut task, now);
-            tracing::info!(task_id = %task.id, status = ?task.status, "OTA task finished");
-        }
-        task.note(source, Some(msg.raw), now);
-        self.save(&task);
     }
 
     /// A recently settled task by the tid of its `ota_create`, from the catalog.
@@ -955,13 +904,11 @@ impl OtaService {
 
     /// Records a `services_reply` that came after the task ended (its progress events were
     /// delivered first): the history and `replied_at` get it; the outcome stays.
-    fn late_reply(&self, mut task: OtaTask, msg: OtaMessage, now: DateTime<Utc>) {
-        if task.replied_at.is_some() {
+    fn late_reply(&self, mut task: OtaTask, event: machine::TaskEvent, now: DateTime<Utc>) {
+        if !machine::apply(&mut task, event, now).save {
             tracing::info!(task_id = %task.id, "repeated services_reply for a finished task ignored");
             return;
         }
-        task.replied_at = Some(now);
-        task.note("services_reply", Some(msg.raw), now);
         tracing::info!(task_id = %task.id, "services_reply recorded after the task ended");
         let open = lock(&self.inner.open).tasks.contains_key(&task.id);
         if open {
@@ -1042,23 +989,23 @@ impl OtaService {
         let tasks: Vec<OtaTask> = lock(&self.inner.open).tasks.values().cloned().collect();
         let s = &self.inner.settings;
         for mut t in tasks {
-            let mut changed = self.reconcile(&mut t, now);
-            if !t.status.is_final() {
-                let last = t.last_event_at.unwrap_or(t.created_at);
-                let silent = (now - last).to_std().unwrap_or_default();
-                let timed_out = if t.replied_at.is_none() && t.status == TaskStatus::Sent {
-                    silent > s.reply_timeout
-                } else {
-                    silent > s.progress_timeout
-                };
-                if timed_out {
-                    self.inner.counters.finish(TaskStatus::Timeout);
-                    t.status = TaskStatus::Timeout;
-                    t.finished_at = Some(now);
-                    t.note("timeout", None, now);
+            let event = if self.devices_on_target(&t, now) {
+                tracing::info!(task_id = %t.id, gateway_sn = %t.gateway_sn, "OTA task closed from device reports (its final ota_progress never arrived)");
+                Some(machine::TaskEvent::DevicesOnTarget)
+            } else {
+                machine::due(&t, now, s.reply_timeout, s.progress_timeout)
+            };
+            let mut changed = false;
+            if let Some(event) = event {
+                if !matches!(event, machine::TaskEvent::DevicesOnTarget) {
                     tracing::warn!(task_id = %t.id, gateway_sn = %t.gateway_sn, "OTA task timed out");
-                    changed = true;
                 }
+                let fx = machine::apply(&mut t, event, now);
+                if let Some(status) = fx.finished {
+                    self.inner.counters.finish(status);
+                    self.finish_devices(&mut t, now);
+                }
+                changed |= fx.save;
             }
             if t.status.is_final() {
                 changed |= self.verify(&mut t, now);
@@ -1072,13 +1019,12 @@ impl OtaService {
         }
     }
 
-    /// Closes an open task whose final `ota_progress` never arrived (published while the
-    /// broker was restarting, or while fwrepo was): when every device still pending reports,
-    /// since the task began, the task's target (and consistency, for a consistency upgrade)
-    /// while not upgrading, the task ends `ok` and those devices `verified`.
-    fn reconcile(&self, task: &mut OtaTask, now: DateTime<Utc>) -> bool {
-        // The normal path (the gateway's final ota_progress) goes first: only a task that has
-        // been quiet for a while is closed from reports.
+    /// Whether an open task's final `ota_progress` was lost (published while the broker was
+    /// restarting, or while fwrepo was): it has been quiet for a while and every device still
+    /// pending reports, since the task began, the task's target (and consistency, for a
+    /// consistency upgrade) while not upgrading.
+    fn devices_on_target(&self, task: &OtaTask, now: DateTime<Utc>) -> bool {
+        // The normal path (the gateway's final ota_progress) goes first.
         let quiet = now - task.last_event_at.unwrap_or(task.created_at);
         if task.status.is_final() || quiet < RECONCILE_AFTER {
             return false;
@@ -1088,37 +1034,17 @@ impl OtaService {
             .iter()
             .filter(|d| d.outcome == Outcome::Pending)
             .peekable();
-        if pending.peek().is_none() {
-            return false;
-        }
-        let done = pending.all(|d| {
-            let upgrading = self.inner.devices.get(&d.sn).ok().is_none_or(|x| {
-                let busy_mode = if d.sn == task.gateway_sn { 3 } else { 13 };
-                x.firmware_upgrade_status == Some(1) || x.mode_code == Some(busy_mode)
-            });
-            !upgrading
-                && self
-                    .check_device(task.created_at, d)
-                    .is_some_and(|(_, _, verified)| verified)
-        });
-        if !done {
-            return false;
-        }
-        task.status = TaskStatus::Ok;
-        task.finished_at = Some(now);
-        task.last_event_at = Some(now);
-        for d in task
-            .devices
-            .iter_mut()
-            .filter(|d| d.outcome == Outcome::Pending)
-        {
-            d.outcome = Outcome::Verified;
-            d.outcome_at = Some(now);
-        }
-        self.inner.counters.finish(TaskStatus::Ok);
-        task.note("reconcile", None, now);
-        tracing::info!(task_id = %task.id, gateway_sn = %task.gateway_sn, "OTA task closed from device reports (its final ota_progress never arrived)");
-        true
+        pending.peek().is_some()
+            && pending.all(|d| {
+                let upgrading = self.inner.devices.get(&d.sn).ok().is_none_or(|x| {
+                    let busy_mode = if d.sn == task.gateway_sn { 3 } else { 13 };
+                    x.firmware_upgrade_status == Some(1) || x.mode_code == Some(busy_mode)
+                });
+                !upgrading
+                    && self
+                        .check_device(task.created_at, d)
+                        .is_some_and(|(_, _, verified)| verified)
+            })
     }
 
     /// Devices left `unverified` that report the target within a day still become verified
@@ -1198,6 +1124,36 @@ impl crate::firmware::UsageGuard for OtaService {
             .filter(|t| !t.status.is_final())
             .find(|t| t.devices.iter().any(|d| d.firmware_id == fw.id.as_str()))
             .map(|t| format!("open OTA task {} uses it", t.id))
+    }
+}
+
+/// The lenient reading of a `services_reply` or `ota_progress` `data` (DJI and Autel shapes:
+/// `output.status`, or the older shape with it directly under `data`; `""` is absent; the step
+/// from `step_key`, `current_step` or `step`, 1/2 meaning download/upgrade).
+pub fn report_of(data: &Value) -> machine::Report {
+    let output = if data["output"].is_object() {
+        &data["output"]
+    } else {
+        data
+    };
+    let progress = &output["progress"];
+    let step = lenient::str_of(&progress["step_key"])
+        .or_else(|| lenient::str_of(&progress["current_step"]))
+        .or_else(|| lenient::str_of(&progress["step"]))
+        .map(|s| match s.as_str() {
+            "1" => "download_firmware".to_string(),
+            "2" => "upgrade_firmware".to_string(),
+            _ => s,
+        });
+    machine::Report {
+        result: lenient::int_of(&data["result"]).unwrap_or(0),
+        status: lenient::str_of(&output["status"])
+            .as_deref()
+            .and_then(TaskStatus::from_wire),
+        percent: lenient::int_of(&progress["percent"]),
+        step_key: step,
+        sub_status: lenient::str_of(&output["sub_status"]),
+        rate: lenient::int_of(&output["ext"]["rate"]),
     }
 }
 

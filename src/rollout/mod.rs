@@ -527,7 +527,8 @@ impl RolloutService {
                 sns.iter().filter(|s| seen.insert(*s)).cloned().collect()
             }
             (None, Some(model)) => {
-                let within = i64::try_from(def.target.seen_within_s.unwrap_or(604_800)).unwrap_or(i64::MAX);
+                let within =
+                    i64::try_from(def.target.seen_within_s.unwrap_or(604_800)).unwrap_or(i64::MAX);
                 all.iter()
                     .filter(|d| d.gateway_sn.is_none())
                     .filter(|d| {

@@ -593,7 +593,11 @@ async fn requests_refused_before_routing_get_the_json_error_body() {
         let answer = tokio::task::spawn_blocking(move || raw_request(addr, req.as_bytes()))
             .await
             .unwrap();
-        assert!(answer.starts_with("HTTP/1.1 400"), "{}", &answer[..answer.len().min(200)]);
+        assert!(
+            answer.starts_with("HTTP/1.1 400"),
+            "{}",
+            &answer[..answer.len().min(200)]
+        );
         assert_json_error(&answer);
     }
     // The server is unharmed and the answers of the application are unchanged.

@@ -6,6 +6,7 @@ mod cli;
 mod clients;
 mod devices;
 mod downloads;
+mod faults;
 mod helpers;
 mod lifecycle;
 mod mqtt_auth;
