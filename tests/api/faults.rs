@@ -346,9 +346,20 @@ async fn full_disk_refuses_writes_then_recovers_without_restart() {
     );
     let (_, ready) = readyz(&base).await;
     assert_eq!(ready["status"], "not_ready", "{ready}");
-    // While not ready, writes are refused.
+    // While not ready, writes are refused, with the cause: the disk is full.
     let (status, body) = create_token(&mut server, "while-not-ready").await;
     assert_storage_refusal("token while /readyz is 503", status, &body);
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (507, Some("insufficient_storage")),
+        "{body}"
+    );
+    // Reads go on: the tokens acknowledged so far are listed.
+    let page = get_json_at(&base, "/api/v1/tokens?limit=500").await;
+    assert!(
+        page["items"].as_array().is_some_and(|i| !i.is_empty()),
+        "{page}"
+    );
 
     // An upload on the full disk is refused too (by the catalog, before any blob write), and
     // leaves nothing behind.
