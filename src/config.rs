@@ -285,24 +285,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Where blobs live.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum BlobBackend {
-    /// A directory on the local filesystem.
-    Local {
-        /// The directory.
-        dir: PathBuf,
-    },
-    /// An S3-compatible bucket.
-    S3 {
-        /// Bucket name.
-        bucket: String,
-        /// Key prefix (no leading or trailing `/`), may be empty.
-        prefix: String,
-        /// Endpoint URL for non-AWS servers.
-        endpoint: Option<String>,
-    },
-}
+pub use crate::blobs::BlobBackend;
 
 /// Validated server settings. `Settings::default()` is the zero-configuration setup.
 #[derive(Clone, Debug)]
@@ -450,7 +433,8 @@ impl Settings {
             (None, None) => None,
             _ => return Err(invalid("tls_cert and tls_key go together")),
         };
-        let blob_backend = parse_blob_store(o.blob_store.as_deref(), &data_dir, o.s3_endpoint)?;
+        let blob_backend = BlobBackend::parse(o.blob_store.as_deref(), &data_dir, o.s3_endpoint)
+            .map_err(invalid)?;
         let max_concurrent_uploads = match o.max_concurrent_uploads {
             Some(0) => return Err(invalid("max_concurrent_uploads must be at least 1")),
             Some(n) => n,
@@ -695,42 +679,6 @@ fn parse_public_url(raw: &str) -> Result<Url, ConfigError> {
     Ok(url)
 }
 
-fn parse_blob_store(
-    raw: Option<&str>,
-    data_dir: &Path,
-    endpoint: Option<String>,
-) -> Result<BlobBackend, ConfigError> {
-    let Some(raw) = raw else {
-        return Ok(BlobBackend::Local {
-            dir: data_dir.join("blobs"),
-        });
-    };
-    if let Some(dir) = raw.strip_prefix("file://") {
-        if dir.is_empty() {
-            return Err(invalid("blob_store file:// needs a directory"));
-        }
-        return Ok(BlobBackend::Local {
-            dir: PathBuf::from(dir),
-        });
-    }
-    if let Some(rest) = raw.strip_prefix("s3://") {
-        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        if bucket.len() < 3 {
-            return Err(invalid(
-                "blob_store s3:// needs a bucket name of at least 3 characters",
-            ));
-        }
-        return Ok(BlobBackend::S3 {
-            bucket: bucket.to_string(),
-            prefix: prefix.trim_matches('/').to_string(),
-            endpoint,
-        });
-    }
-    Err(invalid(format!(
-        "blob_store {raw:?} must be file://DIR or s3://bucket/prefix"
-    )))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -773,7 +721,7 @@ mod tests {
 
     #[test]
     fn blob_store_urls() {
-        let b = parse_blob_store(Some("s3://bucket/a/b/"), Path::new("x"), None).unwrap();
+        let b = BlobBackend::parse(Some("s3://bucket/a/b/"), Path::new("x"), None).unwrap();
         assert_eq!(
             b,
             BlobBackend::S3 {
@@ -782,6 +730,6 @@ mod tests {
                 endpoint: None
             }
         );
-        assert!(parse_blob_store(Some("ftp://x"), Path::new("x"), None).is_err());
+        assert!(BlobBackend::parse(Some("ftp://x"), Path::new("x"), None).is_err());
     }
 }

@@ -28,6 +28,7 @@ pub mod mqtt;
 pub mod ota;
 pub mod progress;
 pub mod rollout;
+pub mod secrets;
 pub mod simulator;
 pub mod startup;
 pub mod telemetry;

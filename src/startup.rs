@@ -343,16 +343,7 @@ impl Application {
     }
 }
 
-/// What a listener serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Listener {
-    /// Everything (`--listen`).
-    Main,
-    /// Downloads and `/healthz` only, plain HTTP (`--download-listen`).
-    Downloads,
-    /// `/metrics` and `/healthz` only, without a token (`--metrics-listen`).
-    Metrics,
-}
+pub use crate::http::access::Listener;
 
 fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartupError> {
     let listener = TcpListener::bind(addr).map_err(|source| StartupError::Bind { addr, source })?;

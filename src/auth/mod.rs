@@ -278,7 +278,7 @@ impl TokenService {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(e)),
         }
-        crate::download::signing::write_private(&path, &format!("{secret}\n")).map_err(io)?;
+        crate::secrets::write_private(&path, &format!("{secret}\n")).map_err(io)?;
         Ok(Some(path))
     }
 

@@ -28,7 +28,6 @@ use object_store::path::Path;
 use object_store::{GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutPayload, PutPayloadMut};
 use tokio::task::JoinHandle;
 
-use crate::config::BlobBackend;
 use local_write::LocalWriter;
 
 /// Errors of the blob layer.
@@ -75,6 +74,62 @@ enum Backend {
         store: Arc<AmazonS3>,
         prefix: String,
     },
+}
+
+/// Where blobs live.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BlobBackend {
+    /// A directory on the local filesystem.
+    Local {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// An S3-compatible bucket.
+    S3 {
+        /// Bucket name.
+        bucket: String,
+        /// Key prefix (no leading or trailing `/`), may be empty.
+        prefix: String,
+        /// Endpoint URL for non-AWS servers.
+        endpoint: Option<String>,
+    },
+}
+
+impl BlobBackend {
+    /// Parses `--blob-store` (`file://DIR` or `s3://bucket/prefix`; none: `DATA_DIR/blobs`).
+    pub fn parse(
+        raw: Option<&str>,
+        data_dir: &FsPath,
+        endpoint: Option<String>,
+    ) -> Result<BlobBackend, String> {
+        let Some(raw) = raw else {
+            return Ok(BlobBackend::Local {
+                dir: data_dir.join("blobs"),
+            });
+        };
+        if let Some(dir) = raw.strip_prefix("file://") {
+            if dir.is_empty() {
+                return Err("blob_store file:// needs a directory".into());
+            }
+            return Ok(BlobBackend::Local {
+                dir: PathBuf::from(dir),
+            });
+        }
+        if let Some(rest) = raw.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            if bucket.len() < 3 {
+                return Err("blob_store s3:// needs a bucket name of at least 3 characters".into());
+            }
+            return Ok(BlobBackend::S3 {
+                bucket: bucket.to_string(),
+                prefix: prefix.trim_matches('/').to_string(),
+                endpoint,
+            });
+        }
+        Err(format!(
+            "blob_store {raw:?} must be file://DIR or s3://bucket/prefix"
+        ))
+    }
 }
 
 /// Timeouts of a remote (S3) store. object_store's defaults let one request to a frozen

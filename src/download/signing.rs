@@ -47,24 +47,6 @@ impl std::fmt::Debug for UrlSigner {
     }
 }
 
-/// Reads a hex key of at least 32 bytes; `None` if the file does not exist.
-pub(crate) fn read_key(path: &Path) -> std::io::Result<Option<Vec<u8>>> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => hex::decode(text.trim())
-            .ok()
-            .filter(|k| k.len() >= 32)
-            .map(Some)
-            .ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{}: not a hex key of at least 32 bytes", path.display()),
-                )
-            }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(e),
-    }
-}
-
 impl UrlSigner {
     /// A signer with these keys (current first).
     pub fn new(keys: Vec<Vec<u8>>, ttl: std::time::Duration) -> UrlSigner {
@@ -77,9 +59,9 @@ impl UrlSigner {
     /// Loads the key from `data_dir` (creating it, mode 0600, if missing) and the previous
     /// one if present.
     pub fn load_or_create(data_dir: &Path, ttl: std::time::Duration) -> std::io::Result<UrlSigner> {
-        let current = load_or_create_key(&data_dir.join(KEY_FILE))?;
+        let current = crate::secrets::load_or_create_key(&data_dir.join(KEY_FILE))?;
         let mut keys = vec![current];
-        if let Some(previous) = read_key(&data_dir.join(PREVIOUS_KEY_FILE))? {
+        if let Some(previous) = crate::secrets::read_key(&data_dir.join(PREVIOUS_KEY_FILE))? {
             keys.push(previous);
         }
         Ok(UrlSigner::new(keys, ttl))
@@ -132,33 +114,6 @@ impl UrlSigner {
         }
         Ok(())
     }
-}
-
-/// Reads the key at `path`, creating a random 256-bit one (mode 0600) if missing.
-pub(crate) fn load_or_create_key(path: &Path) -> std::io::Result<Vec<u8>> {
-    if let Some(k) = read_key(path)? {
-        return Ok(k);
-    }
-    let mut key = [0u8; 32];
-    getrandom::fill(&mut key).map_err(std::io::Error::other)?;
-    write_private(path, &hex::encode(key))?;
-    tracing::info!(path = %path.display(), "created a key");
-    Ok(key.to_vec())
-}
-
-/// Writes `text` to a new file readable by its owner only.
-pub(crate) fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
-    }
-    let mut f = options.open(path)?;
-    f.write_all(text.as_bytes())?;
-    f.sync_all()
 }
 
 #[cfg(test)]

@@ -16,6 +16,17 @@ use super::{ApiError, AppState};
 use crate::audit::AuditEntry;
 use crate::auth::{AuthError, Principal, Scope};
 
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    /// Everything (`--listen`).
+    Main,
+    /// Downloads and `/healthz` only, plain HTTP (`--download-listen`).
+    Downloads,
+    /// `/metrics` and `/healthz` only, without a token (`--metrics-listen`).
+    Metrics,
+}
+
 /// What a request needs to be let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
@@ -88,9 +99,9 @@ pub async fn gate(
     let path = req.path().to_string();
     let client = state.client_ip(req.request());
     // The extra listeners serve a few routes; everything else there is a plain 404.
-    let access = match req.app_data::<crate::startup::Listener>() {
-        Some(crate::startup::Listener::Metrics) => Access::Open,
-        Some(crate::startup::Listener::Downloads) if !is_download(&path) => Access::Open,
+    let access = match req.app_data::<Listener>() {
+        Some(Listener::Metrics) => Access::Open,
+        Some(Listener::Downloads) if !is_download(&path) => Access::Open,
         _ => required(&method, &path),
     };
     let auth = match access {

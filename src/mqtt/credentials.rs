@@ -32,7 +32,7 @@ impl GatewayCredentials {
     /// Loads `<data_dir>/mqtt-credentials.key`, creating it (mode 0600) if missing.
     pub fn load_or_create(data_dir: &Path) -> std::io::Result<GatewayCredentials> {
         let path = data_dir.join(KEY_FILE);
-        let key = crate::download::signing::load_or_create_key(&path)?;
+        let key = crate::secrets::load_or_create_key(&path)?;
         Ok(GatewayCredentials {
             key: std::sync::Arc::new(key),
         })
@@ -40,7 +40,7 @@ impl GatewayCredentials {
 
     /// Loads an existing key file (the simulator and `fwrepo mqtt-password`).
     pub fn load(path: &Path) -> std::io::Result<GatewayCredentials> {
-        let key = crate::download::signing::read_key(path)?.ok_or_else(|| {
+        let key = crate::secrets::read_key(path)?.ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("{}: no such key file", path.display()),
