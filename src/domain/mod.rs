@@ -3,7 +3,6 @@
 //! model/version/build time carried in Autel- and DJI-style names. Nothing here does I/O.
 
 mod file_name;
-pub mod lenient;
 mod version;
 
 pub use file_name::{FileName, NameFacts, parse_name_facts};

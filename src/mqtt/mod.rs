@@ -5,6 +5,7 @@
 
 pub mod broker;
 pub mod credentials;
+pub mod lenient;
 pub mod tls;
 pub mod topics;
 pub mod wire;
@@ -158,6 +159,10 @@ pub struct MqttHandle {
 impl crate::ota::Publisher for MqttHandle {
     fn connected(&self) -> bool {
         self.status.connected.load(Ordering::Relaxed)
+    }
+
+    fn render(&self, cmd: &crate::ota::OtaCreate) -> (String, Value) {
+        (topics::services(&cmd.gateway_sn), wire::ota_create(cmd))
     }
 
     fn publish(&self, topic: String, payload: Vec<u8>) -> bool {
@@ -448,7 +453,7 @@ impl Session {
             tid: env.tid,
             bid: env.bid,
             method: env.method,
-            data: env.data,
+            report: wire::report_of(&env.data),
             raw,
         };
         if self.ota.try_send(msg).is_err() {

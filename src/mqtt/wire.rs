@@ -5,7 +5,7 @@
 use serde::{Deserialize, Deserializer};
 use serde_json::{Value, json};
 
-pub use crate::domain::lenient::{int_of, now_ms, str_of};
+pub use super::lenient::{int_of, now_ms, str_of};
 
 /// Why a payload was not understood.
 #[derive(Debug, thiserror::Error)]
@@ -73,9 +73,87 @@ pub fn reply(env: &Envelope, method: &str) -> Vec<u8> {
     .unwrap_or_default()
 }
 
+/// The `ota_create` service call of a typed command (protocol.md §3): `devices[]` with `sn,
+/// product_version, file_url, md5, file_size, file_name, firmware_upgrade_type`.
+pub fn ota_create(cmd: &crate::ota::OtaCreate) -> Value {
+    let devices: Vec<Value> = cmd
+        .devices
+        .iter()
+        .map(|d| {
+            json!({
+                "sn": d.sn,
+                "product_version": d.product_version,
+                "file_url": d.file_url,
+                "md5": d.md5,
+                "file_size": d.file_size,
+                "file_name": d.file_name,
+                "firmware_upgrade_type": d.upgrade_type,
+            })
+        })
+        .collect();
+    json!({
+        "bid": cmd.bid,
+        "tid": cmd.tid,
+        "timestamp": now_ms(),
+        "method": "ota_create",
+        "data": {"devices": devices},
+    })
+}
+
+/// The lenient reading of a `services_reply` or `ota_progress` `data` (DJI and Autel shapes:
+/// `output.status`, or the older shape with it directly under `data`; `""` is absent; the step
+/// from `step_key`, `current_step` or `step`, 1/2 meaning download/upgrade).
+pub fn report_of(data: &Value) -> crate::ota::machine::Report {
+    let output = if data["output"].is_object() {
+        &data["output"]
+    } else {
+        data
+    };
+    let progress = &output["progress"];
+    let step = str_of(&progress["step_key"])
+        .or_else(|| str_of(&progress["current_step"]))
+        .or_else(|| str_of(&progress["step"]))
+        .map(|s| match s.as_str() {
+            "1" => "download_firmware".to_string(),
+            "2" => "upgrade_firmware".to_string(),
+            _ => s,
+        });
+    crate::ota::machine::Report {
+        result: int_of(&data["result"]).unwrap_or(0),
+        status: str_of(&output["status"])
+            .as_deref()
+            .and_then(crate::ota::task::TaskStatus::from_wire),
+        percent: int_of(&progress["percent"]),
+        step_key: step,
+        sub_status: str_of(&output["sub_status"]),
+        rate: int_of(&output["ext"]["rate"]),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reports_in_every_shape() {
+        use crate::ota::task::TaskStatus;
+        let dji = report_of(&json!({"result": 0, "output": {"status": "in_progress",
+            "progress": {"percent": "42", "step_key": "download_firmware"}, "ext": {"rate": 10}}}));
+        assert_eq!(dji.status, Some(TaskStatus::InProgress));
+        assert_eq!((dji.percent, dji.rate), (Some(42), Some(10)));
+        assert_eq!(dji.step_key.as_deref(), Some("download_firmware"));
+        let autel = report_of(&json!({"result": "312016", "status": "failed",
+            "progress": {"percent": 3, "current_step": 2}, "sub_status": "x"}));
+        assert_eq!(
+            (autel.result, autel.status),
+            (312_016, Some(TaskStatus::Failed))
+        );
+        assert_eq!(autel.step_key.as_deref(), Some("upgrade_firmware"));
+        assert_eq!(autel.sub_status.as_deref(), Some("x"));
+        let empty = report_of(&json!({"output": {"status": "", "progress": {"step": "1"}}}));
+        assert_eq!((empty.result, empty.status), (0, None));
+        assert_eq!(empty.step_key.as_deref(), Some("download_firmware"));
+    }
 
     #[test]
     fn lenient_envelope() {

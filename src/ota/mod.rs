@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::catalog::{Catalog, CatalogError, FirmwareRecord, FirmwareStatus, Page, PageRequest};
 use crate::devices::DeviceRegistry;
-use crate::domain::{FileName, FirmwareId, ProductVersion, lenient};
+use crate::domain::{FileName, FirmwareId, ProductVersion};
 use policy::{Decision, DeviceFacts};
 pub use task::{OtaTask, Outcome, Progress, TaskDevice, TaskStatus};
 
@@ -86,12 +86,71 @@ const RECONCILE_AFTER: chrono::Duration = chrono::Duration::seconds(10);
 /// How long a device whose outcome is `unverified` may still become verified (late).
 const LATE_VERIFY: chrono::Duration = chrono::Duration::hours(24);
 
-/// Where `ota_create` goes (implemented by the MQTT adapter).
+/// Where `ota_create` goes (implemented by the MQTT adapter, which owns the wire format).
 pub trait Publisher: Send + Sync {
     /// Whether the broker session is up.
     fn connected(&self) -> bool;
+    /// The message `cmd` becomes on the wire: its topic and its JSON.
+    fn render(&self, cmd: &OtaCreate) -> (String, Value);
     /// Queues a QoS 1 publish; false if it could not be queued.
     fn publish(&self, topic: String, payload: Vec<u8>) -> bool;
+}
+
+/// The `ota_create` command for one gateway, typed; the MQTT adapter renders it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OtaCreate {
+    /// The gateway whose `services` topic gets it.
+    pub gateway_sn: String,
+    /// Transaction id.
+    pub tid: String,
+    /// Business id, kept for the whole job.
+    pub bid: String,
+    /// The devices to upgrade (skipped ones are left out).
+    pub devices: Vec<OtaCreateDevice>,
+}
+
+/// One device of an [`OtaCreate`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct OtaCreateDevice {
+    /// Serial.
+    pub sn: String,
+    /// Target version as stored.
+    pub product_version: String,
+    /// This device's own signed download URL.
+    pub file_url: String,
+    /// MD5, lowercase hex.
+    pub md5: String,
+    /// Size in bytes.
+    pub file_size: u64,
+    /// Package file name.
+    pub file_name: String,
+    /// 2 = consistency, 3 = normal.
+    pub upgrade_type: u8,
+}
+
+impl OtaCreate {
+    /// The command a task sends.
+    pub fn for_task(task: &OtaTask) -> OtaCreate {
+        OtaCreate {
+            gateway_sn: task.gateway_sn.clone(),
+            tid: task.tid.clone(),
+            bid: task.bid.clone(),
+            devices: task
+                .devices
+                .iter()
+                .filter(|d| d.outcome != Outcome::SkippedUpToDate)
+                .map(|d| OtaCreateDevice {
+                    sn: d.sn.clone(),
+                    product_version: d.product_version.clone(),
+                    file_url: d.file_url.clone(),
+                    md5: d.md5.clone(),
+                    file_size: d.file_size,
+                    file_name: d.file_name.clone(),
+                    upgrade_type: d.upgrade_type.unwrap_or(3),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// An OTA-related message from a gateway.
@@ -107,8 +166,8 @@ pub struct OtaMessage {
     pub bid: Option<String>,
     /// method.
     pub method: Option<String>,
-    /// `data`.
-    pub data: Value,
+    /// What `data` reported, parsed by the MQTT adapter.
+    pub report: machine::Report,
     /// The whole payload, for the history.
     pub raw: task::RawJson,
 }
@@ -688,13 +747,13 @@ impl OtaService {
             last_event_at: Some(now),
             finished_at: None,
         };
-        let message = ota_create(&task);
+        let (topic, message) = self.inner.publisher.render(&OtaCreate::for_task(&task));
         if req.dry_run {
             return Ok(Created::DryRun(json!({
                 "dry_run": true,
                 "task": task,
                 "ota_create": message,
-                "topic": format!("thing/product/{}/services", task.gateway_sn),
+                "topic": topic,
                 "warnings": warnings,
             })));
         }
@@ -714,10 +773,7 @@ impl OtaService {
         task.status = TaskStatus::Sent;
         task.note("publish", raw, Utc::now());
         self.save(&task);
-        if !self.inner.publisher.publish(
-            format!("thing/product/{}/services", task.gateway_sn),
-            payload,
-        ) {
+        if !self.inner.publisher.publish(topic, payload) {
             lock(&self.inner.open).forget(&task);
             self.inner.catalog.delete_task(&task.id)?;
             return Err(OtaError::BrokerUnavailable);
@@ -853,7 +909,7 @@ impl OtaService {
                 None => self.settled_task(msg.tid.as_deref()),
             };
             if let Some(t) = settled {
-                let event = machine::TaskEvent::Reply(report_of(&msg.data), Some(msg.raw));
+                let event = machine::TaskEvent::Reply(msg.report, Some(msg.raw));
                 self.late_reply(t, event, now);
                 return;
             }
@@ -867,11 +923,10 @@ impl OtaService {
             }
             return;
         };
-        let report = report_of(&msg.data);
         let event = if msg.is_reply {
-            machine::TaskEvent::Reply(report, Some(msg.raw))
+            machine::TaskEvent::Reply(msg.report, Some(msg.raw))
         } else {
-            machine::TaskEvent::Progress(report, Some(msg.raw))
+            machine::TaskEvent::Progress(msg.report, Some(msg.raw))
         };
         self.apply(&mut task, event, now);
     }
@@ -1127,63 +1182,6 @@ impl crate::firmware::UsageGuard for OtaService {
     }
 }
 
-/// The lenient reading of a `services_reply` or `ota_progress` `data` (DJI and Autel shapes:
-/// `output.status`, or the older shape with it directly under `data`; `""` is absent; the step
-/// from `step_key`, `current_step` or `step`, 1/2 meaning download/upgrade).
-pub fn report_of(data: &Value) -> machine::Report {
-    let output = if data["output"].is_object() {
-        &data["output"]
-    } else {
-        data
-    };
-    let progress = &output["progress"];
-    let step = lenient::str_of(&progress["step_key"])
-        .or_else(|| lenient::str_of(&progress["current_step"]))
-        .or_else(|| lenient::str_of(&progress["step"]))
-        .map(|s| match s.as_str() {
-            "1" => "download_firmware".to_string(),
-            "2" => "upgrade_firmware".to_string(),
-            _ => s,
-        });
-    machine::Report {
-        result: lenient::int_of(&data["result"]).unwrap_or(0),
-        status: lenient::str_of(&output["status"])
-            .as_deref()
-            .and_then(TaskStatus::from_wire),
-        percent: lenient::int_of(&progress["percent"]),
-        step_key: step,
-        sub_status: lenient::str_of(&output["sub_status"]),
-        rate: lenient::int_of(&output["ext"]["rate"]),
-    }
-}
-
-/// The `ota_create` message for a task, exactly in the seed's shape.
-pub fn ota_create(task: &OtaTask) -> Value {
-    let devices: Vec<Value> = task
-        .devices
-        .iter()
-        .filter(|d| d.outcome != Outcome::SkippedUpToDate)
-        .map(|d| {
-            json!({
-                "sn": d.sn,
-                "product_version": d.product_version,
-                "file_url": d.file_url,
-                "md5": d.md5,
-                "file_size": d.file_size,
-                "file_name": d.file_name,
-                "firmware_upgrade_type": d.upgrade_type.unwrap_or(3),
-            })
-        })
-        .collect();
-    json!({
-        "bid": task.bid,
-        "tid": task.tid,
-        "timestamp": lenient::now_ms(),
-        "method": "ota_create",
-        "data": {"devices": devices},
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1202,9 +1200,14 @@ mod tests {
             true
         }
 
+        fn render(&self, cmd: &OtaCreate) -> (String, Value) {
+            let topic = format!("gw/{}", cmd.gateway_sn);
+            (topic, json!({"tid": cmd.tid, "bid": cmd.bid}))
+        }
+
         fn publish(&self, topic: String, payload: Vec<u8>) -> bool {
             let msg: Value = serde_json::from_slice(&payload).unwrap();
-            let sn = topic.split('/').nth(2).unwrap().to_string();
+            let sn = topic.split('/').nth(1).unwrap().to_string();
             let reply = json!({"tid": msg["tid"], "bid": msg["bid"], "method": "ota_create",
                 "data": {"result": 0}});
             let raw = serde_json::value::RawValue::from_string(reply.to_string()).unwrap();
@@ -1218,7 +1221,12 @@ mod tests {
                     tid: None,
                     bid: msg["bid"].as_str().map(str::to_string),
                     method: Some("ota_progress".into()),
-                    data: event["data"].clone(),
+                    report: machine::Report {
+                        status: Some(TaskStatus::Ok),
+                        percent: Some(100),
+                        step_key: Some("upgrade_firmware".into()),
+                        ..machine::Report::default()
+                    },
                     raw: serde_json::value::RawValue::from_string(event.to_string()).unwrap(),
                 });
             }
@@ -1228,7 +1236,7 @@ mod tests {
                 tid: msg["tid"].as_str().map(str::to_string),
                 bid: msg["bid"].as_str().map(str::to_string),
                 method: Some("ota_create".into()),
-                data: reply["data"].clone(),
+                report: machine::Report::default(),
                 raw,
             });
             true

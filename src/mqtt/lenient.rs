@@ -1,5 +1,5 @@
 //! Lenient reading of gateway JSON (protocol.md §1, §8): ints that may come as numeric strings,
-//! strings where `""` means absent. Shared by the MQTT adapter and the OTA tracker.
+//! strings where `""` means absent. Only the MQTT adapter reads gateway JSON.
 
 use serde_json::Value;
 
