@@ -129,13 +129,10 @@ pub(super) async fn action(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (id, action) = path.into_inner();
-    if !matches!(
-        action.as_str(),
-        "start" | "pause" | "resume" | "cancel" | "approve"
-    ) {
+    let Some(action) = crate::rollout::machine::Action::parse(&action) else {
         return Err(ApiError::not_found("no such resource"));
-    }
-    Ok(HttpResponse::Ok().json(state.rollouts.action(&id, &action).await?))
+    };
+    Ok(HttpResponse::Ok().json(state.rollouts.action(&id, action).await?))
 }
 
 impl super::sse::Tracked for RolloutView {

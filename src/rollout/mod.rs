@@ -9,6 +9,7 @@
 //! Idempotency-Key are stored before its `ota_create` is published (the OTA layer flushes the
 //! catalog first), so a restart re-sends the same attempt and never dispatches a second one.
 
+pub mod machine;
 pub mod model;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -30,6 +31,7 @@ use crate::devices::{DeviceRecord, DeviceRegistry};
 use crate::ota::{
     Created, OtaError, OtaRequest, OtaService, OtaTask, Outcome, RequestDevice, TaskStatus,
 };
+use machine::{Action, Input, Verdict};
 use model::{Counts, Judgement};
 pub use model::{
     DeviceState, Member, MemberDevice, Package, Rollout, RolloutRequest, RolloutStatus,
@@ -49,8 +51,8 @@ pub enum RolloutError {
     #[error("{0}")]
     Invalid(String),
     /// Action not allowed in the current state.
-    #[error("{0}")]
-    InvalidTransition(String),
+    #[error(transparent)]
+    InvalidTransition(#[from] machine::Refused),
     /// Another running rollout holds a device.
     #[error("{0}")]
     Conflict(String),
@@ -599,19 +601,23 @@ impl RolloutService {
             .send(view_of(&a.rollout, &a.members, Utc::now()));
     }
 
-    /// `start|pause|resume|cancel|approve`.
-    pub async fn action(&self, id: &str, action: &str) -> Result<RolloutView, RolloutError> {
+    /// An operator's action; the state machine decides whether it applies.
+    pub async fn action(&self, id: &str, action: Action) -> Result<RolloutView, RolloutError> {
         let now = Utc::now();
         let view = {
             let mut active = lock(&self.inner.active);
-            if action == "start" {
-                let r = match active.get(id) {
+            if action == Action::Start {
+                let mut r = match active.get(id) {
                     Some(a) => a.rollout.clone(),
                     None => self.stored(id)?,
                 };
-                if r.status != RolloutStatus::Draft {
-                    return Err(transition(&r, action));
-                }
+                let step = machine::next(
+                    r.status,
+                    r.current_stage,
+                    r.definition.stages.len(),
+                    r.definition.auto_advance,
+                    Input::Act(action),
+                )?;
                 let mut members = self.resolve_members(&r, &HashSet::new());
                 if members.is_empty() {
                     return Err(RolloutError::Validation(
@@ -633,12 +639,10 @@ impl RolloutService {
                 for (i, m) in members.iter_mut().enumerate() {
                     m.stage = sizes.iter().position(|&s| i < s).unwrap_or(sizes.len() - 1);
                 }
-                let mut r = r;
-                r.status = RolloutStatus::Running;
                 r.stage_sizes = sizes;
-                r.started_at = Some(now);
-                r.event("start", None, now);
-                r.event("stage_started", Some("stage 1".into()), now);
+                if let Some(step) = &step {
+                    machine::apply(&mut r, step, now);
+                }
                 let mut a = Active {
                     rollout: r,
                     members,
@@ -652,7 +656,7 @@ impl RolloutService {
                 active.insert(id.to_string(), a);
                 view
             } else {
-                if action == "resume" {
+                if action == Action::Resume {
                     // Another rollout may have taken some of its devices meanwhile.
                     let held: Vec<String> = active
                         .get(id)
@@ -665,57 +669,46 @@ impl RolloutService {
                 }
                 let Some(a) = active.get_mut(id) else {
                     let r = self.stored(id)?;
-                    return Err(transition(&r, action));
+                    return Err(machine::Refused {
+                        action,
+                        status: r.status,
+                    }
+                    .into());
                 };
-                let status = a.rollout.status;
-                match (action, status) {
-                    ("pause", RolloutStatus::Running | RolloutStatus::WaitingApproval) => {
-                        a.rollout.status = RolloutStatus::Paused;
-                        a.rollout.pause_reason = Some("paused by an operator".into());
-                    }
-                    ("resume", RolloutStatus::Paused) => {
-                        a.rollout.status = RolloutStatus::Running;
-                        a.rollout.pause_reason = None;
-                        a.rollout.acknowledged_failed = model::count(a.members.iter())
-                            .get(&DeviceState::Failed)
-                            .copied()
-                            .unwrap_or(0);
-                    }
-                    ("approve", RolloutStatus::WaitingApproval) => {
-                        a.rollout.status = RolloutStatus::Running;
-                        a.rollout.current_stage += 1;
-                        let stage = a.rollout.current_stage + 1;
-                        a.rollout
-                            .event("stage_started", Some(format!("stage {stage}")), now);
-                    }
-                    (
-                        "cancel",
-                        RolloutStatus::Running
-                        | RolloutStatus::WaitingApproval
-                        | RolloutStatus::Paused,
-                    ) => {
-                        a.rollout.status = RolloutStatus::Canceled;
-                        a.rollout.finished_at = Some(now);
-                        for m in a
-                            .members
-                            .iter_mut()
-                            .filter(|m| !m.state.is_final() && m.state != DeviceState::InFlight)
-                        {
-                            m.set_state(DeviceState::Canceled, now);
-                        }
-                    }
-                    _ => return Err(transition(&a.rollout, action)),
+                let r = &a.rollout;
+                let step = machine::next(
+                    r.status,
+                    r.current_stage,
+                    r.definition.stages.len(),
+                    r.definition.auto_advance,
+                    Input::Act(action),
+                )?
+                .ok_or(machine::Refused {
+                    action,
+                    status: r.status,
+                })?;
+                if step.acknowledge_failures {
+                    a.rollout.acknowledged_failed = model::count(a.members.iter())
+                        .get(&DeviceState::Failed)
+                        .copied()
+                        .unwrap_or(0);
                 }
-                let Some(a) = active.get_mut(id) else {
-                    return Err(RolloutError::NotFound(id.to_string()));
-                };
-                a.rollout.event(action, None, now);
+                if step.cancel_members {
+                    for m in a
+                        .members
+                        .iter_mut()
+                        .filter(|m| !m.state.is_final() && m.state != DeviceState::InFlight)
+                    {
+                        m.set_state(DeviceState::Canceled, now);
+                    }
+                }
+                machine::apply(&mut a.rollout, &step, now);
                 a.rollout.sample(&model::count(a.members.iter()), now);
                 self.persist(&a.rollout, &a.members.iter().collect::<Vec<_>>(), true);
                 view_of(&a.rollout, &a.members, now)
             }
         };
-        tracing::info!(rollout_id = %id, action, status = ?view.rollout.status, "rollout action");
+        tracing::info!(rollout_id = %id, action = action.as_str(), status = ?view.rollout.status, "rollout action");
         let _ = self.inner.changes.send(view.clone());
         self.inner.wake.notify_one();
         Ok(view)
@@ -1004,8 +997,16 @@ impl RolloutService {
 
     /// Thresholds and stage moves for a running rollout. True if its status changed.
     fn judge(&self, a: &mut Active, now: DateTime<Utc>) -> bool {
+        match self.verdict(a) {
+            Some(v) => self.conclude(a, v, now),
+            None => false,
+        }
+    }
+
+    /// What the counts of a running rollout's current stage say, if anything.
+    fn verdict(&self, a: &Active) -> Option<Verdict> {
         if a.rollout.status != RolloutStatus::Running {
-            return false;
+            return None;
         }
         let def = &a.rollout.definition;
         let stage = a.rollout.current_stage;
@@ -1018,50 +1019,63 @@ impl RolloutService {
         j.denominator -= acknowledged;
         if let Some(rate) = j.error_rate(def.min_sample) {
             if rate > def.error_threshold {
-                let why = format!(
+                return Some(Verdict::Stop(format!(
                     "error rate {rate:.1} % in stage {} is above error_threshold {} % ({} of {} devices failed)",
                     stage + 1,
                     def.error_threshold,
                     j.failed,
                     j.denominator
-                );
-                return self.pause(a, why, now);
+                )));
             }
         }
         if !held.iter().all(|m| m.state.is_final()) {
-            return false;
+            return None;
         }
         let success = j.success_rate();
         if success < def.success_threshold {
-            let why = format!(
+            return Some(Verdict::Stop(format!(
                 "success rate {success:.1} % in stage {} is below success_threshold {} %",
                 stage + 1,
                 def.success_threshold
-            );
-            return self.pause(a, why, now);
+            )));
         }
-        let last = def.stages.len() - 1;
-        if stage >= last && a.members.iter().all(|m| m.state.is_final()) {
-            a.rollout.status = RolloutStatus::Completed;
-            a.rollout.finished_at = Some(now);
-            a.rollout.event("completed", None, now);
-            tracing::info!(rollout_id = %a.rollout.id, "rollout completed");
-        } else if stage >= last {
-            return false;
-        } else if def.auto_advance {
-            a.rollout.current_stage += 1;
-            let n = a.rollout.current_stage + 1;
-            a.rollout
-                .event("stage_started", Some(format!("stage {n}")), now);
-            tracing::info!(rollout_id = %a.rollout.id, stage = n, "rollout stage started");
+        if stage + 1 < def.stages.len() {
+            Some(Verdict::StageDone(success))
+        } else if a.members.iter().all(|m| m.state.is_final()) {
+            Some(Verdict::AllDone)
         } else {
-            a.rollout.status = RolloutStatus::WaitingApproval;
-            a.rollout.event(
-                "waiting_approval",
-                Some(format!("stage {} succeeded ({success:.1} %)", stage + 1)),
-                now,
-            );
+            None
         }
+    }
+
+    /// Carries a verdict out through the state machine. True if the status changed.
+    fn conclude(&self, a: &mut Active, verdict: Verdict, now: DateTime<Utc>) -> bool {
+        let r = &a.rollout;
+        let step = machine::next(
+            r.status,
+            r.current_stage,
+            r.definition.stages.len(),
+            r.definition.auto_advance,
+            Input::Judged(verdict),
+        );
+        let Ok(Some(step)) = step else {
+            return false;
+        };
+        match step.to {
+            RolloutStatus::Paused => {
+                let why = step.pause_reason.clone().flatten().unwrap_or_default();
+                tracing::warn!(rollout_id = %a.rollout.id, reason = %why, "rollout paused");
+            }
+            RolloutStatus::Completed => {
+                tracing::info!(rollout_id = %a.rollout.id, "rollout completed");
+            }
+            _ if step.next_stage => {
+                let n = a.rollout.current_stage + 2;
+                tracing::info!(rollout_id = %a.rollout.id, stage = n, "rollout stage started");
+            }
+            _ => {}
+        }
+        machine::apply(&mut a.rollout, &step, now);
         true
     }
 
@@ -1085,17 +1099,9 @@ impl RolloutService {
             })
         });
         match unusable {
-            Some(why) => self.pause(a, why, now),
+            Some(why) => self.conclude(a, Verdict::Stop(why), now),
             None => false,
         }
-    }
-
-    fn pause(&self, a: &mut Active, why: String, now: DateTime<Utc>) -> bool {
-        tracing::warn!(rollout_id = %a.rollout.id, reason = %why, "rollout paused");
-        a.rollout.status = RolloutStatus::Paused;
-        a.rollout.pause_reason = Some(why.clone());
-        a.rollout.event("paused", Some(why), now);
-        true
     }
 
     /// Applies the answer of one dispatch.
@@ -1306,13 +1312,6 @@ fn member_for(
         next_attempt_at: None,
         finished_at: None,
     })
-}
-
-fn transition(r: &Rollout, action: &str) -> RolloutError {
-    RolloutError::InvalidTransition(format!(
-        "cannot {action} a rollout that is {}",
-        r.status.as_str()
-    ))
 }
 
 impl crate::firmware::UsageGuard for RolloutService {
