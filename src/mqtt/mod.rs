@@ -68,6 +68,10 @@ pub struct MqttSettings {
 pub struct MqttStatus {
     /// Connected to the broker now.
     pub connected: AtomicBool,
+    /// Every subscription of the current session acknowledged (SUBACK) by the broker.
+    pub subscribed: AtomicBool,
+    /// SUBACKs still awaited in the current session.
+    pending_subacks: AtomicU64,
     /// Messages received.
     pub messages_in: AtomicU64,
     /// Messages published.
@@ -91,6 +95,11 @@ impl MqttStatus {
         let _ = writeln!(
             out,
             "# HELP fwrepo_mqtt_connected 1 while the MQTT session is up.\n# TYPE fwrepo_mqtt_connected gauge\nfwrepo_mqtt_connected {up}"
+        );
+        let subscribed = u64::from(self.subscribed.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP fwrepo_mqtt_subscribed 1 once the broker acknowledged every subscription of the session.\n# TYPE fwrepo_mqtt_subscribed gauge\nfwrepo_mqtt_subscribed {subscribed}"
         );
         for (name, help, v) in [
             (
@@ -131,7 +140,11 @@ impl MqttStatus {
     /// `connected` or `disconnected: <last error>`.
     pub fn describe(&self) -> String {
         if self.connected.load(Ordering::Relaxed) {
-            return "connected".into();
+            return if self.subscribed.load(Ordering::Relaxed) {
+                "connected".into()
+            } else {
+                "connected, subscribing".into()
+            };
         }
         let last = match self.last_error.lock() {
             Ok(g) => g.clone(),
@@ -320,14 +333,32 @@ impl Session {
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = RECONNECT_FIRST;
-                    self.handle.status.connected.store(true, Ordering::Relaxed);
+                    let status = &self.handle.status;
+                    status.subscribed.store(false, Ordering::Relaxed);
+                    status.pending_subacks.store(
+                        (topics::QOS1_FILTERS.len() + topics::QOS0_FILTERS.len()) as u64,
+                        Ordering::Relaxed,
+                    );
+                    status.connected.store(true, Ordering::Relaxed);
                     tracing::info!("MQTT session up; subscribing");
                     self.subscribe();
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let status = &self.handle.status;
+                    let left = status
+                        .pending_subacks
+                        .fetch_sub(1, Ordering::Relaxed)
+                        .saturating_sub(1);
+                    if left == 0 {
+                        status.subscribed.store(true, Ordering::Relaxed);
+                        tracing::debug!("MQTT subscriptions acknowledged");
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(&p.topic, &p.payload),
                 Ok(_) => {}
                 Err(e) => {
                     let status = &self.handle.status;
+                    status.subscribed.store(false, Ordering::Relaxed);
                     if status.connected.swap(false, Ordering::Relaxed) {
                         tracing::warn!(error = %e, "MQTT connection lost; reconnecting");
                     }

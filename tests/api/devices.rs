@@ -24,17 +24,11 @@ async fn devices_are_learned_from_topology_state_and_osd() {
     let (dock, aircraft) = (sn("DOCK"), sn("AC"));
     let (client, mut inbox) = mqtt_client(&app.mqtt_addr(), "devices").await;
     client
-        .subscribe(format!("sys/product/{dock}/status_reply"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
+        .subscribe_acked(format!("sys/product/{dock}/status_reply"))
+        .await;
     client
-        .subscribe(
-            format!("thing/product/{dock}/events_reply"),
-            QoS::AtLeastOnce,
-        )
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+        .subscribe_acked(format!("thing/product/{dock}/events_reply"))
+        .await;
     let topo = json!({"tid":"t1","bid":"b1","timestamp":1,"method":"update_topo","gateway":dock,
         "data":{"domain":"3","type":1,"sub_type":0,"thing_version":"1.1.2",
             "sub_devices":[{"sn":aircraft,"domain":"0","type":67,"sub_type":0,"index":"A"}]}});
@@ -204,9 +198,8 @@ async fn replies_none_sends_no_replies_but_still_learns() {
         format!("sys/product/{dock}/status_reply"),
         format!("thing/product/{dock}/events_reply"),
     ] {
-        client.subscribe(t, QoS::AtLeastOnce).await.unwrap();
+        client.subscribe_acked(t).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let messages = [
         (
             format!("sys/product/{dock}/status"),

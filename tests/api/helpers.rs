@@ -6,6 +6,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use fwrepo::config::Settings;
@@ -427,7 +429,7 @@ pub async fn mqtt_client(
     addr: &str,
     tag: &str,
 ) -> (
-    rumqttc::AsyncClient,
+    TestClient,
     tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
 ) {
     let (host, port) = addr.rsplit_once(':').unwrap();
@@ -439,9 +441,15 @@ pub async fn mqtt_client(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let mut ready_tx = Some(ready_tx);
+    let subacks = Arc::new((AtomicU64::new(0), tokio::sync::Notify::new()));
+    let acks = Arc::clone(&subacks);
     tokio::spawn(async move {
         loop {
             match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                    acks.0.fetch_add(1, Ordering::SeqCst);
+                    acks.1.notify_waiters();
+                }
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
                     if let Some(r) = ready_tx.take() {
                         let _ = r.send(());
@@ -459,7 +467,46 @@ pub async fn mqtt_client(
         .await
         .unwrap()
         .unwrap();
-    (client, rx)
+    (TestClient { client, subacks }, rx)
+}
+
+/// A test's MQTT client: an `AsyncClient` (by deref) that can wait for its SUBACKs.
+pub struct TestClient {
+    client: rumqttc::AsyncClient,
+    subacks: Arc<(AtomicU64, tokio::sync::Notify)>,
+}
+
+impl std::ops::Deref for TestClient {
+    type Target = rumqttc::AsyncClient;
+    fn deref(&self) -> &rumqttc::AsyncClient {
+        &self.client
+    }
+}
+
+impl TestClient {
+    /// Subscribes at QoS 1 and returns once the broker has acknowledged it (no sleeping for
+    /// the subscription to land).
+    pub async fn subscribe_acked(&self, topic: impl Into<String>) {
+        let before = self.subacks.0.load(Ordering::SeqCst);
+        let acked = self.subacks.1.notified();
+        tokio::pin!(acked);
+        acked.as_mut().enable();
+        self.client
+            .subscribe(topic, rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.subacks.0.load(Ordering::SeqCst) <= before {
+            assert!(
+                tokio::time::timeout_at(deadline, acked.as_mut())
+                    .await
+                    .is_ok(),
+                "no SUBACK within 10 s"
+            );
+            acked.set(self.subacks.1.notified());
+            acked.as_mut().enable();
+        }
+    }
 }
 
 impl TestApp {

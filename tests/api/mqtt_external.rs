@@ -50,8 +50,13 @@ async fn external_broker_learns_devices_and_survives_an_oversized_publish() {
         })
         .await
     );
-    // Let the subscriptions land.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The broker acknowledged every subscription.
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.state.mqtt.status.subscribed.load(Ordering::Relaxed)
+        })
+        .await
+    );
     let errors_before = app.state.mqtt.status.connect_errors.load(Ordering::Relaxed);
     let (client, _inbox) = mqtt_client(&format!("{host}:{port}"), "ext").await;
     let dock = format!("EXT{}", &tag[16..]);

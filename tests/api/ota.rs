@@ -572,10 +572,8 @@ async fn late_verification_and_switchable_preflight() {
     let dock = sn("DOCK");
     let (client, mut inbox) = mqtt_client(&app.mqtt_addr(), "late").await;
     client
-        .subscribe(format!("thing/product/{dock}/services"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+        .subscribe_acked(format!("thing/product/{dock}/services"))
+        .await;
     // With aircraft_attached switched off, an unlinked second device passes preflight.
     let other = sn("AC");
     let (status, plan) = post_ota(&app, json!({"gateway_sn": dock, "devices": [{"sn": other, "firmware_id": fw["id"]}], "dry_run": true}), None).await;
