@@ -1,0 +1,350 @@
+//! Creating a task: resolve each device's firmware, decide the upgrade type by policy, run the
+//! preflight checks, store the task (flushed) and publish its `ota_create`.
+
+use super::*;
+
+impl OtaService {
+    /// The firmware a request entry names (by id, or model + version), if usable.
+    pub fn resolve_firmware(&self, d: &RequestDevice) -> Result<FirmwareRecord, OtaError> {
+        let fw = match (&d.firmware_id, &d.model, &d.product_version) {
+            (Some(id), _, _) => {
+                let id = FirmwareId::parse(id)
+                    .ok_or_else(|| OtaError::NotFound(format!("firmware {id} not found")))?;
+                self.inner.catalog.firmware(&id).map_err(|e| match e {
+                    CatalogError::NotFound => {
+                        OtaError::NotFound(format!("firmware {id} not found"))
+                    }
+                    other => other.into(),
+                })?
+            }
+            (None, Some(model), Some(version)) => {
+                let v =
+                    ProductVersion::parse(version).map_err(|e| OtaError::Invalid(e.to_string()))?;
+                let page = self.inner.catalog.list_firmware(
+                    &PageRequest {
+                        limit: Some(1),
+                        cursor: None,
+                    },
+                    |r| {
+                        r.status != FirmwareStatus::Deleted
+                            && r.model.eq_ignore_ascii_case(model)
+                            && ProductVersion::parse(&r.product_version).is_ok_and(|rv| rv == v)
+                    },
+                )?;
+                page.items
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| OtaError::NotFound(format!("no firmware {model} {version}")))?
+            }
+            _ => {
+                return Err(OtaError::Invalid(format!(
+                    "device {}: give firmware_id, or model and product_version",
+                    d.sn
+                )));
+            }
+        };
+        match fw.status {
+            FirmwareStatus::Deleted => Err(OtaError::FirmwareDeleted(fw.id.to_string())),
+            FirmwareStatus::Corrupt => Err(OtaError::FirmwareCorrupt(fw.id.to_string())),
+            FirmwareStatus::Disabled => Err(OtaError::Validation(format!(
+                "firmware {} is disabled",
+                fw.id
+            ))),
+            FirmwareStatus::Ready => Ok(fw),
+        }
+    }
+
+    fn preflight(&self, req: &OtaRequest) -> Result<Vec<String>, OtaError> {
+        let skip = &self.inner.settings.preflight_skip;
+        match self.preflight_checks(req) {
+            Err(OtaError::Preflight { check, reason }) if skip.iter().any(|s| s == check) => {
+                Ok(vec![format!(
+                    "preflight check {check} skipped by configuration: {reason}"
+                )])
+            }
+            other => other,
+        }
+    }
+
+    fn preflight_checks(&self, req: &OtaRequest) -> Result<Vec<String>, OtaError> {
+        let mode = self.inner.settings.preflight.as_str();
+        let mut warnings = Vec::new();
+        if mode == "off" {
+            return Ok(warnings);
+        }
+        let gw = self.inner.devices.get(&req.gateway_sn).ok();
+        match &gw {
+            None if mode == "strict" => {
+                return Err(OtaError::Preflight {
+                    check: "gateway_online",
+                    reason: format!("gateway {} was never seen", req.gateway_sn),
+                });
+            }
+            None => warnings.push(format!(
+                "gateway {} was never seen; sent without preflight",
+                req.gateway_sn
+            )),
+            Some(g) => {
+                if g.last_osd_at.is_none() && g.last_seen_at.is_none() {
+                    if mode == "strict" {
+                        return Err(OtaError::Preflight {
+                            check: "gateway_online",
+                            reason: "the gateway never sent osd".into(),
+                        });
+                    }
+                    warnings.push("the gateway never sent osd".into());
+                } else if !g.online {
+                    return Err(OtaError::Preflight {
+                        check: "gateway_online",
+                        reason: format!("gateway {} is offline", g.sn),
+                    });
+                }
+                if g.mode_code == Some(3) || g.firmware_upgrade_status == Some(1) {
+                    return Err(OtaError::Preflight {
+                        check: "not_upgrading",
+                        reason: "the gateway reports an upgrade in progress".into(),
+                    });
+                }
+            }
+        }
+        for d in req.devices.iter().filter(|d| d.sn != req.gateway_sn) {
+            let child = gw.as_ref().and_then(|g| g.child_sn.clone());
+            let dev = self.inner.devices.get(&d.sn).ok();
+            let linked = child.as_deref() == Some(d.sn.as_str())
+                || dev
+                    .as_ref()
+                    .is_some_and(|x| x.gateway_sn.as_deref() == Some(req.gateway_sn.as_str()));
+            if !linked {
+                return Err(OtaError::Preflight {
+                    check: "aircraft_attached",
+                    reason: format!("{} is not the current aircraft of {}", d.sn, req.gateway_sn),
+                });
+            }
+            // The dock's own osd names its paired aircraft even when that one is off: a
+            // different serial there means the topology fwrepo holds is stale.
+            if let Some(osd_child) = gw.as_ref().and_then(|g| g.osd_child_sn.as_deref()) {
+                if osd_child != d.sn {
+                    return Err(OtaError::Preflight {
+                        check: "aircraft_attached",
+                        reason: format!(
+                            "the osd of {} reports aircraft {osd_child}, not {}",
+                            req.gateway_sn, d.sn
+                        ),
+                    });
+                }
+            }
+            if let Some(x) = dev {
+                if x.mode_code == Some(13) || x.firmware_upgrade_status == Some(1) {
+                    return Err(OtaError::Preflight {
+                        check: "not_upgrading",
+                        reason: format!("{} reports an upgrade in progress", d.sn),
+                    });
+                }
+            }
+        }
+        Ok(warnings)
+    }
+
+    /// Handles `POST /api/v1/ota`.
+    pub async fn create(
+        &self,
+        req: OtaRequest,
+        idempotency_key: Option<String>,
+    ) -> Result<Created, OtaError> {
+        let body_hash = hex::encode(sha2::Sha256::digest(
+            serde_json::to_vec(&req).unwrap_or_default(),
+        ));
+        if let Some(key) = &idempotency_key {
+            if let Some((hash, status, answer)) = self.inner.catalog.idempotent(key)? {
+                if hash != body_hash {
+                    return Err(OtaError::IdempotencyReused);
+                }
+                return Ok(Created::Replay(status, answer));
+            }
+        }
+        if req.gateway_sn.is_empty() || req.gateway_sn.contains(['/', '+', '#']) {
+            return Err(OtaError::Invalid("invalid gateway_sn".into()));
+        }
+        if req.devices.is_empty() || req.devices.len() > 2 {
+            return Err(OtaError::Validation("a task takes 1 or 2 devices".into()));
+        }
+        if req.devices.len() == 2 && req.devices[0].sn == req.devices[1].sn {
+            return Err(OtaError::Validation("the devices must differ".into()));
+        }
+        if req
+            .devices
+            .iter()
+            .filter(|d| d.sn != req.gateway_sn)
+            .count()
+            > 1
+        {
+            return Err(OtaError::Validation(
+                "the devices are the gateway and its current aircraft".into(),
+            ));
+        }
+        // Devices of another gateway.
+        for d in req.devices.iter().filter(|d| d.sn != req.gateway_sn) {
+            if let Ok(dev) = self.inner.devices.get(&d.sn) {
+                if let Some(g) = dev.gateway_sn.as_deref().filter(|g| *g != req.gateway_sn) {
+                    return Err(OtaError::Validation(format!(
+                        "{} belongs to gateway {g}",
+                        d.sn
+                    )));
+                }
+            }
+        }
+        {
+            let open = lock(&self.inner.open);
+            if let Some(t) = open.by_gateway.get(&req.gateway_sn) {
+                return Err(OtaError::GatewayBusy(t.clone()));
+            }
+            for d in &req.devices {
+                if let Some(t) = open.by_device.get(&d.sn) {
+                    return Err(OtaError::DeviceBusy(t.clone()));
+                }
+            }
+        }
+        let id = crate::domain::ids::next();
+        let mut devices = Vec::new();
+        for d in &req.devices {
+            let fw = self.resolve_firmware(d)?;
+            let target = ProductVersion::parse(&fw.product_version)
+                .map_err(|e| OtaError::Invalid(e.to_string()))?;
+            let facts = self
+                .inner
+                .devices
+                .get(&d.sn)
+                .map(|x| DeviceFacts {
+                    model: x.model,
+                    running: x.firmware_version,
+                    compatible_status: x.compatible_status,
+                })
+                .unwrap_or_default();
+            let decision = policy::decide(
+                &fw.model,
+                &target,
+                &facts,
+                &policy::Request {
+                    upgrade_type: req.firmware_upgrade_type,
+                    force: req.force,
+                    allow_downgrade: req.allow_downgrade,
+                    default_type: None,
+                },
+            );
+            let segment = FileName::parse(&fw.file_name)
+                .map(|n| n.url_segment())
+                .unwrap_or_else(|_| fw.file_name.clone());
+            let (upgrade_type, rule, reason, outcome) = match decision {
+                Decision::Send {
+                    upgrade_type,
+                    rule,
+                    reason,
+                } => (Some(upgrade_type), rule, reason, Outcome::Pending),
+                Decision::Skip { reason } => (None, 5, reason, Outcome::SkippedUpToDate),
+                Decision::Refuse { code, reason } => {
+                    let reason = format!("{}: {reason}", d.sn);
+                    return Err(match code {
+                        "model_mismatch" => OtaError::ModelMismatch(reason),
+                        "downgrade_refused" => OtaError::DowngradeRefused(reason),
+                        _ => OtaError::Validation(reason),
+                    });
+                }
+            };
+            devices.push(TaskDevice {
+                sn: d.sn.clone(),
+                firmware_id: fw.id.to_string(),
+                product_version: fw.product_version.clone(),
+                upgrade_type,
+                policy_rule: rule,
+                policy_reason: reason,
+                // Signed for this task, device and firmware (see download::signing).
+                file_url: format!(
+                    "{}/dl/{id}/{}/{}/{segment}",
+                    self.inner.public_url,
+                    d.sn,
+                    self.inner
+                        .signer
+                        .sign(&id, &d.sn, fw.id.as_str(), Utc::now())
+                ),
+                file_name: fw.file_name.clone(),
+                md5: fw.md5.clone(),
+                file_size: fw.file_size,
+                download_session: None,
+                outcome,
+                outcome_at: None,
+            });
+        }
+        if devices
+            .iter()
+            .all(|d| d.outcome == Outcome::SkippedUpToDate)
+        {
+            return Err(OtaError::AlreadyUpToDate);
+        }
+        let warnings = self.preflight(&req)?;
+        let now = Utc::now();
+        let mut task = OtaTask {
+            id: id.clone(),
+            gateway_sn: req.gateway_sn.clone(),
+            tid: uuid_like(),
+            bid: uuid_like(),
+            status: TaskStatus::Pending,
+            created_at: now,
+            updated_at: now,
+            devices,
+            progress: Progress::default(),
+            result_code: None,
+            result_reason: None,
+            retryable: None,
+            history: Vec::new(),
+            replied_at: None,
+            last_event_at: Some(now),
+            finished_at: None,
+        };
+        let (topic, message) = self.inner.publisher.render(&OtaCreate::for_task(&task));
+        if req.dry_run {
+            return Ok(Created::DryRun(json!({
+                "dry_run": true,
+                "task": task,
+                "ota_create": message,
+                "topic": topic,
+                "warnings": warnings,
+            })));
+        }
+        if !self.inner.publisher.connected() {
+            return Err(OtaError::BrokerUnavailable);
+        }
+        task.note("api", None, now);
+        self.inner.catalog.put_task(&task.id, &task)?;
+        self.inner.catalog.flush().await?;
+        let payload = serde_json::to_vec(&message).unwrap_or_default();
+        let raw = String::from_utf8(payload.clone())
+            .ok()
+            .and_then(|text| serde_json::value::RawValue::from_string(text).ok());
+        // The task is open (findable by tid and bid) before the message leaves: a gateway may
+        // answer faster than this function returns, and its services_reply must not be an
+        // orphan.
+        task.status = TaskStatus::Sent;
+        task.note("publish", raw, Utc::now());
+        self.save(&task);
+        if !self.inner.publisher.publish(topic, payload) {
+            lock(&self.inner.open).forget(&task);
+            self.inner.catalog.delete_task(&task.id)?;
+            return Err(OtaError::BrokerUnavailable);
+        }
+        self.inner
+            .counters
+            .created
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        for w in &warnings {
+            tracing::warn!(task_id = %task.id, gateway_sn = %task.gateway_sn, "{w}");
+        }
+        tracing::info!(task_id = %task.id, gateway_sn = %task.gateway_sn, tid = %task.tid, bid = %task.bid, "ota_create published");
+        if let Some(key) = idempotency_key {
+            let answer = serde_json::to_value(&task).unwrap_or_default();
+            self.inner
+                .catalog
+                .put_idempotent(&key, &body_hash, 202, &answer)?;
+        }
+        Ok(Created::Task(Box::new(task)))
+    }
+}

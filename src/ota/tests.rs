@@ -1,0 +1,125 @@
+//! The service with a publisher that answers at once (ordering races).
+
+use super::*;
+
+/// A broker and gateway in one: `publish` delivers the gateway's `services_reply` to the
+/// service before it returns — the fastest answer a gateway can give.
+struct InstantReply {
+    service: std::sync::OnceLock<OtaService>,
+    /// Deliver the gateway's whole upgrade (progress to `ok`) before its reply, as rumqttd
+    /// may (it serves topic filters in turn).
+    progress_first: bool,
+}
+
+impl Publisher for InstantReply {
+    fn connected(&self) -> bool {
+        true
+    }
+
+    fn render(&self, cmd: &OtaCreate) -> (String, Value) {
+        let topic = format!("gw/{}", cmd.gateway_sn);
+        (topic, json!({"tid": cmd.tid, "bid": cmd.bid}))
+    }
+
+    fn publish(&self, topic: String, payload: Vec<u8>) -> bool {
+        let msg: Value = serde_json::from_slice(&payload).unwrap();
+        let sn = topic.split('/').nth(1).unwrap().to_string();
+        let reply = json!({"tid": msg["tid"], "bid": msg["bid"], "method": "ota_create",
+            "data": {"result": 0}});
+        let raw = serde_json::value::RawValue::from_string(reply.to_string()).unwrap();
+        let service = self.service.get().unwrap();
+        if self.progress_first {
+            let event = json!({"bid": msg["bid"], "method": "ota_progress", "data": {"result": 0,
+                "output": {"status": "ok", "progress": {"percent": 100, "step_key": "upgrade_firmware"}}}});
+            service.on_message(OtaMessage {
+                is_reply: false,
+                topic_sn: sn.clone(),
+                tid: None,
+                bid: msg["bid"].as_str().map(str::to_string),
+                method: Some("ota_progress".into()),
+                report: machine::Report {
+                    status: Some(TaskStatus::Ok),
+                    percent: Some(100),
+                    step_key: Some("upgrade_firmware".into()),
+                    ..machine::Report::default()
+                },
+                raw: serde_json::value::RawValue::from_string(event.to_string()).unwrap(),
+            });
+        }
+        service.on_message(OtaMessage {
+            is_reply: true,
+            topic_sn: sn,
+            tid: msg["tid"].as_str().map(str::to_string),
+            bid: msg["bid"].as_str().map(str::to_string),
+            method: Some("ota_create".into()),
+            report: machine::Report::default(),
+            raw,
+        });
+        true
+    }
+}
+
+#[tokio::test]
+async fn a_reply_that_arrives_before_create_returns_is_not_an_orphan() {
+    let (service, task, _dir) = run_one(false).await;
+    let stored = service.get(&task.id, |_, _| None).unwrap();
+    let sources: Vec<&str> = stored.history.iter().map(|h| h.source.as_str()).collect();
+    assert_eq!(sources, ["api", "publish", "services_reply"], "{sources:?}");
+    assert!(stored.replied_at.is_some());
+}
+
+#[tokio::test]
+async fn a_reply_after_the_last_progress_event_is_still_recorded() {
+    let (service, task, _dir) = run_one(true).await;
+    let stored = service.get(&task.id, |_, _| None).unwrap();
+    assert_eq!(stored.status, TaskStatus::Ok);
+    let sources: Vec<&str> = stored.history.iter().map(|h| h.source.as_str()).collect();
+    assert_eq!(
+        sources,
+        ["api", "publish", "ota_progress", "services_reply"],
+        "{sources:?}"
+    );
+    assert!(stored.replied_at.is_some());
+}
+
+/// One task for one device, answered by an [`InstantReply`] gateway.
+async fn run_one(progress_first: bool) -> (OtaService, Box<OtaTask>, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::open(&dir.path().join("c"), 8).unwrap();
+    let fw = crate::catalog::FirmwareRecord::new_for_test("Dock", "2.0", &"a".repeat(64));
+    assert!(catalog.import_firmware(&fw).unwrap());
+    let devices =
+        DeviceRegistry::load(catalog.clone(), Default::default(), Duration::from_secs(60)).unwrap();
+    let publisher = Arc::new(InstantReply {
+        service: std::sync::OnceLock::new(),
+        progress_first,
+    });
+    let settings = OtaSettings {
+        reply_timeout: Duration::from_secs(30),
+        progress_timeout: Duration::from_secs(60),
+        verify_window: Duration::from_secs(60),
+        preflight: "off".into(),
+        preflight_skip: vec![],
+        online_window: Duration::from_secs(60),
+        retention: Duration::from_secs(86_400),
+    };
+    let signer =
+        crate::download::signing::UrlSigner::new(vec![vec![7; 32]], Duration::from_secs(3600));
+    let service = OtaService::load(
+        catalog,
+        devices,
+        publisher.clone(),
+        "http://127.0.0.1:1".into(),
+        settings,
+        signer,
+    )
+    .unwrap();
+    assert!(publisher.service.set(service.clone()).is_ok());
+    let req: OtaRequest = serde_json::from_value(json!({"gateway_sn": "RACE1",
+        "devices": [{"sn": "RACE1", "firmware_id": fw.id.as_str()}]}))
+    .unwrap();
+    let Created::Task(task) = service.create(req, None).await.unwrap() else {
+        panic!("not a task");
+    };
+    (service, task, dir)
+}

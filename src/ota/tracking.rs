@@ -1,0 +1,294 @@
+//! Following tasks: gateway messages and timers go through the state machine; device reports
+//! settle outcomes (verification, late verification) and close tasks whose final progress was
+//! lost.
+
+use super::*;
+
+impl OtaService {
+    /// Applies a gateway message.
+    pub fn on_message(&self, msg: OtaMessage) {
+        let now = Utc::now();
+        let task = {
+            let open = lock(&self.inner.open);
+            let by_id = |id: Option<&String>| id.and_then(|i| open.tasks.get(i)).cloned();
+            if msg.is_reply {
+                msg.tid.as_ref().and_then(|tid| by_id(open.by_tid.get(tid)))
+            } else {
+                msg.bid
+                    .as_ref()
+                    .and_then(|bid| by_id(open.by_bid.get(bid)))
+                    .or_else(|| by_id(open.by_gateway.get(&msg.topic_sn)))
+                    .or_else(|| {
+                        let parent = self.inner.devices.get(&msg.topic_sn).ok()?.gateway_sn?;
+                        by_id(open.by_gateway.get(&parent))
+                    })
+            }
+        };
+        if msg.is_reply {
+            let settled = match &task {
+                Some(t) if t.status.is_final() => Some(t.clone()),
+                Some(_) => None,
+                None => self.settled_task(msg.tid.as_deref()),
+            };
+            if let Some(t) = settled {
+                let event = machine::TaskEvent::Reply(msg.report, Some(msg.raw));
+                self.late_reply(t, event, now);
+                return;
+            }
+        }
+        let Some(mut task) = task else {
+            tracing::info!(topic_sn = %msg.topic_sn, tid = ?msg.tid, bid = ?msg.bid, method = ?msg.method, "OTA message matches no open task (orphan)");
+            let orphan = json!({"at": now, "topic_sn": msg.topic_sn, "tid": msg.tid, "bid": msg.bid,
+                "method": msg.method, "raw": msg.raw});
+            if let Err(e) = self.inner.catalog.put_orphan(&orphan) {
+                tracing::warn!(error = %e, "storing an orphan OTA message failed");
+            }
+            return;
+        };
+        let event = if msg.is_reply {
+            machine::TaskEvent::Reply(msg.report, Some(msg.raw))
+        } else {
+            machine::TaskEvent::Progress(msg.report, Some(msg.raw))
+        };
+        self.apply(&mut task, event, now);
+    }
+
+    /// Runs the state machine on `task` and carries out its effects: settle devices and count
+    /// a task that just ended, then persist and notify.
+    fn apply(&self, task: &mut OtaTask, event: machine::TaskEvent, now: DateTime<Utc>) {
+        let fx = machine::apply(task, event, now);
+        if let Some(status) = fx.finished {
+            self.inner.counters.finish(status);
+            self.finish_devices(task, now);
+            tracing::info!(task_id = %task.id, status = ?status, "OTA task finished");
+        }
+        if fx.save {
+            self.save(task);
+        }
+    }
+
+    /// A recently settled task by the tid of its `ota_create`, from the catalog.
+    fn settled_task(&self, tid: Option<&str>) -> Option<OtaTask> {
+        let tid = tid?;
+        let id = lock(&self.inner.open)
+            .settled_tids
+            .iter()
+            .rev()
+            .find(|(t, _)| t == tid)
+            .map(|(_, id)| id.clone())?;
+        self.inner.catalog.task::<OtaTask>(&id).ok()?
+    }
+
+    /// Records a `services_reply` that came after the task ended (its progress events were
+    /// delivered first): the history and `replied_at` get it; the outcome stays.
+    fn late_reply(&self, mut task: OtaTask, event: machine::TaskEvent, now: DateTime<Utc>) {
+        if !machine::apply(&mut task, event, now).save {
+            tracing::info!(task_id = %task.id, "repeated services_reply for a finished task ignored");
+            return;
+        }
+        tracing::info!(task_id = %task.id, "services_reply recorded after the task ended");
+        let open = lock(&self.inner.open).tasks.contains_key(&task.id);
+        if open {
+            self.save(&task);
+        } else if let Err(e) = self.inner.catalog.put_task(&task.id, &task) {
+            tracing::error!(task_id = %task.id, error = %e, "storing task failed");
+        }
+    }
+
+    fn finish_devices(&self, task: &mut OtaTask, now: DateTime<Utc>) {
+        if task.status != TaskStatus::Ok {
+            for d in &mut task.devices {
+                if d.outcome == Outcome::Pending {
+                    // Not upgraded, unless the device later reports the target (late verify).
+                    d.outcome = Outcome::Pending;
+                }
+            }
+        }
+        self.verify(task, now);
+    }
+
+    /// Whether `d`'s device has reported since the task began, runs the target, and (for a
+    /// consistency upgrade) is consistent again: (reported since, on target, verified).
+    fn check_device(
+        &self,
+        task_created: DateTime<Utc>,
+        d: &TaskDevice,
+    ) -> Option<(bool, bool, bool)> {
+        let dev = self.inner.devices.get(&d.sn).ok()?;
+        let reported_after = dev.last_state_at.is_some_and(|t| t >= task_created);
+        let on_target = dev.firmware_version.as_deref().is_some_and(|v| {
+            v == d.product_version
+                || matches!((ProductVersion::parse(v), ProductVersion::parse(&d.product_version)), (Ok(a), Ok(b)) if a == b)
+        });
+        let consistent = d.upgrade_type != Some(2) || dev.compatible_status == Some(0);
+        Some((
+            reported_after,
+            on_target,
+            reported_after && on_target && consistent,
+        ))
+    }
+
+    /// Settles device outcomes from the registry's latest reports.
+    fn verify(&self, task: &mut OtaTask, now: DateTime<Utc>) -> bool {
+        let mut changed = false;
+        let finished = task.finished_at.unwrap_or(now);
+        let window = chrono::Duration::from_std(self.inner.settings.verify_window)
+            .unwrap_or(chrono::Duration::seconds(900));
+        for d in task
+            .devices
+            .iter_mut()
+            .filter(|d| d.outcome == Outcome::Pending)
+        {
+            let Some((reported_after, on_target, verified)) = self.check_device(task.created_at, d)
+            else {
+                continue;
+            };
+            if verified {
+                d.outcome = Outcome::Verified;
+                d.outcome_at = Some(now);
+                changed = true;
+            } else if task.status.is_final() && now - finished > window {
+                d.outcome = if task.status == TaskStatus::Ok && reported_after && !on_target {
+                    Outcome::Mismatch
+                } else {
+                    Outcome::Unverified
+                };
+                d.outcome_at = Some(now);
+                changed = true;
+            }
+        }
+        changed
+    }
+
+    /// One pass of the timers: reply and progress timeouts, device verification.
+    pub fn tick(&self) {
+        let now = Utc::now();
+        let tasks: Vec<OtaTask> = lock(&self.inner.open).tasks.values().cloned().collect();
+        let s = &self.inner.settings;
+        for mut t in tasks {
+            let event = if self.devices_on_target(&t, now) {
+                tracing::info!(task_id = %t.id, gateway_sn = %t.gateway_sn, "OTA task closed from device reports (its final ota_progress never arrived)");
+                Some(machine::TaskEvent::DevicesOnTarget)
+            } else {
+                machine::due(&t, now, s.reply_timeout, s.progress_timeout)
+            };
+            let mut changed = false;
+            if let Some(event) = event {
+                if !matches!(event, machine::TaskEvent::DevicesOnTarget) {
+                    tracing::warn!(task_id = %t.id, gateway_sn = %t.gateway_sn, "OTA task timed out");
+                }
+                let fx = machine::apply(&mut t, event, now);
+                if let Some(status) = fx.finished {
+                    self.inner.counters.finish(status);
+                    self.finish_devices(&mut t, now);
+                }
+                changed |= fx.save;
+            }
+            if t.status.is_final() {
+                changed |= self.verify(&mut t, now);
+            }
+            if changed {
+                if t.devices.iter().any(|d| d.outcome != Outcome::Pending) {
+                    t.updated_at = now;
+                }
+                self.save(&t);
+            }
+        }
+    }
+
+    /// Whether an open task's final `ota_progress` was lost (published while the broker was
+    /// restarting, or while fwrepo was): it has been quiet for a while and every device still
+    /// pending reports, since the task began, the task's target (and consistency, for a
+    /// consistency upgrade) while not upgrading.
+    fn devices_on_target(&self, task: &OtaTask, now: DateTime<Utc>) -> bool {
+        // The normal path (the gateway's final ota_progress) goes first.
+        let quiet = now - task.last_event_at.unwrap_or(task.created_at);
+        if task.status.is_final() || quiet < RECONCILE_AFTER {
+            return false;
+        }
+        let mut pending = task
+            .devices
+            .iter()
+            .filter(|d| d.outcome == Outcome::Pending)
+            .peekable();
+        pending.peek().is_some()
+            && pending.all(|d| {
+                let upgrading = self.inner.devices.get(&d.sn).ok().is_none_or(|x| {
+                    let busy_mode = if d.sn == task.gateway_sn { 3 } else { 13 };
+                    x.firmware_upgrade_status == Some(1) || x.mode_code == Some(busy_mode)
+                });
+                !upgrading
+                    && self
+                        .check_device(task.created_at, d)
+                        .is_some_and(|(_, _, verified)| verified)
+            })
+    }
+
+    /// Devices left `unverified` that report the target within a day still become verified
+    /// (late) and count as upgraded.
+    fn verify_late(&self, now: DateTime<Utc>) {
+        let late: Vec<(String, DateTime<Utc>)> = lock(&self.inner.open)
+            .late
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect();
+        for (id, since) in late {
+            let task = match self.inner.catalog.task::<OtaTask>(&id) {
+                Ok(Some(t)) if now - since <= LATE_VERIFY => t,
+                _ => {
+                    lock(&self.inner.open).late.remove(&id);
+                    continue;
+                }
+            };
+            let mut task = task;
+            let mut changed = false;
+            let created = task.created_at;
+            for d in task
+                .devices
+                .iter_mut()
+                .filter(|d| d.outcome == Outcome::Unverified)
+            {
+                if self
+                    .check_device(created, d)
+                    .is_some_and(|(_, _, verified)| verified)
+                {
+                    d.outcome = Outcome::Verified;
+                    d.outcome_at = Some(now);
+                    changed = true;
+                }
+            }
+            if changed {
+                task.note("verify_late", None, now);
+                tracing::info!(task_id = %task.id, "device verified late");
+                self.save(&task);
+            }
+        }
+    }
+
+    /// Runs the timers and consumes gateway messages until `cancel`.
+    pub async fn run(self, mut inbox: mpsc::Receiver<OtaMessage>, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut prune = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = prune.tick() => {
+                    let cutoff = Utc::now()
+                        - chrono::Duration::from_std(self.inner.settings.retention).unwrap_or_default();
+                    let catalog = self.inner.catalog.clone();
+                    match tokio::task::spawn_blocking(move || catalog.prune_tasks(cutoff)).await {
+                        Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "pruned OTA tasks past retention"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "pruning OTA tasks failed"),
+                        _ => {}
+                    }
+                }
+                _ = tick.tick() => {
+                    self.tick();
+                    self.verify_late(Utc::now());
+                }
+                Some(msg) = inbox.recv() => self.on_message(msg),
+            }
+        }
+    }
+}

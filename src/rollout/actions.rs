@@ -1,0 +1,119 @@
+//! Operators' actions on a rollout (start, pause, resume, approve, cancel), through the state
+//! machine.
+
+use super::*;
+
+impl RolloutService {
+    /// An operator's action; the state machine decides whether it applies.
+    pub async fn action(&self, id: &str, action: Action) -> Result<RolloutView, RolloutError> {
+        let now = Utc::now();
+        let view = {
+            let mut active = lock(&self.inner.active);
+            if action == Action::Start {
+                let mut r = match active.get(id) {
+                    Some(a) => a.rollout.clone(),
+                    None => self.stored(id)?,
+                };
+                let step = machine::next(
+                    r.status,
+                    r.current_stage,
+                    r.definition.stages.len(),
+                    r.definition.auto_advance,
+                    Input::Act(action),
+                )?;
+                let mut members = self.resolve_members(&r, &HashSet::new());
+                if members.is_empty() {
+                    return Err(RolloutError::Validation(
+                        "the target holds no gateway with a device that has a package".into(),
+                    ));
+                }
+                let sns: HashSet<&str> = members
+                    .iter()
+                    .flat_map(|m| {
+                        std::iter::once(m.gateway_sn.as_str())
+                            .chain(m.devices.iter().map(|d| d.sn.as_str()))
+                    })
+                    .collect();
+                if let Some(c) = self.conflict(&active, id, &sns) {
+                    return Err(RolloutError::Conflict(c));
+                }
+                members.sort_by(|a, b| a.order.cmp(&b.order));
+                let sizes = model::stage_sizes(&r.definition.stages, members.len());
+                for (i, m) in members.iter_mut().enumerate() {
+                    m.stage = sizes.iter().position(|&s| i < s).unwrap_or(sizes.len() - 1);
+                }
+                r.stage_sizes = sizes;
+                if let Some(step) = &step {
+                    machine::apply(&mut r, step, now);
+                }
+                let mut a = Active {
+                    rollout: r,
+                    members,
+                    next_slot: now,
+                    last_refresh: now,
+                    last_sample: now,
+                };
+                a.rollout.sample(&a.counts(), now);
+                self.persist(&a.rollout, &a.members.iter().collect::<Vec<_>>(), true);
+                let view = view_of(&a.rollout, &a.members, now);
+                active.insert(id.to_string(), a);
+                view
+            } else {
+                if action == Action::Resume {
+                    // Another rollout may have taken some of its devices meanwhile.
+                    let held: Vec<String> = active
+                        .get(id)
+                        .map(|a| a.holds().map(str::to_string).collect())
+                        .unwrap_or_default();
+                    let set: HashSet<&str> = held.iter().map(String::as_str).collect();
+                    if let Some(c) = self.conflict(&active, id, &set) {
+                        return Err(RolloutError::Conflict(c));
+                    }
+                }
+                let Some(a) = active.get_mut(id) else {
+                    let r = self.stored(id)?;
+                    return Err(machine::Refused {
+                        action,
+                        status: r.status,
+                    }
+                    .into());
+                };
+                let r = &a.rollout;
+                let step = machine::next(
+                    r.status,
+                    r.current_stage,
+                    r.definition.stages.len(),
+                    r.definition.auto_advance,
+                    Input::Act(action),
+                )?
+                .ok_or(machine::Refused {
+                    action,
+                    status: r.status,
+                })?;
+                if step.acknowledge_failures {
+                    a.rollout.acknowledged_failed = model::count(a.members.iter())
+                        .get(&DeviceState::Failed)
+                        .copied()
+                        .unwrap_or(0);
+                }
+                if step.cancel_members {
+                    for m in a
+                        .members
+                        .iter_mut()
+                        .filter(|m| !m.state.is_final() && m.state != DeviceState::InFlight)
+                    {
+                        m.set_state(DeviceState::Canceled, now);
+                    }
+                }
+                machine::apply(&mut a.rollout, &step, now);
+                a.rollout.sample(&model::count(a.members.iter()), now);
+                self.persist(&a.rollout, &a.members.iter().collect::<Vec<_>>(), true);
+                view_of(&a.rollout, &a.members, now)
+            }
+        };
+        tracing::info!(rollout_id = %id, action = action.as_str(), status = ?view.rollout.status, "rollout action");
+        let _ = self.inner.changes.send(view.clone());
+        self.inner.wake.notify_one();
+        Ok(view)
+    }
+}
