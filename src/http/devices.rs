@@ -1,19 +1,23 @@
 //! `/api/v1/devices`: the registry of docks and aircraft (contract §5).
 
+use actix_web::http::Method;
 use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
 use super::error::ErrorBody;
-use super::{ApiError, AppState, PageQuery};
+use super::{ApiError, AppState, JsonBody, PageQuery, resource};
 use crate::devices::{DeviceError, DeviceFilter, DeviceRecord};
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/api/v1/devices", web::get().to(list)).service(
-        web::resource("/api/v1/devices/{sn}")
-            .route(web::get().to(get))
-            .route(web::put().to(put))
-            .route(web::delete().to(delete)),
-    );
+    cfg.service(resource("/api/v1/devices", [(Method::GET, web::to(list))]))
+        .service(resource(
+            "/api/v1/devices/{sn}",
+            [
+                (Method::GET, web::to(get)),
+                (Method::PUT, web::to(put)),
+                (Method::DELETE, web::to(delete)),
+            ],
+        ));
 }
 
 impl From<DeviceError> for ApiError {
@@ -28,6 +32,7 @@ impl From<DeviceError> for ApiError {
 
 /// Filters of the device list.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct DeviceQuery {
     /// A gateway and its devices.
     gateway_sn: Option<String>,
@@ -35,7 +40,7 @@ pub(super) struct DeviceQuery {
     model: Option<String>,
     /// Running version (compared numerically).
     version: Option<String>,
-    /// Seen within this many seconds.
+    /// Seen within this many seconds (any u64; a huge window means "ever").
     seen_within_s: Option<u64>,
 }
 
@@ -89,15 +94,15 @@ pub(super) struct DeviceDeclaration {
     gateway_sn: Option<String>,
 }
 
-/// Declare or correct a device's model and gateway.
+/// Declare or correct a device's model and gateway. A blank model or gateway changes nothing.
 #[utoipa::path(put, path = "/api/v1/devices/{sn}", tag = "devices", request_body = DeviceDeclaration,
-    responses((status = 200, body = DeviceRecord), (status = 400, body = ErrorBody)))]
+    params(("sn" = String, Path, description = "Serial number: 1–128 bytes, no `/`, `+` or `#` (400 `invalid_request` otherwise)")),
+    responses((status = 200, body = DeviceRecord), (status = 400, description = "invalid_request: an invalid serial number or a malformed body", body = ErrorBody)))]
 pub(super) async fn put(
     state: web::Data<AppState>,
     sn: web::Path<String>,
-    body: web::Json<DeviceDeclaration>,
+    JsonBody(b): JsonBody<DeviceDeclaration>,
 ) -> Result<HttpResponse, ApiError> {
-    let b = body.into_inner();
     Ok(HttpResponse::Ok().json(state.devices.put(&sn, b.model, b.gateway_sn)?))
 }
 

@@ -1,28 +1,33 @@
 //! Download sessions: `GET /api/v1/downloads` and `GET /api/v1/firmware/{id}/downloads`.
 
+use actix_web::http::Method;
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
 use super::dto::SessionPage;
 use super::error::ErrorBody;
-use super::{ApiError, AppState, PageQuery};
+use super::{ApiError, AppState, PageQuery, resource};
 use crate::catalog::SessionState;
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/api/v1/downloads", web::get().to(list)).route(
+    cfg.service(resource(
+        "/api/v1/downloads",
+        [(Method::GET, web::to(list))],
+    ))
+    .service(resource(
         "/api/v1/firmware/{id}/downloads",
-        web::get().to(for_firmware),
-    );
+        [(Method::GET, web::to(for_firmware))],
+    ));
 }
 
 /// Filters of the session list.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct SessionQuery {
-    /// Only sessions in state `active`.
+    /// Only sessions in state `active` (overrides `state`).
     #[serde(default)]
     active: bool,
     /// Only sessions in this state.
-    #[param(value_type = Option<String>)]
     state: Option<SessionState>,
 }
 
@@ -48,7 +53,7 @@ pub(super) async fn list(
 /// Download sessions of one firmware, newest first.
 #[utoipa::path(get, path = "/api/v1/firmware/{id}/downloads", tag = "downloads",
     params(SessionQuery, PageQuery),
-    responses((status = 200, body = SessionPage), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = SessionPage), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
 pub(super) async fn for_firmware(
     state: web::Data<AppState>,
     id: web::Path<String>,

@@ -7,13 +7,15 @@ use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 
 use super::error::ErrorBody;
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, resource};
 use crate::download::range::Conditions;
 use crate::download::{DownloadRequest, Served, ServedKind};
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/files/{id}/{file_name}", web::get().to(file))
-        .route("/files/{id}/{file_name}", web::head().to(file));
+    cfg.service(resource(
+        "/files/{id}/{file_name}",
+        [(Method::GET, web::to(file)), (Method::HEAD, web::to(file))],
+    ));
 }
 
 fn header_str(req: &HttpRequest, name: header::HeaderName) -> Option<&str> {

@@ -1,41 +1,55 @@
 //! `/api/v1/firmware`: upload, list, get, disable/enable, delete, verify (contract §3).
 
+use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
 use super::dto::{FirmwareDto, FirmwarePage};
 use super::error::ErrorBody;
 use super::upload_body::{UploadQuery, receive};
-use super::{ApiError, AppState, PageQuery};
+use super::{ApiError, AppState, PageQuery, resource};
 use crate::catalog::FirmwareStatus;
 use crate::firmware::FirmwareFilter;
 use crate::upload::UploadOutcome;
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/api/v1/firmware")
-            .route(web::post().to(upload))
-            .route(web::put().to(upload))
-            .route(web::get().to(list)),
-    )
-    .service(
-        web::resource("/api/v1/firmware/{id}")
-            .route(web::get().to(get))
-            .route(web::delete().to(delete)),
-    )
-    .route("/api/v1/firmware/{id}/disable", web::post().to(disable))
-    .route("/api/v1/firmware/{id}/enable", web::post().to(enable))
-    .route("/api/v1/firmware/{id}/verify", web::post().to(verify));
+    cfg.service(resource(
+        "/api/v1/firmware",
+        [
+            (Method::POST, web::to(upload)),
+            (Method::PUT, web::to(upload)),
+            (Method::GET, web::to(list)),
+        ],
+    ))
+    .service(resource(
+        "/api/v1/firmware/{id}",
+        [
+            (Method::GET, web::to(get)),
+            (Method::DELETE, web::to(delete)),
+        ],
+    ))
+    .service(resource(
+        "/api/v1/firmware/{id}/disable",
+        [(Method::POST, web::to(disable))],
+    ))
+    .service(resource(
+        "/api/v1/firmware/{id}/enable",
+        [(Method::POST, web::to(enable))],
+    ))
+    .service(resource(
+        "/api/v1/firmware/{id}/verify",
+        [(Method::POST, web::to(verify))],
+    ));
 }
 
 fn dto(state: &AppState, r: crate::catalog::FirmwareRecord) -> FirmwareDto {
     FirmwareDto::from_record(&state.public_url, r)
 }
 
-/// Upload a firmware package.
-#[utoipa::path(post, path = "/api/v1/firmware", tag = "firmware",
+/// Upload a firmware package (`POST` and `PUT` are the same).
+#[utoipa::path(method(post, put), path = "/api/v1/firmware", tag = "firmware",
     params(UploadQuery),
-    request_body(description = "multipart/form-data with part `file` (and optional text parts model, product_version, md5, sha256, release_note), or the raw package as application/octet-stream with ?file_name=", content = Vec<u8>, content_type = "application/octet-stream"),
+    request_body(description = "The raw package (at least one byte) as application/octet-stream, with `file_name` and the other fields in the query. Also accepted: multipart/form-data with part `file` and optional text parts model, product_version, md5, sha256, release_note (the query then gives defaults).", content = Vec<u8>, content_type = "application/octet-stream"),
     responses(
         (status = 201, description = "Stored", body = FirmwareDto),
         (status = 200, description = "Identical package already stored", body = FirmwareDto),
@@ -65,19 +79,21 @@ pub(super) async fn upload(
 
 /// Filters of the firmware list.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ListQuery {
     /// Model (case-insensitive).
     model: Option<String>,
-    /// Version (compared numerically).
+    /// Version (compared numerically); one that is not a version is refused (400
+    /// `invalid_version`).
     product_version: Option<String>,
     /// ready, corrupt, disabled or deleted.
-    #[param(value_type = Option<String>)]
     status: Option<FirmwareStatus>,
 }
 
 /// List firmware, newest first.
 #[utoipa::path(get, path = "/api/v1/firmware", tag = "firmware", params(ListQuery, PageQuery),
-    responses((status = 200, body = FirmwarePage), (status = 400, body = ErrorBody)))]
+    responses((status = 200, body = FirmwarePage),
+        (status = 400, description = "invalid_version, invalid_request (a malformed query or an invalid cursor)", body = ErrorBody)))]
 pub(super) async fn list(
     state: web::Data<AppState>,
     filter: web::Query<ListQuery>,
@@ -106,6 +122,7 @@ pub(super) async fn get(
 
 /// `?force=true` overrides the firmware_in_use guard.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct ForceQuery {
     /// Override the firmware_in_use guard.
     #[serde(default)]

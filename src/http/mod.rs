@@ -24,10 +24,11 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use actix_web::body::EitherBody;
-use actix_web::dev::ServiceResponse;
-use actix_web::http::header;
+use actix_web::dev::{Payload, ServiceResponse};
+use actix_web::http::header::{self, HeaderValue};
+use actix_web::http::{Method, StatusCode};
 use actix_web::middleware::{ErrorHandlerResponse, ErrorHandlers};
-use actix_web::{HttpRequest, ResponseError, web};
+use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, Route, web};
 use url::Url;
 
 use crate::blobs::{BlobStore, ReadBudget};
@@ -198,6 +199,82 @@ fn path_config() -> web::PathConfig {
         .error_handler(|e, _| ApiError::invalid_request(format!("invalid path: {e}")).into())
 }
 
+/// A resource serving `routes`, each on its method. Any other method is answered 405 with an
+/// `Allow` header listing the methods it serves (RFC 9110 §15.5.6) and the JSON error body.
+pub(crate) fn resource<const N: usize>(
+    path: &str,
+    routes: [(Method, Route); N],
+) -> actix_web::Resource {
+    let allow: Vec<&str> = routes.iter().map(|(m, _)| m.as_str()).collect();
+    // Method names are tokens, always a valid header value.
+    let allow = HeaderValue::from_str(&allow.join(", ")).ok();
+    let mut resource = web::resource(path);
+    for (method, route) in routes {
+        resource = resource.route(route.method(method));
+    }
+    resource.default_service(web::to(move || {
+        let allow = allow.clone();
+        async move { method_not_allowed(allow) }
+    }))
+}
+
+/// 405 with `Allow`.
+fn method_not_allowed(allow: Option<HeaderValue>) -> HttpResponse {
+    let mut res = error::for_status(StatusCode::METHOD_NOT_ALLOWED).error_response();
+    if let Some(allow) = allow {
+        res.headers_mut().insert(header::ALLOW, allow);
+    }
+    res
+}
+
+/// A JSON request body as `T` (a struct), read under [`json_config`]'s limit and error
+/// mapping. The body must be a JSON object: serde would also take an array of the fields in
+/// order, which no client means. JSON has one number type and JSON Schema agrees: `3.0` and
+/// `3e0` are the integer 3, so integral numbers written with a fraction or an exponent are
+/// accepted where an integer is expected (serde alone refuses them); `3.5` still is not.
+pub(crate) struct JsonBody<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + 'static> FromRequest for JsonBody<T> {
+    type Error = actix_web::Error;
+    type Future = futures::future::LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let body = web::Json::<serde_json::Value>::from_request(req, payload);
+        Box::pin(async move {
+            let mut value = body.await?.into_inner();
+            if !value.is_object() {
+                return Err(
+                    ApiError::invalid_request("invalid JSON body: expected a JSON object").into(),
+                );
+            }
+            integral_numbers(&mut value);
+            serde_json::from_value(value)
+                .map(JsonBody)
+                .map_err(|e| ApiError::invalid_request(format!("invalid JSON body: {e}")).into())
+        })
+    }
+}
+
+/// Rewrites every integral floating-point number (`3.0`) within the u64/i64 range as an integer.
+fn integral_numbers(v: &mut serde_json::Value) {
+    use serde_json::Value;
+    match v {
+        Value::Number(n) if n.is_f64() => {
+            if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0) {
+                // `as` saturates; the range checks keep only exact conversions.
+                if (0.0..18_446_744_073_709_551_616.0).contains(&f) {
+                    *v = Value::from(f as u64);
+                } else if (-9_223_372_036_854_775_808.0..0.0).contains(&f) {
+                    *v = Value::from(f as i64);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(integral_numbers),
+        Value::Object(fields) => fields.values_mut().for_each(integral_numbers),
+        _ => {}
+    }
+}
+
 /// Middleware that gives framework-generated errors (unknown route, wrong method, payload
 /// errors) the JSON error body.
 pub fn json_errors<B: 'static>() -> ErrorHandlers<B> {
@@ -222,10 +299,13 @@ pub type JsonErrorBody<B> = EitherBody<B>;
 
 /// Query parameters of every list.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
-    /// Items per page (1–500, default 50).
+    /// Items per page, default 50. Any non-negative integer is accepted and clamped to 1–500.
+    #[param(minimum = 0, maximum = 18_446_744_073_709_551_615_usize)]
     pub limit: Option<usize>,
-    /// Opaque cursor from a previous page's `next_cursor`.
+    /// Opaque cursor from a previous page's `next_cursor`; empty = the first page. Any other
+    /// value is refused with 400 `invalid_request` ("invalid cursor").
     pub cursor: Option<String>,
 }
 

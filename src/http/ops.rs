@@ -1,28 +1,31 @@
 //! Operations endpoints: liveness, readiness, Prometheus metrics, the OpenAPI document.
 
+use actix_web::http::Method;
 use actix_web::{HttpResponse, web};
 use serde::Serialize;
-use utoipa::OpenApi;
 
-use super::AppState;
+use super::{AppState, resource};
 use crate::metrics::Gauges;
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz))
-        .route("/readyz", web::get().to(readyz))
-        .route("/metrics", web::get().to(metrics))
-        .route("/api/v1/openapi.json", web::get().to(openapi));
+    cfg.configure(health_routes)
+        .service(resource("/readyz", [(Method::GET, web::to(readyz))]))
+        .service(resource("/metrics", [(Method::GET, web::to(metrics))]))
+        .service(resource(
+            "/api/v1/openapi.json",
+            [(Method::GET, web::to(openapi))],
+        ));
 }
 
 /// `/metrics` and `/healthz`, for the token-free `--metrics-listen` listener.
 pub(super) fn metrics_routes(cfg: &mut web::ServiceConfig) {
     cfg.configure(health_routes)
-        .route("/metrics", web::get().to(metrics));
+        .service(resource("/metrics", [(Method::GET, web::to(metrics))]));
 }
 
 /// `/healthz` alone (the extra listeners).
 pub(super) fn health_routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/healthz", web::get().to(healthz));
+    cfg.service(resource("/healthz", [(Method::GET, web::to(healthz))]));
 }
 
 /// Liveness.
@@ -66,10 +69,7 @@ pub(super) async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let blob_store = match tokio::time::timeout(READY_PROBE, state.blobs.check()).await {
         Ok(Ok(())) => "ok".to_string(),
         Ok(Err(e)) => e.to_string(),
-        Err(_) => format!(
-            "no answer within {} ms",
-            READY_PROBE.as_millis()
-        ),
+        Err(_) => format!("no answer within {} ms", READY_PROBE.as_millis()),
     };
     let ready = catalog == "ok" && blob_store == "ok";
     let body = Readiness {
@@ -108,5 +108,5 @@ pub(super) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
 #[utoipa::path(get, path = "/api/v1/openapi.json", tag = "operations", security(()),
     responses((status = 200, description = "OpenAPI document", content_type = "application/json")))]
 pub(super) async fn openapi() -> HttpResponse {
-    HttpResponse::Ok().json(super::openapi::ApiDoc::openapi())
+    HttpResponse::Ok().json(super::openapi::document())
 }

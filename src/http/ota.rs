@@ -1,37 +1,47 @@
 //! `/api/v1/ota`: create OTA tasks, read them, follow them live (SSE); `/dl/…`: each device's
 //! own download URL.
 
+use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ErrorBody;
-use super::{ApiError, AppState, PageQuery};
+use super::{ApiError, AppState, JsonBody, PageQuery, resource};
 use crate::ota::{Created, OtaRequest, OtaTask, TaskStatus};
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/api/v1/ota")
-            .route(web::post().to(create))
-            .route(web::get().to(list)),
-    )
-    .route("/api/v1/ota/{id}", web::get().to(get))
-    .route("/api/v1/ota/{id}/events", web::get().to(events))
+    cfg.service(resource(
+        "/api/v1/ota",
+        [
+            (Method::POST, web::to(create)),
+            (Method::GET, web::to(list)),
+        ],
+    ))
+    .service(resource("/api/v1/ota/{id}", [(Method::GET, web::to(get))]))
+    .service(resource(
+        "/api/v1/ota/{id}/events",
+        [(Method::GET, web::to(events))],
+    ))
     .configure(download_routes);
 }
 
 /// The per-device `/dl/` URLs (also served by `--download-listen`).
 pub(super) fn download_routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/dl/{task_id}/{sn}/{file_name}", web::get().to(download))
-        .route("/dl/{task_id}/{sn}/{file_name}", web::head().to(download))
-        .route(
-            "/dl/{task_id}/{sn}/{signature}/{file_name}",
-            web::get().to(download_signed),
-        )
-        .route(
-            "/dl/{task_id}/{sn}/{signature}/{file_name}",
-            web::head().to(download_signed),
-        );
+    cfg.service(resource(
+        "/dl/{task_id}/{sn}/{file_name}",
+        [
+            (Method::GET, web::to(download)),
+            (Method::HEAD, web::to(download)),
+        ],
+    ))
+    .service(resource(
+        "/dl/{task_id}/{sn}/{signature}/{file_name}",
+        [
+            (Method::GET, web::to(download_signed)),
+            (Method::HEAD, web::to(download_signed)),
+        ],
+    ));
 }
 
 fn session_of(state: &AppState) -> impl Fn(&str, &str) -> Option<Value> + '_ {
@@ -63,14 +73,14 @@ fn session_of(state: &AppState) -> impl Fn(&str, &str) -> Option<Value> + '_ {
 pub(super) async fn create(
     state: web::Data<AppState>,
     req: HttpRequest,
-    body: web::Json<OtaRequest>,
+    JsonBody(body): JsonBody<OtaRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let key = req
         .headers()
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    Ok(match state.ota.create(body.into_inner(), key).await? {
+    Ok(match state.ota.create(body, key).await? {
         Created::Task(t) => HttpResponse::Accepted().json(t),
         Created::DryRun(v) => HttpResponse::Ok().json(v),
         Created::Replay(status, v) => HttpResponse::build(
@@ -83,11 +93,11 @@ pub(super) async fn create(
 
 /// Filters of the task list.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct TaskQuery {
     /// Tasks of this gateway.
     gateway_sn: Option<String>,
     /// Tasks in this status.
-    #[param(value_type = Option<String>)]
     status: Option<TaskStatus>,
 }
 
@@ -167,7 +177,8 @@ pub(super) async fn download(
         ("signature" = String, Path, description = "`{expiry}-{hmac}` from the file_url"), ("file_name" = String, Path, description = "Package file name")),
     responses((status = 200, description = "The package"), (status = 206, description = "Ranges"),
         (status = 403, description = "signature_invalid, url_expired", body = ErrorBody),
-        (status = 404, body = ErrorBody), (status = 416, body = ErrorBody)))]
+        (status = 404, body = ErrorBody), (status = 416, body = ErrorBody),
+        (status = 429, description = "rate_limited: too many concurrent downloads from this client address (Retry-After)", body = ErrorBody)))]
 pub(super) async fn download_signed(
     state: web::Data<AppState>,
     req: HttpRequest,

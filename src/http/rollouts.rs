@@ -1,24 +1,42 @@
 //! `/api/v1/rollouts`: staged rollouts across a fleet (contract §6).
 
-use actix_web::http::StatusCode;
+use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
 use super::error::ErrorBody;
-use super::{ApiError, AppState, PageQuery};
+use super::{ApiError, AppState, JsonBody, PageQuery, resource};
 use crate::rollout::{DeviceState, RolloutRequest, RolloutStatus, RolloutView};
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/api/v1/rollouts")
-            .route(web::post().to(create))
-            .route(web::get().to(list)),
-    )
-    .route("/api/v1/rollouts/{id}", web::get().to(get))
-    .route("/api/v1/rollouts/{id}/devices", web::get().to(devices))
-    .route("/api/v1/rollouts/{id}/timeline", web::get().to(timeline))
-    .route("/api/v1/rollouts/{id}/events", web::get().to(events))
-    .route("/api/v1/rollouts/{id}/{action}", web::post().to(action));
+    cfg.service(resource(
+        "/api/v1/rollouts",
+        [
+            (Method::POST, web::to(create)),
+            (Method::GET, web::to(list)),
+        ],
+    ))
+    .service(resource(
+        "/api/v1/rollouts/{id}",
+        [(Method::GET, web::to(get))],
+    ))
+    .service(resource(
+        "/api/v1/rollouts/{id}/devices",
+        [(Method::GET, web::to(devices))],
+    ))
+    .service(resource(
+        "/api/v1/rollouts/{id}/timeline",
+        [(Method::GET, web::to(timeline))],
+    ))
+    .service(resource(
+        "/api/v1/rollouts/{id}/events",
+        [(Method::GET, web::to(events))],
+    ))
+    // Only the actions are this resource: another last segment is an unknown path (404).
+    .service(resource(
+        "/api/v1/rollouts/{id}/{action:start|pause|resume|cancel|approve}",
+        [(Method::POST, web::to(action))],
+    ));
 }
 
 /// Create a rollout (status `draft`).
@@ -27,18 +45,20 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     responses(
         (status = 201, description = "Created (draft)", body = RolloutView),
         (status = 400, body = ErrorBody), (status = 404, description = "unknown firmware", body = ErrorBody),
-        (status = 422, description = "validation_failed, idempotency_key_reused", body = ErrorBody)))]
+        (status = 409, description = "firmware_corrupt", body = ErrorBody),
+        (status = 410, description = "firmware_deleted", body = ErrorBody),
+        (status = 422, description = "validation_failed (also: stages not strictly increasing to 100, two packages for one model, a disabled firmware), idempotency_key_reused", body = ErrorBody)))]
 pub(super) async fn create(
     state: web::Data<AppState>,
     req: HttpRequest,
-    body: web::Json<RolloutRequest>,
+    JsonBody(body): JsonBody<RolloutRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let key = req
         .headers()
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let (status, answer) = state.rollouts.create(body.into_inner(), key)?;
+    let (status, answer) = state.rollouts.create(body, key)?;
     Ok(
         HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::CREATED))
             .json(answer),
@@ -47,9 +67,9 @@ pub(super) async fn create(
 
 /// Filters of the rollout list.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct RolloutQuery {
     /// Rollouts in this state.
-    #[param(value_type = Option<String>)]
     status: Option<RolloutStatus>,
 }
 
@@ -80,8 +100,9 @@ pub(super) async fn get(
 
 /// Filter of the device list.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct DeviceQuery {
-    /// Devices in this state (`pending`, `in_flight`, `ok`, `failed`, …).
+    /// Devices in this state (`pending`, `in_flight`, `ok`, `failed`, …); empty = all.
     state: Option<String>,
 }
 

@@ -1,25 +1,30 @@
 //! `/api/v1/tokens` (API tokens, admin) and `/api/v1/audit` (the audit log, admin).
 
+use actix_web::http::Method;
 use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
 use super::access::Caller;
 use super::error::ErrorBody;
-use super::{ApiError, AppState, PageQuery};
+use super::{ApiError, AppState, JsonBody, PageQuery, resource};
 use crate::auth::{NewToken, TokenRecord};
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(
-        web::resource("/api/v1/tokens")
-            .route(web::post().to(create))
-            .route(web::get().to(list)),
-    )
-    .service(
-        web::resource("/api/v1/tokens/{id}")
-            .route(web::get().to(get))
-            .route(web::delete().to(revoke)),
-    )
-    .route("/api/v1/audit", web::get().to(audit));
+    cfg.service(resource(
+        "/api/v1/tokens",
+        [
+            (Method::POST, web::to(create)),
+            (Method::GET, web::to(list)),
+        ],
+    ))
+    .service(resource(
+        "/api/v1/tokens/{id}",
+        [
+            (Method::GET, web::to(get)),
+            (Method::DELETE, web::to(revoke)),
+        ],
+    ))
+    .service(resource("/api/v1/audit", [(Method::GET, web::to(audit))]));
 }
 
 /// A new token: its record and, this once, the token itself.
@@ -39,9 +44,9 @@ pub(super) struct CreatedToken {
 pub(super) async fn create(
     state: web::Data<AppState>,
     caller: Caller,
-    body: web::Json<NewToken>,
+    JsonBody(body): JsonBody<NewToken>,
 ) -> Result<HttpResponse, ApiError> {
-    let (record, token) = state.tokens.create(body.into_inner(), Some(&caller.0))?;
+    let (record, token) = state.tokens.create(body, Some(&caller.0))?;
     Ok(HttpResponse::Created().json(CreatedToken { record, token }))
 }
 
@@ -81,9 +86,9 @@ pub(super) async fn revoke(
 
 /// Filter of the audit log.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub(super) struct AuditQuery {
     /// Entries at or after this time (RFC 3339).
-    #[param(value_type = Option<String>)]
     since: Option<chrono::DateTime<chrono::Utc>>,
 }
 

@@ -3,7 +3,7 @@
 //! uses the same API and tokens as every other client (the token is kept in the browser's
 //! session storage), so these routes need no token themselves.
 
-use actix_web::http::header;
+use actix_web::http::{Method, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 
 const INDEX: &str = include_str!("ui/index.html");
@@ -11,9 +11,15 @@ const APP_JS: &str = include_str!("ui/app.js");
 const APP_CSS: &str = include_str!("ui/app.css");
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/", web::get().to(index))
-        .route("/ui/app.js", web::get().to(app_js))
-        .route("/ui/app.css", web::get().to(app_css));
+    cfg.service(super::resource("/", [(Method::GET, web::to(index))]))
+        .service(super::resource(
+            "/ui/app.js",
+            [(Method::GET, web::to(app_js))],
+        ))
+        .service(super::resource(
+            "/ui/app.css",
+            [(Method::GET, web::to(app_css))],
+        ));
 }
 
 /// An embedded asset and its ETag (a content hash, computed once).

@@ -17,18 +17,20 @@ const MULTIPART_OVERHEAD: u64 = 1 << 20;
 
 /// Query parameters of an upload (the raw-body form's fields; defaults for multipart).
 #[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct UploadQuery {
-    /// Package file name (required for a raw body).
+    /// Package file name (required for a raw body): 1–255 bytes, no `/`, `\`, `..`, control
+    /// characters or whitespace at either end.
     pub file_name: Option<String>,
-    /// Model (else parsed from the file name).
+    /// Model, at most 128 bytes without control characters (blank: parsed from the file name).
     pub model: Option<String>,
-    /// Version (else parsed from the file name).
+    /// Version (blank: parsed from the file name).
     pub product_version: Option<String>,
-    /// Expected MD5 (hex).
+    /// Expected MD5, 32 hex digits in any case (blank: not checked).
     pub md5: Option<String>,
-    /// Expected SHA-256 (hex).
+    /// Expected SHA-256, 64 hex digits in any case (blank: not checked).
     pub sha256: Option<String>,
-    /// Release note.
+    /// Release note, at most 16 KiB.
     pub release_note: Option<String>,
 }
 

@@ -134,6 +134,59 @@ pub fn report_of(data: &Value) -> crate::ota::machine::Report {
 mod tests {
     use super::*;
 
+    /// The protocol's own examples (tests/fixtures/protocol, from protocol.md).
+    fn fixture(name: &str) -> Value {
+        let text = match name {
+            "ota_progress" => include_str!("../../tests/fixtures/protocol/ota_progress.json"),
+            "ota_create" => include_str!("../../tests/fixtures/protocol/ota_create.json"),
+            _ => include_str!("../../tests/fixtures/protocol/ota_create_reply.json"),
+        };
+        serde_json::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn the_protocol_examples_parse_and_render() {
+        use crate::ota::task::TaskStatus;
+        let progress = fixture("ota_progress");
+        let env = Envelope::parse(progress.to_string().as_bytes()).unwrap();
+        assert_eq!(env.method.as_deref(), Some("ota_progress"));
+        assert_eq!(env.timestamp, Some(1_707_048_089_244));
+        let r = report_of(&env.data);
+        assert_eq!((r.result, r.status), (0, Some(TaskStatus::Failed)));
+        assert_eq!(r.step_key.as_deref(), Some("download_firmware"));
+        assert_eq!(
+            (r.percent, r.sub_status.as_deref()),
+            (Some(0), Some("DOWNLOAD_FAILED"))
+        );
+        let reply = report_of(&fixture("ota_create_reply")["data"]);
+        assert_eq!((reply.result, reply.status), (0, Some(TaskStatus::Sent)));
+        // `step_key: ""` is absent; `step: 1` names the download.
+        assert_eq!(reply.step_key.as_deref(), Some("download_firmware"));
+        assert_eq!(reply.sub_status, None);
+
+        // ota_create renders exactly the example's shape and values (timestamp aside).
+        let want = fixture("ota_create");
+        let d = &want["data"]["devices"][0];
+        let cmd = crate::ota::OtaCreate {
+            gateway_sn: "GW".into(),
+            tid: want["tid"].as_str().unwrap().into(),
+            bid: want["bid"].as_str().unwrap().into(),
+            devices: vec![crate::ota::OtaCreateDevice {
+                sn: d["sn"].as_str().unwrap().into(),
+                product_version: d["product_version"].as_str().unwrap().into(),
+                file_url: d["file_url"].as_str().unwrap().into(),
+                md5: d["md5"].as_str().unwrap().into(),
+                file_size: d["file_size"].as_u64().unwrap(),
+                file_name: d["file_name"].as_str().unwrap().into(),
+                upgrade_type: 3,
+            }],
+        };
+        let mut got = ota_create(&cmd);
+        assert!(got["timestamp"].as_i64().unwrap() > want["timestamp"].as_i64().unwrap());
+        got["timestamp"] = want["timestamp"].clone();
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn reports_in_every_shape() {
         use crate::ota::task::TaskStatus;

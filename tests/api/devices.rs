@@ -139,6 +139,34 @@ async fn devices_are_learned_from_topology_state_and_osd() {
         .get_json("/api/v1/devices?model=m30&version=10.1.2.5")
         .await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    // Any u64 window is valid; one beyond i64 means "ever seen", never "every device".
+    let never_seen = sn("NEVER");
+    app.client
+        .put(app.url(&format!("/api/v1/devices/{never_seen}")))
+        .json(&json!({"model": "Dock"}))
+        .send()
+        .await
+        .unwrap();
+    for window in ["9223372036854775808", "18446744073709551615"] {
+        let (status, list) = app
+            .get_json(&format!(
+                "/api/v1/devices?gateway_sn={dock}&seen_within_s={window}"
+            ))
+            .await;
+        assert_eq!(status, 200, "{list}");
+        assert_eq!(list["items"].as_array().unwrap().len(), 2, "{list}");
+        let (_, all) = app
+            .get_json(&format!("/api/v1/devices?seen_within_s={window}&limit=500"))
+            .await;
+        assert!(
+            all["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|d| d["sn"] != never_seen.as_str()),
+            "{all}"
+        );
+    }
     let text = app.metrics().await;
     assert!(text.contains("fwrepo_mqtt_connected 1"));
     assert!(!text.contains("fwrepo_mqtt_malformed_total 0"), "{text}");

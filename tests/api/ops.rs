@@ -106,8 +106,19 @@ async fn framework_errors_are_json() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 405);
+    // RFC 9110: a 405 lists what the resource does allow.
+    assert_eq!(resp.headers()["allow"], "POST, PUT, GET");
     let body: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(body["error"], "invalid_request");
+    // A route with one method answers the others the same way (not 404).
+    let resp = app
+        .client
+        .request(reqwest::Method::TRACE, app.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 405);
+    assert_eq!(resp.headers()["allow"], "GET");
 }
 
 #[tokio::test]

@@ -320,3 +320,36 @@ async fn kill_9_mid_task_then_tracking_resumes() {
     }
     assert!(verified, "late verification did not survive the restart");
 }
+
+/// actix drains connections on shutdown but never closes an idle keep-alive one: a client that
+/// keeps its connection open must not hold the shutdown for the whole grace period.
+#[tokio::test]
+async fn an_idle_keep_alive_connection_does_not_hold_shutdown() {
+    use std::io::{Read, Write};
+    let root = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(&root.path().join("data"), &["--shutdown-grace", "120"]);
+    let addr = server.base.trim_start_matches("http://").to_string();
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let n = idle.read(&mut buf).unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    // The connection stays open and idle while the server is told to stop.
+    let started = std::time::Instant::now();
+    let status = tokio::task::spawn_blocking(move || server.sigterm())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "shutdown waited {:?} for an idle keep-alive connection (grace 120 s)",
+        started.elapsed()
+    );
+    drop(idle);
+}
