@@ -167,6 +167,7 @@ impl Application {
             what: "the download URL signing key",
             source,
         })?;
+        let clock = crate::domain::Clock::default();
         let ota = crate::ota::OtaService::load(
             catalog.clone(),
             devices.clone(),
@@ -174,6 +175,7 @@ impl Application {
             AppState::base_url(&public_url),
             settings.ota.clone(),
             signer.clone(),
+            clock.clone(),
         )?;
         tokio::spawn(ota.clone().run(ota_rx, workers.clone()));
         let rollouts =
@@ -181,7 +183,8 @@ impl Application {
         tokio::spawn(rollouts.clone().run(workers.clone()));
 
         let tokens = crate::auth::TokenService::load(catalog.clone())
-            .map_err(|e| StartupError::Auth(e.to_string()))?;
+            .map_err(|e| StartupError::Auth(e.to_string()))?
+            .with_clock(clock.clone());
         if let Some(path) = tokens
             .bootstrap(&settings.data_dir)
             .map_err(|e| StartupError::Auth(e.to_string()))?
@@ -221,6 +224,7 @@ impl Application {
             download_slots: crate::http::limits::DownloadSlots::new(settings.max_downloads_per_ip),
             tokens,
             audit,
+            clock,
         };
         // Firmware an open task uses, or that registered devices run, is not deleted lightly.
         state.firmware.add_guard(Arc::new(state.ota.clone()));

@@ -212,6 +212,7 @@ struct Tokens {
 pub struct TokenService {
     catalog: Catalog,
     tokens: Arc<RwLock<Tokens>>,
+    clock: crate::domain::Clock,
 }
 
 fn hash_of(token: &str) -> String {
@@ -241,7 +242,13 @@ pub fn bearer(header: Option<&str>) -> Result<&str, AuthError> {
 }
 
 impl TokenService {
-    /// Loads every token record.
+    /// The same service reading time from `clock` (expiry checks).
+    pub fn with_clock(mut self, clock: crate::domain::Clock) -> TokenService {
+        self.clock = clock;
+        self
+    }
+
+    /// Loads every stored token.
     pub fn load(catalog: Catalog) -> Result<TokenService, AuthError> {
         let mut tokens = Tokens::default();
         for t in catalog.all_tokens::<TokenRecord>()? {
@@ -250,6 +257,7 @@ impl TokenService {
         Ok(TokenService {
             catalog,
             tokens: Arc::new(RwLock::new(tokens)),
+            clock: crate::domain::Clock::default(),
         })
     }
 
@@ -333,7 +341,7 @@ impl TokenService {
     /// The caller behind `Authorization` header value `header`.
     pub fn authenticate(&self, header: Option<&str>) -> Result<Principal, AuthError> {
         let hash = hash_of(bearer(header)?);
-        let now = Utc::now();
+        let now = self.clock.now();
         {
             let tokens = read(&self.tokens);
             let t = tokens.by_hash.get(&hash).ok_or(AuthError::Unknown)?;

@@ -40,6 +40,28 @@ impl fmt::Display for FirmwareId {
     }
 }
 
+/// The wall clock the server reads for expiries and timeouts (tokens, signed URLs, OTA
+/// timers). In production its offset stays zero; tests advance it instead of sleeping.
+#[derive(Clone, Debug, Default)]
+pub struct Clock {
+    offset_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Clock {
+    /// Now.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        let offset = self.offset_ms.load(std::sync::atomic::Ordering::Relaxed);
+        chrono::Utc::now() + chrono::Duration::milliseconds(offset)
+    }
+
+    /// Moves this clock (and every holder of a clone) forward by `by`.
+    pub fn advance(&self, by: std::time::Duration) {
+        let ms = i64::try_from(by.as_millis()).unwrap_or(i64::MAX);
+        self.offset_ms
+            .fetch_add(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Whether an I/O error means the file system is full (ENOSPC, EDQUOT): the answer is 507,
 /// not a generic failure.
 pub fn io_no_space(e: &std::io::Error) -> bool {

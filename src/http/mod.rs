@@ -86,6 +86,8 @@ pub struct AppState {
     pub tokens: crate::auth::TokenService,
     /// The audit log.
     pub audit: crate::audit::AuditLog,
+    /// The clock expiries and timeouts are read from (tests advance it).
+    pub clock: crate::domain::Clock,
 }
 
 impl AppState {

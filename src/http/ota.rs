@@ -203,7 +203,7 @@ async fn serve_device(
     if let Some(sig) = signature {
         state
             .signer
-            .verify(&task_id, &sn, &firmware_id, &sig, chrono::Utc::now())?;
+            .verify(&task_id, &sn, &firmware_id, &sig, state.clock.now())?;
     }
     if name != file_name {
         return Err(ApiError::not_found("no such file"));

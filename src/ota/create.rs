@@ -193,8 +193,11 @@ impl OtaService {
                 }
             }
         }
-        {
-            let open = lock(&self.inner.open);
+        let id = crate::domain::ids::next();
+        // Checked and claimed under one lock: of two concurrent requests for one gateway,
+        // exactly one gets it. The claim is released on every way out but a registered task.
+        let mut claim = {
+            let mut open = lock(&self.inner.open);
             if let Some(t) = open.by_gateway.get(&req.gateway_sn) {
                 return Err(OtaError::GatewayBusy(t.clone()));
             }
@@ -203,8 +206,8 @@ impl OtaService {
                     return Err(OtaError::DeviceBusy(t.clone()));
                 }
             }
-        }
-        let id = crate::domain::ids::next();
+            Claim::take(&mut open, &self.inner.open, &id, &req, !req.dry_run)
+        };
         let mut devices = Vec::new();
         for d in &req.devices {
             let fw = self.resolve_firmware(d)?;
@@ -264,7 +267,7 @@ impl OtaService {
                     d.sn,
                     self.inner
                         .signer
-                        .sign(&id, &d.sn, fw.id.as_str(), Utc::now())
+                        .sign(&id, &d.sn, fw.id.as_str(), self.inner.clock.now())
                 ),
                 file_name: fw.file_name.clone(),
                 md5: fw.md5.clone(),
@@ -281,7 +284,7 @@ impl OtaService {
             return Err(OtaError::AlreadyUpToDate);
         }
         let warnings = self.preflight(&req)?;
-        let now = Utc::now();
+        let now = self.inner.clock.now();
         let mut task = OtaTask {
             id: id.clone(),
             gateway_sn: req.gateway_sn.clone(),
@@ -324,8 +327,9 @@ impl OtaService {
         // answer faster than this function returns, and its services_reply must not be an
         // orphan.
         task.status = TaskStatus::Sent;
-        task.note("publish", raw, Utc::now());
+        task.note("publish", raw, self.inner.clock.now());
         self.save(&task);
+        claim.keep();
         if !self.inner.publisher.publish(topic, payload) {
             lock(&self.inner.open).forget(&task);
             self.inner.catalog.delete_task(&task.id)?;
@@ -346,5 +350,68 @@ impl OtaService {
                 .put_idempotent(&key, &body_hash, 202, &answer)?;
         }
         Ok(Created::Task(Box::new(task)))
+    }
+}
+
+/// A gateway and its devices reserved for a task being created. Dropped without
+/// [`Claim::keep`] (an error, a dry run, a dropped request), it frees them again.
+struct Claim<'a> {
+    open: &'a Mutex<Open>,
+    id: String,
+    gateway: Option<String>,
+    devices: Vec<String>,
+}
+
+impl<'a> Claim<'a> {
+    /// Reserves `req`'s gateway and devices for task `id` (nothing when `!reserve`); `open` is
+    /// the locked content of `lock`.
+    fn take(
+        open: &mut Open,
+        lock: &'a Mutex<Open>,
+        id: &str,
+        req: &OtaRequest,
+        reserve: bool,
+    ) -> Claim<'a> {
+        let mut claim = Claim {
+            open: lock,
+            id: id.to_string(),
+            gateway: None,
+            devices: Vec::new(),
+        };
+        if reserve {
+            open.by_gateway
+                .insert(req.gateway_sn.clone(), id.to_string());
+            claim.gateway = Some(req.gateway_sn.clone());
+            for d in &req.devices {
+                open.by_device.insert(d.sn.clone(), id.to_string());
+                claim.devices.push(d.sn.clone());
+            }
+        }
+        claim
+    }
+
+    /// The task is registered: its own entries replace the claim.
+    fn keep(&mut self) {
+        self.gateway = None;
+        self.devices.clear();
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if self.gateway.is_none() && self.devices.is_empty() {
+            return;
+        }
+        let mut open = lock(self.open);
+        if let Some(g) = &self.gateway {
+            if open.by_gateway.get(g) == Some(&self.id) {
+                open.by_gateway.remove(g);
+            }
+        }
+        for d in &self.devices {
+            if open.by_device.get(d) == Some(&self.id) {
+                open.by_device.remove(d);
+            }
+        }
     }
 }

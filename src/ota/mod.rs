@@ -323,6 +323,7 @@ struct Inner {
     public_url: Arc<str>,
     settings: OtaSettings,
     signer: crate::download::signing::UrlSigner,
+    clock: crate::domain::Clock,
     open: Mutex<Open>,
     changes: broadcast::Sender<OtaTask>,
 }
@@ -357,9 +358,10 @@ impl OtaService {
         public_url: Arc<str>,
         settings: OtaSettings,
         signer: crate::download::signing::UrlSigner,
+        clock: crate::domain::Clock,
     ) -> Result<OtaService, CatalogError> {
         let mut open = Open::default();
-        let now = Utc::now();
+        let now = clock.now();
         for mut t in catalog.all_tasks::<OtaTask>()? {
             if !t.settled() {
                 if !t.status.is_final() {
@@ -389,6 +391,7 @@ impl OtaService {
                 public_url,
                 settings,
                 signer,
+                clock,
                 open: Mutex::new(open),
                 changes,
             }),

@@ -112,6 +112,7 @@ async fn run_one(progress_first: bool) -> (OtaService, Box<OtaTask>, tempfile::T
         "http://127.0.0.1:1".into(),
         settings,
         signer,
+        crate::domain::Clock::default(),
     )
     .unwrap();
     assert!(publisher.service.set(service.clone()).is_ok());

@@ -7,7 +7,7 @@ use super::*;
 impl OtaService {
     /// Applies a gateway message.
     pub fn on_message(&self, msg: OtaMessage) {
-        let now = Utc::now();
+        let now = self.inner.clock.now();
         let task = {
             let open = lock(&self.inner.open);
             let by_id = |id: Option<&String>| id.and_then(|i| open.tasks.get(i)).cloned();
@@ -162,7 +162,7 @@ impl OtaService {
 
     /// One pass of the timers: reply and progress timeouts, device verification.
     pub fn tick(&self) {
-        let now = Utc::now();
+        let now = self.inner.clock.now();
         let tasks: Vec<OtaTask> = lock(&self.inner.open).tasks.values().cloned().collect();
         let s = &self.inner.settings;
         for mut t in tasks {
@@ -274,7 +274,7 @@ impl OtaService {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = prune.tick() => {
-                    let cutoff = Utc::now()
+                    let cutoff = self.inner.clock.now()
                         - chrono::Duration::from_std(self.inner.settings.retention).unwrap_or_default();
                     let catalog = self.inner.catalog.clone();
                     match tokio::task::spawn_blocking(move || catalog.prune_tasks(cutoff)).await {
@@ -285,7 +285,7 @@ impl OtaService {
                 }
                 _ = tick.tick() => {
                     self.tick();
-                    self.verify_late(Utc::now());
+                    self.verify_late(self.inner.clock.now());
                 }
                 Some(msg) = inbox.recv() => self.on_message(msg),
             }

@@ -758,7 +758,7 @@ async fn signed_urls_are_bound_to_task_device_and_firmware_and_expire() {
         (403, Some("signature_invalid"))
     );
     // Past its lifetime (3 s here) a resume fails cleanly; a new task signs a fresh URL.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    app.state.clock.advance(Duration::from_secs(4));
     let resp = anonymous
         .get(&dock_url)
         .header("range", "bytes=100-")
@@ -881,4 +881,39 @@ async fn a_lost_final_progress_is_closed_from_state_reports() {
         (409, Some("already_up_to_date")),
         "{e}"
     );
+}
+
+/// Two requests for one gateway at the same moment: exactly one task is created.
+#[tokio::test]
+async fn concurrent_requests_for_one_gateway_create_one_task() {
+    let app = app_with_models(30).await;
+    let fw = app.upload_ok("Dock_11.0.zip", payload(1000, 51)).await;
+    let dock = sn("RACE");
+    let body = json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw["id"]}]});
+    let answers =
+        futures::future::join_all((0..8).map(|_| post_ota(&app, body.clone(), None))).await;
+    let created: Vec<&Value> = answers
+        .iter()
+        .filter(|(s, _)| *s == 202)
+        .map(|(_, t)| t)
+        .collect();
+    assert_eq!(created.len(), 1, "{answers:?}");
+    for (status, e) in answers.iter().filter(|(s, _)| *s != 202) {
+        assert_eq!(
+            (*status, e["error"].as_str()),
+            (409, Some("gateway_busy")),
+            "{e}"
+        );
+        assert_eq!(e["task_id"], created[0]["id"], "{e}");
+    }
+    let (_, list) = app
+        .get_json(&format!("/api/v1/ota?gateway_sn={dock}"))
+        .await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+    // A refused or dry-run request holds nothing: after the task ends the gateway is free.
+    let g = sn("DRY");
+    let dry =
+        json!({"gateway_sn": g, "devices": [{"sn": g, "firmware_id": fw["id"]}], "dry_run": true});
+    assert_eq!(post_ota(&app, dry.clone(), None).await.0, 200);
+    assert_eq!(post_ota(&app, dry, None).await.0, 200);
 }
