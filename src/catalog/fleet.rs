@@ -2,6 +2,15 @@
 
 use super::*;
 
+/// What an Idempotency-Key answered the first time.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IdempotentAnswer {
+    /// SHA-256 of the first request's body: another body with the same key is refused.
+    pub body_hash: String,
+    /// The first answer, replayed.
+    pub answer: serde_json::Value,
+}
+
 impl Catalog {
     /// Stores a device record under its serial number.
     pub fn put_device<T: serde::Serialize>(
@@ -121,11 +130,8 @@ impl Catalog {
         page_desc(&t.tasks, page, filter)
     }
 
-    /// The stored answer of an Idempotency-Key seen within 24 h: (body hash, status, answer).
-    pub fn idempotent(
-        &self,
-        key: &str,
-    ) -> Result<Option<(String, u16, serde_json::Value)>, CatalogError> {
+    /// The stored answer of an Idempotency-Key seen within 24 h.
+    pub fn idempotent(&self, key: &str) -> Result<Option<IdempotentAnswer>, CatalogError> {
         let t = self.trees()?;
         let Some(v) = t.idempotency.get(key.as_bytes())? else {
             return Ok(None);
@@ -136,11 +142,10 @@ impl Catalog {
             t.idempotency.remove(key.as_bytes())?;
             return Ok(None);
         }
-        Ok(Some((
-            rec["hash"].as_str().unwrap_or_default().to_string(),
-            rec["status"].as_u64().unwrap_or(200) as u16,
-            rec["answer"].clone(),
-        )))
+        Ok(Some(IdempotentAnswer {
+            body_hash: rec["hash"].as_str().unwrap_or_default().to_string(),
+            answer: rec["answer"].clone(),
+        }))
     }
 
     /// Removes the Idempotency-Key answers older than 24 h; returns how many.
@@ -162,16 +167,15 @@ impl Catalog {
         Ok(removed)
     }
 
-    /// Remembers the answer to an Idempotency-Key.
+    /// Remembers the answer to an Idempotency-Key (with the hash of the request body).
     pub fn put_idempotent(
         &self,
         key: &str,
         hash: &str,
-        status: u16,
         answer: &serde_json::Value,
     ) -> Result<(), CatalogError> {
         let t = self.trees()?;
-        let rec = serde_json::json!({"hash": hash, "status": status, "answer": answer,
+        let rec = serde_json::json!({"hash": hash, "answer": answer,
             "at": chrono::Utc::now().timestamp()});
         t.idempotency.insert(key.as_bytes(), encode(&rec))?;
         Ok(())

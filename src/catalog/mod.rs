@@ -12,6 +12,7 @@
 mod admin;
 mod firmware;
 mod fleet;
+pub use fleet::IdempotentAnswer;
 mod records;
 
 pub use records::{

@@ -62,7 +62,7 @@ fn finished_tasks_are_pruned_past_retention() {
 fn idempotency_answers_expire_after_a_day() {
     let dir = tempfile::tempdir().unwrap();
     let cat = Catalog::open(dir.path(), 8).unwrap();
-    cat.put_idempotent("fresh", "h", 201, &serde_json::json!({}))
+    cat.put_idempotent("fresh", "h", &serde_json::json!({}))
         .unwrap();
     let old = serde_json::json!({"hash": "h", "status": 201, "answer": {},
         "at": chrono::Utc::now().timestamp() - 90_000});

@@ -83,11 +83,8 @@ pub(super) async fn create(
     Ok(match state.ota.create(body, key).await? {
         Created::Task(t) => HttpResponse::Accepted().json(t),
         Created::DryRun(v) => HttpResponse::Ok().json(v),
-        Created::Replay(status, v) => HttpResponse::build(
-            actix_web::http::StatusCode::from_u16(status)
-                .unwrap_or(actix_web::http::StatusCode::OK),
-        )
-        .json(v),
+        // The first answer again, with its status.
+        Created::Replay(v) => HttpResponse::Accepted().json(v),
     })
 }
 

@@ -1,6 +1,6 @@
 //! `/api/v1/rollouts`: staged rollouts across a fleet (contract §6).
 
-use actix_web::http::{Method, StatusCode};
+use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
@@ -58,11 +58,7 @@ pub(super) async fn create(
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let (status, answer) = state.rollouts.create(body, key)?;
-    Ok(
-        HttpResponse::build(StatusCode::from_u16(status).unwrap_or(StatusCode::CREATED))
-            .json(answer),
-    )
+    Ok(HttpResponse::Created().json(state.rollouts.create(body, key)?))
 }
 
 /// Filters of the rollout list.

@@ -155,11 +155,11 @@ impl OtaService {
             serde_json::to_vec(&req).unwrap_or_default(),
         ));
         if let Some(key) = &idempotency_key {
-            if let Some((hash, status, answer)) = self.inner.catalog.idempotent(key)? {
-                if hash != body_hash {
+            if let Some(first) = self.inner.catalog.idempotent(key)? {
+                if first.body_hash != body_hash {
                     return Err(OtaError::IdempotencyReused);
                 }
-                return Ok(Created::Replay(status, answer));
+                return Ok(Created::Replay(first.answer));
             }
         }
         if req.gateway_sn.is_empty() || req.gateway_sn.contains(['/', '+', '#']) {
@@ -347,7 +347,7 @@ impl OtaService {
             let answer = serde_json::to_value(&task).unwrap_or_default();
             self.inner
                 .catalog
-                .put_idempotent(&key, &body_hash, 202, &answer)?;
+                .put_idempotent(&key, &body_hash, &answer)?;
         }
         Ok(Created::Task(Box::new(task)))
     }

@@ -233,7 +233,7 @@ pub enum Created {
     /// Dry run: what would be sent and why (200).
     DryRun(Value),
     /// The answer of an earlier request with the same Idempotency-Key.
-    Replay(u16, Value),
+    Replay(Value),
 }
 
 #[derive(Default)]

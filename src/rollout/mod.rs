@@ -243,22 +243,22 @@ impl RolloutService {
     }
 
     /// `POST /api/v1/rollouts`: validates, resolves the packages and stores a draft.
-    /// Returns the HTTP status and body (a replayed Idempotency-Key returns the original).
+    /// Returns the new rollout's view (a replayed Idempotency-Key returns the original).
     pub fn create(
         &self,
         req: RolloutRequest,
         idempotency_key: Option<String>,
-    ) -> Result<(u16, Value), RolloutError> {
+    ) -> Result<Value, RolloutError> {
         let body_hash = hex::encode(sha2::Sha256::digest(
             serde_json::to_vec(&req).unwrap_or_default(),
         ));
         let key = idempotency_key.map(|k| format!("rollout:{k}"));
         if let Some(k) = &key {
-            if let Some((hash, status, answer)) = self.inner.catalog.idempotent(k)? {
-                if hash != body_hash {
+            if let Some(first) = self.inner.catalog.idempotent(k)? {
+                if first.body_hash != body_hash {
                     return Err(RolloutError::IdempotencyReused);
                 }
-                return Ok((status, answer));
+                return Ok(first.answer);
             }
         }
         req.validate().map_err(RolloutError::Validation)?;
@@ -285,12 +285,10 @@ impl RolloutService {
         self.inner.catalog.put_rollout(&rollout.id, &rollout)?;
         let answer = serde_json::to_value(view_of(&rollout, &[], now)).unwrap_or_default();
         if let Some(k) = &key {
-            self.inner
-                .catalog
-                .put_idempotent(k, &body_hash, 201, &answer)?;
+            self.inner.catalog.put_idempotent(k, &body_hash, &answer)?;
         }
         tracing::info!(rollout_id = %rollout.id, name = %rollout.name, "rollout created");
-        Ok((201, answer))
+        Ok(answer)
     }
 
     fn stored(&self, id: &str) -> Result<Rollout, RolloutError> {

@@ -423,7 +423,7 @@ impl RolloutService {
                     }
                 }
             }
-            Ok(Created::Replay(_, answer)) => {
+            Ok(Created::Replay(answer)) => {
                 m.task_id = answer["id"].as_str().map(str::to_string);
             }
             Ok(Created::DryRun(_)) => {}
