@@ -494,4 +494,14 @@ fn page_desc<T: serde::de::DeserializeOwned>(
 }
 
 #[cfg(test)]
+mod conformance;
+#[cfg(test)]
 mod tests;
+
+// The storage conformance suite against sled (each test gets its own temp dir).
+#[cfg(test)]
+conformance::conformance_suite!(sled_conformance, || {
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::open(dir.path(), 8).unwrap();
+    (catalog, Box::new(dir) as Box<dyn std::any::Any + Send>)
+});
