@@ -8,10 +8,6 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-fn sn(prefix: &str) -> String {
-    format!("{prefix}{}", &fwrepo::domain::ids::next()[16..])
-}
-
 #[tokio::test]
 async fn devices_are_learned_from_topology_state_and_osd() {
     let app = spawn_with(|s| {

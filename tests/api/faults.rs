@@ -37,7 +37,7 @@ fn enabled(name: &str) -> bool {
 }
 
 fn tag() -> String {
-    fwrepo::domain::ids::next()[16..].to_string()
+    sn("")
 }
 
 /// `/readyz` (no token) as (status, body).

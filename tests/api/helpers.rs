@@ -127,6 +127,11 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
+/// A serial number no other test uses: `prefix` and the random tail of a fresh ULID.
+pub fn sn(prefix: &str) -> String {
+    format!("{prefix}{}", &fwrepo::domain::ids::next()[16..])
+}
+
 /// Polls `cond` until true or the timeout (no sleeps as synchronisation).
 pub async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> bool
 where
@@ -560,7 +565,7 @@ pub async fn fleet(
     gateways: usize,
     extra: &[&str],
 ) -> (String, CancellationToken) {
-    let prefix = format!("R{}", &fwrepo::domain::ids::next()[18..]);
+    let prefix = sn("R")[..9].to_string();
     let url = format!("mqtt://{mqtt_addr}");
     let n = gateways.to_string();
     let mut argv = vec![

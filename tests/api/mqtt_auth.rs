@@ -75,7 +75,7 @@ async fn embedded_broker_credentials_bind_the_client_id_and_tls_listener_works()
     let key_file = app.dir.path().join(KEY_FILE);
     let credentials = GatewayCredentials::load(&key_file).unwrap();
     let mqtt = app.mqtt_addr();
-    let sn = format!("MA{}", &fwrepo::domain::ids::next()[16..]);
+    let sn = crate::helpers::sn("MA");
     let other = format!("{sn}X");
     let password = credentials.password(&sn);
     assert!(

@@ -139,7 +139,7 @@ async fn upgrade_one(
         #[command(flatten)]
         sim: fwrepo::simulator::SimConfig,
     }
-    let prefix = format!("X{}", &fwrepo::domain::ids::next()[18..]);
+    let prefix = sn("X")[..9].to_string();
     let mut argv = vec![
         "sim",
         "--mqtt-url",
@@ -413,7 +413,7 @@ async fn mqtts_with_a_private_ca_and_a_client_certificate() {
         app.state.mqtt.status.last_error.lock().unwrap()
     );
     // A dock on the same TLS listener is learned.
-    let dock = format!("TLSDOCK{}", &fwrepo::domain::ids::next()[18..]);
+    let dock = sn("TLSDOCK");
     let topo = json!({"tid":"t","bid":"b","timestamp":1,"method":"update_topo",
         "data":{"domain":"3","type":1,"sub_type":0,"sub_devices":[]}});
     let out = std::process::Command::new("mosquitto_pub")

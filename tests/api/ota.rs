@@ -10,10 +10,6 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-fn sn(prefix: &str) -> String {
-    format!("{prefix}{}", &fwrepo::domain::ids::next()[16..])
-}
-
 async fn app_with_models(reply_timeout: u64) -> TestApp {
     spawn_with(|s| {
         s.models = fwrepo::devices::ModelMap::from_table(Some(

@@ -143,7 +143,7 @@ async fn sigterm_flushes_and_exits_zero() {
         .await
         .unwrap();
     // An open task (for a gateway never seen: sent with a warning) and its SSE stream.
-    let dock = format!("SDOCK{}", &fwrepo::domain::ids::next()[18..]);
+    let dock = sn("SDOCK");
     let task: Value = client
         .post(format!("{}/api/v1/ota", server.base))
         .json(&serde_json::json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": r["id"]}]}))
@@ -220,7 +220,7 @@ async fn kill_9_mid_task_then_tracking_resumes() {
         .json()
         .await
         .unwrap();
-    let dock = format!("RDOCK{}", &fwrepo::domain::ids::next()[18..]);
+    let dock = sn("RDOCK");
     let (mq, mut inbox) = mqtt_client(&server.mqtt, "restart").await;
     mq.subscribe(format!("thing/product/{dock}/services"), QoS::AtLeastOnce)
         .await

@@ -16,7 +16,7 @@ struct Args {
 }
 
 fn sim(app: &TestApp, extra: &[&str]) -> (fwrepo::simulator::SimConfig, String) {
-    let prefix = format!("S{}", &fwrepo::domain::ids::next()[18..]);
+    let prefix = sn("S")[..9].to_string();
     let url = format!("mqtt://{}", app.mqtt_addr());
     let mut argv = vec![
         "sim",
