@@ -411,6 +411,7 @@ fn app(
             Listener::Downloads => http::download_routes(cfg),
             Listener::Metrics => http::metrics_routes(cfg),
         })
+        .default_service(web::to(http::access::not_found))
 }
 
 /// How long an idle keep-alive connection stays open (also the longest an idle client can

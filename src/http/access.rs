@@ -1,15 +1,19 @@
-//! Who may call what: the gate every request passes before its handler. It names the scope a
-//! route needs ([`required`]), checks the bearer token, spends the caller's rate-limit budget
-//! (`/api/`), takes a download slot for the client address (`/files/`, `/dl/`), writes the
-//! audit entry of every state-changing API call and every refused token, and makes a
-//! state-changing call's effects durable before its success is answered (or refuses it while
-//! the catalog cannot write).
+//! Who may call what. Every request passes the app-wide [`gate`] before routing; its steps are
+//! separate functions: [`authenticate`] (the bearer token, if any), [`rate_limit`] (`/api/`),
+//! [`download_slot`] (`/files/`, `/dl/`), the catalog's write check, then — after the handler
+//! — [`audit`] (every state-changing API call and every refused token) and [`commit`] (a
+//! state-changing call's effects are durable before its success is answered).
+//!
+//! The scope a route needs is declared where the route is registered (`http::resource`, one
+//! [`Access`] per method) and checked by [`authorize`], which wraps that route: a new route is
+//! added in one place. Unknown paths under the token-only prefixes answer 401 before 404
+//! ([`not_found`]), so paths are not disclosed to callers without a token.
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{Payload, ServiceRequest, ServiceResponse};
 use actix_web::http::Method;
 use actix_web::middleware::Next;
-use actix_web::{FromRequest, HttpMessage, HttpRequest, ResponseError, web};
+use actix_web::{FromRequest, HttpMessage, HttpRequest, HttpResponse, ResponseError, web};
 
 use super::limits::RateKey;
 use super::{ApiError, AppState};
@@ -27,44 +31,71 @@ pub enum Listener {
     Metrics,
 }
 
-/// What a request needs to be let through.
+/// What a route needs to be let through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
-    /// Nothing (health checks, the OpenAPI document, signed download URLs, unknown paths).
+    /// Nothing (health checks, the OpenAPI document, signed download URLs, the dashboard).
     Open,
     /// A token with this scope.
     Token(Scope),
 }
 
-/// The scope `method` on `path` needs.
-pub fn required(method: &Method, path: &str) -> Access {
-    // Every request passes here (range requests too): the first segments on the stack.
-    let mut parts = [""; 6];
-    let mut n = 0;
-    for (i, p) in path.trim_start_matches('/').split('/').enumerate() {
-        if let Some(slot) = parts.get_mut(i) {
-            *slot = p;
+impl Access {
+    /// `read` (every token has it).
+    pub const READ: Access = Access::Token(Scope::Read);
+    /// `upload`.
+    pub const UPLOAD: Access = Access::Token(Scope::Upload);
+    /// `operate`.
+    pub const OPERATE: Access = Access::Token(Scope::Operate);
+    /// `admin`.
+    pub const ADMIN: Access = Access::Token(Scope::Admin);
+}
+
+/// What the request's `Authorization` header proved (set by [`gate`] for every request).
+#[derive(Debug, Clone)]
+pub enum Authn {
+    /// No header.
+    Anonymous,
+    /// A usable token (or `--auth off`).
+    Valid(Principal),
+    /// A header that proves nothing.
+    Refused(Refusal),
+}
+
+/// Why a presented token proves nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not `Bearer <token>`.
+    Malformed,
+    /// Unknown.
+    Unknown,
+    /// Revoked.
+    Revoked,
+    /// Expired.
+    Expired,
+}
+
+impl From<Refusal> for AuthError {
+    fn from(r: Refusal) -> AuthError {
+        match r {
+            Refusal::Malformed => AuthError::Malformed,
+            Refusal::Unknown => AuthError::Unknown,
+            Refusal::Revoked => AuthError::Revoked,
+            Refusal::Expired => AuthError::Expired,
         }
-        n = i + 1;
-    }
-    let write = !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS);
-    match &parts[..n.min(parts.len())] {
-        ["files", ..] => Access::Token(Scope::Read),
-        // The signed form, /dl/{task}/{sn}/{expiry-hmac}/{file}, carries its own proof.
-        ["dl", _, _, _, _] => Access::Open,
-        ["dl", ..] => Access::Token(Scope::Read),
-        ["metrics"] => Access::Token(Scope::Read),
-        ["api", "v1", "openapi.json"] => Access::Open,
-        ["api", "v1", "tokens" | "audit", ..] => Access::Token(Scope::Admin),
-        ["api", ..] if !write => Access::Token(Scope::Read),
-        ["api", ..] if *method == Method::DELETE => Access::Token(Scope::Admin),
-        ["api", "v1", "firmware", ..] => Access::Token(Scope::Upload),
-        ["api", ..] => Access::Token(Scope::Operate),
-        _ => Access::Open,
     }
 }
 
-/// The caller of a request that passed the gate with a token.
+impl Authn {
+    fn principal(&self) -> Option<&Principal> {
+        match self {
+            Authn::Valid(p) => Some(p),
+            _ => None,
+        }
+    }
+}
+
+/// The caller of a request that passed [`authorize`] with a token.
 #[derive(Debug, Clone)]
 pub struct Caller(pub Principal);
 
@@ -75,7 +106,8 @@ impl FromRequest for Caller {
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         std::future::ready(
             req.extensions()
-                .get::<Principal>()
+                .get::<Authn>()
+                .and_then(Authn::principal)
                 .cloned()
                 .map(Caller)
                 .ok_or_else(|| AuthError::Missing.into()),
@@ -87,6 +119,129 @@ fn is_download(path: &str) -> bool {
     path.starts_with("/files/") || path.starts_with("/dl/")
 }
 
+fn is_write(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// Step 1: what the bearer token proves.
+pub fn authenticate(state: &AppState, req: &ServiceRequest) -> Authn {
+    if !state.settings.auth_enabled {
+        return Authn::Valid(Principal::anonymous_admin());
+    }
+    let header = req
+        .headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match header {
+        None => Authn::Anonymous,
+        Some(h) => match state.tokens.authenticate(Some(h)) {
+            Ok(p) => Authn::Valid(p),
+            Err(AuthError::Revoked) => Authn::Refused(Refusal::Revoked),
+            Err(AuthError::Expired) => Authn::Refused(Refusal::Expired),
+            Err(AuthError::Malformed | AuthError::Missing) => Authn::Refused(Refusal::Malformed),
+            Err(_) => Authn::Refused(Refusal::Unknown),
+        },
+    }
+}
+
+/// Step 2: the caller's API budget, keyed by token when it is valid, else by client address.
+pub fn rate_limit(
+    state: &AppState,
+    path: &str,
+    authn: &Authn,
+    client: std::net::IpAddr,
+) -> Result<(), ApiError> {
+    if !path.starts_with("/api/") {
+        return Ok(());
+    }
+    let key = match authn.principal() {
+        Some(p) if !p.token_id.is_empty() => RateKey::Token(p.token_id.clone()),
+        _ => RateKey::Client(client),
+    };
+    state
+        .api_limiter
+        .check(&key)
+        .map_err(ApiError::rate_limited)
+}
+
+/// Step 3: one of the client address's concurrent download slots (held until the body ends).
+pub fn download_slot(
+    state: &AppState,
+    req: &ServiceRequest,
+    client: std::net::IpAddr,
+) -> Result<(), ApiError> {
+    if is_download(req.path()) && req.method() == Method::GET {
+        let slot = state
+            .download_slots
+            .acquire(client)
+            .ok_or_else(ApiError::too_many_downloads)?;
+        req.extensions_mut().insert(slot);
+    }
+    Ok(())
+}
+
+/// Step 5: the audit entry of a state-changing API call or a refused token.
+pub fn audit(
+    state: &AppState,
+    req: &RequestFacts,
+    authn: &Authn,
+    status: u16,
+    error: Option<&str>,
+) {
+    let refused_token =
+        matches!(error, Some("unauthorized" | "forbidden")) && !matches!(authn, Authn::Anonymous);
+    if !(req.audited || refused_token) {
+        return;
+    }
+    let who = match authn {
+        Authn::Valid(p) => Some(p),
+        _ => None,
+    };
+    state.audit.record(AuditEntry {
+        id: String::new(),
+        at: chrono::Utc::now(),
+        who: who.map(|p| p.name.clone()),
+        token_id: who.map(|p| p.token_id.clone()).filter(|t| !t.is_empty()),
+        client: req.client.to_string(),
+        method: req.method.to_string(),
+        path: req.path.clone(),
+        status,
+        error: error.map(str::to_string),
+    });
+}
+
+/// Step 6: durable before acknowledged — a success is answered only once the change (and its
+/// audit entry) is on disk. Concurrent requests share one flush.
+pub async fn commit(state: &AppState) -> Result<(), ApiError> {
+    state.catalog.flush().await.map_err(ApiError::from)
+}
+
+/// What the gate keeps of a request for the steps after the handler.
+pub struct RequestFacts {
+    method: Method,
+    path: String,
+    client: std::net::IpAddr,
+    /// A state-changing `/api/` call.
+    audited: bool,
+}
+
+/// The status and error code of an answer.
+fn outcome<B>(res: &Result<ServiceResponse<B>, actix_web::Error>) -> (u16, Option<&'static str>) {
+    match res {
+        Ok(r) => (
+            r.status().as_u16(),
+            r.response()
+                .error()
+                .and_then(|e| e.as_error::<ApiError>())
+                .map(ApiError::code),
+        ),
+        Err(e) => (
+            e.as_response_error().status_code().as_u16(),
+            e.as_error::<ApiError>().map(ApiError::code),
+        ),
+    }
+}
+
 /// The gate (use with `actix_web::middleware::from_fn`).
 pub async fn gate(
     req: ServiceRequest,
@@ -95,145 +250,83 @@ pub async fn gate(
     let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
         return next.call(req).await;
     };
-    let method = req.method().clone();
-    let path = req.path().to_string();
-    let client = state.client_ip(req.request());
-    // The extra listeners serve a few routes; everything else there is a plain 404.
-    let access = match req.app_data::<Listener>() {
-        Some(Listener::Metrics) => Access::Open,
-        Some(Listener::Downloads) if !is_download(&path) => Access::Open,
-        _ => required(&method, &path),
+    let facts = RequestFacts {
+        audited: req.path().starts_with("/api/") && is_write(req.method()),
+        method: req.method().clone(),
+        path: req.path().to_string(),
+        client: state.client_ip(req.request()),
     };
-    let auth = match access {
-        Access::Open => Ok(None),
-        Access::Token(_) if !state.settings.auth_enabled => Ok(Some(Principal::anonymous_admin())),
-        Access::Token(scope) => {
-            let header = req
-                .headers()
-                .get(actix_web::http::header::AUTHORIZATION)
-                .and_then(|v| v.to_str().ok());
-            match state.tokens.authenticate(header) {
-                Ok(p) if p.allows(scope) => Ok(Some(p)),
-                Ok(p) => Err((Some(p), AuthError::Forbidden(scope.as_str()))),
-                Err(e) => Err((None, e)),
-            }
-        }
-    };
-    if path.starts_with("/api/") {
-        let key = match &auth {
-            Ok(Some(p)) | Err((Some(p), _)) if !p.token_id.is_empty() => {
-                RateKey::Token(p.token_id.clone())
-            }
-            _ => RateKey::Client(client),
-        };
-        if let Err(wait) = state.api_limiter.check(&key) {
-            return Err(ApiError::rate_limited(wait).into());
-        }
-    }
-    let audit = |who: Option<&Principal>, status: u16, error: Option<&str>| {
-        state.audit.record(AuditEntry {
-            id: String::new(),
-            at: chrono::Utc::now(),
-            who: who.map(|p| p.name.clone()),
-            token_id: who.map(|p| p.token_id.clone()).filter(|t| !t.is_empty()),
-            client: client.to_string(),
-            method: method.to_string(),
-            path: path.clone(),
-            status,
-            error: error.map(str::to_string),
-        })
-    };
-    let principal = match auth {
-        Ok(p) => p,
-        Err((who, e)) => {
-            let e = ApiError::from(e);
-            audit(who.as_ref(), e.status_code().as_u16(), Some(e.code()));
-            return Err(e.into());
-        }
-    };
-    if is_download(&path) && method == Method::GET {
-        match state.download_slots.acquire(client) {
-            Some(slot) => {
-                req.extensions_mut().insert(slot);
-            }
-            None => return Err(ApiError::too_many_downloads().into()),
-        }
-    }
-    let audited = path.starts_with("/api/")
-        && !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
-    if let Some(p) = &principal {
-        req.extensions_mut().insert(p.clone());
-    }
+    let authn = authenticate(&state, &req);
+    rate_limit(&state, &facts.path, &authn, facts.client)?;
+    download_slot(&state, &req, facts.client)?;
     // A catalog that cannot make writes durable refuses them before anything changes.
-    if audited {
+    if facts.audited {
         if let Some(fault) = state.catalog.fault() {
             let e = ApiError::from(crate::catalog::CatalogError::Unwritable(fault));
-            audit(principal.as_ref(), e.status_code().as_u16(), Some(e.code()));
+            audit(
+                &state,
+                &facts,
+                &authn,
+                e.status_code().as_u16(),
+                Some(e.code()),
+            );
             return Err(e.into());
         }
     }
+    req.extensions_mut().insert(authn.clone());
     let res = next.call(req).await;
-    if audited {
-        let (status, code) = match &res {
-            Ok(r) => (
-                r.status().as_u16(),
-                r.response()
-                    .error()
-                    .and_then(|e| e.as_error::<ApiError>())
-                    .map(ApiError::code),
-            ),
-            Err(e) => (
-                e.as_response_error().status_code().as_u16(),
-                e.as_error::<ApiError>().map(ApiError::code),
-            ),
-        };
-        audit(principal.as_ref(), status, code);
-        // Durable before acknowledged: a success is answered only once the change (and its
-        // audit entry) is on disk. Concurrent requests share one flush.
-        if (200..300).contains(&status) {
-            if let Err(e) = state.catalog.flush().await {
-                let e = ApiError::from(e);
-                audit(principal.as_ref(), e.status_code().as_u16(), Some(e.code()));
-                return Err(e.into());
-            }
+    let (status, code) = outcome(&res);
+    audit(&state, &facts, &authn, status, code);
+    if facts.audited && (200..300).contains(&status) {
+        if let Err(e) = commit(&state).await {
+            audit(
+                &state,
+                &facts,
+                &authn,
+                e.status_code().as_u16(),
+                Some(e.code()),
+            );
+            return Err(e.into());
         }
     }
     res
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Step 4, per route: lets the request through if its token has the scope `access` names
+/// (401 without a usable token, 403 with one that lacks the scope).
+pub async fn authorize(
+    access: Access,
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let Access::Token(scope) = access else {
+        return next.call(req).await;
+    };
+    let authn = req.extensions().get::<Authn>().cloned();
+    match authn {
+        Some(Authn::Valid(p)) if p.allows(scope) => next.call(req).await,
+        Some(Authn::Valid(_)) => Err(ApiError::from(AuthError::Forbidden(scope.as_str())).into()),
+        Some(Authn::Refused(r)) => Err(ApiError::from(AuthError::from(r)).into()),
+        _ => Err(ApiError::from(AuthError::Missing).into()),
+    }
+}
 
-    #[test]
-    fn routes_need_the_scope_of_their_work() {
-        use Access::*;
-        use Scope::*;
-        let cases = [
-            (Method::GET, "/healthz", Open),
-            (Method::GET, "/readyz", Open),
-            (Method::GET, "/api/v1/openapi.json", Open),
-            (Method::GET, "/metrics", Token(Read)),
-            (Method::GET, "/files/01ABC/a.bin", Token(Read)),
-            (Method::HEAD, "/dl/t/sn/a.bin", Token(Read)),
-            (Method::GET, "/dl/t/sn/123-abc/a.bin", Open),
-            (Method::GET, "/dl/t/sn/123-abc/a.bin/extra", Token(Read)),
-            (Method::GET, "/api/v1/firmware", Token(Read)),
-            (Method::POST, "/api/v1/firmware", Token(Upload)),
-            (Method::PUT, "/api/v1/firmware", Token(Upload)),
-            (Method::POST, "/api/v1/firmware/x/disable", Token(Upload)),
-            (Method::DELETE, "/api/v1/firmware/x", Token(Admin)),
-            (Method::POST, "/api/v1/ota", Token(Operate)),
-            (Method::POST, "/api/v1/rollouts/x/pause", Token(Operate)),
-            (Method::PUT, "/api/v1/devices/sn", Token(Operate)),
-            (Method::DELETE, "/api/v1/devices/sn", Token(Admin)),
-            (Method::GET, "/api/v1/tokens", Token(Admin)),
-            (Method::GET, "/api/v1/audit", Token(Admin)),
-            (Method::GET, "/api/v2/anything", Token(Read)),
-            (Method::GET, "/", Open),
-        ];
-        for (m, p, want) in cases {
-            assert_eq!(required(&m, p), want, "{m} {p}");
+/// The answer for a path no route serves: 401 first under the token-only prefixes of the main
+/// listener (no path is disclosed to a caller without a token), else 404.
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let main = !matches!(
+        req.app_data::<Listener>(),
+        Some(Listener::Downloads | Listener::Metrics)
+    );
+    let guarded = ["/api/", "/files/", "/dl/", "/metrics"]
+        .iter()
+        .any(|p| req.path().starts_with(p));
+    if main && guarded {
+        match req.extensions().get::<Authn>() {
+            Some(Authn::Valid(_)) => {}
+            Some(Authn::Refused(r)) => return Err(AuthError::from(*r).into()),
+            _ => return Err(AuthError::Missing.into()),
         }
     }
+    Err(ApiError::not_found("no such resource"))
 }

@@ -4,20 +4,24 @@ use actix_web::http::Method;
 use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
+use super::Access;
 use super::error::ErrorBody;
 use super::{ApiError, AppState, JsonBody, PageQuery, resource};
 use crate::devices::{DeviceError, DeviceFilter, DeviceRecord};
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/api/v1/devices", [(Method::GET, web::to(list))]))
-        .service(resource(
-            "/api/v1/devices/{sn}",
-            [
-                (Method::GET, web::to(get)),
-                (Method::PUT, web::to(put)),
-                (Method::DELETE, web::to(delete)),
-            ],
-        ));
+    cfg.service(resource(
+        "/api/v1/devices",
+        [(Method::GET, Access::READ, web::to(list))],
+    ))
+    .service(resource(
+        "/api/v1/devices/{sn}",
+        [
+            (Method::GET, Access::READ, web::to(get)),
+            (Method::PUT, Access::OPERATE, web::to(put)),
+            (Method::DELETE, Access::ADMIN, web::to(delete)),
+        ],
+    ));
 }
 
 impl From<DeviceError> for ApiError {

@@ -4,6 +4,7 @@ use actix_web::http::Method;
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 
+use super::Access;
 use super::dto::SessionPage;
 use super::error::ErrorBody;
 use super::{ApiError, AppState, PageQuery, resource};
@@ -12,11 +13,11 @@ use crate::catalog::SessionState;
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource(
         "/api/v1/downloads",
-        [(Method::GET, web::to(list))],
+        [(Method::GET, Access::READ, web::to(list))],
     ))
     .service(resource(
         "/api/v1/firmware/{id}/downloads",
-        [(Method::GET, web::to(for_firmware))],
+        [(Method::GET, Access::READ, web::to(for_firmware))],
     ));
 }
 

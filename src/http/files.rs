@@ -6,6 +6,7 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::{Method, StatusCode};
 use actix_web::{HttpMessage, HttpRequest, HttpResponse, web};
 
+use super::Access;
 use super::error::ErrorBody;
 use super::{ApiError, AppState, resource};
 use crate::download::range::Conditions;
@@ -14,7 +15,10 @@ use crate::download::{DownloadRequest, Served, ServedKind};
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource(
         "/files/{id}/{file_name}",
-        [(Method::GET, web::to(file)), (Method::HEAD, web::to(file))],
+        [
+            (Method::GET, Access::READ, web::to(file)),
+            (Method::HEAD, Access::READ, web::to(file)),
+        ],
     ));
 }
 

@@ -4,6 +4,7 @@ use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
+use super::Access;
 use super::dto::{FirmwareDto, FirmwarePage};
 use super::error::ErrorBody;
 use super::upload_body::{UploadQuery, receive};
@@ -16,29 +17,29 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource(
         "/api/v1/firmware",
         [
-            (Method::POST, web::to(upload)),
-            (Method::PUT, web::to(upload)),
-            (Method::GET, web::to(list)),
+            (Method::POST, Access::UPLOAD, web::to(upload)),
+            (Method::PUT, Access::UPLOAD, web::to(upload)),
+            (Method::GET, Access::READ, web::to(list)),
         ],
     ))
     .service(resource(
         "/api/v1/firmware/{id}",
         [
-            (Method::GET, web::to(get)),
-            (Method::DELETE, web::to(delete)),
+            (Method::GET, Access::READ, web::to(get)),
+            (Method::DELETE, Access::ADMIN, web::to(delete)),
         ],
     ))
     .service(resource(
         "/api/v1/firmware/{id}/disable",
-        [(Method::POST, web::to(disable))],
+        [(Method::POST, Access::UPLOAD, web::to(disable))],
     ))
     .service(resource(
         "/api/v1/firmware/{id}/enable",
-        [(Method::POST, web::to(enable))],
+        [(Method::POST, Access::UPLOAD, web::to(enable))],
     ))
     .service(resource(
         "/api/v1/firmware/{id}/verify",
-        [(Method::POST, web::to(verify))],
+        [(Method::POST, Access::UPLOAD, web::to(verify))],
     ));
 }
 

@@ -39,6 +39,7 @@ use crate::firmware::FirmwareService;
 use crate::metrics::Metrics;
 use crate::progress::{ClientInfo, DownloadTracker};
 use crate::upload::UploadService;
+pub use access::Access;
 pub use error::ApiError;
 pub use limits::ApiLimiter;
 
@@ -201,18 +202,22 @@ fn path_config() -> web::PathConfig {
         .error_handler(|e, _| ApiError::invalid_request(format!("invalid path: {e}")).into())
 }
 
-/// A resource serving `routes`, each on its method. Any other method is answered 405 with an
-/// `Allow` header listing the methods it serves (RFC 9110 §15.5.6) and the JSON error body.
+/// A resource serving `routes`, each on its method and open to callers with the [`Access`] it
+/// declares (the one place a route's scope is stated; [`access::authorize`] checks it). Any
+/// other method is answered 405 with an `Allow` header listing the methods it serves (RFC 9110
+/// §15.5.6) and the JSON error body.
 pub(crate) fn resource<const N: usize>(
     path: &str,
-    routes: [(Method, Route); N],
+    routes: [(Method, Access, Route); N],
 ) -> actix_web::Resource {
-    let allow: Vec<&str> = routes.iter().map(|(m, _)| m.as_str()).collect();
+    let allow: Vec<&str> = routes.iter().map(|(m, _, _)| m.as_str()).collect();
     // Method names are tokens, always a valid header value.
     let allow = HeaderValue::from_str(&allow.join(", ")).ok();
     let mut resource = web::resource(path);
-    for (method, route) in routes {
-        resource = resource.route(route.method(method));
+    for (method, needs, route) in routes {
+        resource = resource.route(route.method(method).wrap(actix_web::middleware::from_fn(
+            move |req, next| access::authorize(needs, req, next),
+        )));
     }
     resource.default_service(web::to(move || {
         let allow = allow.clone();

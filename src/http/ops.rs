@@ -4,28 +4,40 @@ use actix_web::http::Method;
 use actix_web::{HttpResponse, web};
 use serde::Serialize;
 
+use super::Access;
 use super::{AppState, resource};
 use crate::metrics::Gauges;
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.configure(health_routes)
-        .service(resource("/readyz", [(Method::GET, web::to(readyz))]))
-        .service(resource("/metrics", [(Method::GET, web::to(metrics))]))
+        .service(resource(
+            "/readyz",
+            [(Method::GET, Access::Open, web::to(readyz))],
+        ))
+        .service(resource(
+            "/metrics",
+            [(Method::GET, Access::READ, web::to(metrics))],
+        ))
         .service(resource(
             "/api/v1/openapi.json",
-            [(Method::GET, web::to(openapi))],
+            [(Method::GET, Access::Open, web::to(openapi))],
         ));
 }
 
 /// `/metrics` and `/healthz`, for the token-free `--metrics-listen` listener.
 pub(super) fn metrics_routes(cfg: &mut web::ServiceConfig) {
-    cfg.configure(health_routes)
-        .service(resource("/metrics", [(Method::GET, web::to(metrics))]));
+    cfg.configure(health_routes).service(resource(
+        "/metrics",
+        [(Method::GET, Access::Open, web::to(metrics))],
+    ));
 }
 
 /// `/healthz` alone (the extra listeners).
 pub(super) fn health_routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(resource("/healthz", [(Method::GET, web::to(healthz))]));
+    cfg.service(resource(
+        "/healthz",
+        [(Method::GET, Access::Open, web::to(healthz))],
+    ));
 }
 
 /// Liveness.

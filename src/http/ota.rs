@@ -6,6 +6,7 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::Access;
 use super::error::ErrorBody;
 use super::{ApiError, AppState, JsonBody, PageQuery, resource};
 use crate::ota::{Created, OtaRequest, OtaTask, TaskStatus};
@@ -14,14 +15,17 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource(
         "/api/v1/ota",
         [
-            (Method::POST, web::to(create)),
-            (Method::GET, web::to(list)),
+            (Method::POST, Access::OPERATE, web::to(create)),
+            (Method::GET, Access::READ, web::to(list)),
         ],
     ))
-    .service(resource("/api/v1/ota/{id}", [(Method::GET, web::to(get))]))
+    .service(resource(
+        "/api/v1/ota/{id}",
+        [(Method::GET, Access::READ, web::to(get))],
+    ))
     .service(resource(
         "/api/v1/ota/{id}/events",
-        [(Method::GET, web::to(events))],
+        [(Method::GET, Access::READ, web::to(events))],
     ))
     .configure(download_routes);
 }
@@ -31,15 +35,15 @@ pub(super) fn download_routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource(
         "/dl/{task_id}/{sn}/{file_name}",
         [
-            (Method::GET, web::to(download)),
-            (Method::HEAD, web::to(download)),
+            (Method::GET, Access::READ, web::to(download)),
+            (Method::HEAD, Access::READ, web::to(download)),
         ],
     ))
     .service(resource(
         "/dl/{task_id}/{sn}/{signature}/{file_name}",
         [
-            (Method::GET, web::to(download_signed)),
-            (Method::HEAD, web::to(download_signed)),
+            (Method::GET, Access::Open, web::to(download_signed)),
+            (Method::HEAD, Access::Open, web::to(download_signed)),
         ],
     ));
 }

@@ -4,6 +4,7 @@ use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
+use super::Access;
 use super::error::ErrorBody;
 use super::{ApiError, AppState, JsonBody, PageQuery, resource};
 use crate::rollout::{DeviceState, RolloutRequest, RolloutStatus, RolloutView};
@@ -12,30 +13,30 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource(
         "/api/v1/rollouts",
         [
-            (Method::POST, web::to(create)),
-            (Method::GET, web::to(list)),
+            (Method::POST, Access::OPERATE, web::to(create)),
+            (Method::GET, Access::READ, web::to(list)),
         ],
     ))
     .service(resource(
         "/api/v1/rollouts/{id}",
-        [(Method::GET, web::to(get))],
+        [(Method::GET, Access::READ, web::to(get))],
     ))
     .service(resource(
         "/api/v1/rollouts/{id}/devices",
-        [(Method::GET, web::to(devices))],
+        [(Method::GET, Access::READ, web::to(devices))],
     ))
     .service(resource(
         "/api/v1/rollouts/{id}/timeline",
-        [(Method::GET, web::to(timeline))],
+        [(Method::GET, Access::READ, web::to(timeline))],
     ))
     .service(resource(
         "/api/v1/rollouts/{id}/events",
-        [(Method::GET, web::to(events))],
+        [(Method::GET, Access::READ, web::to(events))],
     ))
     // Only the actions are this resource: another last segment is an unknown path (404).
     .service(resource(
         "/api/v1/rollouts/{id}/{action:start|pause|resume|cancel|approve}",
-        [(Method::POST, web::to(action))],
+        [(Method::POST, Access::OPERATE, web::to(action))],
     ));
 }
 

@@ -4,6 +4,7 @@ use actix_web::http::Method;
 use actix_web::{HttpResponse, web};
 use serde::{Deserialize, Serialize};
 
+use super::Access;
 use super::access::Caller;
 use super::error::ErrorBody;
 use super::{ApiError, AppState, JsonBody, PageQuery, resource};
@@ -13,18 +14,21 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource(
         "/api/v1/tokens",
         [
-            (Method::POST, web::to(create)),
-            (Method::GET, web::to(list)),
+            (Method::POST, Access::ADMIN, web::to(create)),
+            (Method::GET, Access::ADMIN, web::to(list)),
         ],
     ))
     .service(resource(
         "/api/v1/tokens/{id}",
         [
-            (Method::GET, web::to(get)),
-            (Method::DELETE, web::to(revoke)),
+            (Method::GET, Access::ADMIN, web::to(get)),
+            (Method::DELETE, Access::ADMIN, web::to(revoke)),
         ],
     ))
-    .service(resource("/api/v1/audit", [(Method::GET, web::to(audit))]));
+    .service(resource(
+        "/api/v1/audit",
+        [(Method::GET, Access::ADMIN, web::to(audit))],
+    ));
 }
 
 /// A new token: its record and, this once, the token itself.

@@ -3,6 +3,7 @@
 //! uses the same API and tokens as every other client (the token is kept in the browser's
 //! session storage), so these routes need no token themselves.
 
+use super::Access;
 use actix_web::http::{Method, header};
 use actix_web::{HttpRequest, HttpResponse, web};
 
@@ -11,15 +12,18 @@ const APP_JS: &str = include_str!("ui/app.js");
 const APP_CSS: &str = include_str!("ui/app.css");
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.service(super::resource("/", [(Method::GET, web::to(index))]))
-        .service(super::resource(
-            "/ui/app.js",
-            [(Method::GET, web::to(app_js))],
-        ))
-        .service(super::resource(
-            "/ui/app.css",
-            [(Method::GET, web::to(app_css))],
-        ));
+    cfg.service(super::resource(
+        "/",
+        [(Method::GET, Access::Open, web::to(index))],
+    ))
+    .service(super::resource(
+        "/ui/app.js",
+        [(Method::GET, Access::Open, web::to(app_js))],
+    ))
+    .service(super::resource(
+        "/ui/app.css",
+        [(Method::GET, Access::Open, web::to(app_css))],
+    ));
 }
 
 /// An embedded asset and its ETag (a content hash, computed once).

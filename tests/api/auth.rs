@@ -604,3 +604,65 @@ async fn requests_refused_before_routing_get_the_json_error_body() {
     let (status, body) = app.get_json("/api/v1/firmware/nope").await;
     assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
 }
+
+/// The scope each route declares where it is registered, seen from outside: without a token
+/// → 401; with a `read` token → 403 when the route needs more; open routes need nothing.
+#[tokio::test]
+async fn routes_need_the_scope_of_their_work() {
+    let app = spawn_app().await;
+    let read = app.create_token("route-reader", &["read"]).await;
+    let anonymous = reqwest::Client::new();
+    let reader = authed_client(&read);
+    // (method, path, needs a token, needs more than read)
+    let cases = [
+        ("GET", "/healthz", false, false),
+        ("GET", "/readyz", false, false),
+        ("GET", "/api/v1/openapi.json", false, false),
+        ("GET", "/", false, false),
+        ("GET", "/metrics", true, false),
+        ("GET", "/files/01ABC/a.bin", true, false),
+        ("HEAD", "/dl/t/sn/a.bin", true, false),
+        ("GET", "/dl/t/sn/123-abc/a.bin", false, false),
+        ("GET", "/dl/t/sn/123-abc/a.bin/extra", true, false),
+        ("GET", "/api/v1/firmware", true, false),
+        ("POST", "/api/v1/firmware?file_name=x_1.zip", true, true),
+        ("PUT", "/api/v1/firmware?file_name=x_1.zip", true, true),
+        ("POST", "/api/v1/firmware/x/disable", true, true),
+        ("DELETE", "/api/v1/firmware/x", true, true),
+        ("POST", "/api/v1/ota", true, true),
+        ("POST", "/api/v1/rollouts/x/pause", true, true),
+        ("PUT", "/api/v1/devices/sn", true, true),
+        ("DELETE", "/api/v1/devices/sn", true, true),
+        ("GET", "/api/v1/tokens", true, true),
+        ("GET", "/api/v1/audit", true, true),
+        ("GET", "/api/v2/anything", true, false),
+    ];
+    for (method, path, token, more) in cases {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let status = anonymous
+            .request(m.clone(), app.url(path))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert_eq!(
+            status == 401,
+            token,
+            "{method} {path} without a token: {status}"
+        );
+        let status = reader
+            .request(m, app.url(path))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        assert_eq!(
+            status == 403,
+            more,
+            "{method} {path} with a read token: {status}"
+        );
+        assert_ne!(status, 401, "{method} {path} with a read token");
+    }
+}
