@@ -116,6 +116,8 @@ struct FlushGate {
     gate: tokio::sync::Mutex<()>,
     requested: AtomicU64,
     completed: AtomicU64,
+    /// Flushes that reached the disk.
+    flushed: AtomicU64,
 }
 
 /// The open sled database and its trees.
@@ -300,6 +302,7 @@ impl Catalog {
         match result {
             Ok(_) => {
                 f.completed.fetch_max(covers, SeqCst);
+                f.flushed.fetch_add(1, SeqCst);
                 self.writable_or_fault()
             }
             Err(e) => {
@@ -429,6 +432,15 @@ impl Catalog {
                 let _ = self.flush().await;
             }
         }
+    }
+
+    /// Prometheus text: flushes done and whether writes are durable now.
+    pub fn render_metrics(&self) -> String {
+        let done = self.shared.flushes.flushed.load(SeqCst);
+        let writable = u8::from(self.fault().is_none());
+        format!(
+            "# HELP fwrepo_catalog_flushes_total Catalog flushes that reached the disk (group commits).\n# TYPE fwrepo_catalog_flushes_total counter\nfwrepo_catalog_flushes_total {done}\n# HELP fwrepo_catalog_writable 1 while catalog writes are durable; 0 while they are refused.\n# TYPE fwrepo_catalog_writable gauge\nfwrepo_catalog_writable {writable}\n"
+        )
     }
 
     /// Flushes synchronously (offline tools).

@@ -127,6 +127,33 @@ pub fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
 }
 
+/// Waits until the server process at `base` has put on disk everything written before the
+/// call: two more catalog flushes (the first may have begun before), seen in its metrics.
+pub async fn wait_for_catalog_flush(base: &str) {
+    async fn flushes(base: &str) -> u64 {
+        let text = client_for(base)
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("fwrepo_catalog_flushes_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+    let start = flushes(base).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            flushes(base).await >= start + 2
+        })
+        .await,
+        "no catalog flush within 10 s"
+    );
+}
+
 /// A serial number no other test uses: `prefix` and the random tail of a fresh ULID.
 pub fn sn(prefix: &str) -> String {
     format!("{prefix}{}", &fwrepo::domain::ids::next()[16..])

@@ -263,8 +263,8 @@ async fn kill_9_mid_task_then_tracking_resumes() {
         })
         .await
     );
-    // Give sled its flush interval, then crash.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Everything recorded so far is on disk; then crash.
+    wait_for_catalog_flush(&base).await;
     server.kill9();
     let server = ServerProcess::start(&data_dir, &args);
     let t = get_json_at(&server.base, &format!("/api/v1/ota/{id}")).await;
@@ -295,7 +295,7 @@ async fn kill_9_mid_task_then_tracking_resumes() {
         })
         .await
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    wait_for_catalog_flush(&base).await;
     let mut server = server;
     server.kill9();
     let server = ServerProcess::start(&data_dir, &args);

@@ -611,7 +611,7 @@ async fn kill_9_mid_rollout_then_it_completes_upgrading_each_device_once() {
         })
         .await
     );
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    wait_for_catalog_flush(&base).await;
     server.kill9();
     let server = ServerProcess::start(&data_dir, &args);
     let base = server.base.clone();
