@@ -458,6 +458,43 @@ async fn full_disk_refuses_writes_then_recovers_without_restart() {
 // 2. SIGTERM mid-upload
 // ---------------------------------------------------------------------------------------------
 
+/// A shutdown whose final catalog flush fails says so: the exit status is not success.
+#[tokio::test]
+async fn sigterm_on_a_full_disk_exits_non_zero() {
+    if !enabled("sigterm_on_a_full_disk_exits_non_zero") {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let mnt = root.path().join("mnt");
+    let _fs = Tmpfs::mount(&mnt, "24m");
+    let data_dir = mnt.join("data");
+    let mut server = ServerProcess::start(&data_dir, &["--shutdown-grace", "5"]);
+    let base = server.base.clone();
+    let (status, body) = create_token(&mut server, "before").await;
+    assert_eq!(status, 201, "{body}");
+    fill(&mnt.join("filler"));
+    // Writes now fail; the catalog knows it cannot make them durable.
+    for i in 0..20 {
+        let (status, body) = put_device(&mut server, &format!("FULLS{}{i:03}", tag())).await;
+        if status != 200 {
+            assert_storage_refusal("device on a full disk", status, &body);
+        }
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            readyz(&base).await.0 == 503
+        })
+        .await
+    );
+    let status = tokio::task::spawn_blocking(move || server.sigterm())
+        .await
+        .unwrap();
+    assert!(
+        !status.success(),
+        "a shutdown that could not flush the catalog exited {status:?}"
+    );
+}
+
 fn part_files(data_dir: &Path) -> Vec<String> {
     list_files(&data_dir.join("blobs"))
         .into_iter()
