@@ -109,6 +109,7 @@ pub(super) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     };
     let mut text = state.metrics.render(&gauges);
     text.push_str(&state.catalog.render_metrics());
+    text.push_str(&state.tracker.render_metrics());
     text.push_str(&state.mqtt.status.render());
     text.push_str(&state.ota.render_metrics());
     text.push_str(&state.rollouts.render_metrics());

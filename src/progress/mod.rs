@@ -69,6 +69,8 @@ struct Sessions {
 struct Inner {
     sessions: Mutex<Sessions>,
     catalog: Catalog,
+    /// Flush passes of the background flusher that succeeded.
+    flushes: std::sync::atomic::AtomicU64,
 }
 
 /// The in-memory session table. Cheap to clone.
@@ -149,6 +151,7 @@ impl DownloadTracker {
             inner: Arc::new(Inner {
                 sessions: Mutex::new(sessions),
                 catalog,
+                flushes: std::sync::atomic::AtomicU64::new(0),
             }),
         })
     }
@@ -282,6 +285,17 @@ impl DownloadTracker {
         Ok(dirty.len())
     }
 
+    /// Prometheus text of the flusher: its successful passes.
+    pub fn render_metrics(&self) -> String {
+        let n = self
+            .inner
+            .flushes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        format!(
+            "# HELP fwrepo_download_progress_flushes_total Passes of the download-session flusher that wrote to the catalog.\n# TYPE fwrepo_download_progress_flushes_total counter\nfwrepo_download_progress_flushes_total {n}\n"
+        )
+    }
+
     /// Runs the flusher until `cancel`, then flushes once more.
     pub async fn run(self, every: Duration, retention: Duration, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(every);
@@ -296,7 +310,11 @@ impl DownloadTracker {
             match tokio::task::spawn_blocking(move || this.flush()).await {
                 Ok(Err(e)) => tracing::error!(error = %e, "download progress flush failed"),
                 Err(e) => tracing::error!(error = %e, "download progress flush panicked"),
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => {
+                    self.inner
+                        .flushes
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
             }
             if last_prune.elapsed() >= Duration::from_secs(3600) {
                 last_prune = std::time::Instant::now();

@@ -130,7 +130,13 @@ pub fn sha256_hex(data: &[u8]) -> String {
 /// Waits until the server process at `base` has put on disk everything written before the
 /// call: two more catalog flushes (the first may have begun before), seen in its metrics.
 pub async fn wait_for_catalog_flush(base: &str) {
-    async fn flushes(base: &str) -> u64 {
+    wait_for_counter(base, "fwrepo_catalog_flushes_total").await;
+}
+
+/// Waits until the counter `name` in the metrics of the server process at `base` has grown by
+/// two (a pass that began after the call has ended).
+pub async fn wait_for_counter(base: &str, name: &str) {
+    let read = || async {
         let text = client_for(base)
             .get(format!("{base}/metrics"))
             .send()
@@ -140,17 +146,17 @@ pub async fn wait_for_catalog_flush(base: &str) {
             .await
             .unwrap();
         text.lines()
-            .find_map(|l| l.strip_prefix("fwrepo_catalog_flushes_total "))
-            .and_then(|v| v.trim().parse().ok())
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0)
-    }
-    let start = flushes(base).await;
+    };
+    let start = read().await;
     assert!(
-        wait_until(Duration::from_secs(10), || async {
-            flushes(base).await >= start + 2
+        wait_until(Duration::from_secs(15), || async {
+            read().await >= start + 2
         })
         .await,
-        "no catalog flush within 10 s"
+        "{name} did not grow within 15 s"
     );
 }
 

@@ -36,8 +36,9 @@ async fn kill_9_mid_upload_then_restart() {
         .await
         .unwrap();
     assert_eq!(part.bytes().await.unwrap().len(), 1_000_000);
-    // Let the flusher (every second) write the session.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The session flusher has written the session, and the catalog has put it on disk.
+    wait_for_counter(&server.base, "fwrepo_download_progress_flushes_total").await;
+    wait_for_catalog_flush(&server.base).await;
 
     // An upload is in progress when the server dies.
     let (tx, body) = held_body();
