@@ -259,19 +259,19 @@ pub async fn gate(
     let authn = authenticate(&state, &req);
     rate_limit(&state, &facts.path, &authn, facts.client)?;
     download_slot(&state, &req, facts.client)?;
+    let refuse = |e: ApiError| {
+        audit(
+            &state,
+            &facts,
+            &authn,
+            e.status_code().as_u16(),
+            Some(e.code()),
+        );
+        Err(e.into())
+    };
     // A catalog that cannot make writes durable refuses them before anything changes.
-    if facts.audited {
-        if let Some(fault) = state.catalog.fault() {
-            let e = ApiError::from(crate::catalog::CatalogError::Unwritable(fault));
-            audit(
-                &state,
-                &facts,
-                &authn,
-                e.status_code().as_u16(),
-                Some(e.code()),
-            );
-            return Err(e.into());
-        }
+    if let Some(fault) = state.catalog.fault().filter(|_| facts.audited) {
+        return refuse(crate::catalog::CatalogError::Unwritable(fault).into());
     }
     req.extensions_mut().insert(authn.clone());
     let res = next.call(req).await;
@@ -279,14 +279,7 @@ pub async fn gate(
     audit(&state, &facts, &authn, status, code);
     if facts.audited && (200..300).contains(&status) {
         if let Err(e) = commit(&state).await {
-            audit(
-                &state,
-                &facts,
-                &authn,
-                e.status_code().as_u16(),
-                Some(e.code()),
-            );
-            return Err(e.into());
+            return refuse(e);
         }
     }
     res
@@ -302,12 +295,19 @@ pub async fn authorize(
     let Access::Token(scope) = access else {
         return next.call(req).await;
     };
-    let authn = req.extensions().get::<Authn>().cloned();
-    match authn {
-        Some(Authn::Valid(p)) if p.allows(scope) => next.call(req).await,
-        Some(Authn::Valid(_)) => Err(ApiError::from(AuthError::Forbidden(scope.as_str())).into()),
-        Some(Authn::Refused(r)) => Err(ApiError::from(AuthError::from(r)).into()),
-        _ => Err(ApiError::from(AuthError::Missing).into()),
+    let allowed = token_of(req.request()).map(|p| p.allows(scope))?;
+    if !allowed {
+        return Err(ApiError::from(AuthError::Forbidden(scope.as_str())).into());
+    }
+    next.call(req).await
+}
+
+/// The principal of a request's usable token, or why there is none (401).
+fn token_of(req: &HttpRequest) -> Result<Principal, ApiError> {
+    match req.extensions().get::<Authn>() {
+        Some(Authn::Valid(p)) => Ok(p.clone()),
+        Some(Authn::Refused(r)) => Err(AuthError::from(*r).into()),
+        _ => Err(AuthError::Missing.into()),
     }
 }
 
@@ -322,11 +322,7 @@ pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
         .iter()
         .any(|p| req.path().starts_with(p));
     if main && guarded {
-        match req.extensions().get::<Authn>() {
-            Some(Authn::Valid(_)) => {}
-            Some(Authn::Refused(r)) => return Err(AuthError::from(*r).into()),
-            _ => return Err(AuthError::Missing.into()),
-        }
+        token_of(&req)?;
     }
     Err(ApiError::not_found("no such resource"))
 }

@@ -14,13 +14,7 @@ impl RolloutService {
                     Some(a) => a.rollout.clone(),
                     None => self.stored(id)?,
                 };
-                let step = machine::next(
-                    r.status,
-                    r.current_stage,
-                    r.definition.stages.len(),
-                    r.definition.auto_advance,
-                    Input::Act(action),
-                )?;
+                let step = machine::next_for(&r, Input::Act(action))?;
                 let mut members = self.resolve_members(&r, &HashSet::new());
                 if members.is_empty() {
                     return Err(RolloutError::Validation(
@@ -78,18 +72,11 @@ impl RolloutService {
                     }
                     .into());
                 };
-                let r = &a.rollout;
-                let step = machine::next(
-                    r.status,
-                    r.current_stage,
-                    r.definition.stages.len(),
-                    r.definition.auto_advance,
-                    Input::Act(action),
-                )?
-                .ok_or(machine::Refused {
-                    action,
-                    status: r.status,
-                })?;
+                let step =
+                    machine::next_for(&a.rollout, Input::Act(action))?.ok_or(machine::Refused {
+                        action,
+                        status: a.rollout.status,
+                    })?;
                 if step.acknowledge_failures {
                     a.rollout.acknowledged_failed = model::count(a.members.iter())
                         .get(&DeviceState::Failed)

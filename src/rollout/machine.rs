@@ -193,6 +193,17 @@ pub fn next(
     Ok(Some(out))
 }
 
+/// [`next`] for `rollout` as it stands.
+pub fn next_for(rollout: &Rollout, input: Input) -> Result<Option<Step>, Refused> {
+    next(
+        rollout.status,
+        rollout.current_stage,
+        rollout.definition.stages.len(),
+        rollout.definition.auto_advance,
+        input,
+    )
+}
+
 /// Carries a step out on the rollout record (status, stage, pause reason, events, times).
 pub fn apply(rollout: &mut Rollout, step: &Step, now: DateTime<Utc>) {
     rollout.status = step.to;

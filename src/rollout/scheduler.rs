@@ -341,15 +341,7 @@ impl RolloutService {
 
     /// Carries a verdict out through the state machine. True if the status changed.
     fn conclude(&self, a: &mut Active, verdict: Verdict, now: DateTime<Utc>) -> bool {
-        let r = &a.rollout;
-        let step = machine::next(
-            r.status,
-            r.current_stage,
-            r.definition.stages.len(),
-            r.definition.auto_advance,
-            Input::Judged(verdict),
-        );
-        let Ok(Some(step)) = step else {
+        let Ok(Some(step)) = machine::next_for(&a.rollout, Input::Judged(verdict)) else {
             return false;
         };
         match step.to {
