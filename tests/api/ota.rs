@@ -88,28 +88,57 @@ async fn next_on(
     }
 }
 
-#[tokio::test]
-async fn dock_upgrade_end_to_end() {
+/// A dock (running 10.01.0205) and its aircraft announced on the embedded broker, a Dock
+/// 10.01.0300 package uploaded, and a test client subscribed to the dock's `services`.
+struct UpgradeStory {
+    app: TestApp,
+    data: Vec<u8>,
+    fw_id: String,
+    dock: String,
+    client: TestClient,
+    inbox: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+}
+
+async fn upgrade_story() -> UpgradeStory {
     let app = app_with_models(30).await;
     let data = payload(3_000_000, 31);
     let fw = app.upload_ok("Dock_10.01.0300.zip", data.clone()).await;
-    let fw_id = fw["id"].as_str().unwrap();
+    let fw_id = fw["id"].as_str().unwrap().to_string();
     let (dock, aircraft) = (sn("DOCK"), sn("AC"));
-    let (client, mut inbox) = mqtt_client(&app.mqtt_addr(), "ota").await;
+    let (client, inbox) = mqtt_client(&app.mqtt_addr(), "ota").await;
     client
-        .subscribe(format!("thing/product/{dock}/services"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
+        .subscribe_acked(format!("thing/product/{dock}/services"))
+        .await;
     announce(&client, &dock, &aircraft, "10.01.0205", 0).await;
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            app.get_json(&format!("/api/v1/devices/{dock}")).await.1["mode_code"] == 0
-                && app.get_json(&format!("/api/v1/devices/{dock}")).await.1["firmware_version"]
-                    == "10.01.0205"
+            let d = app.get_json(&format!("/api/v1/devices/{dock}")).await.1;
+            d["mode_code"] == 0 && d["firmware_version"] == "10.01.0205"
         })
         .await
     );
+    UpgradeStory {
+        app,
+        data,
+        fw_id,
+        dock,
+        client,
+        inbox,
+    }
+}
 
+#[tokio::test]
+async fn ota_create_is_planned_signed_and_idempotent() {
+    let UpgradeStory {
+        app,
+        data,
+        fw_id,
+        dock,
+        // Kept: the dock's subscription lives as long as its client.
+        client: _client,
+        mut inbox,
+    } = upgrade_story().await;
+    let fw_id = fw_id.as_str();
     // Dry run: decided, nothing stored or published.
     let body = json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw_id}], "dry_run": true});
     let (status, plan) = post_ota(&app, body, None).await;
@@ -140,23 +169,6 @@ async fn dock_upgrade_end_to_end() {
     let (status, e) = post_ota(&app, body, None).await;
     assert_eq!((status, e["error"].as_str()), (409, Some("gateway_busy")));
     assert_eq!(e["task_id"], id.as_str());
-
-    // SSE from the start.
-    let sse = app
-        .client
-        .get(app.url(&format!("/api/v1/ota/{id}/events")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(sse.headers()["content-type"], "text/event-stream");
-    let sse_task = tokio::spawn(async move {
-        let mut body = sse.bytes_stream();
-        let mut text = String::new();
-        while let Some(chunk) = body.next().await {
-            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-        }
-        text
-    });
 
     // The ota_create, field by field against the seed's example shape.
     let create = next_on(&mut inbox, "/services").await;
@@ -230,7 +242,42 @@ async fn dock_upgrade_end_to_end() {
         let e: Value = resp.json().await.unwrap();
         assert_eq!(e["error"], code, "{bad}");
     }
+}
 
+#[tokio::test]
+async fn a_dock_downloads_reports_ok_and_is_verified() {
+    let UpgradeStory {
+        app,
+        data,
+        fw_id,
+        dock,
+        client,
+        mut inbox,
+    } = upgrade_story().await;
+    let fw_id = fw_id.as_str();
+    let body = json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw_id}]});
+    let (status, task) = post_ota(&app, body, None).await;
+    assert_eq!(status, 202, "{task}");
+    let id = task["id"].as_str().unwrap().to_string();
+    // SSE from the start.
+    let sse = app
+        .client
+        .get(app.url(&format!("/api/v1/ota/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.headers()["content-type"], "text/event-stream");
+    let sse_task = tokio::spawn(async move {
+        let mut body = sse.bytes_stream();
+        let mut text = String::new();
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+        text
+    });
+
+    let create = next_on(&mut inbox, "/services").await;
+    let url = create["data"]["devices"][0]["file_url"].as_str().unwrap();
     // The dock accepts, downloads in two ranges, reports progress, ends ok, reports the version.
     let reply = json!({"tid": create["tid"], "bid": create["bid"], "timestamp": 1, "method": "ota_create",
         "data": {"result": 0, "output": {"status": "sent", "sub_status": "", "progress": {"percent": 0, "step": 1, "step_key": ""}}}});
