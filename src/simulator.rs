@@ -6,6 +6,7 @@
 //! `step` + `step_key`, no `gateway` field) and DJI's (`gateway`, `need_reply: 1`,
 //! `current_step`, `thing_version`).
 
+use crate::mqtt::topics;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -211,7 +212,7 @@ impl Dock {
         });
         self.send(
             client,
-            format!("sys/product/{}/status", self.sn),
+            topics::status(&self.sn),
             self.envelope(Some("update_topo"), topo),
         )
         .await;
@@ -223,12 +224,8 @@ impl Dock {
         let up = i64::from(self.upgrading.load(Ordering::Relaxed));
         for (sn, v) in [(&self.sn, dv), (&self.aircraft, av)] {
             let data = json!({"firmware_version": v, "compatible_status": 0, "firmware_upgrade_status": up});
-            self.send(
-                client,
-                format!("thing/product/{sn}/state"),
-                self.envelope(None, data),
-            )
-            .await;
+            self.send(client, topics::state(&sn), self.envelope(None, data))
+                .await;
         }
     }
 
@@ -239,7 +236,7 @@ impl Dock {
         for (sn, data) in [(&self.sn, dock), (&self.aircraft, ac)] {
             let _ = client
                 .publish(
-                    format!("thing/product/{sn}/osd"),
+                    topics::osd(&sn),
                     QoS::AtMostOnce,
                     false,
                     self.envelope(None, data).to_string(),
@@ -276,7 +273,7 @@ impl Dock {
                         let c = client.clone();
                         let me = Arc::clone(&self);
                         tokio::spawn(async move {
-                            let _ = c.subscribe(format!("thing/product/{}/services", me.sn), QoS::AtLeastOnce).await;
+                            let _ = c.subscribe(topics::services(&me.sn), QoS::AtLeastOnce).await;
                             me.announce(&c).await;
                         });
                     }
@@ -330,8 +327,7 @@ impl Dock {
         if self.cfg.dialect == Dialect::Dji {
             m["need_reply"] = json!(1);
         }
-        self.send(client, format!("thing/product/{}/events", self.sn), m)
-            .await;
+        self.send(client, topics::events(&self.sn), m).await;
     }
 
     async fn job(self: Arc<Self>, client: AsyncClient, msg: Value) {
@@ -350,12 +346,8 @@ impl Dock {
         };
         let reply = json!({"tid": tid, "bid": bid, "timestamp": ts(), "method": "ota_create",
             "data": {"result": result, "output": {"status": if result == 0 { "sent" } else { "rejected" }, "sub_status": "", "progress": {"percent": 0, "step": 1, "step_key": ""}}}});
-        self.send(
-            &client,
-            format!("thing/product/{}/services_reply", self.sn),
-            reply,
-        )
-        .await;
+        self.send(&client, topics::services_reply(&self.sn), reply)
+            .await;
         if result != 0 {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             return;

@@ -22,6 +22,18 @@ pub const KEY_FILE: &str = "url-signing.key";
 /// The previous key, accepted for verification only.
 pub const PREVIOUS_KEY_FILE: &str = "url-signing.key.previous";
 
+/// The route of a device's signed download URL (`http` registers it, [`signed_url`] builds
+/// it): the signature is a path segment before the file name, so `wget` and `curl -O` still
+/// save under the file name.
+pub const SIGNED_ROUTE: &str = "/dl/{task_id}/{sn}/{signature}/{file_name}";
+/// The same without a signature (needs a token).
+pub const UNSIGNED_ROUTE: &str = "/dl/{task_id}/{sn}/{file_name}";
+
+/// A device's download URL under `base` (no trailing slash), as [`SIGNED_ROUTE`] reads it.
+pub fn signed_url(base: &str, task_id: &str, sn: &str, signature: &str, file: &str) -> String {
+    format!("{base}/dl/{task_id}/{sn}/{signature}/{file}")
+}
+
 /// Why a signed URL is refused.
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SignatureError {

@@ -33,14 +33,14 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
 /// The per-device `/dl/` URLs (also served by `--download-listen`).
 pub(super) fn download_routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource(
-        "/dl/{task_id}/{sn}/{file_name}",
+        crate::download::signing::UNSIGNED_ROUTE,
         [
             (Method::GET, Access::READ, web::to(download)),
             (Method::HEAD, Access::READ, web::to(download)),
         ],
     ))
     .service(resource(
-        "/dl/{task_id}/{sn}/{signature}/{file_name}",
+        crate::download::signing::SIGNED_ROUTE,
         [
             (Method::GET, Access::Open, web::to(download_signed)),
             (Method::HEAD, Access::Open, web::to(download_signed)),

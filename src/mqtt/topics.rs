@@ -47,6 +47,31 @@ pub const QOS1_FILTERS: [&str; 4] = [
 /// Subscription at QoS 0 (high volume).
 pub const QOS0_FILTERS: [&str; 1] = ["thing/product/+/osd"];
 
+/// `sys/product/{gateway_sn}/status` (a gateway's topology; up).
+pub fn status(gateway_sn: &str) -> String {
+    format!("sys/product/{gateway_sn}/status")
+}
+
+/// `thing/product/{sn}/state` (up).
+pub fn state(sn: &str) -> String {
+    format!("thing/product/{sn}/state")
+}
+
+/// `thing/product/{sn}/osd` (up).
+pub fn osd(sn: &str) -> String {
+    format!("thing/product/{sn}/osd")
+}
+
+/// `thing/product/{gateway_sn}/events` (up).
+pub fn events(gateway_sn: &str) -> String {
+    format!("thing/product/{gateway_sn}/events")
+}
+
+/// `thing/product/{gateway_sn}/services_reply` (up).
+pub fn services_reply(gateway_sn: &str) -> String {
+    format!("thing/product/{gateway_sn}/services_reply")
+}
+
 /// `thing/product/{gateway_sn}/services`.
 pub fn services(gateway_sn: &str) -> String {
     format!("thing/product/{gateway_sn}/services")

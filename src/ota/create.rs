@@ -261,13 +261,15 @@ impl OtaService {
                 policy_rule: rule,
                 policy_reason: reason,
                 // Signed for this task, device and firmware (see download::signing).
-                file_url: format!(
-                    "{}/dl/{id}/{}/{}/{segment}",
-                    self.inner.public_url,
-                    d.sn,
-                    self.inner
+                file_url: crate::download::signing::signed_url(
+                    &self.inner.public_url,
+                    &id,
+                    &d.sn,
+                    &self
+                        .inner
                         .signer
-                        .sign(&id, &d.sn, fw.id.as_str(), self.inner.clock.now())
+                        .sign(&id, &d.sn, fw.id.as_str(), self.inner.clock.now()),
+                    &segment,
                 ),
                 file_name: fw.file_name.clone(),
                 md5: fw.md5.clone(),
@@ -326,8 +328,11 @@ impl OtaService {
         // The task is open (findable by tid and bid) before the message leaves: a gateway may
         // answer faster than this function returns, and its services_reply must not be an
         // orphan.
-        task.status = TaskStatus::Sent;
-        task.note("publish", raw, self.inner.clock.now());
+        machine::apply(
+            &mut task,
+            machine::TaskEvent::Published(raw),
+            self.inner.clock.now(),
+        );
         self.save(&task);
         claim.keep();
         if !self.inner.publisher.publish(topic, payload) {

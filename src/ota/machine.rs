@@ -19,7 +19,8 @@
 //! | in_progress, paused  | replied_at only     | rejected       | s (paused ⇄ in_progress)   | failed            | –             | timeout          | ok                |
 //! | final                | history once²       | history once²  | –                          | –                 | –             | –                | –                 |
 //!
-//! ¹ only while no reply has arrived. ² only the first reply of a task.
+//! ¹ only while no reply has arrived. ² only the first reply of a task. `published` moves
+//! `pending` to `sent` and changes nothing else.
 
 use chrono::{DateTime, Utc};
 
@@ -45,6 +46,8 @@ pub struct Report {
 /// An event for one task.
 #[derive(Clone, Debug)]
 pub enum TaskEvent {
+    /// The `ota_create` left (with the JSON sent).
+    Published(Option<RawJson>),
     /// The gateway's `services_reply` to the `ota_create`.
     Reply(Report, Option<RawJson>),
     /// An `ota_progress` event.
@@ -61,6 +64,7 @@ pub enum TaskEvent {
 impl TaskEvent {
     fn source(&self) -> &'static str {
         match self {
+            TaskEvent::Published(_) => "publish",
             TaskEvent::Reply(..) => "services_reply",
             TaskEvent::Progress(..) => "ota_progress",
             TaskEvent::ReplyTimeout | TaskEvent::ProgressTimeout => "timeout",
@@ -152,6 +156,13 @@ pub fn apply(task: &mut OtaTask, event: TaskEvent, now: DateTime<Utc>) -> Effect
     let was_final = task.status.is_final();
     let mut changed = false;
     let raw = match event {
+        TaskEvent::Published(raw) => {
+            changed |= advance(task, TaskStatus::Sent, false);
+            if !changed {
+                return Effects::default();
+            }
+            raw
+        }
         TaskEvent::Reply(r, raw) => {
             if was_final {
                 // A reply that only arrives after the task ended is noted once.

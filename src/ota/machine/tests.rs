@@ -65,7 +65,8 @@ fn every_state_and_event() {
         (Rejected, true),
         (Timeout, false),
     ];
-    let events: [NamedEvent; 11] = [
+    let events: [NamedEvent; 12] = [
+        ("published", || TaskEvent::Published(None)),
         ("reply sent", || reply(0, Sent)),
         ("reply in_progress", || reply(0, InProgress)),
         ("reply rejected", || reply(312014, Sent)),
@@ -79,36 +80,38 @@ fn every_state_and_event() {
         ("devices on target", || TaskEvent::DevicesOnTarget),
     ];
     // Expected status per state (rows) and event (columns, in the order above).
-    let expected: [[TaskStatus; 11]; 10] = [
+    let expected: [[TaskStatus; 12]; 10] = [
         // pending
         [
-            Sent, InProgress, Rejected, InProgress, Paused, Ok, Failed, Canceled, Timeout, Timeout,
-            Ok,
+            Sent, Sent, InProgress, Rejected, InProgress, Paused, Ok, Failed, Canceled, Timeout,
+            Timeout, Ok,
         ],
         // sent, no reply yet
         [
-            Sent, InProgress, Rejected, InProgress, Paused, Ok, Failed, Canceled, Timeout, Timeout,
-            Ok,
+            Sent, Sent, InProgress, Rejected, InProgress, Paused, Ok, Failed, Canceled, Timeout,
+            Timeout, Ok,
         ],
         // sent, replied
         [
-            Sent, InProgress, Rejected, InProgress, Paused, Ok, Failed, Canceled, Sent, Timeout, Ok,
+            Sent, Sent, InProgress, Rejected, InProgress, Paused, Ok, Failed, Canceled, Sent,
+            Timeout, Ok,
         ],
         // in_progress (progress came before the reply)
         [
-            InProgress, InProgress, Rejected, InProgress, Paused, Ok, Failed, Canceled, InProgress,
-            Timeout, Ok,
+            InProgress, InProgress, InProgress, Rejected, InProgress, Paused, Ok, Failed, Canceled,
+            InProgress, Timeout, Ok,
         ],
         // paused
         [
-            Paused, Paused, Rejected, InProgress, Paused, Ok, Failed, Canceled, Paused, Timeout, Ok,
+            Paused, Paused, Paused, Rejected, InProgress, Paused, Ok, Failed, Canceled, Paused,
+            Timeout, Ok,
         ],
         // final states absorb everything
-        [Ok; 11],
-        [Failed; 11],
-        [Canceled; 11],
-        [Rejected; 11],
-        [Timeout; 11],
+        [Ok; 12],
+        [Failed; 12],
+        [Canceled; 12],
+        [Rejected; 12],
+        [Timeout; 12],
     ];
     for (row, (state, replied)) in states.iter().enumerate() {
         for (col, (name, event)) in events.iter().enumerate() {
