@@ -224,7 +224,7 @@ impl Dock {
         let up = i64::from(self.upgrading.load(Ordering::Relaxed));
         for (sn, v) in [(&self.sn, dv), (&self.aircraft, av)] {
             let data = json!({"firmware_version": v, "compatible_status": 0, "firmware_upgrade_status": up});
-            self.send(client, topics::state(&sn), self.envelope(None, data))
+            self.send(client, topics::state(sn), self.envelope(None, data))
                 .await;
         }
     }
@@ -236,7 +236,7 @@ impl Dock {
         for (sn, data) in [(&self.sn, dock), (&self.aircraft, ac)] {
             let _ = client
                 .publish(
-                    topics::osd(&sn),
+                    topics::osd(sn),
                     QoS::AtMostOnce,
                     false,
                     self.envelope(None, data).to_string(),
