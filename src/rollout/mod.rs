@@ -15,7 +15,6 @@ pub mod model;
 mod scheduler;
 mod view;
 
-use scheduler::member_for;
 use view::view_of;
 pub use view::{DeviceRow, RolloutView, StageView};
 
@@ -492,4 +491,59 @@ impl crate::firmware::UsageGuard for RolloutService {
             })
             .map(|a| format!("rollout {} uses it", a.rollout.id))
     }
+}
+
+/// The member for gateway `gw` given what the registry knows of its dock and aircraft: the
+/// devices whose model has a package. `None` if none has, or `require_pair` is not met.
+fn member_for(
+    r: &Rollout,
+    gw: String,
+    dock: Option<&DeviceRecord>,
+    child: Option<&DeviceRecord>,
+) -> Option<Member> {
+    let package = |model: Option<&str>| {
+        model.and_then(|m| r.packages.iter().find(|p| p.model.eq_ignore_ascii_case(m)))
+    };
+    let entry = |sn: &str, p: Option<&Package>| MemberDevice {
+        sn: sn.to_string(),
+        model: p.map(|p| p.model.clone()).unwrap_or_default(),
+        firmware_id: p.map(|p| p.firmware_id.clone()).unwrap_or_default(),
+        product_version: p.map(|p| p.product_version.clone()).unwrap_or_default(),
+        state: DeviceState::Pending,
+    };
+    let mut devices = Vec::new();
+    let mut unpaired = false;
+    match dock {
+        // Never seen: one entry for the dock, resolved when it shows up.
+        None => devices.push(entry(&gw, None)),
+        Some(d) => {
+            match package(d.model.as_deref()) {
+                Some(p) => devices.push(entry(&gw, Some(p))),
+                None => unpaired = true,
+            }
+            match child.and_then(|c| package(c.model.as_deref()).map(|p| (c, p))) {
+                Some((c, p)) => devices.push(entry(&c.sn, Some(p))),
+                None => unpaired = true,
+            }
+        }
+    }
+    if devices.is_empty() || (r.definition.require_pair && unpaired) {
+        return None;
+    }
+    Some(Member {
+        order: model::order_key(&r.id, &gw),
+        gateway_sn: gw,
+        stage: 0,
+        devices,
+        state: DeviceState::Pending,
+        attempts: 0,
+        task_id: None,
+        dispatch_key: None,
+        last_error: None,
+        waiting_since: None,
+        first_dispatch_at: None,
+        dispatched_at: None,
+        next_attempt_at: None,
+        finished_at: None,
+    })
 }
