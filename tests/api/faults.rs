@@ -87,6 +87,15 @@ fn blob_leftovers(data_dir: &Path) -> Vec<String> {
 struct Tmpfs(PathBuf);
 
 impl Tmpfs {
+    /// A tmpfs of `size` mounted in a fresh temp dir: (the temp dir, the mount, its path).
+    /// Drop the mount before the temp dir (the order of the tuple's bindings does).
+    fn scratch(size: &str) -> (tempfile::TempDir, Tmpfs, PathBuf) {
+        let root = tempfile::tempdir().unwrap();
+        let mnt = root.path().join("mnt");
+        let fs = Tmpfs::mount(&mnt, size);
+        (root, fs, mnt)
+    }
+
     fn mount(at: &Path, size: &str) -> Tmpfs {
         std::fs::create_dir_all(at).unwrap();
         let out = std::process::Command::new("mount")
@@ -255,9 +264,7 @@ async fn full_disk_refuses_writes_then_recovers_without_restart() {
     if !enabled("full_disk_refuses_writes_then_recovers_without_restart") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let mnt = root.path().join("mnt");
-    let _fs = Tmpfs::mount(&mnt, "32m");
+    let (_root, _fs, mnt) = Tmpfs::scratch("32m");
     // The data directory is on the tmpfs, and so is the server's stderr file (beside it): a
     // log on the disk that fills is the usual case, and must not take the server down.
     let data_dir = mnt.join("data");
@@ -464,9 +471,7 @@ async fn sigterm_on_a_full_disk_exits_non_zero() {
     if !enabled("sigterm_on_a_full_disk_exits_non_zero") {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let mnt = root.path().join("mnt");
-    let _fs = Tmpfs::mount(&mnt, "24m");
+    let (_root, _fs, mnt) = Tmpfs::scratch("24m");
     let data_dir = mnt.join("data");
     let mut server = ServerProcess::start(&data_dir, &["--shutdown-grace", "5"]);
     let base = server.base.clone();

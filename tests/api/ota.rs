@@ -63,6 +63,21 @@ async fn announce(
         .unwrap();
 }
 
+/// The gateway is free again and runs the firmware now: a new task for it is 409.
+async fn assert_up_to_date(app: &TestApp, dock: &str, fw_id: &str) {
+    let (status, e) = post_ota(
+        app,
+        json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw_id}]}),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (409, Some("already_up_to_date")),
+        "{e}"
+    );
+}
+
 async fn post_ota(app: &TestApp, body: Value, key: Option<&str>) -> (u16, Value) {
     let mut rb = app.client.post(app.url("/api/v1/ota")).json(&body);
     if let Some(k) = key {
@@ -381,17 +396,7 @@ async fn a_dock_downloads_reports_ok_and_is_verified() {
     assert!(text.matches("event: task").count() >= 3, "{text}");
     assert!(text.contains("\"verified\""));
     // The gateway is free again; the device is up to date now → 409.
-    let (status, e) = post_ota(
-        &app,
-        json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw_id}]}),
-        None,
-    )
-    .await;
-    assert_eq!(
-        (status, e["error"].as_str()),
-        (409, Some("already_up_to_date")),
-        "{e}"
-    );
+    assert_up_to_date(&app, &dock, fw_id).await;
     let (_, list) = app
         .get_json(&format!("/api/v1/ota?gateway_sn={dock}&status=ok"))
         .await;
@@ -913,17 +918,7 @@ async fn a_lost_final_progress_is_closed_from_state_reports() {
         .collect();
     assert_eq!(sources.last(), Some(&"reconcile"), "{t}");
     // The gateway is free for the next task.
-    let (status, e) = post_ota(
-        &app,
-        json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw_id}]}),
-        None,
-    )
-    .await;
-    assert_eq!(
-        (status, e["error"].as_str()),
-        (409, Some("already_up_to_date")),
-        "{e}"
-    );
+    assert_up_to_date(&app, &dock, fw_id).await;
 }
 
 /// Two requests for one gateway at the same moment: exactly one task is created.
