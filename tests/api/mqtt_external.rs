@@ -565,7 +565,24 @@ async fn mosquitto_with_the_deploy_password_file_and_acl() {
         &format!("sys/product/{dock}/status"),
         &topo(dock)
     ));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // A sentinel from the dock, published after all of those: once fwrepo has it, anything
+    // the broker had let through before it would have arrived too.
+    let sentinel = json!({"tid": "t", "bid": "b", "timestamp": 2,
+        "data": {"firmware_version": "9.9.9.9", "compatible_status": 0}});
+    assert!(pub_as(
+        port,
+        dock,
+        "dock-secret",
+        &format!("thing/product/{dock}/state"),
+        &sentinel.to_string()
+    ));
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/devices/{dock}")).await.1["firmware_version"]
+                == "9.9.9.9"
+        })
+        .await
+    );
     assert_eq!(
         app.get_json(&format!("/api/v1/devices/{other}")).await.0,
         404
