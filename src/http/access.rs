@@ -295,17 +295,17 @@ pub async fn authorize(
     let Access::Token(scope) = access else {
         return next.call(req).await;
     };
-    let allowed = token_of(req.request()).map(|p| p.allows(scope))?;
-    if !allowed {
+    if !token_allows(req.request(), Some(scope))? {
         return Err(ApiError::from(AuthError::Forbidden(scope.as_str())).into());
     }
     next.call(req).await
 }
 
-/// The principal of a request's usable token, or why there is none (401).
-fn token_of(req: &HttpRequest) -> Result<Principal, ApiError> {
+/// Whether a request's usable token has `scope` (any usable token for `None`), or why it has
+/// no usable token (401). Range requests pass here: nothing is copied.
+fn token_allows(req: &HttpRequest, scope: Option<Scope>) -> Result<bool, ApiError> {
     match req.extensions().get::<Authn>() {
-        Some(Authn::Valid(p)) => Ok(p.clone()),
+        Some(Authn::Valid(p)) => Ok(scope.is_none_or(|s| p.allows(s))),
         Some(Authn::Refused(r)) => Err(AuthError::from(*r).into()),
         _ => Err(AuthError::Missing.into()),
     }
@@ -322,7 +322,7 @@ pub async fn not_found(req: HttpRequest) -> Result<HttpResponse, ApiError> {
         .iter()
         .any(|p| req.path().starts_with(p));
     if main && guarded {
-        token_of(&req)?;
+        token_allows(&req, None)?;
     }
     Err(ApiError::not_found("no such resource"))
 }

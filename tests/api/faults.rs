@@ -515,22 +515,7 @@ async fn sigterm_mid_upload_removes_the_partial_file() {
     let root = tempfile::tempdir().unwrap();
     let data_dir = root.path().join("data");
     let mut server = ServerProcess::start(&data_dir, &["--shutdown-grace", "2"]);
-    let (tx, body) = held_body();
-    // A chunked raw body needs a checksum to be verified against; this one never ends.
-    let url = format!(
-        "{}/api/v1/firmware?file_name=dock_4.0.zip&md5={}",
-        server.base,
-        "0".repeat(32)
-    );
-    let client = server.client();
-    let pending = tokio::spawn(async move {
-        client
-            .post(url)
-            .header("content-type", "application/octet-stream")
-            .body(body)
-            .send()
-            .await
-    });
+    let (tx, pending) = held_upload(&server.base, "dock_4.0.zip");
     for i in 0..3 {
         tx.send(Ok(Bytes::from(payload(1 << 20, i)))).await.unwrap();
     }

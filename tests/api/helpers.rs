@@ -443,6 +443,33 @@ pub fn held_body() -> (
     (tx, reqwest::Body::wrap_stream(stream))
 }
 
+/// A raw upload of `file_name` to the server process at `base` whose body stays open until
+/// the returned sender is dropped (chunked, so it carries an MD5 that will never match):
+/// the sender of its chunks and the pending answer.
+pub fn held_upload(
+    base: &str,
+    file_name: &str,
+) -> (
+    tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+    tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>,
+) {
+    let (tx, body) = held_body();
+    let url = format!(
+        "{base}/api/v1/firmware?file_name={file_name}&md5={}",
+        "0".repeat(32)
+    );
+    let client = client_for(base);
+    let pending = tokio::spawn(async move {
+        client
+            .post(url)
+            .header("content-type", "application/octet-stream")
+            .body(body)
+            .send()
+            .await
+    });
+    (tx, pending)
+}
+
 impl ServerProcess {
     /// A client that sends this server's admin token.
     pub fn client(&self) -> reqwest::Client {

@@ -41,20 +41,7 @@ async fn kill_9_mid_upload_then_restart() {
     wait_for_catalog_flush(&server.base).await;
 
     // An upload is in progress when the server dies.
-    let (tx, body) = held_body();
-    let upload_url = format!(
-        "{}/api/v1/firmware?file_name=dock_6.0.zip&md5={}",
-        server.base,
-        "0".repeat(32)
-    );
-    let c2 = client.clone();
-    let pending = tokio::spawn(async move {
-        c2.post(upload_url)
-            .header("content-type", "application/octet-stream")
-            .body(body)
-            .send()
-            .await
-    });
+    let (tx, pending) = held_upload(&server.base, "dock_6.0.zip");
     for i in 0..6 {
         tx.send(Ok(Bytes::from(payload(1 << 20, i)))).await.unwrap();
     }

@@ -96,21 +96,7 @@ async fn s3_crash_mid_upload_is_swept_on_restart() {
         endpoint.as_str(),
     ];
     let mut server = ServerProcess::start(&data_dir, &args);
-    let (tx, body) = held_body();
-    let url = format!(
-        "{}/api/v1/firmware?file_name=dock_9.0.zip&md5={}",
-        server.base,
-        "0".repeat(32)
-    );
-    let client = server.client();
-    let pending = tokio::spawn(async move {
-        client
-            .post(url)
-            .header("content-type", "application/octet-stream")
-            .body(body)
-            .send()
-            .await
-    });
+    let (tx, pending) = held_upload(&server.base, "dock_9.0.zip");
     for i in 0..12 {
         tx.send(Ok(bytes::Bytes::from(payload(1 << 20, i))))
             .await
