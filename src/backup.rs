@@ -7,7 +7,10 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::catalog::{Catalog, FirmwareRecord};
+use futures::executor::{block_on, block_on_stream};
+
+use crate::catalog::Catalog;
+use crate::store::{FirmwareRecord, FirmwareStore};
 
 fn open(data_dir: &Path) -> Result<Catalog> {
     let dir = data_dir.join("catalog");
@@ -26,7 +29,7 @@ fn open(data_dir: &Path) -> Result<Catalog> {
 pub fn export(data_dir: &Path, out: &mut dyn Write) -> Result<usize> {
     let catalog = open(data_dir)?;
     let mut n = 0;
-    for record in catalog.all_firmware() {
+    for record in block_on_stream(catalog.all_firmware()) {
         serde_json::to_writer(&mut *out, &record?)?;
         out.write_all(b"\n")?;
         n += 1;
@@ -54,7 +57,7 @@ pub fn import(data_dir: &Path, input: &mut dyn BufRead) -> Result<(usize, usize)
         }
         let record: FirmwareRecord = serde_json::from_str(&line)
             .with_context(|| format!("line {}: not a firmware record", i + 1))?;
-        if catalog.import_firmware(&record)? {
+        if block_on(catalog.import_firmware(&record))? {
             imported += 1;
         } else {
             skipped += 1;

@@ -31,6 +31,7 @@ pub mod rollout;
 pub mod secrets;
 pub mod simulator;
 pub mod startup;
+pub mod store;
 pub mod telemetry;
 pub mod tls;
 pub mod upload;

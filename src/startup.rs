@@ -14,7 +14,7 @@ use tracing_actix_web::TracingLogger;
 use url::Url;
 
 use crate::blobs::{BlobStore, ReadBudget};
-use crate::catalog::{Catalog, FirmwareStatus};
+use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::devices::DeviceRegistry;
 use crate::download::DownloadService;
@@ -22,6 +22,7 @@ use crate::firmware::FirmwareService;
 use crate::http::{self, AppState, conn as http_conn};
 use crate::metrics::Metrics;
 use crate::progress::DownloadTracker;
+use crate::store::{FirmwareStatus, FirmwareStore, UploadStore};
 use crate::upload::UploadService;
 
 /// Why the server could not start.
@@ -33,11 +34,11 @@ pub enum StartupError {
         /// Catalog directory.
         dir: String,
         /// The cause.
-        source: crate::catalog::CatalogError,
+        source: crate::store::CatalogError,
     },
     /// The catalog failed during start-up work.
     #[error(transparent)]
-    CatalogOp(#[from] crate::catalog::CatalogError),
+    CatalogOp(#[from] crate::store::CatalogError),
     /// The blob store could not be opened.
     #[error("cannot open the blob store: {0}")]
     Blobs(#[from] crate::blobs::BlobError),
@@ -87,7 +88,7 @@ impl Application {
         crate::tls::install_crypto_provider();
         std::fs::create_dir_all(&settings.data_dir).map_err(|e| StartupError::Catalog {
             dir: settings.data_dir.display().to_string(),
-            source: crate::catalog::CatalogError::Storage(e.into()),
+            source: crate::store::CatalogError::Storage(e.into()),
         })?;
         let catalog_dir = settings.data_dir.join("catalog");
         let catalog = Catalog::open(&catalog_dir, settings.sled_cache_mb).map_err(|source| {
@@ -96,9 +97,11 @@ impl Application {
                 source,
             }
         })?;
+        let catalog = Arc::new(catalog);
         let blobs = BlobStore::open(&settings.blob_backend, &settings.blob_timeouts)?;
         let metrics = Arc::new(Metrics::default());
         let uploads = UploadService::new(
+            catalog.clone(),
             catalog.clone(),
             blobs.clone(),
             Arc::clone(&metrics),
@@ -137,7 +140,8 @@ impl Application {
             catalog.clone(),
             settings.models.clone(),
             Duration::from_secs(settings.online_window_secs),
-        )?;
+        )
+        .await?;
         let instance_id = catalog.instance_id()?;
         let (ota_tx, ota_rx) = tokio::sync::mpsc::channel(4096);
         let credentials = match (&settings.mqtt.target, settings.mqtt.embedded.auth) {
@@ -169,24 +173,31 @@ impl Application {
         })?;
         let clock = crate::domain::Clock::default();
         let ota = crate::ota::OtaService::load(
-            catalog.clone(),
+            catalog.clone().into(),
             devices.clone(),
             Arc::new(mqtt.clone()),
             AppState::base_url(&public_url),
             settings.ota.clone(),
             signer.clone(),
             clock.clone(),
-        )?;
+        )
+        .await?;
         tokio::spawn(ota.clone().run(ota_rx, workers.clone()));
-        let rollouts =
-            crate::rollout::RolloutService::load(catalog.clone(), devices.clone(), ota.clone())?;
+        let rollouts = crate::rollout::RolloutService::load(
+            catalog.clone().into(),
+            devices.clone(),
+            ota.clone(),
+        )
+        .await?;
         tokio::spawn(rollouts.clone().run(workers.clone()));
 
         let tokens = crate::auth::TokenService::load(catalog.clone())
+            .await
             .map_err(|e| StartupError::Auth(e.to_string()))?
             .with_clock(clock.clone());
         if let Some(path) = tokens
             .bootstrap(&settings.data_dir)
+            .await
             .map_err(|e| StartupError::Auth(e.to_string()))?
         {
             tracing::info!(path = %path.display(), "no API token existed: created an admin token");
@@ -196,7 +207,7 @@ impl Application {
         }
         let audit = crate::audit::AuditLog::new(catalog.clone());
         let budget = ReadBudget::new(settings.download_buffer_mb << 20);
-        let tracker = DownloadTracker::load(catalog.clone())?;
+        let tracker = DownloadTracker::load(catalog.clone()).await?;
         let state = AppState {
             public_url: AppState::base_url(&public_url),
             uploads,
@@ -286,7 +297,9 @@ impl Application {
         } = self;
         let device_flusher = tokio::spawn(state.devices.clone().run(workers.clone()));
         // Catalog health: sees a failed background write, reopens sled once the disk recovers.
-        tokio::spawn(state.catalog.clone().watch(workers.clone()));
+        let catalog = state.catalog.clone();
+        let stop = workers.clone();
+        tokio::spawn(async move { catalog.watch(stop).await });
         // Rate-limit buckets of clients gone quiet are forgotten (bounded memory).
         let (limiter, stop) = (state.api_limiter.clone(), workers.clone());
         tokio::spawn(async move {
@@ -309,7 +322,7 @@ impl Application {
                     _ = stop.cancelled() => break,
                     _ = every.tick() => {}
                 }
-                match audit.prune(retention) {
+                match audit.prune(retention).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(removed = n, "pruned old audit entries"),
                     Err(e) => tracing::warn!(error = %e, "cannot prune the audit log"),
@@ -524,14 +537,15 @@ fn serve(
 /// keys deleted; the local blob directory is walked and every file that is not the blob of a
 /// live record (object_store staging files included) is removed.
 async fn sweep(catalog: &Catalog, blobs: &BlobStore) -> Result<(), StartupError> {
+    use futures::TryStreamExt;
     let mut keep = HashSet::new();
     // Pending uploads that could not be cleaned (S3 unreachable) keep their files for now.
-    for pending in catalog.pending_uploads()? {
+    for pending in catalog.pending_uploads().await? {
         keep.insert(pending.blob_key.clone());
         keep.insert(format!("{}.part", pending.blob_key));
     }
-    for record in catalog.all_firmware() {
-        let record = record?;
+    let mut records = catalog.all_firmware();
+    while let Some(record) = records.try_next().await? {
         if record.status != FirmwareStatus::Deleted {
             keep.insert(record.blob_key);
         }

@@ -1,12 +1,14 @@
 //! The audit log: every state-changing API call and every refused token, with who (the token's
-//! name), what (method and path), when, from which address and the result. Kept in sled (tree
-//! `audit`, keys are time-ordered ULIDs) for `--retention-days`, and written as a structured log
+//! name), what (method and path), when, from which address and the result. Kept in the catalog
+//! (ids are time-ordered ULIDs) for `--retention-days`, and written as a structured log
 //! line (target `fwrepo::audit`) at the same time.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::{Catalog, CatalogError, Page, PageRequest};
+use std::sync::Arc;
+
+use crate::store::{CatalogError, Page, PageRequest, StoreResult};
 
 /// One audited request.
 #[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
@@ -31,20 +33,35 @@ pub struct AuditEntry {
     pub error: Option<String>,
 }
 
+/// The storage port of the audit log. Entry ids are time-ordered ULIDs.
+#[async_trait::async_trait]
+pub trait AuditStore: Send + Sync {
+    /// Appends an entry.
+    async fn put_audit(&self, entry: &AuditEntry) -> StoreResult<()>;
+    /// Newest-first page of entries whose id sorts at or after `since_key`.
+    async fn list_audit(
+        &self,
+        page: &PageRequest,
+        since_key: Option<&str>,
+    ) -> StoreResult<Page<AuditEntry>>;
+    /// Removes entries whose id sorts before `before_key`; returns how many.
+    async fn prune_audit(&self, before_key: &str) -> StoreResult<usize>;
+}
+
 /// The audit log. Cheap to clone.
 #[derive(Clone)]
 pub struct AuditLog {
-    catalog: Catalog,
+    store: Arc<dyn AuditStore>,
 }
 
 impl AuditLog {
-    /// The log kept in `catalog`.
-    pub fn new(catalog: Catalog) -> AuditLog {
-        AuditLog { catalog }
+    /// The log kept in `store`.
+    pub fn new(store: Arc<dyn AuditStore>) -> AuditLog {
+        AuditLog { store }
     }
 
     /// Records an entry (its id and time are set here) and logs it.
-    pub fn record(&self, mut entry: AuditEntry) {
+    pub async fn record(&self, mut entry: AuditEntry) {
         entry.id = crate::domain::ids::next();
         entry.at = Utc::now();
         tracing::info!(
@@ -57,24 +74,26 @@ impl AuditLog {
             error = entry.error.as_deref().unwrap_or("-"),
             "audit"
         );
-        if let Err(e) = self.catalog.put_audit(&entry.id, &entry) {
+        if let Err(e) = self.store.put_audit(&entry).await {
             tracing::error!(error = %e, "cannot write the audit log");
         }
     }
 
     /// Newest-first page of entries at or after `since`.
-    pub fn list(
+    pub async fn list(
         &self,
         page: &PageRequest,
         since: Option<DateTime<Utc>>,
     ) -> Result<Page<AuditEntry>, CatalogError> {
         let since_key = since.map(key_at);
-        self.catalog.list_audit(page, since_key.as_deref())
+        self.store.list_audit(page, since_key.as_deref()).await
     }
 
     /// Removes entries older than `retention`; returns how many.
-    pub fn prune(&self, retention: chrono::Duration) -> Result<usize, CatalogError> {
-        self.catalog.prune_audit(&key_at(Utc::now() - retention))
+    pub async fn prune(&self, retention: chrono::Duration) -> Result<usize, CatalogError> {
+        self.store
+            .prune_audit(&key_at(Utc::now() - retention))
+            .await
     }
 }
 
@@ -85,60 +104,4 @@ fn key_at(t: DateTime<Utc>) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(path: &str) -> AuditEntry {
-        AuditEntry {
-            id: String::new(),
-            at: Utc::now(),
-            who: Some("ci".into()),
-            token_id: None,
-            client: "127.0.0.1".into(),
-            method: "POST".into(),
-            path: path.into(),
-            status: 201,
-            error: None,
-        }
-    }
-
-    #[test]
-    fn newest_first_since_and_paging() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = AuditLog::new(Catalog::open(&dir.path().join("c"), 8).unwrap());
-        log.record(entry("/a"));
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        let middle = Utc::now();
-        std::thread::sleep(std::time::Duration::from_millis(5));
-        log.record(entry("/b"));
-        log.record(entry("/c"));
-        let all = log.list(&PageRequest::default(), None).unwrap();
-        let paths: Vec<_> = all.items.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["/c", "/b", "/a"]);
-        let since = log.list(&PageRequest::default(), Some(middle)).unwrap();
-        assert_eq!(since.items.len(), 2);
-        let first = log
-            .list(
-                &PageRequest {
-                    limit: Some(1),
-                    cursor: None,
-                },
-                Some(middle),
-            )
-            .unwrap();
-        assert_eq!(first.items[0].path, "/c");
-        let next = log
-            .list(
-                &PageRequest {
-                    limit: Some(1),
-                    cursor: first.next_cursor,
-                },
-                Some(middle),
-            )
-            .unwrap();
-        assert_eq!(next.items[0].path, "/b");
-        assert!(next.next_cursor.is_none());
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        assert_eq!(log.prune(chrono::Duration::zero()).unwrap(), 3);
-    }
-}
+mod tests;

@@ -23,7 +23,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::catalog::{Catalog, CatalogError, Page, PageRequest};
+mod store;
+pub use store::TokenStore;
+
+use crate::store::{CatalogError, Page, PageRequest};
 
 /// The file the bootstrap admin token is written to, in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -210,7 +213,7 @@ struct Tokens {
 /// The token store. Cheap to clone.
 #[derive(Clone)]
 pub struct TokenService {
-    catalog: Catalog,
+    store: Arc<dyn TokenStore>,
     tokens: Arc<RwLock<Tokens>>,
     clock: crate::domain::Clock,
 }
@@ -249,13 +252,13 @@ impl TokenService {
     }
 
     /// Loads every stored token.
-    pub fn load(catalog: Catalog) -> Result<TokenService, AuthError> {
+    pub async fn load(store: Arc<dyn TokenStore>) -> Result<TokenService, AuthError> {
         let mut tokens = Tokens::default();
-        for t in catalog.all_tokens::<TokenRecord>()? {
+        for t in store.all_tokens().await? {
             tokens.by_hash.insert(t.hash.clone(), t);
         }
         Ok(TokenService {
-            catalog,
+            store,
             tokens: Arc::new(RwLock::new(tokens)),
             clock: crate::domain::Clock::default(),
         })
@@ -263,20 +266,22 @@ impl TokenService {
 
     /// Creates an admin token in `<data_dir>/admin.token` when no usable token exists.
     /// Returns the file's path when it did.
-    pub fn bootstrap(&self, data_dir: &Path) -> Result<Option<PathBuf>, AuthError> {
+    pub async fn bootstrap(&self, data_dir: &Path) -> Result<Option<PathBuf>, AuthError> {
         let now = Utc::now();
         if read(&self.tokens).by_hash.values().any(|t| t.usable(now)) {
             return Ok(None);
         }
         let path = data_dir.join(ADMIN_TOKEN_FILE);
-        let (_, secret) = self.create(
-            NewToken {
-                name: "admin (bootstrap)".into(),
-                scopes: vec![Scope::Admin],
-                expires_at: None,
-            },
-            None,
-        )?;
+        let (_, secret) = self
+            .create(
+                NewToken {
+                    name: "admin (bootstrap)".into(),
+                    scopes: vec![Scope::Admin],
+                    expires_at: None,
+                },
+                None,
+            )
+            .await?;
         let io = |source| AuthError::Io {
             path: path.display().to_string(),
             source,
@@ -291,7 +296,7 @@ impl TokenService {
     }
 
     /// Creates a token; returns its record and the token itself (shown once).
-    pub fn create(
+    pub async fn create(
         &self,
         new: NewToken,
         created_by: Option<&Principal>,
@@ -331,7 +336,7 @@ impl TokenService {
             revoked_at: None,
             hash: hash_of(&secret),
         };
-        self.catalog.put_token(&record.id, &record)?;
+        self.store.put_tokens(std::slice::from_ref(&record)).await?;
         write(&self.tokens)
             .by_hash
             .insert(record.hash.clone(), record.clone());
@@ -367,7 +372,7 @@ impl TokenService {
     }
 
     /// Writes the last-use times that changed (call now and then, and at shutdown).
-    pub fn persist_last_used(&self) -> Result<(), AuthError> {
+    pub async fn persist_last_used(&self) -> Result<(), AuthError> {
         let changed: Vec<TokenRecord> = {
             let mut tokens = write(&self.tokens);
             let ids = std::mem::take(&mut tokens.dirty);
@@ -378,15 +383,19 @@ impl TokenService {
                 .cloned()
                 .collect()
         };
-        for t in changed {
-            self.catalog.put_token(&t.id, &t)?;
+        if let Err(e) = self.store.put_tokens(&changed).await {
+            // Written next time.
+            write(&self.tokens)
+                .dirty
+                .extend(changed.into_iter().map(|t| t.id));
+            return Err(e.into());
         }
         Ok(())
     }
 
     /// Newest-first page of tokens.
-    pub fn list(&self, page: &PageRequest) -> Result<Page<TokenRecord>, AuthError> {
-        let mut page = self.catalog.list_tokens::<TokenRecord>(page)?;
+    pub async fn list(&self, page: &PageRequest) -> Result<Page<TokenRecord>, AuthError> {
+        let mut page = self.store.list_tokens(page).await?;
         let tokens = read(&self.tokens);
         for item in &mut page.items {
             // The in-memory last use is newer than the stored one.
@@ -409,16 +418,20 @@ impl TokenService {
     }
 
     /// Revokes a token (idempotent); returns its record.
-    pub fn revoke(&self, id: &str) -> Result<TokenRecord, AuthError> {
-        let mut tokens = write(&self.tokens);
-        let t = tokens
+    pub async fn revoke(&self, id: &str) -> Result<TokenRecord, AuthError> {
+        let mut t = read(&self.tokens)
             .by_hash
-            .values_mut()
+            .values()
             .find(|t| t.id == id)
+            .cloned()
             .ok_or_else(|| AuthError::NotFound(id.to_string()))?;
         if t.revoked_at.is_none() {
+            // Stored first: memory changes only once the revocation is durable.
             t.revoked_at = Some(Utc::now());
-            self.catalog.put_token(&t.id, &*t)?;
+            self.store.put_tokens(std::slice::from_ref(&t)).await?;
+            if let Some(m) = write(&self.tokens).by_hash.get_mut(&t.hash) {
+                m.revoked_at = t.revoked_at;
+            }
         }
         Ok(t.public())
     }
@@ -431,11 +444,11 @@ impl TokenService {
                 _ = stop.cancelled() => break,
                 _ = every.tick() => {}
             }
-            if let Err(e) = self.persist_last_used() {
+            if let Err(e) = self.persist_last_used().await {
                 tracing::warn!(error = %e, "cannot record token last use");
             }
         }
-        if let Err(e) = self.persist_last_used() {
+        if let Err(e) = self.persist_last_used().await {
             tracing::warn!(error = %e, "cannot record token last use");
         }
     }
@@ -450,88 +463,4 @@ fn principal(t: &TokenRecord) -> Principal {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn service() -> (TokenService, tempfile::TempDir) {
-        let dir = tempfile::tempdir().unwrap();
-        let catalog = Catalog::open(&dir.path().join("c"), 8).unwrap();
-        (TokenService::load(catalog).unwrap(), dir)
-    }
-
-    #[test]
-    fn bootstrap_writes_a_private_admin_token_once() {
-        let (svc, dir) = service();
-        let path = svc.bootstrap(dir.path()).unwrap().unwrap();
-        let token = std::fs::read_to_string(&path).unwrap();
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
-        let p = svc
-            .authenticate(Some(&format!("Bearer {}", token.trim())))
-            .unwrap();
-        assert!(p.allows(Scope::Admin) && p.allows(Scope::Upload));
-        assert!(svc.bootstrap(dir.path()).unwrap().is_none());
-        // Stored as a hash only.
-        let stored = svc.catalog.all_tokens::<TokenRecord>().unwrap();
-        assert_eq!(stored.len(), 1);
-        assert_eq!(stored[0].hash, hash_of(token.trim()));
-        assert!(
-            !serde_json::to_string(&stored[0])
-                .unwrap()
-                .contains(token.trim())
-        );
-    }
-
-    #[test]
-    fn scopes_revocation_expiry_and_malformed_headers() {
-        let (svc, _dir) = service();
-        let (rec, up) = svc
-            .create(
-                NewToken {
-                    name: "ci".into(),
-                    scopes: vec![Scope::Upload],
-                    expires_at: None,
-                },
-                None,
-            )
-            .unwrap();
-        let p = svc.authenticate(Some(&format!("bearer {up}"))).unwrap();
-        assert!(p.allows(Scope::Upload) && p.allows(Scope::Read));
-        assert!(!p.allows(Scope::Operate) && !p.allows(Scope::Admin));
-        for bad in ["", "Bearer", "Basic abc", "Bearer  ", "Token x"] {
-            assert!(matches!(
-                svc.authenticate(Some(bad)),
-                Err(AuthError::Malformed)
-            ));
-        }
-        assert!(matches!(svc.authenticate(None), Err(AuthError::Missing)));
-        assert!(matches!(
-            svc.authenticate(Some("Bearer fwr_nope")),
-            Err(AuthError::Unknown)
-        ));
-        svc.revoke(&rec.id).unwrap();
-        assert!(matches!(
-            svc.authenticate(Some(&format!("Bearer {up}"))),
-            Err(AuthError::Revoked)
-        ));
-        let past = NewToken {
-            name: "old".into(),
-            scopes: vec![Scope::Read],
-            expires_at: Some(Utc::now() - chrono::Duration::seconds(1)),
-        };
-        assert!(matches!(svc.create(past, None), Err(AuthError::Invalid(_))));
-        let empty = NewToken {
-            name: "x".into(),
-            scopes: vec![],
-            expires_at: None,
-        };
-        assert!(matches!(
-            svc.create(empty, None),
-            Err(AuthError::Invalid(_))
-        ));
-    }
-}
+mod tests;

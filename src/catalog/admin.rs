@@ -1,52 +1,46 @@
-//! API tokens and the audit log.
+//! API tokens and the audit log in sled.
 
 use super::*;
+use crate::audit::{AuditEntry, AuditStore};
+use crate::auth::{TokenRecord, TokenStore};
 
-impl Catalog {
-    /// Stores an API token record (only the token's hash is in it) under its id.
-    pub fn put_token<T: serde::Serialize>(&self, id: &str, token: &T) -> Result<(), CatalogError> {
+#[async_trait::async_trait]
+impl TokenStore for Catalog {
+    async fn put_tokens(&self, tokens: &[TokenRecord]) -> StoreResult<()> {
         let t = self.trees()?;
-        t.tokens.insert(id.as_bytes(), encode(token))?;
+        let mut batch = sled::Batch::default();
+        for token in tokens {
+            batch.insert(token.id.as_bytes(), encode(token));
+        }
+        t.tokens.apply_batch(batch)?;
         Ok(())
     }
 
-    /// Every API token record.
-    pub fn all_tokens<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>, CatalogError> {
-        let t = self.trees()?;
-        t.tokens
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+    async fn all_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
+        all_of(&self.trees()?.tokens)
     }
 
-    /// Newest-first page of API token records.
-    pub fn list_tokens<T: serde::de::DeserializeOwned>(
-        &self,
-        page: &PageRequest,
-    ) -> Result<Page<T>, CatalogError> {
-        let t = self.trees()?;
-        page_desc(&t.tokens, page, |_: &T| true)
+    async fn list_tokens(&self, page: &PageRequest) -> StoreResult<Page<TokenRecord>> {
+        page_desc(&self.trees()?.tokens, page, |_: &TokenRecord| true)
     }
+}
 
-    /// Appends an audit entry under its (time-ordered) id.
-    pub fn put_audit<T: serde::Serialize>(&self, id: &str, entry: &T) -> Result<(), CatalogError> {
+#[async_trait::async_trait]
+impl AuditStore for Catalog {
+    async fn put_audit(&self, entry: &AuditEntry) -> StoreResult<()> {
         let t = self.trees()?;
-        t.audit.insert(id.as_bytes(), encode(entry))?;
+        t.audit.insert(entry.id.as_bytes(), encode(entry))?;
         Ok(())
     }
 
-    /// Newest-first page of audit entries whose id sorts at or after `since_key`.
-    pub fn list_audit<T: serde::de::DeserializeOwned>(
+    async fn list_audit(
         &self,
         page: &PageRequest,
         since_key: Option<&str>,
-    ) -> Result<Page<T>, CatalogError> {
+    ) -> StoreResult<Page<AuditEntry>> {
         let t = self.trees()?;
         let Some(since) = since_key else {
-            return page_desc(&t.audit, page, |_: &T| true);
+            return page_desc(&t.audit, page, |_: &AuditEntry| true);
         };
         let limit = page.limit();
         let upper = page.after_key()?;
@@ -73,15 +67,17 @@ impl Catalog {
         })
     }
 
-    /// Removes audit entries whose id sorts before `before_key`; returns how many.
-    pub fn prune_audit(&self, before_key: &str) -> Result<usize, CatalogError> {
-        let t = self.trees()?;
-        let mut removed = 0;
-        for kv in t.audit.range(..before_key.as_bytes()) {
-            let (k, _) = kv?;
-            t.audit.remove(&k)?;
-            removed += 1;
-        }
-        Ok(removed)
+    async fn prune_audit(&self, before_key: &str) -> StoreResult<usize> {
+        let before = before_key.as_bytes().to_vec();
+        self.blocking(move |t| {
+            let mut removed = 0;
+            for kv in t.audit.range(..before) {
+                let (k, _) = kv?;
+                t.audit.remove(&k)?;
+                removed += 1;
+            }
+            Ok(removed)
+        })
+        .await
     }
 }

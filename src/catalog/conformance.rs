@@ -1,21 +1,35 @@
-//! The storage conformance suite: what every catalog backend must do, as generic test
-//! functions over a backend constructor, expanded into `#[test]`s per backend by
-//! [`conformance_suite!`] (the quickwit metastore pattern). sled runs it in plain `cargo test`;
-//! a new backend is one macro line.
+//! The storage conformance suite: what every catalog backend must do, as generic async test
+//! functions over a backend constructor, expanded into `#[tokio::test]`s per backend by
+//! [`conformance_suite!`] (the quickwit metastore pattern). It speaks only the storage ports
+//! ([`Store`]), never a backend's own API. sled runs it in plain `cargo test`; a new backend
+//! is one macro line.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
+use futures::future::BoxFuture;
 use serde_json::json;
 
-use super::*;
-use crate::domain::{FirmwareId, ProductVersion};
+use super::Store;
+use crate::audit::AuditEntry;
+use crate::auth::TokenRecord;
+use crate::devices::DeviceRecord;
+use crate::domain::FirmwareId;
+use crate::ota::store::{Claimed, TaskQuery};
+use crate::ota::{OtaTask, Outcome, Progress, TaskDevice, TaskStatus};
+use crate::rollout::model::{Member, Rollout};
+use crate::store::{
+    CatalogError, CommitOutcome, DownloadSessionRecord, FirmwareQuery, FirmwareRecord,
+    FirmwareStatus, IdempotentAnswer, PageRequest, PendingUpload, SCHEMA_VERSION, SessionQuery,
+    SessionState,
+};
 
 /// A backend under test and whatever keeps it alive (a temp dir, a database).
-pub(crate) type Backend = (Catalog, Box<dyn std::any::Any + Send>);
-
-fn version(v: &str) -> ProductVersion {
-    ProductVersion::parse(v).unwrap_or_else(|e| panic!("{v}: {e}"))
-}
+pub(crate) type Backend = (Arc<dyn Store>, Box<dyn std::any::Any + Send>);
+/// Makes a fresh, empty backend.
+pub(crate) type Make = fn() -> BoxFuture<'static, Backend>;
 
 fn page(limit: usize, cursor: Option<String>) -> PageRequest {
     PageRequest {
@@ -24,284 +38,549 @@ fn page(limit: usize, cursor: Option<String>) -> PageRequest {
     }
 }
 
+fn id() -> String {
+    crate::domain::ids::next()
+}
+
+/// An open task of `gateway` upgrading `devices`.
+pub(crate) fn task(id: &str, gateway: &str, devices: &[&str]) -> OtaTask {
+    let now = Utc::now();
+    OtaTask {
+        id: id.into(),
+        gateway_sn: gateway.into(),
+        tid: format!("tid-{id}"),
+        bid: format!("bid-{id}"),
+        status: TaskStatus::Sent,
+        created_at: now,
+        updated_at: now,
+        devices: devices
+            .iter()
+            .map(|sn| TaskDevice {
+                sn: (*sn).into(),
+                firmware_id: "F".into(),
+                product_version: "1.0".into(),
+                upgrade_type: Some(3),
+                policy_rule: 1,
+                policy_reason: "test".into(),
+                file_url: "http://127.0.0.1/x".into(),
+                file_name: "x.zip".into(),
+                md5: "0".repeat(32),
+                file_size: 1,
+                download_session: None,
+                outcome: Outcome::Pending,
+                outcome_at: None,
+            })
+            .collect(),
+        progress: Progress::default(),
+        result_code: None,
+        result_reason: None,
+        retryable: None,
+        history: Vec::new(),
+        replied_at: None,
+        last_event_at: Some(now),
+        finished_at: None,
+    }
+}
+
+fn finished(mut t: OtaTask, status: TaskStatus, at: DateTime<Utc>) -> OtaTask {
+    t.status = status;
+    t.finished_at = Some(at);
+    t
+}
+
+fn rollout(id: &str) -> Rollout {
+    serde_json::from_value(json!({
+        "id": id, "name": "r", "status": "draft",
+        "definition": {"name": "r", "firmware": [], "target": {"gateway_sns": ["G"]}},
+        "packages": [], "current_stage": 0, "stage_sizes": [], "pause_reason": null,
+        "created_at": Utc::now(), "updated_at": Utc::now(), "started_at": null,
+        "finished_at": null, "timeline": [], "events": []
+    }))
+    .unwrap_or_else(|e| panic!("rollout fixture: {e}"))
+}
+
+fn member(gateway: &str, order: &str) -> Member {
+    serde_json::from_value(json!({
+        "gateway_sn": gateway, "order": order, "stage": 0, "devices": [], "state": "pending",
+        "attempts": 0, "task_id": null, "dispatch_key": null, "last_error": null,
+        "waiting_since": null, "first_dispatch_at": null, "dispatched_at": null,
+        "next_attempt_at": null, "finished_at": null
+    }))
+    .unwrap_or_else(|e| panic!("member fixture: {e}"))
+}
+
+fn device(sn: &str) -> DeviceRecord {
+    serde_json::from_value(json!({
+        "sn": sn, "order": id(), "gateway_sn": null, "child_sn": null, "model_key": null,
+        "model": "Dock", "firmware_version": "1.0", "compatible_status": null,
+        "firmware_upgrade_status": null, "mode_code": null, "thing_version": null,
+        "dialect": null, "first_seen_at": Utc::now(), "last_seen_at": null,
+        "last_osd_at": null, "last_state_at": null
+    }))
+    .unwrap_or_else(|e| panic!("device fixture: {e}"))
+}
+
+fn token(id: &str) -> TokenRecord {
+    TokenRecord {
+        id: id.into(),
+        name: "ci".into(),
+        scopes: vec![crate::auth::Scope::Read],
+        created_at: Utc::now(),
+        created_by: None,
+        expires_at: None,
+        last_used_at: None,
+        revoked_at: None,
+        hash: format!("hash-{id}"),
+    }
+}
+
+fn audit(id: &str) -> AuditEntry {
+    AuditEntry {
+        id: id.into(),
+        at: Utc::now(),
+        who: None,
+        token_id: None,
+        client: "127.0.0.1".into(),
+        method: "POST".into(),
+        path: "/api/v1/x".into(),
+        status: 201,
+        error: None,
+    }
+}
+
+fn session(id: &str, covered: &[(u64, u64)], seen: DateTime<Utc>) -> DownloadSessionRecord {
+    DownloadSessionRecord::new_for_test(id, covered, seen)
+}
+
+fn pending(id: &str) -> PendingUpload {
+    PendingUpload {
+        v: SCHEMA_VERSION,
+        id: id.into(),
+        blob_key: id.into(),
+        multipart_id: Some("mpu".into()),
+        started_at: Utc::now(),
+    }
+}
+
 /// Create, read, update (status), tombstone: the tombstone keeps the record and frees its
 /// model + version.
-pub(crate) fn firmware_create_read_update(make: fn() -> Backend) {
-    let (cat, _keep) = make();
+pub(crate) async fn firmware_create_read_update(make: Make) {
+    let (cat, _keep) = make().await;
     let a = FirmwareRecord::new_for_test("Dock", "1.2.3", "aa");
-    assert!(matches!(
-        cat.commit_firmware(&a, &version("1.2.3"), "u1").unwrap(),
-        CommitOutcome::Created(_)
-    ));
-    let read = cat.firmware(&a.id).unwrap();
+    let created = cat.commit_firmware(&a, "u1").await.unwrap();
+    assert!(matches!(created, CommitOutcome::Created(_)));
+    let read = cat.firmware(&a.id).await.unwrap();
     assert_eq!((read.id, read.sha256), (a.id.clone(), "aa".to_string()));
-    let disabled = cat
-        .update_firmware(&a.id, |r| r.status = FirmwareStatus::Disabled)
-        .unwrap();
+    let disable = |r: &mut FirmwareRecord| r.status = FirmwareStatus::Disabled;
+    let disabled = cat.update_firmware(&a.id, &disable).await.unwrap();
     assert_eq!(disabled.status, FirmwareStatus::Disabled);
-    assert_eq!(
-        cat.firmware(&a.id).unwrap().status,
-        FirmwareStatus::Disabled
-    );
-    cat.update_firmware(&a.id, |r| r.status = FirmwareStatus::Deleted)
-        .unwrap();
-    assert_eq!(cat.firmware(&a.id).unwrap().status, FirmwareStatus::Deleted);
+    let read = cat.firmware(&a.id).await.unwrap();
+    assert_eq!(read.status, FirmwareStatus::Disabled);
+    let delete = |r: &mut FirmwareRecord| r.status = FirmwareStatus::Deleted;
+    cat.update_firmware(&a.id, &delete).await.unwrap();
+    let read = cat.firmware(&a.id).await.unwrap();
+    assert_eq!(read.status, FirmwareStatus::Deleted);
+    // Model case and version spelling do not matter: the tombstone freed 1.2.3.
     let again = FirmwareRecord::new_for_test("DOCK", "01.2.3", "bb");
-    assert!(matches!(
-        cat.commit_firmware(&again, &version("1.2.3"), "u2")
-            .unwrap(),
-        CommitOutcome::Created(_)
-    ));
-    assert!(matches!(
-        cat.firmware(&FirmwareId::generate()),
-        Err(CatalogError::NotFound)
-    ));
+    let created = cat.commit_firmware(&again, "u2").await.unwrap();
+    assert!(matches!(created, CommitOutcome::Created(_)));
+    let same = FirmwareRecord::new_for_test("dock", "1.2.3.0", "bb");
+    let dup = cat.commit_firmware(&same, "u3").await.unwrap();
+    assert!(matches!(dup, CommitOutcome::Duplicate(r) if r.id == again.id));
+    let missing = cat.firmware(&FirmwareId::generate()).await;
+    assert!(matches!(missing, Err(CatalogError::NotFound)));
+    // Queries: live records of one model and version.
+    let query = FirmwareQuery {
+        model: Some("dock".into()),
+        version: Some(crate::domain::ProductVersion::parse("1.2.3").unwrap()),
+        status: None,
+        live_only: true,
+    };
+    let found = cat.list_firmware(&query, &page(10, None)).await.unwrap();
+    let ids: Vec<_> = found.items.iter().map(|r| r.id.clone()).collect();
+    assert_eq!(ids, vec![again.id.clone()]);
 }
 
-/// A refused write changes nothing: a conflicting commit adds no record and leaves the
-/// version with its owner; an update of an unknown record creates none.
-pub(crate) fn refused_writes_change_nothing(make: fn() -> Backend) {
-    let (cat, _keep) = make();
+/// A refused write changes nothing: a conflicting commit adds no record, leaves the version
+/// with its owner and keeps the pending row; an update of an unknown record creates none.
+pub(crate) async fn refused_writes_change_nothing(make: Make) {
+    let (cat, _keep) = make().await;
     let a = FirmwareRecord::new_for_test("Dock", "2.0", "aa");
-    cat.commit_firmware(&a, &version("2.0"), "u1").unwrap();
+    cat.put_pending_upload(&pending("u1")).await.unwrap();
+    cat.commit_firmware(&a, "u1").await.unwrap();
+    assert!(cat.pending_uploads().await.unwrap().is_empty(), "committed");
     let b = FirmwareRecord::new_for_test("dock", "2.0.0", "bb");
-    cat.put_pending_upload(&PendingUpload {
-        v: SCHEMA_VERSION,
-        id: "u2".into(),
-        blob_key: "u2".into(),
-        multipart_id: Some("mpu".into()),
-        started_at: chrono::Utc::now(),
-    })
-    .unwrap();
-    assert!(
-        matches!(cat.commit_firmware(&b, &version("2.0.0"), "u2").unwrap(), CommitOutcome::Conflict(r) if r.id == a.id)
-    );
-    assert!(matches!(cat.firmware(&b.id), Err(CatalogError::NotFound)));
-    assert_eq!(cat.all_firmware().count(), 1);
+    cat.put_pending_upload(&pending("u2")).await.unwrap();
+    let outcome = cat.commit_firmware(&b, "u2").await.unwrap();
+    assert!(matches!(outcome, CommitOutcome::Conflict(r) if r.id == a.id));
+    let read = cat.firmware(&b.id).await;
+    assert!(matches!(read, Err(CatalogError::NotFound)));
+    let all: Vec<_> = cat.all_firmware().try_collect().await.unwrap();
+    assert_eq!(all.len(), 1);
     // The pending row stays for the caller's cleanup (it holds the S3 upload id).
-    let pending = cat.pending_uploads().unwrap();
-    assert_eq!(pending.len(), 1);
-    assert_eq!(pending[0].multipart_id.as_deref(), Some("mpu"));
+    let rows = cat.pending_uploads().await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].multipart_id.as_deref(), Some("mpu"));
+    cat.remove_pending_upload("u2").await.unwrap();
+    assert!(cat.pending_uploads().await.unwrap().is_empty());
     let missing = FirmwareId::generate();
-    assert!(matches!(
-        cat.update_firmware(&missing, |r| r.status = FirmwareStatus::Disabled),
-        Err(CatalogError::NotFound)
-    ));
-    assert!(matches!(
-        cat.firmware(&missing),
-        Err(CatalogError::NotFound)
-    ));
+    let disable = |r: &mut FirmwareRecord| r.status = FirmwareStatus::Disabled;
+    let updated = cat.update_firmware(&missing, &disable).await;
+    assert!(matches!(updated, Err(CatalogError::NotFound)));
+    let read = cat.firmware(&missing).await;
+    assert!(matches!(read, Err(CatalogError::NotFound)));
 }
 
-/// Two writers racing for one model + version: exactly one wins, the others see its record.
-pub(crate) fn concurrent_commits_have_one_winner(make: fn() -> Backend) {
-    let (cat, _keep) = make();
-    let winners: Vec<bool> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..8)
-            .map(|i| {
-                let cat = cat.clone();
-                s.spawn(move || {
-                    let r = FirmwareRecord::new_for_test("Dock", "3.0", &format!("sha{i}"));
-                    matches!(
-                        cat.commit_firmware(&r, &version("3.0"), &format!("u{i}"))
-                            .unwrap(),
-                        CommitOutcome::Created(_)
-                    )
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+/// Writers racing for one model + version: exactly one wins, the others see its record.
+pub(crate) async fn concurrent_commits_have_one_winner(make: Make) {
+    let (cat, _keep) = make().await;
+    let racers = (0..8).map(|i| {
+        let cat = cat.clone();
+        tokio::spawn(async move {
+            let r = FirmwareRecord::new_for_test("Dock", "3.0", &format!("sha{i}"));
+            let outcome = cat.commit_firmware(&r, &format!("u{i}")).await.unwrap();
+            matches!(outcome, CommitOutcome::Created(_))
+        })
     });
+    let winners: Vec<bool> = futures::future::try_join_all(racers).await.unwrap();
     assert_eq!(winners.iter().filter(|w| **w).count(), 1, "{winners:?}");
-    assert_eq!(cat.all_firmware().count(), 1);
+    let all: Vec<_> = cat.all_firmware().try_collect().await.unwrap();
+    assert_eq!(all.len(), 1);
+}
+
+/// Two creations racing for one gateway (or a shared device): exactly one task is stored;
+/// a final or deleted task frees what it held.
+pub(crate) async fn task_claims_have_one_winner(make: Make) {
+    let (cat, _keep) = make().await;
+    let racers = (0..8).map(|i| {
+        let cat = cat.clone();
+        tokio::spawn(async move {
+            let t = task(&format!("T{i}"), "DOCK", &["DOCK", "AC"]);
+            cat.insert_task(&t).await.unwrap()
+        })
+    });
+    let outcomes = futures::future::try_join_all(racers).await.unwrap();
+    let winners: Vec<_> = outcomes
+        .iter()
+        .filter(|o| **o == Claimed::Inserted)
+        .collect();
+    assert_eq!(winners.len(), 1, "{outcomes:?}");
+    let all = cat.list_tasks(&TaskQuery::default(), &page(50, None)).await;
+    let all = all.unwrap().items;
+    assert_eq!(all.len(), 1);
+    let holder = all[0].clone();
+    // Another gateway with the same aircraft is refused too.
+    let other = task(&id(), "DOCK2", &["AC"]);
+    let busy = cat.insert_task(&other).await.unwrap();
+    assert_eq!(
+        busy,
+        Claimed::Busy {
+            sn: "AC".into(),
+            task_id: holder.id.clone()
+        }
+    );
+    // Final: the gateway is free.
+    let done = finished(holder.clone(), TaskStatus::Ok, Utc::now());
+    assert!(cat.save_task(&done).await.unwrap());
+    assert_eq!(cat.insert_task(&other).await.unwrap(), Claimed::Inserted);
+    // Deleted (its publish failed): free as well.
+    cat.delete_task(&other.id).await.unwrap();
+    assert!(cat.task(&other.id).await.unwrap().is_none());
+    let third = task(&id(), "DOCK3", &["AC"]);
+    assert_eq!(cat.insert_task(&third).await.unwrap(), Claimed::Inserted);
+}
+
+/// A task's stored status never moves back, and a final one keeps its status; a change at
+/// the same rank (progress, history) is stored.
+pub(crate) async fn tasks_only_move_forward(make: Make) {
+    let (cat, _keep) = make().await;
+    let mut t = task(&id(), "DOCK", &["DOCK"]);
+    assert_eq!(cat.insert_task(&t).await.unwrap(), Claimed::Inserted);
+    t.status = TaskStatus::InProgress;
+    t.progress.percent = Some(10);
+    assert!(cat.save_task(&t).await.unwrap());
+    t.progress.percent = Some(40);
+    assert!(cat.save_task(&t).await.unwrap(), "same rank, newer data");
+    let mut stale = t.clone();
+    stale.status = TaskStatus::Sent;
+    assert!(!cat.save_task(&stale).await.unwrap(), "backwards");
+    let done = finished(t.clone(), TaskStatus::Failed, Utc::now());
+    assert!(cat.save_task(&done).await.unwrap());
+    let mut late = done.clone();
+    late.result_reason = Some("late reply".into());
+    assert!(
+        cat.save_task(&late).await.unwrap(),
+        "a final task still settles"
+    );
+    let other_final = finished(t.clone(), TaskStatus::Ok, Utc::now());
+    assert!(!cat.save_task(&other_final).await.unwrap(), "final absorbs");
+    let stored = cat.task(&t.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, TaskStatus::Failed);
+    assert_eq!(stored.result_reason.as_deref(), Some("late reply"));
+    assert_eq!(stored.progress.percent, Some(40));
 }
 
 /// Every list is newest first, pages follow their cursor, and a record inserted between two
 /// pages shifts nothing; a foreign cursor is refused.
-pub(crate) fn lists_are_newest_first_and_stable_under_inserts(make: fn() -> Backend) {
-    let (cat, _keep) = make();
-    let id = || crate::domain::ids::next();
-    // One list per kind; each returns the ids of a page.
-    type Lister = fn(&Catalog, PageRequest) -> (Vec<String>, Option<String>);
-    type Kind = (&'static str, fn(&Catalog, &str), Lister);
-    let kinds: [Kind; 5] = [
-        (
-            "firmware",
-            |c, _| {
-                let r = FirmwareRecord::new_for_test(
-                    "m",
-                    &format!("1.{}", c.all_firmware().count()),
-                    "x",
-                );
-                let v = version(&r.product_version);
-                c.commit_firmware(&r, &v, "u").unwrap();
-            },
-            |c, p| {
-                let pg = c.list_firmware(&p, |_| true).unwrap();
-                (
-                    pg.items.iter().map(|r| r.id.to_string()).collect(),
-                    pg.next_cursor,
-                )
-            },
-        ),
-        (
-            "tasks",
-            |c, k| c.put_task(k, &json!({"id": k})).unwrap(),
-            |c, p| {
-                let pg = c.list_tasks::<serde_json::Value>(&p, |_| true).unwrap();
-                (ids_of(&pg.items), pg.next_cursor)
-            },
-        ),
-        (
-            "rollouts",
-            |c, k| c.put_rollout(k, &json!({"id": k})).unwrap(),
-            |c, p| {
-                let pg = c.list_rollouts::<serde_json::Value>(&p, |_| true).unwrap();
-                (ids_of(&pg.items), pg.next_cursor)
-            },
-        ),
-        (
-            "tokens",
-            |c, k| c.put_token(k, &json!({"id": k})).unwrap(),
-            |c, p| {
-                let pg = c.list_tokens::<serde_json::Value>(&p).unwrap();
-                (ids_of(&pg.items), pg.next_cursor)
-            },
-        ),
-        (
-            "audit",
-            |c, k| c.put_audit(k, &json!({"id": k})).unwrap(),
-            |c, p| {
-                let pg = c.list_audit::<serde_json::Value>(&p, None).unwrap();
-                (ids_of(&pg.items), pg.next_cursor)
-            },
-        ),
+pub(crate) async fn lists_are_newest_first_and_stable_under_inserts(make: Make) {
+    let (cat, _keep) = make().await;
+    let kinds = [
+        "firmware", "tasks", "rollouts", "tokens", "audit", "sessions",
     ];
-    for (kind, insert, list) in kinds {
-        for _ in 0..5 {
-            insert(&cat, &id());
+    for kind in kinds {
+        let insert = |cat: Arc<dyn Store>, n: usize| async move {
+            let key = id();
+            match kind {
+                "firmware" => {
+                    let r = FirmwareRecord::new_for_test("m", &format!("1.{n}"), "x");
+                    cat.commit_firmware(&r, "u").await.unwrap();
+                }
+                "tasks" => {
+                    let t = task(&key, &format!("G{n}"), &[]);
+                    cat.insert_task(&t).await.unwrap();
+                }
+                "rollouts" => {
+                    let r = rollout(&key);
+                    cat.save_rollout(&key, Some(&r), &[]).await.unwrap();
+                }
+                "tokens" => cat.put_tokens(&[token(&key)]).await.unwrap(),
+                "audit" => cat.put_audit(&audit(&key)).await.unwrap(),
+                _ => {
+                    let s = session(&key, &[(0, 1)], Utc::now());
+                    cat.merge_sessions(&[s]).await.unwrap()
+                }
+            }
+        };
+        let list = |cat: Arc<dyn Store>, p: PageRequest| async move {
+            let (ids, next): (Vec<String>, _) = match kind {
+                "firmware" => {
+                    let q = FirmwareQuery::default();
+                    let pg = cat.list_firmware(&q, &p).await.unwrap();
+                    let ids = pg.items.iter().map(|r| r.id.to_string()).collect();
+                    (ids, pg.next_cursor)
+                }
+                "tasks" => {
+                    let pg = cat.list_tasks(&TaskQuery::default(), &p).await.unwrap();
+                    (pg.items.into_iter().map(|t| t.id).collect(), pg.next_cursor)
+                }
+                "rollouts" => {
+                    let pg = cat.list_rollouts(None, &p).await.unwrap();
+                    (pg.items.into_iter().map(|r| r.id).collect(), pg.next_cursor)
+                }
+                "tokens" => {
+                    let pg = cat.list_tokens(&p).await.unwrap();
+                    (pg.items.into_iter().map(|t| t.id).collect(), pg.next_cursor)
+                }
+                "audit" => {
+                    let pg = cat.list_audit(&p, None).await.unwrap();
+                    (pg.items.into_iter().map(|e| e.id).collect(), pg.next_cursor)
+                }
+                _ => {
+                    let q = SessionQuery::default();
+                    let pg = cat.list_sessions(&q, &p).await.unwrap();
+                    (pg.items.into_iter().map(|s| s.id).collect(), pg.next_cursor)
+                }
+            };
+            (ids, next)
+        };
+        for n in 0..5 {
+            insert(cat.clone(), n).await;
         }
-        let (all, none) = list(&cat, page(500, None));
+        let (all, none) = list(cat.clone(), page(500, None)).await;
         assert_eq!((all.len(), none), (5, None), "{kind}");
         let mut sorted = all.clone();
         sorted.sort();
         sorted.reverse();
         assert_eq!(all, sorted, "{kind}: newest first");
-        let (p1, c1) = list(&cat, page(2, None));
+        let (p1, c1) = list(cat.clone(), page(2, None)).await;
         assert_eq!(p1, all[..2], "{kind}");
-        insert(&cat, &id());
-        let (p2, c2) = list(&cat, page(2, c1));
+        insert(cat.clone(), 5).await;
+        let (p2, c2) = list(cat.clone(), page(2, c1)).await;
         assert_eq!(
             p2,
             all[2..4],
             "{kind}: an insert between pages shifts nothing"
         );
-        let (p3, c3) = list(&cat, page(2, c2));
+        let (p3, c3) = list(cat.clone(), page(2, c2)).await;
         assert_eq!((p3.as_slice(), c3), (&all[4..], None), "{kind}");
     }
-    assert!(matches!(
-        cat.list_tasks::<serde_json::Value>(&page(5, Some("!!".into())), |_| true),
-        Err(CatalogError::InvalidCursor)
-    ));
-}
-
-fn ids_of(items: &[serde_json::Value]) -> Vec<String> {
-    items
-        .iter()
-        .map(|v| v["id"].as_str().unwrap_or_default().to_string())
-        .collect()
+    let foreign = page(5, Some("!!".into()));
+    let refused = cat.list_tasks(&TaskQuery::default(), &foreign).await;
+    assert!(matches!(refused, Err(CatalogError::InvalidCursor)));
 }
 
 /// Retention removes exactly what is older than its cut-off, for every kind that has one.
-pub(crate) fn retention_prunes_only_the_old(make: fn() -> Backend) {
-    let (cat, _keep) = make();
-    let now = chrono::Utc::now();
+pub(crate) async fn retention_prunes_only_the_old(make: Make) {
+    let (cat, _keep) = make().await;
+    let now = Utc::now();
     let day = chrono::Duration::days(1);
-    cat.put_task("old", &json!({"finished_at": now - day * 200}))
-        .unwrap();
-    cat.put_task("recent", &json!({"finished_at": now - day}))
-        .unwrap();
-    cat.put_task("open", &json!({"finished_at": null})).unwrap();
-    assert_eq!(cat.prune_tasks(now - day * 180).unwrap(), 1);
-    assert_eq!(cat.all_tasks::<serde_json::Value>().unwrap().len(), 2);
+    let old = finished(task(&id(), "A", &[]), TaskStatus::Ok, now - day * 200);
+    let recent = finished(task(&id(), "B", &[]), TaskStatus::Ok, now - day);
+    let open = task(&id(), "C", &[]);
+    for t in [&old, &recent, &open] {
+        cat.insert_task(t).await.unwrap();
+    }
+    assert_eq!(cat.prune_tasks(now - day * 180).await.unwrap(), 1);
+    assert!(cat.task(&old.id).await.unwrap().is_none());
+    let kept = cat.recent_tasks(now - day * 7).await.unwrap();
+    let kept: HashSet<String> = kept.into_iter().map(|t| t.id).collect();
+    assert_eq!(kept, HashSet::from([recent.id.clone(), open.id.clone()]));
 
     // Ids are monotonic: old < cut < new.
-    let old_audit = crate::domain::ids::next();
-    let cut = crate::domain::ids::next();
-    let new_audit = crate::domain::ids::next();
-    cat.put_audit(&old_audit, &json!({"id": old_audit}))
-        .unwrap();
-    cat.put_audit(&new_audit, &json!({"id": new_audit}))
-        .unwrap();
-    assert_eq!(cat.prune_audit(&cut).unwrap(), 1);
-    let left = cat
-        .list_audit::<serde_json::Value>(&page(10, None), None)
-        .unwrap();
-    assert_eq!(ids_of(&left.items), vec![new_audit]);
+    let (old_audit, cut, new_audit) = (id(), id(), id());
+    cat.put_audit(&audit(&old_audit)).await.unwrap();
+    cat.put_audit(&audit(&new_audit)).await.unwrap();
+    assert_eq!(cat.prune_audit(&cut).await.unwrap(), 1);
+    let left = cat.list_audit(&page(10, None), None).await.unwrap();
+    let left: Vec<String> = left.items.into_iter().map(|e| e.id).collect();
+    assert_eq!(left, vec![new_audit.clone()]);
+    let since = cat.list_audit(&page(10, None), Some(&cut)).await.unwrap();
+    assert_eq!(since.items.len(), 1);
 
-    cat.put_idempotent("fresh", "h", &json!({"n": 1})).unwrap();
-    assert_eq!(cat.prune_idempotency().unwrap(), 0);
-    let first = cat.idempotent("fresh").unwrap().unwrap();
+    let answer = |at| IdempotentAnswer {
+        body_hash: "h".into(),
+        answer: json!({"n": 1}),
+        at,
+    };
+    cat.record_idempotent("fresh", &answer(now)).await.unwrap();
+    cat.record_idempotent("stale", &answer(now - day * 2))
+        .await
+        .unwrap();
+    assert_eq!(cat.prune_idempotency(now).await.unwrap(), 1);
+    let first = cat.idempotent("fresh", now).await.unwrap().unwrap();
     assert_eq!(
         (first.body_hash.as_str(), first.answer),
         ("h", json!({"n": 1}))
     );
-    assert!(cat.idempotent("unknown").unwrap().is_none());
+    assert!(cat.idempotent("stale", now).await.unwrap().is_none());
+    assert!(cat.idempotent("unknown", now).await.unwrap().is_none());
+
+    let gone = session(&id(), &[(0, 10)], now - day * 40);
+    let live = session(&id(), &[(0, 10)], now);
+    cat.merge_sessions(&[gone, live.clone()]).await.unwrap();
+    assert_eq!(cat.prune_sessions(now - day * 30).await.unwrap(), 1);
+    let left = cat.recent_sessions(now - day * 365).await.unwrap();
+    assert_eq!(
+        left.into_iter().map(|s| s.id).collect::<Vec<_>>(),
+        vec![live.id]
+    );
 }
 
-/// What is written is read back as written: devices, tokens, rollout members (in key order),
-/// download sessions (batched), pending uploads.
-pub(crate) fn every_kind_round_trips(make: fn() -> Backend) {
-    let (cat, _keep) = make();
-    cat.put_device("DOCK1", &json!({"sn": "DOCK1", "model": "Dock"}))
-        .unwrap();
-    cat.put_device("AC1", &json!({"sn": "AC1"})).unwrap();
-    let devices: Vec<serde_json::Value> = cat.all_devices().unwrap();
-    let sns: HashSet<&str> = devices.iter().filter_map(|d| d["sn"].as_str()).collect();
-    assert_eq!(sns, HashSet::from(["DOCK1", "AC1"]));
-    cat.delete_device("AC1").unwrap();
-    assert_eq!(cat.all_devices::<serde_json::Value>().unwrap().len(), 1);
+/// An Idempotency-Key's answer is recorded once: the first writer wins.
+pub(crate) async fn idempotent_answers_are_recorded_once(make: Make) {
+    let (cat, _keep) = make().await;
+    let now = Utc::now();
+    let racers = (0..8).map(|i| {
+        let cat = cat.clone();
+        tokio::spawn(async move {
+            let a = IdempotentAnswer {
+                body_hash: format!("h{i}"),
+                answer: json!({ "i": i }),
+                at: now,
+            };
+            cat.record_idempotent("k", &a).await.unwrap().is_none()
+        })
+    });
+    let firsts: Vec<bool> = futures::future::try_join_all(racers).await.unwrap();
+    assert_eq!(firsts.iter().filter(|f| **f).count(), 1, "{firsts:?}");
+    let kept = cat.idempotent("k", now).await.unwrap().unwrap();
+    let i = kept.answer["i"].as_i64().unwrap();
+    assert_eq!(kept.body_hash, format!("h{i}"));
+}
 
-    cat.put_token("t1", &json!({"id": "t1", "name": "ci"}))
+/// What is written is read back as written: devices, tokens, rollouts and members (in key
+/// order), pending uploads; sessions merge their coverage whatever the order of the writes.
+pub(crate) async fn every_kind_round_trips(make: Make) {
+    let (cat, _keep) = make().await;
+    cat.put_devices(&[device("DOCK1"), device("AC1")])
+        .await
         .unwrap();
-    let tokens: Vec<serde_json::Value> = cat.all_tokens().unwrap();
-    assert_eq!(tokens, vec![json!({"id": "t1", "name": "ci"})]);
+    let sns: HashSet<String> = cat
+        .all_devices()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.sn)
+        .collect();
+    assert_eq!(sns, HashSet::from(["DOCK1".into(), "AC1".into()]));
+    cat.delete_device("AC1").await.unwrap();
+    let left = cat.all_devices().await.unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].sn, "DOCK1");
 
-    let (m1, m2) = (json!({"gw": "A"}), json!({"gw": "B"}));
-    cat.put_members("R1", &[("b".into(), &m2), ("a".into(), &m1)])
-        .unwrap();
-    cat.put_members("R2", &[("a".into(), &json!({"gw": "X"}))])
-        .unwrap();
-    let members: Vec<serde_json::Value> = cat.members("R1").unwrap();
-    assert_eq!(members, vec![m1, m2]);
+    let mut t = token("t1");
+    cat.put_tokens(std::slice::from_ref(&t)).await.unwrap();
+    t.revoked_at = Some(Utc::now());
+    cat.put_tokens(std::slice::from_ref(&t)).await.unwrap();
+    let tokens = cat.all_tokens().await.unwrap();
+    assert_eq!(tokens.len(), 1);
+    assert_eq!(tokens[0].revoked_at, t.revoked_at);
 
-    let task = json!({"id": "T1", "status": "sent"});
-    cat.put_task("T1", &task).unwrap();
-    assert_eq!(cat.task::<serde_json::Value>("T1").unwrap(), Some(task));
-    cat.delete_task("T1").unwrap();
-    assert_eq!(cat.task::<serde_json::Value>("T1").unwrap(), None);
+    let r = rollout("R1");
+    let (m1, m2) = (member("A", "a"), member("B", "b"));
+    cat.save_rollout("R1", Some(&r), &[&m2, &m1]).await.unwrap();
+    cat.save_rollout("R2", None, &[&member("X", "a")])
+        .await
+        .unwrap();
+    let members = cat.members("R1").await.unwrap();
+    let gws: Vec<String> = members.into_iter().map(|m| m.gateway_sn).collect();
+    assert_eq!(gws, vec!["A", "B"]);
+    assert_eq!(cat.rollout("R1").await.unwrap().unwrap().name, "r");
+    assert!(cat.rollout("R2").await.unwrap().is_none());
+    let all: Vec<String> = cat
+        .all_rollouts()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(all, vec!["R1"]);
+
+    let now = Utc::now();
+    let (a, b) = (
+        session("S", &[(0, 30)], now),
+        session("S", &[(50, 100)], now),
+    );
+    cat.merge_sessions(std::slice::from_ref(&a)).await.unwrap();
+    cat.merge_sessions(std::slice::from_ref(&b)).await.unwrap();
+    cat.merge_sessions(&[a]).await.unwrap();
+    let q = SessionQuery {
+        task_device: Some(("T".into(), "SN".into())),
+        ..Default::default()
+    };
+    let got = cat.list_sessions(&q, &page(10, None)).await.unwrap().items;
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].covered, vec![(0, 30), (50, 100)]);
+    assert_eq!((got[0].bytes_covered, got[0].percent), (80, 80.0));
+    cat.merge_sessions(&[session("S", &[(20, 60)], now)])
+        .await
+        .unwrap();
+    let got = cat.list_sessions(&q, &page(10, None)).await.unwrap().items;
+    assert_eq!(got[0].state, SessionState::Complete);
+    assert_eq!(got[0].percent, 100.0);
 }
 
 /// Export (every firmware record, oldest first) into a fresh backend and back: the same
 /// records; importing twice adds nothing.
-pub(crate) fn export_import_round_trips(make: fn() -> Backend) {
-    let (from, _keep_from) = make();
+pub(crate) async fn export_import_round_trips(make: Make) {
+    let (from, _keep_from) = make().await;
     for (i, v) in ["1.0", "1.1", "2.0"].iter().enumerate() {
         let r = FirmwareRecord::new_for_test("Dock", v, &format!("sha{i}"));
-        from.commit_firmware(&r, &version(v), "u").unwrap();
+        from.commit_firmware(&r, "u").await.unwrap();
     }
-    let gone = from.all_firmware().next().unwrap().unwrap();
-    from.update_firmware(&gone.id, |r| r.status = FirmwareStatus::Deleted)
-        .unwrap();
-    let exported: Vec<FirmwareRecord> = from.all_firmware().map(Result::unwrap).collect();
-    let (to, _keep_to) = make();
+    let first: Vec<FirmwareRecord> = from.all_firmware().try_collect().await.unwrap();
+    let gone = first[0].clone();
+    let delete = |r: &mut FirmwareRecord| r.status = FirmwareStatus::Deleted;
+    from.update_firmware(&gone.id, &delete).await.unwrap();
+    let exported: Vec<FirmwareRecord> = from.all_firmware().try_collect().await.unwrap();
+    let (to, _keep_to) = make().await;
     for r in &exported {
-        assert!(to.import_firmware(r).unwrap());
+        assert!(to.import_firmware(r).await.unwrap());
     }
     for r in &exported {
-        assert!(!to.import_firmware(r).unwrap(), "imported twice");
+        assert!(!to.import_firmware(r).await.unwrap(), "imported twice");
     }
-    let back: Vec<FirmwareRecord> = to.all_firmware().map(Result::unwrap).collect();
+    let back: Vec<FirmwareRecord> = to.all_firmware().try_collect().await.unwrap();
     let key = |r: &FirmwareRecord| (r.id.to_string(), r.sha256.clone(), r.status);
     assert_eq!(
         back.iter().map(key).collect::<Vec<_>>(),
@@ -309,14 +588,12 @@ pub(crate) fn export_import_round_trips(make: fn() -> Backend) {
     );
     // The tombstone's version is free in the copy too; the live ones are taken.
     let again = FirmwareRecord::new_for_test("Dock", &gone.product_version, "new");
-    assert!(matches!(
-        to.commit_firmware(&again, &version(&gone.product_version), "u")
-            .unwrap(),
-        CommitOutcome::Created(_)
-    ));
+    let created = to.commit_firmware(&again, "u").await.unwrap();
+    assert!(matches!(created, CommitOutcome::Created(_)));
 }
 
-/// Expands the suite into `#[test]`s for one backend: `conformance_suite!(name, constructor)`.
+/// Expands the suite into `#[tokio::test]`s for one backend:
+/// `conformance_suite!(name, constructor)`.
 macro_rules! conformance_suite {
     ($backend:ident, $make:expr) => {
         mod $backend {
@@ -324,35 +601,26 @@ macro_rules! conformance_suite {
             #[allow(unused_imports)]
             use super::*;
 
-            #[test]
-            fn firmware_create_read_update() {
-                c::firmware_create_read_update($make);
-            }
-            #[test]
-            fn refused_writes_change_nothing() {
-                c::refused_writes_change_nothing($make);
-            }
-            #[test]
-            fn concurrent_commits_have_one_winner() {
-                c::concurrent_commits_have_one_winner($make);
-            }
-            #[test]
-            fn lists_are_newest_first_and_stable_under_inserts() {
-                c::lists_are_newest_first_and_stable_under_inserts($make);
-            }
-            #[test]
-            fn retention_prunes_only_the_old() {
-                c::retention_prunes_only_the_old($make);
-            }
-            #[test]
-            fn every_kind_round_trips() {
-                c::every_kind_round_trips($make);
-            }
-            #[test]
-            fn export_import_round_trips() {
-                c::export_import_round_trips($make);
-            }
+            super::conformance::conformance_suite!(@tests $make;
+                firmware_create_read_update,
+                refused_writes_change_nothing,
+                concurrent_commits_have_one_winner,
+                task_claims_have_one_winner,
+                tasks_only_move_forward,
+                lists_are_newest_first_and_stable_under_inserts,
+                retention_prunes_only_the_old,
+                idempotent_answers_are_recorded_once,
+                every_kind_round_trips,
+                export_import_round_trips);
         }
+    };
+    (@tests $make:expr; $($name:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                c::$name($make).await;
+            }
+        )*
     };
 }
 pub(crate) use conformance_suite;

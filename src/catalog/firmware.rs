@@ -1,54 +1,55 @@
-//! Firmware records, pending uploads and download sessions.
+//! Firmware records, pending uploads and download sessions in sled.
 
+use futures::stream::BoxStream;
 use sled::transaction::{ConflictableTransactionError, Transactional};
 
 use super::*;
-use crate::domain::{FirmwareId, ProductVersion};
+use crate::domain::FirmwareId;
+use crate::store::{
+    CommitOutcome, DownloadSessionRecord, Edit, FirmwareQuery, FirmwareRecord, FirmwareStatus,
+    FirmwareStore, PendingUpload, SessionQuery, SessionStore, UploadStore,
+};
 
-impl Catalog {
-    /// One firmware record (tombstones included).
-    pub fn firmware(&self, id: &FirmwareId) -> Result<FirmwareRecord, CatalogError> {
+#[async_trait::async_trait]
+impl FirmwareStore for Catalog {
+    async fn firmware(&self, id: &FirmwareId) -> StoreResult<FirmwareRecord> {
         let t = self.trees()?;
         let key = id.as_str().as_bytes();
         let v = t.firmware.get(key)?.ok_or(CatalogError::NotFound)?;
         decode(key, &v)
     }
 
-    /// Newest-first page of firmware records matching `filter`.
-    pub fn list_firmware(
+    async fn list_firmware(
         &self,
+        query: &FirmwareQuery,
         page: &PageRequest,
-        filter: impl Fn(&FirmwareRecord) -> bool,
-    ) -> Result<Page<FirmwareRecord>, CatalogError> {
+    ) -> StoreResult<Page<FirmwareRecord>> {
         let t = self.trees()?;
-        page_desc(&t.firmware, page, filter)
+        page_desc(&t.firmware, page, |r| query.matches(r))
     }
 
-    /// Every firmware record, oldest first (export).
-    pub fn all_firmware(&self) -> impl Iterator<Item = Result<FirmwareRecord, CatalogError>> {
+    fn all_firmware(&self) -> BoxStream<'_, StoreResult<FirmwareRecord>> {
         let (unopened, iter) = match self.trees() {
             Ok(t) => (None, Some(t.firmware.iter())),
             Err(e) => (Some(Err(e)), None),
         };
-        unopened
-            .into_iter()
-            .chain(iter.into_iter().flatten().map(|kv| {
+        Box::pin(futures::stream::iter(unopened.into_iter().chain(
+            iter.into_iter().flatten().map(|kv| {
                 let (k, v) = kv?;
                 decode(&k, &v)
-            }))
+            }),
+        )))
     }
 
-    /// Inserts a record as committed and drops the pending upload row, in one transaction;
-    /// unless its model + version exists: then nothing changes (the caller removes its blob and
-    /// then the pending row) and the outcome says whether the content is the same.
-    pub fn commit_firmware(
+    async fn commit_firmware(
         &self,
         record: &FirmwareRecord,
-        version: &ProductVersion,
         upload_id: &str,
-    ) -> Result<CommitOutcome, CatalogError> {
+    ) -> StoreResult<CommitOutcome> {
         let t = self.trees()?;
-        let vkey = version_key(&record.model, version);
+        let version = ProductVersion::parse(&record.product_version)
+            .map_err(|e| CatalogError::Storage(e.to_string().into()))?;
+        let vkey = version_key(&record.model, &version);
         let id_key = record.id.as_str().as_bytes().to_vec();
         let value = encode(record);
         let outcome = (&t.firmware, &t.firmware_versions, &t.uploads)
@@ -78,13 +79,11 @@ impl Catalog {
         Ok(outcome)
     }
 
-    /// Rewrites a record (status changes); tombstoning also frees its model+version, in one
-    /// transaction. Returns the stored record.
-    pub fn update_firmware(
+    async fn update_firmware(
         &self,
         id: &FirmwareId,
-        change: impl Fn(&mut FirmwareRecord),
-    ) -> Result<FirmwareRecord, CatalogError> {
+        edit: Edit<'_, FirmwareRecord>,
+    ) -> StoreResult<FirmwareRecord> {
         let t = self.trees()?;
         let key = id.as_str().as_bytes();
         let updated = (&t.firmware, &t.firmware_versions)
@@ -95,7 +94,7 @@ impl Catalog {
                 let mut record: FirmwareRecord =
                     decode(key, &current).map_err(ConflictableTransactionError::Abort)?;
                 let was_deleted = record.status == FirmwareStatus::Deleted;
-                change(&mut record);
+                edit(&mut record);
                 if record.status == FirmwareStatus::Deleted && !was_deleted {
                     if let Ok(v) = ProductVersion::parse(&record.product_version) {
                         let vkey = version_key(&record.model, &v);
@@ -111,9 +110,7 @@ impl Catalog {
         Ok(updated)
     }
 
-    /// Imports a record as is (offline restore). Returns false if its id or its model+version
-    /// is already present.
-    pub fn import_firmware(&self, record: &FirmwareRecord) -> Result<bool, CatalogError> {
+    async fn import_firmware(&self, record: &FirmwareRecord) -> StoreResult<bool> {
         let t = self.trees()?;
         let key = record.id.as_str().as_bytes().to_vec();
         let vkey = ProductVersion::parse(&record.product_version)
@@ -137,92 +134,78 @@ impl Catalog {
             })
             .map_err(tx_abort::<std::convert::Infallible>)
     }
+}
 
-    // ---- pending uploads ----
-
-    /// Records an upload that has started (before its first byte reaches the blob store).
-    pub fn put_pending_upload(&self, upload: &PendingUpload) -> Result<(), CatalogError> {
+#[async_trait::async_trait]
+impl UploadStore for Catalog {
+    async fn put_pending_upload(&self, upload: &PendingUpload) -> StoreResult<()> {
         let t = self.trees()?;
         t.uploads.insert(upload.id.as_bytes(), encode(upload))?;
         Ok(())
     }
 
-    /// Forgets a pending upload (aborted and cleaned up).
-    pub fn remove_pending_upload(&self, id: &str) -> Result<(), CatalogError> {
+    async fn remove_pending_upload(&self, id: &str) -> StoreResult<()> {
         let t = self.trees()?;
         t.uploads.remove(id.as_bytes())?;
         Ok(())
     }
 
-    /// Every pending upload (the start-up sweep aborts them).
-    pub fn pending_uploads(&self) -> Result<Vec<PendingUpload>, CatalogError> {
-        let t = self.trees()?;
-        t.uploads
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+    async fn pending_uploads(&self) -> StoreResult<Vec<PendingUpload>> {
+        all_of(&self.trees()?.uploads)
     }
+}
 
-    // ---- download sessions ----
-
-    /// Stores sessions (the progress flusher) in one batch.
-    pub fn put_sessions(&self, sessions: &[DownloadSessionRecord]) -> Result<(), CatalogError> {
+#[async_trait::async_trait]
+impl SessionStore for Catalog {
+    async fn merge_sessions(&self, sessions: &[DownloadSessionRecord]) -> StoreResult<()> {
         let t = self.trees()?;
         let mut batch = sled::Batch::default();
         for s in sessions {
-            batch.insert(s.id.as_bytes(), encode(s));
+            let merged = match t.sessions.get(s.id.as_bytes())? {
+                Some(v) => decode::<DownloadSessionRecord>(s.id.as_bytes(), &v)?.merged(s),
+                None => s.clone(),
+            };
+            batch.insert(s.id.as_bytes(), encode(&merged));
         }
         t.sessions.apply_batch(batch)?;
         Ok(())
     }
 
-    /// Newest-first page of stored sessions matching `filter`.
-    pub fn list_sessions(
+    async fn list_sessions(
         &self,
+        query: &SessionQuery,
         page: &PageRequest,
-        filter: impl Fn(&DownloadSessionRecord) -> bool,
-    ) -> Result<Page<DownloadSessionRecord>, CatalogError> {
+    ) -> StoreResult<Page<DownloadSessionRecord>> {
         let t = self.trees()?;
-        page_desc(&t.sessions, page, filter)
+        page_desc(&t.sessions, page, |s| query.matches(s))
     }
 
-    /// Stored sessions last seen within `since_secs` (restart: resume keyed sessions).
-    pub fn recent_sessions(
+    async fn recent_sessions(
         &self,
         since: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Vec<DownloadSessionRecord>, CatalogError> {
-        let t = self.trees()?;
-        let mut out = Vec::new();
-        for kv in t.sessions.iter() {
-            let (k, v) = kv?;
-            let s: DownloadSessionRecord = decode(&k, &v)?;
-            if s.last_seen_at >= since {
-                out.push(s);
-            }
-        }
-        Ok(out)
+    ) -> StoreResult<Vec<DownloadSessionRecord>> {
+        let all: Vec<DownloadSessionRecord> = all_of(&self.trees()?.sessions)?;
+        Ok(all
+            .into_iter()
+            .filter(|s| s.last_seen_at >= since)
+            .collect())
     }
 
-    /// Deletes sessions last seen before `cutoff`; returns how many.
-    pub fn prune_sessions(
-        &self,
-        cutoff: chrono::DateTime<chrono::Utc>,
-    ) -> Result<usize, CatalogError> {
-        let t = self.trees()?;
-        let mut batch = sled::Batch::default();
-        let mut n = 0;
-        for kv in t.sessions.iter() {
-            let (k, v) = kv?;
-            let s: DownloadSessionRecord = decode(&k, &v)?;
-            if s.last_seen_at < cutoff {
-                batch.remove(k);
-                n += 1;
+    async fn prune_sessions(&self, cutoff: chrono::DateTime<chrono::Utc>) -> StoreResult<usize> {
+        self.blocking(move |t| {
+            let mut batch = sled::Batch::default();
+            let mut n = 0;
+            for kv in t.sessions.iter() {
+                let (k, v) = kv?;
+                let s: DownloadSessionRecord = decode(&k, &v)?;
+                if s.last_seen_at < cutoff {
+                    batch.remove(k);
+                    n += 1;
+                }
             }
-        }
-        t.sessions.apply_batch(batch)?;
-        Ok(n)
+            t.sessions.apply_batch(batch)?;
+            Ok(n)
+        })
+        .await
     }
 }

@@ -1,58 +1,154 @@
-//! Devices, OTA tasks (and orphan messages), Idempotency-Key answers, rollouts and their members.
+//! Devices, OTA tasks (their claims on gateways and devices, orphan messages), Idempotency-Key
+//! answers, rollouts and their members in sled.
+
+use chrono::{DateTime, Utc};
+use sled::transaction::{ConflictableTransactionError, Transactional};
 
 use super::*;
+use crate::devices::{DeviceRecord, DeviceStore};
+use crate::ota::store::{Claimed, TaskQuery, TaskStore, held_serials, is_forward};
+use crate::ota::{OtaTask, TaskStatus};
+use crate::rollout::model::{Member, Rollout, RolloutStatus};
+use crate::rollout::store::RolloutStore;
+use crate::store::{IDEMPOTENCY_WINDOW, IdempotencyStore, IdempotentAnswer};
 
-/// What an Idempotency-Key answered the first time.
-#[derive(Clone, Debug, PartialEq)]
-pub struct IdempotentAnswer {
-    /// SHA-256 of the first request's body: another body with the same key is refused.
-    pub body_hash: String,
-    /// The first answer, replayed.
-    pub answer: serde_json::Value,
+#[async_trait::async_trait]
+impl DeviceStore for Catalog {
+    async fn put_devices(&self, devices: &[DeviceRecord]) -> StoreResult<()> {
+        let t = self.trees()?;
+        let mut batch = sled::Batch::default();
+        for d in devices {
+            batch.insert(d.sn.as_bytes(), encode(d));
+        }
+        t.devices.apply_batch(batch)?;
+        Ok(())
+    }
+
+    async fn delete_device(&self, sn: &str) -> StoreResult<()> {
+        self.trees()?.devices.remove(sn.as_bytes())?;
+        Ok(())
+    }
+
+    async fn all_devices(&self) -> StoreResult<Vec<DeviceRecord>> {
+        all_of(&self.trees()?.devices)
+    }
 }
 
-impl Catalog {
-    /// Stores a device record under its serial number.
-    pub fn put_device<T: serde::Serialize>(
+/// Removes the claims that point at `id`.
+fn release(
+    claims: &sled::transaction::TransactionalTree,
+    task: &OtaTask,
+) -> Result<(), ConflictableTransactionError<CatalogError>> {
+    for sn in held_serials(task) {
+        if claims.get(sn.as_bytes())?.as_deref() == Some(task.id.as_bytes()) {
+            claims.remove(sn.as_bytes())?;
+        }
+    }
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl TaskStore for Catalog {
+    async fn task(&self, id: &str) -> StoreResult<Option<OtaTask>> {
+        let t = self.trees()?;
+        t.tasks
+            .get(id.as_bytes())?
+            .map(|v| decode(id.as_bytes(), &v))
+            .transpose()
+    }
+
+    async fn recent_tasks(&self, since: DateTime<Utc>) -> StoreResult<Vec<OtaTask>> {
+        let all: Vec<OtaTask> = all_of(&self.trees()?.tasks)?;
+        Ok(all
+            .into_iter()
+            .filter(|t| t.finished_at.is_none_or(|f| f >= since) || !t.status.is_final())
+            .collect())
+    }
+
+    async fn list_tasks(
         &self,
-        sn: &str,
-        device: &T,
-    ) -> Result<(), CatalogError> {
-        let t = self.trees()?;
-        t.devices.insert(sn.as_bytes(), encode(device))?;
-        Ok(())
+        query: &TaskQuery,
+        page: &PageRequest,
+    ) -> StoreResult<Page<OtaTask>> {
+        page_desc(&self.trees()?.tasks, page, |t| query.matches(t))
     }
 
-    /// Removes a device record.
-    pub fn delete_device(&self, sn: &str) -> Result<(), CatalogError> {
+    async fn insert_task(&self, task: &OtaTask) -> StoreResult<Claimed> {
         let t = self.trees()?;
-        t.devices.remove(sn.as_bytes())?;
-        Ok(())
-    }
-
-    /// Every stored device record.
-    pub fn all_devices<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>, CatalogError> {
-        let t = self.trees()?;
-        t.devices
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
+        let sns = held_serials(task);
+        let value = encode(task);
+        (&t.tasks, &t.claims)
+            .transaction(|(tasks, claims)| {
+                for sn in &sns {
+                    let Some(holder) = claims.get(sn.as_bytes())? else {
+                        continue;
+                    };
+                    if holder.as_ref() == task.id.as_bytes() {
+                        continue;
+                    }
+                    let open = match tasks.get(&holder)? {
+                        Some(v) => !decode::<OtaTask>(&holder, &v)
+                            .map_err(ConflictableTransactionError::Abort)?
+                            .status
+                            .is_final(),
+                        None => false,
+                    };
+                    if open {
+                        return Ok(Claimed::Busy {
+                            sn: sn.clone(),
+                            task_id: String::from_utf8_lossy(&holder).into_owned(),
+                        });
+                    }
+                }
+                for sn in &sns {
+                    claims.insert(sn.as_bytes(), task.id.as_bytes())?;
+                }
+                tasks.insert(task.id.as_bytes(), value.as_slice())?;
+                Ok(Claimed::Inserted)
             })
-            .collect()
+            .map_err(tx_abort)
     }
-}
 
-impl Catalog {
-    /// Stores an OTA task.
-    pub fn put_task<T: serde::Serialize>(&self, id: &str, task: &T) -> Result<(), CatalogError> {
+    async fn save_task(&self, task: &OtaTask) -> StoreResult<bool> {
         let t = self.trees()?;
-        t.tasks.insert(id.as_bytes(), encode(task))?;
-        Ok(())
+        let value = encode(task);
+        (&t.tasks, &t.claims)
+            .transaction(|(tasks, claims)| {
+                if let Some(v) = tasks.get(task.id.as_bytes())? {
+                    let stored: OtaTask = decode(task.id.as_bytes(), &v)
+                        .map_err(ConflictableTransactionError::Abort)?;
+                    if !is_forward(&stored, task) {
+                        return Ok(false);
+                    }
+                }
+                tasks.insert(task.id.as_bytes(), value.as_slice())?;
+                if task.status.is_final() {
+                    release(claims, task)?;
+                }
+                Ok(true)
+            })
+            .map_err(tx_abort)
     }
 
-    /// Keeps an OTA message that matched no task (at most 10,000; the oldest go first).
-    pub fn put_orphan(&self, msg: &serde_json::Value) -> Result<(), CatalogError> {
+    async fn delete_task(&self, id: &str) -> StoreResult<()> {
+        let t = self.trees()?;
+        (&t.tasks, &t.claims)
+            .transaction(|(tasks, claims)| {
+                if let Some(v) = tasks.remove(id.as_bytes())? {
+                    let stored: OtaTask =
+                        decode(id.as_bytes(), &v).map_err(ConflictableTransactionError::Abort)?;
+                    release(claims, &stored)?;
+                }
+                Ok(())
+            })
+            .map_err(tx_abort)
+    }
+
+    async fn prune_tasks(&self, cutoff: DateTime<Utc>) -> StoreResult<usize> {
+        self.blocking(move |t| prune_tasks(t, cutoff)).await
+    }
+
+    async fn put_orphan(&self, msg: &serde_json::Value) -> StoreResult<()> {
         let t = self.trees()?;
         while t.orphans.len() >= 10_000 {
             if t.orphans.pop_min()?.is_none() {
@@ -63,138 +159,118 @@ impl Catalog {
             .insert(crate::domain::ids::next().as_bytes(), encode(msg))?;
         Ok(())
     }
+}
 
-    /// Removes OTA tasks that finished before `cutoff`; returns how many.
-    pub fn prune_tasks(
-        &self,
-        cutoff: chrono::DateTime<chrono::Utc>,
-    ) -> Result<usize, CatalogError> {
-        let t = self.trees()?;
-        #[derive(serde::Deserialize)]
-        struct Finished {
-            finished_at: Option<chrono::DateTime<chrono::Utc>>,
+/// Removes tasks that finished before `cutoff`.
+fn prune_tasks(t: &Trees, cutoff: DateTime<Utc>) -> StoreResult<usize> {
+    #[derive(serde::Deserialize)]
+    struct Finished {
+        finished_at: Option<DateTime<Utc>>,
+        status: TaskStatus,
+    }
+    let mut removed = 0;
+    for kv in t.tasks.iter() {
+        let (k, v) = kv?;
+        let old = serde_json::from_slice::<Finished>(&v)
+            .ok()
+            .filter(|f| f.status.is_final())
+            .and_then(|f| f.finished_at)
+            .is_some_and(|f| f < cutoff);
+        if old {
+            t.tasks.remove(&k)?;
+            removed += 1;
         }
-        let mut removed = 0;
-        for kv in t.tasks.iter() {
-            let (k, v) = kv?;
-            let old = serde_json::from_slice::<Finished>(&v)
-                .ok()
-                .and_then(|t| t.finished_at)
-                .is_some_and(|f| f < cutoff);
-            if old {
-                t.tasks.remove(&k)?;
-                removed += 1;
-            }
+    }
+    Ok(removed)
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredAnswer {
+    hash: String,
+    answer: serde_json::Value,
+    /// Unix seconds.
+    at: i64,
+}
+
+impl StoredAnswer {
+    fn answer(self) -> IdempotentAnswer {
+        IdempotentAnswer {
+            body_hash: self.hash,
+            answer: self.answer,
+            at: DateTime::from_timestamp(self.at, 0).unwrap_or_default(),
         }
-        Ok(removed)
-    }
-
-    /// Removes an OTA task (one whose publish failed).
-    pub fn delete_task(&self, id: &str) -> Result<(), CatalogError> {
-        let t = self.trees()?;
-        t.tasks.remove(id.as_bytes())?;
-        Ok(())
-    }
-
-    /// One OTA task.
-    pub fn task<T: serde::de::DeserializeOwned>(
-        &self,
-        id: &str,
-    ) -> Result<Option<T>, CatalogError> {
-        let t = self.trees()?;
-        t.tasks
-            .get(id.as_bytes())?
-            .map(|v| decode(id.as_bytes(), &v))
-            .transpose()
-    }
-
-    /// Every OTA task.
-    pub fn all_tasks<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>, CatalogError> {
-        let t = self.trees()?;
-        t.tasks
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
-    }
-
-    /// Newest-first page of OTA tasks.
-    pub fn list_tasks<T: serde::de::DeserializeOwned>(
-        &self,
-        page: &PageRequest,
-        filter: impl Fn(&T) -> bool,
-    ) -> Result<Page<T>, CatalogError> {
-        let t = self.trees()?;
-        page_desc(&t.tasks, page, filter)
-    }
-
-    /// The stored answer of an Idempotency-Key seen within 24 h.
-    pub fn idempotent(&self, key: &str) -> Result<Option<IdempotentAnswer>, CatalogError> {
-        let t = self.trees()?;
-        let Some(v) = t.idempotency.get(key.as_bytes())? else {
-            return Ok(None);
-        };
-        let rec: serde_json::Value = decode(key.as_bytes(), &v)?;
-        let at = rec["at"].as_i64().unwrap_or(0);
-        if chrono::Utc::now().timestamp() - at > 86_400 {
-            t.idempotency.remove(key.as_bytes())?;
-            return Ok(None);
-        }
-        Ok(Some(IdempotentAnswer {
-            body_hash: rec["hash"].as_str().unwrap_or_default().to_string(),
-            answer: rec["answer"].clone(),
-        }))
-    }
-
-    /// Removes the Idempotency-Key answers older than 24 h; returns how many.
-    pub fn prune_idempotency(&self) -> Result<usize, CatalogError> {
-        let t = self.trees()?;
-        let cutoff = chrono::Utc::now().timestamp() - 86_400;
-        let mut removed = 0;
-        for kv in t.idempotency.iter() {
-            let (k, v) = kv?;
-            let at = serde_json::from_slice::<serde_json::Value>(&v)
-                .ok()
-                .and_then(|rec| rec["at"].as_i64())
-                .unwrap_or(0);
-            if at < cutoff {
-                t.idempotency.remove(&k)?;
-                removed += 1;
-            }
-        }
-        Ok(removed)
-    }
-
-    /// Remembers the answer to an Idempotency-Key (with the hash of the request body).
-    pub fn put_idempotent(
-        &self,
-        key: &str,
-        hash: &str,
-        answer: &serde_json::Value,
-    ) -> Result<(), CatalogError> {
-        let t = self.trees()?;
-        let rec = serde_json::json!({"hash": hash, "answer": answer,
-            "at": chrono::Utc::now().timestamp()});
-        t.idempotency.insert(key.as_bytes(), encode(&rec))?;
-        Ok(())
     }
 }
 
-impl Catalog {
-    /// Stores a rollout.
-    pub fn put_rollout<T: serde::Serialize>(&self, id: &str, r: &T) -> Result<(), CatalogError> {
+fn live_answer(
+    key: &[u8],
+    v: Option<sled::IVec>,
+    now: DateTime<Utc>,
+) -> StoreResult<Option<IdempotentAnswer>> {
+    let Some(v) = v else { return Ok(None) };
+    let a = decode::<StoredAnswer>(key, &v)?.answer();
+    Ok((now - a.at <= IDEMPOTENCY_WINDOW).then_some(a))
+}
+
+#[async_trait::async_trait]
+impl IdempotencyStore for Catalog {
+    async fn idempotent(
+        &self,
+        key: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<IdempotentAnswer>> {
         let t = self.trees()?;
-        t.rollouts.insert(id.as_bytes(), encode(r))?;
-        Ok(())
+        live_answer(key.as_bytes(), t.idempotency.get(key.as_bytes())?, now)
     }
 
-    /// One rollout.
-    pub fn rollout<T: serde::de::DeserializeOwned>(
+    async fn record_idempotent(
         &self,
-        id: &str,
-    ) -> Result<Option<T>, CatalogError> {
+        key: &str,
+        answer: &IdempotentAnswer,
+    ) -> StoreResult<Option<IdempotentAnswer>> {
+        let t = self.trees()?;
+        let value = encode(&StoredAnswer {
+            hash: answer.body_hash.clone(),
+            answer: answer.answer.clone(),
+            at: answer.at.timestamp(),
+        });
+        loop {
+            let current = t.idempotency.get(key.as_bytes())?;
+            if let Some(first) = live_answer(key.as_bytes(), current.clone(), answer.at)? {
+                return Ok(Some(first));
+            }
+            let swapped =
+                t.idempotency
+                    .compare_and_swap(key.as_bytes(), current, Some(value.as_slice()))?;
+            if swapped.is_ok() {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn prune_idempotency(&self, now: DateTime<Utc>) -> StoreResult<usize> {
+        self.blocking(move |t| {
+            let mut removed = 0;
+            for kv in t.idempotency.iter() {
+                let (k, v) = kv?;
+                if live_answer(&k, Some(v), now).ok().flatten().is_none() {
+                    t.idempotency.remove(&k)?;
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })
+        .await
+    }
+}
+
+fn member_key(rollout_id: &str, order: &str) -> Vec<u8> {
+    format!("{rollout_id}/{order}").into_bytes()
+}
+
+#[async_trait::async_trait]
+impl RolloutStore for Catalog {
+    async fn rollout(&self, id: &str) -> StoreResult<Option<Rollout>> {
         let t = self.trees()?;
         t.rollouts
             .get(id.as_bytes())?
@@ -202,50 +278,48 @@ impl Catalog {
             .transpose()
     }
 
-    /// Every rollout.
-    pub fn all_rollouts<T: serde::de::DeserializeOwned>(&self) -> Result<Vec<T>, CatalogError> {
-        let t = self.trees()?;
-        t.rollouts
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                decode(&k, &v)
-            })
-            .collect()
+    async fn all_rollouts(&self) -> StoreResult<Vec<Rollout>> {
+        all_of(&self.trees()?.rollouts)
     }
 
-    /// Newest-first page of rollouts.
-    pub fn list_rollouts<T: serde::de::DeserializeOwned>(
+    async fn list_rollouts(
         &self,
+        status: Option<RolloutStatus>,
         page: &PageRequest,
-        filter: impl Fn(&T) -> bool,
-    ) -> Result<Page<T>, CatalogError> {
-        let t = self.trees()?;
-        page_desc(&t.rollouts, page, filter)
+    ) -> StoreResult<Page<Rollout>> {
+        page_desc(&self.trees()?.rollouts, page, |r: &Rollout| {
+            status.is_none_or(|s| r.status == s)
+        })
     }
 
-    /// Stores rollout members (one gateway each) under `rollout_id/key`.
-    pub fn put_members<T: serde::Serialize>(
+    async fn save_rollout(
         &self,
         rollout_id: &str,
-        members: &[(String, &T)],
-    ) -> Result<(), CatalogError> {
+        rollout: Option<&Rollout>,
+        members: &[&Member],
+    ) -> StoreResult<()> {
         let t = self.trees()?;
-        let mut batch = sled::Batch::default();
-        for (key, m) in members {
-            batch.insert(format!("{rollout_id}/{key}").into_bytes(), encode(m));
-        }
-        t.rollout_members.apply_batch(batch)?;
-        Ok(())
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = members
+            .iter()
+            .map(|m| (member_key(rollout_id, &m.order), encode(m)))
+            .collect();
+        let record = rollout.map(encode);
+        (&t.rollouts, &t.rollout_members)
+            .transaction(|(rollouts, member_tree)| {
+                for (k, v) in &rows {
+                    member_tree.insert(k.as_slice(), v.as_slice())?;
+                }
+                if let Some(r) = &record {
+                    rollouts.insert(rollout_id.as_bytes(), r.as_slice())?;
+                }
+                Ok(())
+            })
+            .map_err(tx_abort::<std::convert::Infallible>)
     }
 
-    /// A rollout's members in key order.
-    pub fn members<T: serde::de::DeserializeOwned>(
-        &self,
-        rollout_id: &str,
-    ) -> Result<Vec<T>, CatalogError> {
-        let t = self.trees()?;
-        t.rollout_members
+    async fn members(&self, rollout_id: &str) -> StoreResult<Vec<Member>> {
+        self.trees()?
+            .rollout_members
             .scan_prefix(format!("{rollout_id}/").as_bytes())
             .map(|kv| {
                 let (k, v) = kv?;

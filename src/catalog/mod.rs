@@ -12,102 +12,55 @@
 mod admin;
 mod firmware;
 mod fleet;
-pub use fleet::IdempotentAnswer;
-mod records;
 
-pub use records::{
-    DownloadSessionRecord, FirmwareRecord, FirmwareStatus, PendingUpload, SCHEMA_VERSION,
-    SessionState, VerifyStatus,
-};
+/// The whole storage interface: every port a catalog backend implements (one backend serves
+/// them all; services hold only the ports they use).
+pub trait Store:
+    crate::store::FirmwareStore
+    + crate::store::UploadStore
+    + crate::store::SessionStore
+    + crate::store::IdempotencyStore
+    + crate::store::Durability
+    + crate::ota::store::TaskStore
+    + crate::rollout::store::RolloutStore
+    + crate::devices::DeviceStore
+    + crate::auth::TokenStore
+    + crate::audit::AuditStore
+{
+}
+
+impl<T> Store for T where
+    T: crate::store::FirmwareStore
+        + crate::store::UploadStore
+        + crate::store::SessionStore
+        + crate::store::IdempotencyStore
+        + crate::store::Durability
+        + crate::ota::store::TaskStore
+        + crate::rollout::store::RolloutStore
+        + crate::devices::DeviceStore
+        + crate::auth::TokenStore
+        + crate::audit::AuditStore
+{
+}
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex, RwLock};
 
-use base64::Engine;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use sled::transaction::TransactionError;
 
 use crate::domain::ProductVersion;
+use crate::store::{CatalogError, CatalogFault, Page, PageRequest, StoreResult, cursor_for};
 
-/// Errors of the catalog layer.
-#[derive(Debug, thiserror::Error)]
-pub enum CatalogError {
-    /// sled failed (I/O, corruption).
-    #[error("catalog storage error: {0}")]
-    Storage(#[from] sled::Error),
-    /// A stored value could not be decoded.
-    #[error("catalog record {key} is unreadable: {source}")]
-    Decode {
-        /// Key of the record.
-        key: String,
-        /// The cause.
-        source: serde_json::Error,
-    },
-    /// No record with this id.
-    #[error("not found")]
-    NotFound,
-    /// The paging cursor is not one this catalog issued.
-    #[error("invalid cursor")]
-    InvalidCursor,
-    /// A write could not be made durable and writes are refused until the catalog recovers.
-    #[error("the catalog cannot make writes durable now ({0:?})")]
-    Unwritable(CatalogFault),
-}
-
-/// Result of committing an upload.
-#[derive(Debug)]
-pub enum CommitOutcome {
-    /// The record was inserted.
-    Created(FirmwareRecord),
-    /// A record with the same model, version and content exists; nothing was inserted.
-    Duplicate(FirmwareRecord),
-    /// A record with the same model and version but other content exists.
-    Conflict(FirmwareRecord),
-}
-
-/// One page of a list.
-#[derive(Debug)]
-pub struct Page<T> {
-    /// Items, newest first.
-    pub items: Vec<T>,
-    /// Cursor for the next page, if there may be one.
-    pub next_cursor: Option<String>,
-}
-
-/// Paging request: `limit` (1–500) and an optional cursor from a previous page.
-#[derive(Debug, Clone, Default)]
-pub struct PageRequest {
-    /// Items wanted (clamped to 1–500; default 50).
-    pub limit: Option<usize>,
-    /// Opaque cursor.
-    pub cursor: Option<String>,
-}
-
-impl PageRequest {
-    /// The effective limit.
-    pub fn limit(&self) -> usize {
-        self.limit.unwrap_or(50).clamp(1, 500)
-    }
-
-    /// The decoded cursor key (items strictly older than it follow).
-    pub fn after_key(&self) -> Result<Option<Vec<u8>>, CatalogError> {
-        match self.cursor.as_deref() {
-            None | Some("") => Ok(None),
-            Some(c) => URL_SAFE_NO_PAD
-                .decode(c)
-                .ok()
-                .filter(|k| ulid::Ulid::from_string(&String::from_utf8_lossy(k)).is_ok())
-                .map(Some)
-                .ok_or(CatalogError::InvalidCursor),
+impl From<sled::Error> for CatalogError {
+    fn from(e: sled::Error) -> Self {
+        match e {
+            // The I/O error itself, so that `is_no_space` sees it.
+            sled::Error::Io(io) => CatalogError::Storage(Box::new(io)),
+            other => CatalogError::Storage(Box::new(other)),
         }
     }
-}
-
-/// Encodes a record key as an opaque cursor.
-pub fn cursor_for(key: &str) -> String {
-    URL_SAFE_NO_PAD.encode(key.as_bytes())
 }
 
 /// Group commit: concurrent callers of [`Catalog::flush`] share one fsync.
@@ -130,6 +83,7 @@ pub(crate) struct Trees {
     devices: sled::Tree,
     tasks: sled::Tree,
     orphans: sled::Tree,
+    claims: sled::Tree,
     idempotency: sled::Tree,
     meta: sled::Tree,
     rollouts: sled::Tree,
@@ -152,6 +106,7 @@ impl Trees {
             devices: db.open_tree("devices")?,
             tasks: db.open_tree("ota_tasks")?,
             orphans: db.open_tree("ota_orphans")?,
+            claims: db.open_tree("ota_claims")?,
             idempotency: db.open_tree("idempotency")?,
             meta: db.open_tree("meta")?,
             rollouts: db.open_tree("rollouts")?,
@@ -180,25 +135,6 @@ struct Shared {
 /// Free bytes a full disk must have again before the catalog is reopened (sled writes a
 /// segment of up to 512 KiB and its config when it opens).
 const RECOVERY_ROOM: u64 = 4 << 20;
-
-/// Why the catalog cannot make writes durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CatalogFault {
-    /// The file system is full.
-    NoSpace,
-    /// Any other I/O or storage error.
-    Unavailable,
-}
-
-impl CatalogFault {
-    fn of(e: &CatalogError) -> CatalogFault {
-        if e.is_no_space() {
-            CatalogFault::NoSpace
-        } else {
-            CatalogFault::Unavailable
-        }
-    }
-}
 
 /// The sled database and its trees. Cheap to clone. sled keeps the first I/O error it meets
 /// and fails every later write with it, so a failed flush marks the catalog unwritable and
@@ -233,32 +169,26 @@ where
 {
     match e {
         TransactionError::Abort(e) => CatalogError::from(e),
-        TransactionError::Storage(e) => CatalogError::Storage(e),
-    }
-}
-
-impl From<std::convert::Infallible> for CatalogError {
-    fn from(e: std::convert::Infallible) -> Self {
-        match e {}
-    }
-}
-
-impl CatalogError {
-    /// Whether the cause is a full file system (ENOSPC, EDQUOT).
-    pub fn is_no_space(&self) -> bool {
-        match self {
-            CatalogError::Storage(sled::Error::Io(e)) => crate::domain::io_no_space(e),
-            CatalogError::Unwritable(CatalogFault::NoSpace) => true,
-            _ => false,
-        }
+        TransactionError::Storage(e) => <CatalogError as From<sled::Error>>::from(e),
     }
 }
 
 fn join_error(e: tokio::task::JoinError) -> CatalogError {
-    CatalogError::Storage(sled::Error::ReportableBug(e.to_string()))
+    CatalogError::Storage(Box::new(e))
 }
 
 impl Catalog {
+    /// Runs a long sled walk (retention pruning) off the async workers.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Trees) -> StoreResult<T> + Send + 'static,
+    ) -> StoreResult<T> {
+        let trees = self.trees()?;
+        tokio::task::spawn_blocking(move || f(&trees))
+            .await
+            .map_err(join_error)?
+    }
+
     /// Opens (or creates) the catalog under `dir` with a page cache of `cache_mb` MiB.
     pub fn open(dir: &Path, cache_mb: u64) -> Result<Catalog, CatalogError> {
         let trees = Trees::open(dir, cache_mb)?;
@@ -320,7 +250,7 @@ impl Catalog {
     }
 
     fn mark_unwritable(&self, e: &CatalogError) {
-        let fault = CatalogFault::of(e);
+        let fault = e.fault();
         if self.shared.writable.swap(false, SeqCst) {
             tracing::error!(error = %e, "the catalog cannot make writes durable; refusing writes until it recovers");
         }
@@ -471,6 +401,39 @@ impl Catalog {
     }
 }
 
+#[async_trait::async_trait]
+impl crate::store::Durability for Catalog {
+    async fn flush(&self) -> StoreResult<()> {
+        Catalog::flush(self).await
+    }
+
+    fn fault(&self) -> Option<CatalogFault> {
+        Catalog::fault(self)
+    }
+
+    async fn check(&self) -> StoreResult<()> {
+        Catalog::check(self)
+    }
+
+    fn render_metrics(&self) -> String {
+        Catalog::render_metrics(self)
+    }
+
+    async fn watch(&self, cancel: tokio_util::sync::CancellationToken) {
+        self.clone().watch(cancel).await
+    }
+}
+
+/// Every value of `tree` in key order, decoded.
+fn all_of<T: serde::de::DeserializeOwned>(tree: &sled::Tree) -> StoreResult<Vec<T>> {
+    tree.iter()
+        .map(|kv| {
+            let (k, v) = kv?;
+            decode(&k, &v)
+        })
+        .collect()
+}
+
 /// Walks `tree` from newest to oldest key after the cursor, keeping matching values.
 fn page_desc<T: serde::de::DeserializeOwned>(
     tree: &sled::Tree,
@@ -513,7 +476,10 @@ mod tests;
 // The storage conformance suite against sled (each test gets its own temp dir).
 #[cfg(test)]
 conformance::conformance_suite!(sled_conformance, || {
-    let dir = tempfile::tempdir().unwrap();
-    let catalog = Catalog::open(dir.path(), 8).unwrap();
-    (catalog, Box::new(dir) as Box<dyn std::any::Any + Send>)
+    Box::pin(async {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path(), 8).unwrap();
+        let store: Arc<dyn Store> = Arc::new(catalog);
+        (store, Box::new(dir) as Box<dyn std::any::Any + Send>)
+    })
 });

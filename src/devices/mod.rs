@@ -11,7 +11,10 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, CatalogError, Page, PageRequest, cursor_for};
+mod store;
+pub use store::DeviceStore;
+
+use crate::store::{CatalogError, Page, PageRequest, cursor_for};
 
 /// Interval of the last-seen flusher.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(30);
@@ -155,7 +158,11 @@ impl ModelMap {
 struct Inner {
     devices: Mutex<HashMap<String, DeviceRecord>>,
     dirty: Mutex<std::collections::HashSet<String>>,
-    catalog: Catalog,
+    /// Wakes the flusher for a change that should be stored now (topology, state).
+    kick: tokio::sync::Notify,
+    /// API writes one at a time: memory changes in the order the store took them.
+    writes: tokio::sync::Mutex<()>,
+    store: Arc<dyn DeviceStore>,
     models: ModelMap,
     online_window: chrono::Duration,
 }
@@ -183,13 +190,14 @@ pub struct DeviceFilter {
 
 impl DeviceRegistry {
     /// Loads every stored device.
-    pub fn load(
-        catalog: Catalog,
+    pub async fn load(
+        store: Arc<dyn DeviceStore>,
         models: ModelMap,
         online_window: Duration,
     ) -> Result<DeviceRegistry, CatalogError> {
-        let devices = catalog
-            .all_devices()?
+        let devices = store
+            .all_devices()
+            .await?
             .into_iter()
             .map(|d: DeviceRecord| (d.sn.clone(), d))
             .collect();
@@ -197,7 +205,9 @@ impl DeviceRegistry {
             inner: Arc::new(Inner {
                 devices: Mutex::new(devices),
                 dirty: Mutex::default(),
-                catalog,
+                kick: tokio::sync::Notify::new(),
+                writes: tokio::sync::Mutex::new(()),
+                store,
                 models,
                 online_window: chrono::Duration::from_std(online_window)
                     .unwrap_or(chrono::Duration::seconds(60)),
@@ -207,21 +217,24 @@ impl DeviceRegistry {
 
     /// Changes a device and stores it before the change becomes visible: a failed write
     /// changes nothing (API writes, which must be durable when answered).
-    fn store_device<R>(
+    async fn store_device<R>(
         &self,
         sn: &str,
         now: DateTime<Utc>,
         f: impl FnOnce(&mut DeviceRecord) -> R,
     ) -> Result<R, CatalogError> {
-        let mut devices = lock(&self.inner.devices);
-        let mut d = devices
+        let _one = self.inner.writes.lock().await;
+        let mut d = lock(&self.inner.devices)
             .get(sn)
             .cloned()
             .unwrap_or_else(|| new_device(sn, now));
         let r = f(&mut d);
-        self.inner.catalog.put_device(&d.sn, &d)?;
+        self.inner
+            .store
+            .put_devices(std::slice::from_ref(&d))
+            .await?;
         lock(&self.inner.dirty).remove(sn);
-        devices.insert(sn.to_string(), d);
+        lock(&self.inner.devices).insert(sn.to_string(), d);
         Ok(r)
     }
 
@@ -232,24 +245,17 @@ impl DeviceRegistry {
         persist_now: bool,
         f: impl FnOnce(&mut DeviceRecord) -> R,
     ) -> R {
-        let (r, snapshot) = {
+        let r = {
             let mut devices = lock(&self.inner.devices);
             let d = devices
                 .entry(sn.to_string())
                 .or_insert_with(|| new_device(sn, now));
-            let r = f(d);
-            (r, persist_now.then(|| d.clone()))
+            f(d)
         };
-        match snapshot {
-            Some(d) => {
-                if let Err(e) = self.inner.catalog.put_device(&d.sn, &d) {
-                    tracing::error!(sn = %d.sn, error = %e, "storing device failed");
-                    lock(&self.inner.dirty).insert(d.sn);
-                }
-            }
-            None => {
-                lock(&self.inner.dirty).insert(sn.to_string());
-            }
+        lock(&self.inner.dirty).insert(sn.to_string());
+        if persist_now {
+            // Stored by the flusher right away, in one batch with whatever else changed.
+            self.inner.kick.notify_one();
         }
         r
     }
@@ -373,7 +379,7 @@ impl DeviceRegistry {
     }
 
     /// Declares (or corrects) a device's model and gateway.
-    pub fn put(
+    pub async fn put(
         &self,
         sn: &str,
         model: Option<String>,
@@ -383,18 +389,21 @@ impl DeviceRegistry {
             return Err(DeviceError::Invalid("invalid serial number".into()));
         }
         let now = Utc::now();
-        let d = self.store_device(sn, now, |d| {
-            if let Some(m) = model.filter(|m| !m.trim().is_empty()) {
-                d.model = Some(m.trim().to_string());
-                d.model_declared = true;
-            }
-            if let Some(g) = gateway_sn.filter(|g| !g.is_empty() && g != sn) {
-                d.gateway_sn = Some(g);
-            }
-            d.clone()
-        })?;
+        let d = self
+            .store_device(sn, now, |d| {
+                if let Some(m) = model.filter(|m| !m.trim().is_empty()) {
+                    d.model = Some(m.trim().to_string());
+                    d.model_declared = true;
+                }
+                if let Some(g) = gateway_sn.filter(|g| !g.is_empty() && g != sn) {
+                    d.gateway_sn = Some(g);
+                }
+                d.clone()
+            })
+            .await?;
         if let Some(g) = &d.gateway_sn {
-            self.store_device(g, now, |gw| gw.child_sn = Some(sn.to_string()))?;
+            self.store_device(g, now, |gw| gw.child_sn = Some(sn.to_string()))
+                .await?;
         }
         Ok(self.present(d, now))
     }
@@ -407,14 +416,16 @@ impl DeviceRegistry {
     }
 
     /// Forgets a device.
-    pub fn delete(&self, sn: &str) -> Result<DeviceRecord, DeviceError> {
-        let mut devices = lock(&self.inner.devices);
-        if !devices.contains_key(sn) {
+    pub async fn delete(&self, sn: &str) -> Result<DeviceRecord, DeviceError> {
+        let _one = self.inner.writes.lock().await;
+        if !lock(&self.inner.devices).contains_key(sn) {
             return Err(DeviceError::NotFound);
         }
-        self.inner.catalog.delete_device(sn)?;
+        self.inner.store.delete_device(sn).await?;
         lock(&self.inner.dirty).remove(sn);
-        devices.remove(sn).ok_or(DeviceError::NotFound)
+        lock(&self.inner.devices)
+            .remove(sn)
+            .ok_or(DeviceError::NotFound)
     }
 
     /// Newest-first page of devices matching the filter.
@@ -470,14 +481,19 @@ impl DeviceRegistry {
     }
 
     /// Writes devices whose last-seen changed since the last flush.
-    pub fn flush(&self) -> Result<usize, CatalogError> {
+    pub async fn flush(&self) -> Result<usize, CatalogError> {
         let dirty: Vec<String> = lock(&self.inner.dirty).drain().collect();
         let devices: Vec<DeviceRecord> = {
             let all = lock(&self.inner.devices);
             dirty.iter().filter_map(|sn| all.get(sn).cloned()).collect()
         };
-        for d in &devices {
-            self.inner.catalog.put_device(&d.sn, d)?;
+        if devices.is_empty() {
+            return Ok(0);
+        }
+        if let Err(e) = self.inner.store.put_devices(&devices).await {
+            // Written next time.
+            lock(&self.inner.dirty).extend(dirty);
+            return Err(e);
         }
         Ok(devices.len())
     }
@@ -490,12 +506,13 @@ impl DeviceRegistry {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
+                _ = self.inner.kick.notified() => {}
             }
-            if let Err(e) = self.flush() {
-                tracing::error!(error = %e, "device last-seen flush failed");
+            if let Err(e) = self.flush().await {
+                tracing::error!(error = %e, "device flush failed");
             }
         }
-        if let Err(e) = self.flush() {
+        if let Err(e) = self.flush().await {
             tracing::error!(error = %e, "final device flush failed");
         }
     }
@@ -503,7 +520,7 @@ impl DeviceRegistry {
 
 impl crate::firmware::UsageGuard for DeviceRegistry {
     /// Devices of the firmware's model that run its version (consistency upgrades need it).
-    fn in_use(&self, fw: &crate::catalog::FirmwareRecord) -> Option<String> {
+    fn in_use(&self, fw: &crate::store::FirmwareRecord) -> Option<String> {
         let version = crate::domain::ProductVersion::parse(&fw.product_version).ok()?;
         let devices = lock(&self.inner.devices);
         let n = devices

@@ -17,10 +17,10 @@ use chrono::{DateTime, SubsecRound, Utc};
 use futures::{StreamExt, TryStreamExt};
 
 use crate::blobs::{BlobError, BlobStore, ByteStream, ReadBudget};
-use crate::catalog::{Catalog, CatalogError, FirmwareRecord, FirmwareStatus};
 use crate::domain::FirmwareId;
 use crate::metrics::Metrics;
 use crate::progress::{ClientInfo, DownloadTracker, SessionHandle, SessionKey};
+use crate::store::{CatalogError, FirmwareRecord, FirmwareStatus, FirmwareStore};
 use range::{Conditions, Plan, Validators};
 
 /// Errors of the download layer.
@@ -100,7 +100,7 @@ pub struct Served {
 /// Download resolution and streaming. Cheap to clone.
 #[derive(Clone)]
 pub struct DownloadService {
-    catalog: Catalog,
+    firmware: Arc<dyn FirmwareStore>,
     blobs: BlobStore,
     budget: ReadBudget,
     tracker: DownloadTracker,
@@ -110,14 +110,14 @@ pub struct DownloadService {
 impl DownloadService {
     /// A service over the catalog, blob store, read budget and session tracker.
     pub fn new(
-        catalog: Catalog,
+        firmware: Arc<dyn FirmwareStore>,
         blobs: BlobStore,
         budget: ReadBudget,
         tracker: DownloadTracker,
         metrics: Arc<Metrics>,
     ) -> Self {
         DownloadService {
-            catalog,
+            firmware,
             blobs,
             budget,
             tracker,
@@ -126,9 +126,13 @@ impl DownloadService {
     }
 
     /// Resolves a firmware for download: known, named so, not deleted, not corrupt.
-    pub fn resolve(&self, id: &str, file_name: &str) -> Result<FirmwareRecord, DownloadError> {
+    pub async fn resolve(
+        &self,
+        id: &str,
+        file_name: &str,
+    ) -> Result<FirmwareRecord, DownloadError> {
         let id = FirmwareId::parse(id).ok_or(DownloadError::NotFound)?;
-        let fw = self.catalog.firmware(&id).map_err(|e| match e {
+        let fw = self.firmware.firmware(&id).await.map_err(|e| match e {
             CatalogError::NotFound => DownloadError::NotFound,
             other => DownloadError::Catalog(other),
         })?;
@@ -145,7 +149,7 @@ impl DownloadService {
     /// Answers one GET or HEAD.
     pub async fn serve(&self, req: DownloadRequest<'_>) -> Result<Served, DownloadError> {
         Metrics::add(&self.metrics.download_requests, 1);
-        let fw = self.resolve(req.firmware_id, req.file_name)?;
+        let fw = self.resolve(req.firmware_id, req.file_name).await?;
         let validators = Validators {
             etag: format!("\"{}\"", fw.sha256),
             last_modified: fw.created_at.trunc_subsecs(0),

@@ -8,11 +8,12 @@ use chrono::Utc;
 use futures::TryStreamExt;
 
 use crate::blobs::{BlobError, BlobStore, ReadBudget};
-use crate::catalog::{
-    Catalog, CatalogError, FirmwareRecord, FirmwareStatus, Page, PageRequest, VerifyStatus,
-};
 use crate::checksum::Checksummer;
 use crate::domain::{FirmwareId, ProductVersion};
+use crate::store::{
+    CatalogError, FirmwareQuery, FirmwareRecord, FirmwareStatus, FirmwareStore, Page, PageRequest,
+    VerifyStatus,
+};
 
 /// Errors of the firmware lifecycle layer.
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +81,7 @@ pub struct FirmwareFilter {
 /// Firmware lifecycle operations. Cheap to clone.
 #[derive(Clone)]
 pub struct FirmwareService {
-    catalog: Catalog,
+    store: Arc<dyn FirmwareStore>,
     blobs: BlobStore,
     budget: ReadBudget,
     guards: Arc<RwLock<Vec<Arc<dyn UsageGuard>>>>,
@@ -88,9 +89,9 @@ pub struct FirmwareService {
 
 impl FirmwareService {
     /// A service over the catalog and blob store.
-    pub fn new(catalog: Catalog, blobs: BlobStore, budget: ReadBudget) -> Self {
+    pub fn new(store: Arc<dyn FirmwareStore>, blobs: BlobStore, budget: ReadBudget) -> Self {
         FirmwareService {
-            catalog,
+            store,
             blobs,
             budget,
             guards: Arc::default(),
@@ -122,34 +123,32 @@ impl FirmwareService {
     }
 
     /// One record (tombstones included).
-    pub fn get(&self, id: &str) -> Result<FirmwareRecord, FirmwareError> {
+    pub async fn get(&self, id: &str) -> Result<FirmwareRecord, FirmwareError> {
         let id = FirmwareId::parse(id).ok_or(FirmwareError::NotFound)?;
-        Ok(self.catalog.firmware(&id)?)
+        Ok(self.store.firmware(&id).await?)
     }
 
     /// Newest-first page.
-    pub fn list(
+    pub async fn list(
         &self,
         filter: &FirmwareFilter,
         page: &PageRequest,
     ) -> Result<Page<FirmwareRecord>, FirmwareError> {
-        let version = filter
-            .product_version
-            .as_deref()
-            .map(ProductVersion::parse)
-            .transpose()?;
-        let model = filter.model.as_ref().map(|m| m.to_lowercase());
-        Ok(self.catalog.list_firmware(page, |r| {
-            model.as_ref().is_none_or(|m| &r.model.to_lowercase() == m)
-                && filter.status.is_none_or(|s| r.status == s)
-                && version.as_ref().is_none_or(|v| {
-                    ProductVersion::parse(&r.product_version).is_ok_and(|rv| &rv == v)
-                })
-        })?)
+        let query = FirmwareQuery {
+            model: filter.model.clone(),
+            version: filter
+                .product_version
+                .as_deref()
+                .map(ProductVersion::parse)
+                .transpose()?,
+            status: filter.status,
+            live_only: false,
+        };
+        Ok(self.store.list_firmware(&query, page).await?)
     }
 
-    fn live(&self, id: &str) -> Result<FirmwareRecord, FirmwareError> {
-        let fw = self.get(id)?;
+    async fn live(&self, id: &str) -> Result<FirmwareRecord, FirmwareError> {
+        let fw = self.get(id).await?;
         if fw.status == FirmwareStatus::Deleted {
             return Err(FirmwareError::Deleted(fw.id));
         }
@@ -157,8 +156,8 @@ impl FirmwareService {
     }
 
     /// Disables new use of a firmware (downloads continue).
-    pub fn disable(&self, id: &str, force: bool) -> Result<FirmwareRecord, FirmwareError> {
-        let fw = self.live(id)?;
+    pub async fn disable(&self, id: &str, force: bool) -> Result<FirmwareRecord, FirmwareError> {
+        let fw = self.live(id).await?;
         if fw.status == FirmwareStatus::Corrupt {
             return Err(FirmwareError::Corrupt(fw.id));
         }
@@ -168,24 +167,26 @@ impl FirmwareService {
             }
         }
         Ok(self
-            .catalog
-            .update_firmware(&fw.id, |r| r.status = FirmwareStatus::Disabled)?)
+            .store
+            .update_firmware(&fw.id, &|r| r.status = FirmwareStatus::Disabled)
+            .await?)
     }
 
     /// Re-enables a disabled firmware.
-    pub fn enable(&self, id: &str) -> Result<FirmwareRecord, FirmwareError> {
-        let fw = self.live(id)?;
+    pub async fn enable(&self, id: &str) -> Result<FirmwareRecord, FirmwareError> {
+        let fw = self.live(id).await?;
         if fw.status == FirmwareStatus::Corrupt {
             return Err(FirmwareError::Corrupt(fw.id));
         }
         Ok(self
-            .catalog
-            .update_firmware(&fw.id, |r| r.status = FirmwareStatus::Ready)?)
+            .store
+            .update_firmware(&fw.id, &|r| r.status = FirmwareStatus::Ready)
+            .await?)
     }
 
     /// Tombstones a firmware and removes its blob.
     pub async fn delete(&self, id: &str, force: bool) -> Result<FirmwareRecord, FirmwareError> {
-        let fw = self.live(id)?;
+        let fw = self.live(id).await?;
         if !force {
             if let Some(reason) = self.in_use(&fw) {
                 return Err(FirmwareError::InUse(reason));
@@ -194,10 +195,13 @@ impl FirmwareService {
         // The tombstone first: from here on downloads answer 410 and nothing new starts; a
         // failed blob delete leaves only an orphan the start-up sweep removes.
         let now = Utc::now();
-        let record = self.catalog.update_firmware(&fw.id, |r| {
-            r.status = FirmwareStatus::Deleted;
-            r.deleted_at = Some(now);
-        })?;
+        let record = self
+            .store
+            .update_firmware(&fw.id, &|r| {
+                r.status = FirmwareStatus::Deleted;
+                r.deleted_at = Some(now);
+            })
+            .await?;
         if let Err(e) = self.blobs.delete(&fw.blob_key).await {
             tracing::error!(firmware_id = %fw.id, error = %e, "blob of deleted firmware not removed; the start-up sweep will");
         }
@@ -206,15 +210,16 @@ impl FirmwareService {
     }
 
     /// Starts re-verification in the background; returns the record marked `running`.
-    pub fn start_verify(&self, id: &str) -> Result<FirmwareRecord, FirmwareError> {
-        let fw = self.live(id)?;
+    pub async fn start_verify(&self, id: &str) -> Result<FirmwareRecord, FirmwareError> {
+        let fw = self.live(id).await?;
         let record = self
-            .catalog
-            .update_firmware(&fw.id, |r| r.verify_status = Some(VerifyStatus::Running))?;
+            .store
+            .update_firmware(&fw.id, &|r| r.verify_status = Some(VerifyStatus::Running))
+            .await?;
         let this = self.clone();
         tokio::spawn(async move {
             let result = this.verify_blob(&fw).await;
-            this.record_verify(&fw, result);
+            this.record_verify(&fw, result).await;
         });
         Ok(record)
     }
@@ -238,7 +243,7 @@ impl FirmwareService {
         Ok(d.size == fw.file_size && d.md5.as_str() == fw.md5 && d.sha256.as_str() == fw.sha256)
     }
 
-    fn record_verify(&self, fw: &FirmwareRecord, result: Result<bool, BlobError>) {
+    async fn record_verify(&self, fw: &FirmwareRecord, result: Result<bool, BlobError>) {
         let status = match &result {
             Ok(true) => VerifyStatus::Ok,
             Ok(false) => VerifyStatus::Mismatch,
@@ -255,7 +260,7 @@ impl FirmwareService {
             }
         }
         let now = Utc::now();
-        let updated = self.catalog.update_firmware(&fw.id, |r| {
+        let edit = move |r: &mut FirmwareRecord| {
             r.verify_status = Some(status);
             r.verified_at = Some(now);
             match status {
@@ -269,8 +274,8 @@ impl FirmwareService {
                 }
                 _ => {}
             }
-        });
-        if let Err(e) = updated {
+        };
+        if let Err(e) = self.store.update_firmware(&fw.id, &edit).await {
             tracing::error!(firmware_id = %fw.id, error = %e, "recording verification result failed");
         }
     }

@@ -181,7 +181,7 @@ pub fn download_slot(
 }
 
 /// Step 5: the audit entry of a state-changing API call or a refused token.
-pub fn audit(
+pub async fn audit(
     state: &AppState,
     req: &RequestFacts,
     authn: &Authn,
@@ -197,17 +197,38 @@ pub fn audit(
         Authn::Valid(p) => Some(p),
         _ => None,
     };
-    state.audit.record(AuditEntry {
-        id: String::new(),
-        at: chrono::Utc::now(),
-        who: who.map(|p| p.name.clone()),
-        token_id: who.map(|p| p.token_id.clone()).filter(|t| !t.is_empty()),
-        client: req.client.to_string(),
-        method: req.method.to_string(),
-        path: req.path.clone(),
-        status,
-        error: error.map(str::to_string),
-    });
+    state
+        .audit
+        .record(AuditEntry {
+            id: String::new(),
+            at: chrono::Utc::now(),
+            who: who.map(|p| p.name.clone()),
+            token_id: who.map(|p| p.token_id.clone()).filter(|t| !t.is_empty()),
+            client: req.client.to_string(),
+            method: req.method.to_string(),
+            path: req.path.clone(),
+            status,
+            error: error.map(str::to_string),
+        })
+        .await;
+}
+
+/// A refusal after authentication, audited.
+async fn refused(
+    state: &AppState,
+    facts: &RequestFacts,
+    authn: &Authn,
+    e: ApiError,
+) -> actix_web::Error {
+    audit(
+        state,
+        facts,
+        authn,
+        e.status_code().as_u16(),
+        Some(e.code()),
+    )
+    .await;
+    e.into()
 }
 
 /// Step 6: durable before acknowledged — a success is answered only once the change (and its
@@ -259,27 +280,18 @@ pub async fn gate(
     let authn = authenticate(&state, &req);
     rate_limit(&state, &facts.path, &authn, facts.client)?;
     download_slot(&state, &req, facts.client)?;
-    let refuse = |e: ApiError| {
-        audit(
-            &state,
-            &facts,
-            &authn,
-            e.status_code().as_u16(),
-            Some(e.code()),
-        );
-        Err(e.into())
-    };
     // A catalog that cannot make writes durable refuses them before anything changes.
     if let Some(fault) = state.catalog.fault().filter(|_| facts.audited) {
-        return refuse(crate::catalog::CatalogError::Unwritable(fault).into());
+        let e = crate::store::CatalogError::Unwritable(fault).into();
+        return Err(refused(&state, &facts, &authn, e).await);
     }
     req.extensions_mut().insert(authn.clone());
     let res = next.call(req).await;
     let (status, code) = outcome(&res);
-    audit(&state, &facts, &authn, status, code);
+    audit(&state, &facts, &authn, status, code).await;
     if facts.audited && (200..300).contains(&status) {
         if let Err(e) = commit(&state).await {
-            return refuse(e);
+            return Err(refused(&state, &facts, &authn, e).await);
         }
     }
     res

@@ -107,7 +107,7 @@ pub(super) async fn put(
     sn: web::Path<String>,
     JsonBody(b): JsonBody<DeviceDeclaration>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(state.devices.put(&sn, b.model, b.gateway_sn)?))
+    Ok(HttpResponse::Ok().json(state.devices.put(&sn, b.model, b.gateway_sn).await?))
 }
 
 /// Forget a device.
@@ -117,5 +117,5 @@ pub(super) async fn delete(
     state: web::Data<AppState>,
     sn: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(state.devices.delete(&sn)?))
+    Ok(HttpResponse::Ok().json(state.devices.delete(&sn).await?))
 }

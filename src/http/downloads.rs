@@ -8,7 +8,7 @@ use super::Access;
 use super::dto::SessionPage;
 use super::error::ErrorBody;
 use super::{ApiError, AppState, PageQuery, resource};
-use crate::catalog::SessionState;
+use crate::store::SessionState;
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     cfg.service(resource(
@@ -45,9 +45,11 @@ pub(super) async fn list(
     } else {
         q.state
     };
-    let page = state
-        .tracker
-        .list(&page.to_request(), |s| wanted.is_none_or(|w| s.state == w))?;
+    let query = crate::store::SessionQuery {
+        state: wanted,
+        ..Default::default()
+    };
+    let page = state.tracker.list(&query, &page.to_request()).await?;
     Ok(HttpResponse::Ok().json(SessionPage::from(page)))
 }
 
@@ -61,14 +63,17 @@ pub(super) async fn for_firmware(
     q: web::Query<SessionQuery>,
     page: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let fw = state.firmware.get(&id)?;
+    let fw = state.firmware.get(&id).await?;
     let wanted = if q.active {
         Some(SessionState::Active)
     } else {
         q.state
     };
-    let page = state.tracker.list(&page.to_request(), |s| {
-        s.firmware_id == fw.id && wanted.is_none_or(|w| s.state == w)
-    })?;
+    let query = crate::store::SessionQuery {
+        state: wanted,
+        firmware_id: Some(fw.id),
+        task_device: None,
+    };
+    let page = state.tracker.list(&query, &page.to_request()).await?;
     Ok(HttpResponse::Ok().json(SessionPage::from(page)))
 }

@@ -3,8 +3,8 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::catalog::{DownloadSessionRecord, FirmwareRecord, FirmwareStatus, Page, VerifyStatus};
 use crate::domain::FileName;
+use crate::store::{DownloadSessionRecord, FirmwareRecord, FirmwareStatus, Page, VerifyStatus};
 
 /// A firmware record as the API shows it (contract §3).
 #[derive(Debug, Serialize, utoipa::ToSchema)]

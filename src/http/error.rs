@@ -7,9 +7,9 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 
-use crate::catalog::CatalogError;
 use crate::download::DownloadError;
 use crate::firmware::FirmwareError;
+use crate::store::CatalogError;
 use crate::upload::UploadError;
 
 /// The JSON body of every error answer.

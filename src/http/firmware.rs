@@ -9,8 +9,8 @@ use super::dto::{FirmwareDto, FirmwarePage};
 use super::error::ErrorBody;
 use super::upload_body::{UploadQuery, receive};
 use super::{ApiError, AppState, PageQuery, resource};
-use crate::catalog::FirmwareStatus;
 use crate::firmware::FirmwareFilter;
+use crate::store::FirmwareStatus;
 use crate::upload::UploadOutcome;
 
 pub(super) fn routes(cfg: &mut web::ServiceConfig) {
@@ -43,7 +43,7 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
     ));
 }
 
-fn dto(state: &AppState, r: crate::catalog::FirmwareRecord) -> FirmwareDto {
+fn dto(state: &AppState, r: crate::store::FirmwareRecord) -> FirmwareDto {
     FirmwareDto::from_record(&state.public_url, r)
 }
 
@@ -106,7 +106,7 @@ pub(super) async fn list(
         product_version: f.product_version,
         status: f.status,
     };
-    let page = state.firmware.list(&filter, &page.to_request())?;
+    let page = state.firmware.list(&filter, &page.to_request()).await?;
     Ok(HttpResponse::Ok().json(FirmwarePage::from_page(&state.public_url, page)))
 }
 
@@ -117,7 +117,7 @@ pub(super) async fn get(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let r = state.firmware.get(&id)?;
+    let r = state.firmware.get(&id).await?;
     Ok(HttpResponse::Ok().json(dto(&state, r)))
 }
 
@@ -154,7 +154,7 @@ pub(super) async fn disable(
     id: web::Path<String>,
     q: web::Query<ForceQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let r = state.firmware.disable(&id, q.force)?;
+    let r = state.firmware.disable(&id, q.force).await?;
     Ok(HttpResponse::Ok().json(dto(&state, r)))
 }
 
@@ -167,7 +167,7 @@ pub(super) async fn enable(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let r = state.firmware.enable(&id)?;
+    let r = state.firmware.enable(&id).await?;
     Ok(HttpResponse::Ok().json(dto(&state, r)))
 }
 
@@ -179,6 +179,6 @@ pub(super) async fn verify(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let r = state.firmware.start_verify(&id)?;
+    let r = state.firmware.start_verify(&id).await?;
     Ok(HttpResponse::Accepted().json(dto(&state, r)))
 }

@@ -32,7 +32,6 @@ use actix_web::{FromRequest, HttpRequest, HttpResponse, ResponseError, Route, we
 use url::Url;
 
 use crate::blobs::{BlobStore, ReadBudget};
-use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::download::DownloadService;
 use crate::firmware::FirmwareService;
@@ -51,7 +50,7 @@ pub struct AppState {
     /// Base of every file_url (no trailing slash).
     pub public_url: Arc<str>,
     /// The catalog.
-    pub catalog: Catalog,
+    pub catalog: Arc<dyn crate::store::Durability>,
     /// The blob store.
     pub blobs: BlobStore,
     /// Uploads.
@@ -317,8 +316,8 @@ pub struct PageQuery {
 }
 
 impl PageQuery {
-    fn to_request(&self) -> crate::catalog::PageRequest {
-        crate::catalog::PageRequest {
+    fn to_request(&self) -> crate::store::PageRequest {
+        crate::store::PageRequest {
             limit: self.limit,
             cursor: self.cursor.clone(),
         }

@@ -73,7 +73,7 @@ const READY_PROBE: std::time::Duration = std::time::Duration::from_millis(1500);
 #[utoipa::path(get, path = "/readyz", tag = "operations", security(()),
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub(super) async fn readyz(state: web::Data<AppState>) -> HttpResponse {
-    let catalog = match state.catalog.check() {
+    let catalog = match state.catalog.check().await {
         Ok(()) => "ok".to_string(),
         Err(e) => e.to_string(),
     };

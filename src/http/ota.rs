@@ -4,7 +4,6 @@
 use actix_web::http::Method;
 use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
-use serde_json::Value;
 
 use super::Access;
 use super::error::ErrorBody;
@@ -48,19 +47,25 @@ pub(super) fn download_routes(cfg: &mut web::ServiceConfig) {
     ));
 }
 
-fn session_of(state: &AppState) -> impl Fn(&str, &str) -> Option<Value> + '_ {
-    move |task_id, sn| {
+/// Task `id` with each device's download session.
+async fn with_sessions(state: &AppState, id: &str) -> Result<OtaTask, ApiError> {
+    let mut task = state.ota.get(id).await?;
+    for d in &mut task.devices {
+        let query = crate::store::SessionQuery {
+            task_device: Some((task.id.clone(), d.sn.clone())),
+            ..Default::default()
+        };
         let page = state
             .tracker
-            .list(&crate::catalog::PageRequest::default(), |s| {
-                s.task_id.as_deref() == Some(task_id) && s.sn.as_deref() == Some(sn)
-            })
-            .ok()?;
-        page.items
+            .list(&query, &crate::store::PageRequest::default())
+            .await?;
+        d.download_session = page
+            .items
             .into_iter()
             .next()
-            .and_then(|s| serde_json::to_value(s).ok())
+            .and_then(|s| serde_json::to_value(s).ok());
     }
+    Ok(task)
 }
 
 /// Create an OTA task: one `ota_create` to the gateway for 1–2 devices.
@@ -110,9 +115,11 @@ pub(super) async fn list(
     q: web::Query<TaskQuery>,
     page: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let p = state
-        .ota
-        .list(q.gateway_sn.as_deref(), q.status, &page.to_request())?;
+    let query = crate::ota::store::TaskQuery {
+        gateway_sn: q.gateway_sn.clone(),
+        status: q.status,
+    };
+    let p = state.ota.list(&query, &page.to_request()).await?;
     Ok(
         HttpResponse::Ok()
             .json(serde_json::json!({"items": p.items, "next_cursor": p.next_cursor})),
@@ -126,7 +133,7 @@ pub(super) async fn get(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(state.ota.get(&id, session_of(&state))?))
+    Ok(HttpResponse::Ok().json(with_sessions(&state, &id).await?))
 }
 
 impl super::sse::Tracked for OtaTask {
@@ -153,7 +160,7 @@ pub(super) async fn events(
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let rx = state.ota.subscribe();
-    let first = state.ota.get(&id, session_of(&state))?;
+    let first = with_sessions(&state, &id).await?;
     Ok(super::sse::stream(first, id, rx, state.stopping.clone()))
 }
 
@@ -200,6 +207,7 @@ async fn serve_device(
     let (firmware_id, name) = state
         .ota
         .download_target(&task_id, &sn)
+        .await
         .ok_or_else(|| ApiError::not_found("no such task download"))?;
     if let Some(sig) = signature {
         state

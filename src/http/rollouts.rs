@@ -59,7 +59,7 @@ pub(super) async fn create(
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    Ok(HttpResponse::Created().json(state.rollouts.create(body, key)?))
+    Ok(HttpResponse::Created().json(state.rollouts.create(body, key).await?))
 }
 
 /// Filters of the rollout list.
@@ -78,7 +78,7 @@ pub(super) async fn list(
     q: web::Query<RolloutQuery>,
     page: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let p = state.rollouts.list(q.status, &page.to_request())?;
+    let p = state.rollouts.list(q.status, &page.to_request()).await?;
     Ok(
         HttpResponse::Ok()
             .json(serde_json::json!({"items": p.items, "next_cursor": p.next_cursor})),
@@ -92,7 +92,7 @@ pub(super) async fn get(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(state.rollouts.get(&id)?))
+    Ok(HttpResponse::Ok().json(state.rollouts.get(&id).await?))
 }
 
 /// Filter of the device list.
@@ -119,7 +119,10 @@ pub(super) async fn devices(
                 .ok_or_else(|| ApiError::invalid_request(format!("unknown device state {s:?}")))?,
         ),
     };
-    let p = state.rollouts.devices(&id, filter, &page.to_request())?;
+    let p = state
+        .rollouts
+        .devices(&id, filter, &page.to_request())
+        .await?;
     Ok(
         HttpResponse::Ok()
             .json(serde_json::json!({"items": p.items, "next_cursor": p.next_cursor})),
@@ -133,7 +136,7 @@ pub(super) async fn timeline(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(serde_json::json!({"items": state.rollouts.timeline(&id)?})))
+    Ok(HttpResponse::Ok().json(serde_json::json!({"items": state.rollouts.timeline(&id).await?})))
 }
 
 /// `start`, `pause`, `resume`, `cancel` or `approve`.
@@ -181,6 +184,6 @@ pub(super) async fn events(
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let rx = state.rollouts.subscribe();
-    let first = state.rollouts.get(&id)?;
+    let first = state.rollouts.get(&id).await?;
     Ok(super::sse::stream(first, id, rx, state.stopping.clone()))
 }

@@ -50,7 +50,7 @@ pub(super) async fn create(
     caller: Caller,
     JsonBody(body): JsonBody<NewToken>,
 ) -> Result<HttpResponse, ApiError> {
-    let (record, token) = state.tokens.create(body, Some(&caller.0))?;
+    let (record, token) = state.tokens.create(body, Some(&caller.0)).await?;
     Ok(HttpResponse::Created().json(CreatedToken { record, token }))
 }
 
@@ -61,7 +61,7 @@ pub(super) async fn list(
     state: web::Data<AppState>,
     page: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let p = state.tokens.list(&page.to_request())?;
+    let p = state.tokens.list(&page.to_request()).await?;
     Ok(
         HttpResponse::Ok()
             .json(serde_json::json!({"items": p.items, "next_cursor": p.next_cursor})),
@@ -85,7 +85,7 @@ pub(super) async fn revoke(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(state.tokens.revoke(&id)?))
+    Ok(HttpResponse::Ok().json(state.tokens.revoke(&id).await?))
 }
 
 /// Filter of the audit log.
@@ -105,7 +105,7 @@ pub(super) async fn audit(
     q: web::Query<AuditQuery>,
     page: web::Query<PageQuery>,
 ) -> Result<HttpResponse, ApiError> {
-    let p = state.audit.list(&page.to_request(), q.since)?;
+    let p = state.audit.list(&page.to_request(), q.since).await?;
     Ok(
         HttpResponse::Ok()
             .json(serde_json::json!({"items": p.items, "next_cursor": p.next_cursor})),

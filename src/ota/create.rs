@@ -2,15 +2,18 @@
 //! preflight checks, store the task (flushed) and publish its `ota_create`.
 
 use super::*;
+use crate::store::IdempotentAnswer;
+use store::Claimed;
 
 impl OtaService {
     /// The firmware a request entry names (by id, or model + version), if usable.
-    pub fn resolve_firmware(&self, d: &RequestDevice) -> Result<FirmwareRecord, OtaError> {
+    pub async fn resolve_firmware(&self, d: &RequestDevice) -> Result<FirmwareRecord, OtaError> {
         let fw = match (&d.firmware_id, &d.model, &d.product_version) {
             (Some(id), _, _) => {
                 let id = FirmwareId::parse(id)
                     .ok_or_else(|| OtaError::NotFound(format!("firmware {id} not found")))?;
-                self.inner.catalog.firmware(&id).map_err(|e| match e {
+                let found = self.inner.stores.firmware.firmware(&id).await;
+                found.map_err(|e| match e {
                     CatalogError::NotFound => {
                         OtaError::NotFound(format!("firmware {id} not found"))
                     }
@@ -20,17 +23,22 @@ impl OtaService {
             (None, Some(model), Some(version)) => {
                 let v =
                     ProductVersion::parse(version).map_err(|e| OtaError::Invalid(e.to_string()))?;
-                let page = self.inner.catalog.list_firmware(
-                    &PageRequest {
-                        limit: Some(1),
-                        cursor: None,
-                    },
-                    |r| {
-                        r.status != FirmwareStatus::Deleted
-                            && r.model.eq_ignore_ascii_case(model)
-                            && ProductVersion::parse(&r.product_version).is_ok_and(|rv| rv == v)
-                    },
-                )?;
+                let query = FirmwareQuery {
+                    model: Some(model.clone()),
+                    version: Some(v),
+                    status: None,
+                    live_only: true,
+                };
+                let one = PageRequest {
+                    limit: Some(1),
+                    cursor: None,
+                };
+                let page = self
+                    .inner
+                    .stores
+                    .firmware
+                    .list_firmware(&query, &one)
+                    .await?;
                 page.items
                     .into_iter()
                     .next()
@@ -155,7 +163,8 @@ impl OtaService {
             serde_json::to_vec(&req).unwrap_or_default(),
         ));
         if let Some(key) = &idempotency_key {
-            if let Some(first) = self.inner.catalog.idempotent(key)? {
+            let now = self.inner.clock.now();
+            if let Some(first) = self.inner.stores.idempotency.idempotent(key, now).await? {
                 if first.body_hash != body_hash {
                     return Err(OtaError::IdempotencyReused);
                 }
@@ -210,7 +219,7 @@ impl OtaService {
         };
         let mut devices = Vec::new();
         for d in &req.devices {
-            let fw = self.resolve_firmware(d)?;
+            let fw = self.resolve_firmware(d).await?;
             let target = ProductVersion::parse(&fw.product_version)
                 .map_err(|e| OtaError::Invalid(e.to_string()))?;
             let facts = self
@@ -319,8 +328,15 @@ impl OtaService {
             return Err(OtaError::BrokerUnavailable);
         }
         task.note("api", None, now);
-        self.inner.catalog.put_task(&task.id, &task)?;
-        self.inner.catalog.flush().await?;
+        // The store's claim is the one that holds across processes sharing a catalog.
+        match self.inner.stores.tasks.insert_task(&task).await? {
+            Claimed::Inserted => {}
+            Claimed::Busy { sn, task_id } if sn == task.gateway_sn => {
+                return Err(OtaError::GatewayBusy(task_id));
+            }
+            Claimed::Busy { task_id, .. } => return Err(OtaError::DeviceBusy(task_id)),
+        }
+        self.inner.stores.durability.flush().await?;
         let payload = serde_json::to_vec(&message).unwrap_or_default();
         let raw = String::from_utf8(payload.clone())
             .ok()
@@ -333,11 +349,11 @@ impl OtaService {
             machine::TaskEvent::Published(raw),
             self.inner.clock.now(),
         );
-        self.save(&task);
+        self.save(&task).await;
         claim.keep();
         if !self.inner.publisher.publish(topic, payload) {
             lock(&self.inner.open).forget(&task);
-            self.inner.catalog.delete_task(&task.id)?;
+            self.inner.stores.tasks.delete_task(&task.id).await?;
             return Err(OtaError::BrokerUnavailable);
         }
         self.inner
@@ -349,10 +365,16 @@ impl OtaService {
         }
         tracing::info!(task_id = %task.id, gateway_sn = %task.gateway_sn, tid = %task.tid, bid = %task.bid, "ota_create published");
         if let Some(key) = idempotency_key {
-            let answer = serde_json::to_value(&task).unwrap_or_default();
+            let answer = IdempotentAnswer {
+                body_hash,
+                answer: serde_json::to_value(&task).unwrap_or_default(),
+                at: self.inner.clock.now(),
+            };
             self.inner
-                .catalog
-                .put_idempotent(&key, &body_hash, &answer)?;
+                .stores
+                .idempotency
+                .record_idempotent(&key, &answer)
+                .await?;
         }
         Ok(Created::Task(Box::new(task)))
     }

@@ -8,6 +8,7 @@
 mod create;
 pub mod machine;
 pub mod policy;
+pub mod store;
 pub mod task;
 mod tracking;
 
@@ -22,10 +23,14 @@ use sha2::Digest;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, CatalogError, FirmwareRecord, FirmwareStatus, Page, PageRequest};
 use crate::devices::DeviceRegistry;
 use crate::domain::{FileName, FirmwareId, ProductVersion};
+use crate::store::{
+    CatalogError, Durability, FirmwareQuery, FirmwareRecord, FirmwareStatus, FirmwareStore,
+    IdempotencyStore, Page, PageRequest,
+};
 use policy::{Decision, DeviceFacts};
+use store::{TaskQuery, TaskStore};
 pub use task::{OtaTask, Outcome, Progress, TaskDevice, TaskStatus};
 
 /// Errors of the OTA layer.
@@ -317,7 +322,7 @@ impl OtaCounters {
 
 struct Inner {
     counters: OtaCounters,
-    catalog: Catalog,
+    stores: OtaStores,
     devices: DeviceRegistry,
     publisher: Arc<dyn Publisher>,
     public_url: Arc<str>,
@@ -326,6 +331,33 @@ struct Inner {
     clock: crate::domain::Clock,
     open: Mutex<Open>,
     changes: broadcast::Sender<OtaTask>,
+}
+
+/// What the OTA service stores and reads, whichever backend.
+#[derive(Clone)]
+pub struct OtaStores {
+    /// Tasks.
+    pub tasks: Arc<dyn TaskStore>,
+    /// Firmware records (resolving a request's firmware).
+    pub firmware: Arc<dyn FirmwareStore>,
+    /// Idempotency-Key answers.
+    pub idempotency: Arc<dyn IdempotencyStore>,
+    /// Made durable before a task is published.
+    pub durability: Arc<dyn Durability>,
+}
+
+impl<S> From<Arc<S>> for OtaStores
+where
+    S: TaskStore + FirmwareStore + IdempotencyStore + Durability + 'static,
+{
+    fn from(s: Arc<S>) -> OtaStores {
+        OtaStores {
+            tasks: s.clone(),
+            firmware: s.clone(),
+            idempotency: s.clone(),
+            durability: s,
+        }
+    }
 }
 
 /// The OTA service. Cheap to clone.
@@ -351,8 +383,8 @@ fn uuid_like() -> String {
 
 impl OtaService {
     /// Loads open and recently finished tasks; open ones get a fresh grace period.
-    pub fn load(
-        catalog: Catalog,
+    pub async fn load(
+        stores: OtaStores,
         devices: DeviceRegistry,
         publisher: Arc<dyn Publisher>,
         public_url: Arc<str>,
@@ -362,7 +394,7 @@ impl OtaService {
     ) -> Result<OtaService, CatalogError> {
         let mut open = Open::default();
         let now = clock.now();
-        for mut t in catalog.all_tasks::<OtaTask>()? {
+        for mut t in stores.tasks.recent_tasks(now - LATE_VERIFY).await? {
             if !t.settled() {
                 if !t.status.is_final() {
                     // A fresh grace period: timeouts count from the restart.
@@ -385,7 +417,7 @@ impl OtaService {
         Ok(OtaService {
             inner: Arc::new(Inner {
                 counters: OtaCounters::default(),
-                catalog,
+                stores,
                 devices,
                 publisher,
                 public_url,
@@ -456,7 +488,9 @@ impl OtaService {
         self.inner.changes.subscribe()
     }
 
-    fn save(&self, task: &OtaTask) {
+    /// Indexes, stores and announces a changed task. A change the store refuses as not
+    /// forward of its copy is logged (another writer was ahead).
+    async fn save(&self, task: &OtaTask) {
         {
             let mut open = lock(&self.inner.open);
             if task.status.is_final() {
@@ -477,61 +511,53 @@ impl OtaService {
                 open.index(task);
             }
         }
-        if let Err(e) = self.inner.catalog.put_task(&task.id, task) {
-            tracing::error!(task_id = %task.id, error = %e, "storing task failed");
+        match self.inner.stores.tasks.save_task(task).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(task_id = %task.id, "a change behind the stored task was not stored")
+            }
+            Err(e) => tracing::error!(task_id = %task.id, error = %e, "storing task failed"),
         }
         let _ = self.inner.changes.send(task.clone());
     }
 
-    /// One task, with each device's download session.
-    pub fn get(
-        &self,
-        id: &str,
-        sessions: impl Fn(&str, &str) -> Option<Value>,
-    ) -> Result<OtaTask, OtaError> {
+    /// One task (its devices' `download_session` is for the caller to fill).
+    pub async fn get(&self, id: &str) -> Result<OtaTask, OtaError> {
         let open = lock(&self.inner.open).tasks.get(id).cloned();
-        let mut t = match open {
+        let t = match open {
             Some(t) => t,
             None => self
                 .inner
-                .catalog
-                .task::<OtaTask>(id)?
+                .stores
+                .tasks
+                .task(id)
+                .await?
                 .ok_or_else(|| OtaError::NotFound(format!("task {id} not found")))?,
         };
-        for d in &mut t.devices {
-            d.download_session = sessions(&t.id, &d.sn);
-        }
         Ok(t)
     }
 
     /// A task's status without copying it (open tasks from memory).
-    pub fn status(&self, id: &str) -> Option<TaskStatus> {
+    pub async fn status(&self, id: &str) -> Option<TaskStatus> {
         if let Some(t) = lock(&self.inner.open).tasks.get(id) {
             return Some(t.status);
         }
-        self.inner
-            .catalog
-            .task::<OtaTask>(id)
-            .ok()
-            .flatten()
-            .map(|t| t.status)
+        let stored = self.inner.stores.tasks.task(id).await;
+        stored.ok().flatten().map(|t| t.status)
     }
 
     /// Newest-first page of tasks.
-    pub fn list(
+    pub async fn list(
         &self,
-        gateway_sn: Option<&str>,
-        status: Option<TaskStatus>,
+        query: &TaskQuery,
         page: &PageRequest,
     ) -> Result<Page<OtaTask>, OtaError> {
-        Ok(self.inner.catalog.list_tasks(page, |t: &OtaTask| {
-            gateway_sn.is_none_or(|g| t.gateway_sn == g) && status.is_none_or(|s| t.status == s)
-        })?)
+        Ok(self.inner.stores.tasks.list_tasks(query, page).await?)
     }
 
     /// The firmware and file name behind a per-task URL, if the task and device exist.
     /// Runs on every request to a `/dl/` URL: open tasks are read in place, not copied.
-    pub fn download_target(&self, task_id: &str, sn: &str) -> Option<(String, String)> {
+    pub async fn download_target(&self, task_id: &str, sn: &str) -> Option<(String, String)> {
         let of = |t: &OtaTask| {
             t.devices
                 .iter()
@@ -541,7 +567,8 @@ impl OtaService {
         if let Some(t) = lock(&self.inner.open).tasks.get(task_id) {
             return of(t);
         }
-        of(&self.inner.catalog.task::<OtaTask>(task_id).ok()??)
+        let stored = self.inner.stores.tasks.task(task_id).await;
+        of(&stored.ok()??)
     }
 }
 

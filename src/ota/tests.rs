@@ -1,6 +1,8 @@
 //! The service with a publisher that answers at once (ordering races).
 
 use super::*;
+use crate::catalog::Catalog;
+use futures::executor::block_on;
 
 /// A broker and gateway in one: `publish` delivers the gateway's `services_reply` to the
 /// service before it returns — the fastest answer a gateway can give.
@@ -31,7 +33,7 @@ impl Publisher for InstantReply {
         if self.progress_first {
             let event = json!({"bid": msg["bid"], "method": "ota_progress", "data": {"result": 0,
                 "output": {"status": "ok", "progress": {"percent": 100, "step_key": "upgrade_firmware"}}}});
-            service.on_message(OtaMessage {
+            block_on(service.on_message(OtaMessage {
                 is_reply: false,
                 topic_sn: sn.clone(),
                 tid: None,
@@ -44,9 +46,9 @@ impl Publisher for InstantReply {
                     ..machine::Report::default()
                 },
                 raw: serde_json::value::RawValue::from_string(event.to_string()).unwrap(),
-            });
+            }));
         }
-        service.on_message(OtaMessage {
+        block_on(service.on_message(OtaMessage {
             is_reply: true,
             topic_sn: sn,
             tid: msg["tid"].as_str().map(str::to_string),
@@ -54,7 +56,7 @@ impl Publisher for InstantReply {
             method: Some("ota_create".into()),
             report: machine::Report::default(),
             raw,
-        });
+        }));
         true
     }
 }
@@ -62,7 +64,7 @@ impl Publisher for InstantReply {
 #[tokio::test]
 async fn a_reply_that_arrives_before_create_returns_is_not_an_orphan() {
     let (service, task, _dir) = run_one(false).await;
-    let stored = service.get(&task.id, |_, _| None).unwrap();
+    let stored = service.get(&task.id).await.unwrap();
     let sources: Vec<&str> = stored.history.iter().map(|h| h.source.as_str()).collect();
     assert_eq!(sources, ["api", "publish", "services_reply"], "{sources:?}");
     assert!(stored.replied_at.is_some());
@@ -71,7 +73,7 @@ async fn a_reply_that_arrives_before_create_returns_is_not_an_orphan() {
 #[tokio::test]
 async fn a_reply_after_the_last_progress_event_is_still_recorded() {
     let (service, task, _dir) = run_one(true).await;
-    let stored = service.get(&task.id, |_, _| None).unwrap();
+    let stored = service.get(&task.id).await.unwrap();
     assert_eq!(stored.status, TaskStatus::Ok);
     let sources: Vec<&str> = stored.history.iter().map(|h| h.source.as_str()).collect();
     assert_eq!(
@@ -85,11 +87,13 @@ async fn a_reply_after_the_last_progress_event_is_still_recorded() {
 /// One task for one device, answered by an [`InstantReply`] gateway.
 async fn run_one(progress_first: bool) -> (OtaService, Box<OtaTask>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let catalog = Catalog::open(&dir.path().join("c"), 8).unwrap();
-    let fw = crate::catalog::FirmwareRecord::new_for_test("Dock", "2.0", &"a".repeat(64));
-    assert!(catalog.import_firmware(&fw).unwrap());
+    let catalog = Arc::new(Catalog::open(&dir.path().join("c"), 8).unwrap());
+    let fw = crate::store::FirmwareRecord::new_for_test("Dock", "2.0", &"a".repeat(64));
+    assert!(catalog.import_firmware(&fw).await.unwrap());
     let devices =
-        DeviceRegistry::load(catalog.clone(), Default::default(), Duration::from_secs(60)).unwrap();
+        DeviceRegistry::load(catalog.clone(), Default::default(), Duration::from_secs(60))
+            .await
+            .unwrap();
     let publisher = Arc::new(InstantReply {
         service: std::sync::OnceLock::new(),
         progress_first,
@@ -106,7 +110,7 @@ async fn run_one(progress_first: bool) -> (OtaService, Box<OtaTask>, tempfile::T
     let signer =
         crate::download::signing::UrlSigner::new(vec![vec![7; 32]], Duration::from_secs(3600));
     let service = OtaService::load(
-        catalog,
+        catalog.into(),
         devices,
         publisher.clone(),
         "http://127.0.0.1:1".into(),
@@ -114,6 +118,7 @@ async fn run_one(progress_first: bool) -> (OtaService, Box<OtaTask>, tempfile::T
         signer,
         crate::domain::Clock::default(),
     )
+    .await
     .unwrap();
     assert!(publisher.service.set(service.clone()).is_ok());
     let req: OtaRequest = serde_json::from_value(json!({"gateway_sn": "RACE1",

@@ -6,7 +6,7 @@ use super::*;
 
 impl OtaService {
     /// Applies a gateway message.
-    pub fn on_message(&self, msg: OtaMessage) {
+    pub async fn on_message(&self, msg: OtaMessage) {
         let now = self.inner.clock.now();
         let task = {
             let open = lock(&self.inner.open);
@@ -28,11 +28,11 @@ impl OtaService {
             let settled = match &task {
                 Some(t) if t.status.is_final() => Some(t.clone()),
                 Some(_) => None,
-                None => self.settled_task(msg.tid.as_deref()),
+                None => self.settled_task(msg.tid.as_deref()).await,
             };
             if let Some(t) = settled {
                 let event = machine::TaskEvent::Reply(msg.report, Some(msg.raw));
-                self.late_reply(t, event, now);
+                self.late_reply(t, event, now).await;
                 return;
             }
         }
@@ -40,7 +40,7 @@ impl OtaService {
             tracing::info!(topic_sn = %msg.topic_sn, tid = ?msg.tid, bid = ?msg.bid, method = ?msg.method, "OTA message matches no open task (orphan)");
             let orphan = json!({"at": now, "topic_sn": msg.topic_sn, "tid": msg.tid, "bid": msg.bid,
                 "method": msg.method, "raw": msg.raw});
-            if let Err(e) = self.inner.catalog.put_orphan(&orphan) {
+            if let Err(e) = self.inner.stores.tasks.put_orphan(&orphan).await {
                 tracing::warn!(error = %e, "storing an orphan OTA message failed");
             }
             return;
@@ -50,12 +50,12 @@ impl OtaService {
         } else {
             machine::TaskEvent::Progress(msg.report, Some(msg.raw))
         };
-        self.apply(&mut task, event, now);
+        self.apply(&mut task, event, now).await;
     }
 
     /// Runs the state machine on `task` and carries out its effects: settle devices and count
     /// a task that just ended, then persist and notify.
-    fn apply(&self, task: &mut OtaTask, event: machine::TaskEvent, now: DateTime<Utc>) {
+    async fn apply(&self, task: &mut OtaTask, event: machine::TaskEvent, now: DateTime<Utc>) {
         let fx = machine::apply(task, event, now);
         if let Some(status) = fx.finished {
             self.inner.counters.finish(status);
@@ -63,12 +63,12 @@ impl OtaService {
             tracing::info!(task_id = %task.id, status = ?status, "OTA task finished");
         }
         if fx.save {
-            self.save(task);
+            self.save(task).await;
         }
     }
 
     /// A recently settled task by the tid of its `ota_create`, from the catalog.
-    fn settled_task(&self, tid: Option<&str>) -> Option<OtaTask> {
+    async fn settled_task(&self, tid: Option<&str>) -> Option<OtaTask> {
         let tid = tid?;
         let id = lock(&self.inner.open)
             .settled_tids
@@ -76,12 +76,12 @@ impl OtaService {
             .rev()
             .find(|(t, _)| t == tid)
             .map(|(_, id)| id.clone())?;
-        self.inner.catalog.task::<OtaTask>(&id).ok()?
+        self.inner.stores.tasks.task(&id).await.ok()?
     }
 
     /// Records a `services_reply` that came after the task ended (its progress events were
     /// delivered first): the history and `replied_at` get it; the outcome stays.
-    fn late_reply(&self, mut task: OtaTask, event: machine::TaskEvent, now: DateTime<Utc>) {
+    async fn late_reply(&self, mut task: OtaTask, event: machine::TaskEvent, now: DateTime<Utc>) {
         if !machine::apply(&mut task, event, now).save {
             tracing::info!(task_id = %task.id, "repeated services_reply for a finished task ignored");
             return;
@@ -89,8 +89,8 @@ impl OtaService {
         tracing::info!(task_id = %task.id, "services_reply recorded after the task ended");
         let open = lock(&self.inner.open).tasks.contains_key(&task.id);
         if open {
-            self.save(&task);
-        } else if let Err(e) = self.inner.catalog.put_task(&task.id, &task) {
+            self.save(&task).await;
+        } else if let Err(e) = self.inner.stores.tasks.save_task(&task).await {
             tracing::error!(task_id = %task.id, error = %e, "storing task failed");
         }
     }
@@ -161,7 +161,7 @@ impl OtaService {
     }
 
     /// One pass of the timers: reply and progress timeouts, device verification.
-    pub fn tick(&self) {
+    pub async fn tick(&self) {
         let now = self.inner.clock.now();
         let tasks: Vec<OtaTask> = lock(&self.inner.open).tasks.values().cloned().collect();
         let s = &self.inner.settings;
@@ -191,7 +191,7 @@ impl OtaService {
                 if t.devices.iter().any(|d| d.outcome != Outcome::Pending) {
                     t.updated_at = now;
                 }
-                self.save(&t);
+                self.save(&t).await;
             }
         }
     }
@@ -226,14 +226,14 @@ impl OtaService {
 
     /// Devices left `unverified` that report the target within a day still become verified
     /// (late) and count as upgraded.
-    fn verify_late(&self, now: DateTime<Utc>) {
+    async fn verify_late(&self, now: DateTime<Utc>) {
         let late: Vec<(String, DateTime<Utc>)> = lock(&self.inner.open)
             .late
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect();
         for (id, since) in late {
-            let task = match self.inner.catalog.task::<OtaTask>(&id) {
+            let task = match self.inner.stores.tasks.task(&id).await {
                 Ok(Some(t)) if now - since <= LATE_VERIFY => t,
                 _ => {
                     lock(&self.inner.open).late.remove(&id);
@@ -260,7 +260,7 @@ impl OtaService {
             if changed {
                 task.note("verify_late", None, now);
                 tracing::info!(task_id = %task.id, "device verified late");
-                self.save(&task);
+                self.save(&task).await;
             }
         }
     }
@@ -276,18 +276,17 @@ impl OtaService {
                 _ = prune.tick() => {
                     let cutoff = self.inner.clock.now()
                         - chrono::Duration::from_std(self.inner.settings.retention).unwrap_or_default();
-                    let catalog = self.inner.catalog.clone();
-                    match tokio::task::spawn_blocking(move || catalog.prune_tasks(cutoff)).await {
-                        Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "pruned OTA tasks past retention"),
-                        Ok(Err(e)) => tracing::warn!(error = %e, "pruning OTA tasks failed"),
+                    match self.inner.stores.tasks.prune_tasks(cutoff).await {
+                        Ok(n) if n > 0 => tracing::info!(removed = n, "pruned OTA tasks past retention"),
+                        Err(e) => tracing::warn!(error = %e, "pruning OTA tasks failed"),
                         _ => {}
                     }
                 }
                 _ = tick.tick() => {
-                    self.tick();
-                    self.verify_late(self.inner.clock.now());
+                    self.tick().await;
+                    self.verify_late(self.inner.clock.now()).await;
                 }
-                Some(msg) = inbox.recv() => self.on_message(msg),
+                Some(msg) = inbox.recv() => self.on_message(msg).await,
             }
         }
     }

@@ -11,10 +11,11 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{
-    Catalog, CatalogError, DownloadSessionRecord, Page, PageRequest, SessionState,
-};
 use crate::domain::FirmwareId;
+use crate::store::{
+    CatalogError, DownloadSessionRecord, Page, PageRequest, SessionQuery, SessionState,
+    SessionStore, cover, cursor_for, percent,
+};
 
 /// A session with no request for this long is `stalled`.
 pub const STALL_AFTER: Duration = Duration::from_secs(120);
@@ -68,7 +69,7 @@ struct Sessions {
 
 struct Inner {
     sessions: Mutex<Sessions>,
-    catalog: Catalog,
+    store: Arc<dyn SessionStore>,
     /// Flush passes of the background flusher that succeeded.
     flushes: std::sync::atomic::AtomicU64,
 }
@@ -90,39 +91,13 @@ fn seconds_since(t: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
     (now - t).to_std().unwrap_or_default()
 }
 
-fn percent(covered: u64, size: u64) -> f64 {
-    if size == 0 {
-        return 100.0;
-    }
-    ((covered as u128 * 1000 / size as u128) as f64) / 10.0
-}
-
-/// Adds `[start, end)` to sorted, merged intervals; returns the bytes newly covered.
-fn cover(intervals: &mut Vec<(u64, u64)>, start: u64, end: u64) -> u64 {
-    if start >= end {
-        return 0;
-    }
-    let before: u64 = intervals.iter().map(|(a, b)| b - a).sum();
-    let idx = intervals.partition_point(|&(_, b)| b < start);
-    let mut new = (start, end);
-    let mut j = idx;
-    while j < intervals.len() && intervals[j].0 <= new.1 {
-        new.0 = new.0.min(intervals[j].0);
-        new.1 = new.1.max(intervals[j].1);
-        j += 1;
-    }
-    intervals.splice(idx..j, [new]);
-    let after: u64 = intervals.iter().map(|(a, b)| b - a).sum();
-    after - before
-}
-
 impl DownloadTracker {
     /// A tracker over `catalog`, reloading sessions seen within the resume window so a
     /// restarted server continues them.
-    pub fn load(catalog: Catalog) -> Result<DownloadTracker, CatalogError> {
+    pub async fn load(store: Arc<dyn SessionStore>) -> Result<DownloadTracker, CatalogError> {
         let since = Utc::now() - chrono::Duration::from_std(RESUME_WITHIN).unwrap_or_default();
         let mut sessions = Sessions::default();
-        for rec in catalog.recent_sessions(since)? {
+        for rec in store.recent_sessions(since).await? {
             let key = match (&rec.task_id, &rec.sn) {
                 (Some(task_id), Some(sn)) => SessionKey::Task {
                     task_id: task_id.clone(),
@@ -150,7 +125,7 @@ impl DownloadTracker {
         Ok(DownloadTracker {
             inner: Arc::new(Inner {
                 sessions: Mutex::new(sessions),
-                catalog,
+                store,
                 flushes: std::sync::atomic::AtomicU64::new(0),
             }),
         })
@@ -190,7 +165,7 @@ impl DownloadTracker {
                     SessionKey::Client { firmware_id, .. } => (firmware_id.clone(), None, None),
                 };
                 let rec = DownloadSessionRecord {
-                    v: crate::catalog::SCHEMA_VERSION,
+                    v: crate::store::SCHEMA_VERSION,
                     id: id.clone(),
                     firmware_id,
                     task_id,
@@ -233,7 +208,7 @@ impl DownloadTracker {
 
     /// Marks idle sessions stalled and writes changed sessions to the catalog; drops from
     /// memory sessions past the resume window. Returns how many were written.
-    pub fn flush(&self) -> Result<usize, CatalogError> {
+    pub async fn flush(&self) -> Result<usize, CatalogError> {
         let now = Utc::now();
         let dirty: Vec<DownloadSessionRecord> = {
             let mut s = self.inner.lock();
@@ -272,7 +247,7 @@ impl DownloadTracker {
         if dirty.is_empty() {
             return Ok(0);
         }
-        if let Err(e) = self.inner.catalog.put_sessions(&dirty) {
+        if let Err(e) = self.inner.store.merge_sessions(&dirty).await {
             // Keep them dirty for the next round.
             let mut s = self.inner.lock();
             for rec in &dirty {
@@ -306,11 +281,9 @@ impl DownloadTracker {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            let this = self.clone();
-            match tokio::task::spawn_blocking(move || this.flush()).await {
-                Ok(Err(e)) => tracing::error!(error = %e, "download progress flush failed"),
-                Err(e) => tracing::error!(error = %e, "download progress flush panicked"),
-                Ok(Ok(_)) => {
+            match self.flush().await {
+                Err(e) => tracing::error!(error = %e, "download progress flush failed"),
+                Ok(_) => {
                     self.inner
                         .flushes
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -319,24 +292,25 @@ impl DownloadTracker {
             if last_prune.elapsed() >= Duration::from_secs(3600) {
                 last_prune = std::time::Instant::now();
                 let cutoff = Utc::now() - chrono::Duration::from_std(retention).unwrap_or_default();
-                match self.inner.catalog.prune_sessions(cutoff) {
+                match self.inner.store.prune_sessions(cutoff).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(removed = n, "pruned download sessions past retention"),
                     Err(e) => tracing::error!(error = %e, "pruning download sessions failed"),
                 }
             }
         }
-        if let Err(e) = self.flush() {
+        if let Err(e) = self.flush().await {
             tracing::error!(error = %e, "final download progress flush failed");
         }
     }
 
     /// Newest-first page of sessions (memory overlaid on the catalog), filtered.
-    pub fn list(
+    pub async fn list(
         &self,
+        query: &SessionQuery,
         page: &PageRequest,
-        filter: impl Fn(&DownloadSessionRecord) -> bool,
     ) -> Result<Page<DownloadSessionRecord>, CatalogError> {
+        let filter = |r: &DownloadSessionRecord| query.matches(r);
         let after = page.after_key()?;
         let limit = page.limit();
         let live: HashMap<String, DownloadSessionRecord> = {
@@ -347,10 +321,11 @@ impl DownloadTracker {
                 .collect()
         };
         // Stored sessions, with the fresher in-memory state where there is one.
-        let mut stored = self
-            .inner
-            .catalog
-            .list_sessions(page, |rec| filter(live.get(&rec.id).unwrap_or(rec)))?;
+        // The store filters by its copy; the fresher in-memory state decides below.
+        let mut stored = self.inner.store.list_sessions(query, page).await?;
+        stored
+            .items
+            .retain(|rec| filter(live.get(&rec.id).unwrap_or(rec)));
         for item in &mut stored.items {
             if let Some(l) = live.get(&item.id) {
                 *item = l.clone();
@@ -368,7 +343,7 @@ impl DownloadTracker {
         merged.sort_by(|a, b| b.id.cmp(&a.id));
         let next_cursor = if merged.len() > limit || stored.next_cursor.is_some() {
             merged.truncate(limit);
-            merged.last().map(|r| crate::catalog::cursor_for(&r.id))
+            merged.last().map(|r| cursor_for(&r.id))
         } else {
             None
         };
@@ -428,57 +403,4 @@ impl SessionHandle {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn intervals_merge() {
-        let mut iv = Vec::new();
-        assert_eq!(cover(&mut iv, 10, 20), 10);
-        assert_eq!(cover(&mut iv, 30, 40), 10);
-        assert_eq!(cover(&mut iv, 15, 35), 10);
-        assert_eq!(iv, vec![(10, 40)]);
-        assert_eq!(cover(&mut iv, 0, 5), 5);
-        assert_eq!(cover(&mut iv, 5, 10), 5);
-        assert_eq!(iv, vec![(0, 40)]);
-        assert_eq!(cover(&mut iv, 0, 40), 0);
-        assert_eq!(cover(&mut iv, 50, 50), 0);
-    }
-
-    #[test]
-    fn sessions_progress_and_flush() {
-        let dir = tempfile::tempdir().unwrap();
-        let cat = Catalog::open(dir.path(), 8).unwrap();
-        let t = DownloadTracker::load(cat.clone()).unwrap();
-        let fw = FirmwareId::generate();
-        let key = SessionKey::Client {
-            firmware_id: fw.clone(),
-            client: "127.0.0.1".into(),
-            user_agent: "curl".into(),
-        };
-        let ci = ClientInfo {
-            client: "127.0.0.1".into(),
-            user_agent: "curl".into(),
-        };
-        let h = t.begin(key.clone(), &ci, 100);
-        h.record(50, 50);
-        let h2 = t.begin(key, &ci, 100);
-        assert_eq!(h.id(), h2.id());
-        h2.record(0, 60);
-        assert_eq!(t.flush().unwrap(), 1);
-        let page = t.list(&PageRequest::default(), |_| true).unwrap();
-        let s = &page.items[0];
-        assert_eq!((s.bytes_sent, s.bytes_covered, s.requests), (110, 100, 2));
-        assert_eq!(s.state, SessionState::Complete);
-        assert_eq!(s.percent, 100.0);
-        // Reloaded after a restart, the session continues.
-        let t2 = DownloadTracker::load(cat).unwrap();
-        assert_eq!(
-            t2.list(&PageRequest::default(), |_| true)
-                .unwrap()
-                .items
-                .len(),
-            1
-        );
-    }
-}
+mod tests;

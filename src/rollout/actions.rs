@@ -7,12 +7,19 @@ impl RolloutService {
     /// An operator's action; the state machine decides whether it applies.
     pub async fn action(&self, id: &str, action: Action) -> Result<RolloutView, RolloutError> {
         let now = Utc::now();
+        // Read first: the decision below holds the lock and makes no I/O.
+        let driven = lock(&self.inner.active).contains_key(id);
+        let stored = match driven {
+            true => None,
+            false => Some(self.stored(id).await?),
+        };
+        let not_found = || RolloutError::NotFound(id.to_string());
         let view = {
             let mut active = lock(&self.inner.active);
             if action == Action::Start {
                 let mut r = match active.get(id) {
                     Some(a) => a.rollout.clone(),
-                    None => self.stored(id)?,
+                    None => stored.clone().ok_or_else(not_found)?,
                 };
                 let step = machine::next_for(&r, Input::Act(action))?;
                 let mut members = self.resolve_members(&r, &HashSet::new());
@@ -65,7 +72,7 @@ impl RolloutService {
                     }
                 }
                 let Some(a) = active.get_mut(id) else {
-                    let r = self.stored(id)?;
+                    let r = stored.clone().ok_or_else(not_found)?;
                     return Err(machine::Refused {
                         action,
                         status: r.status,
@@ -98,6 +105,8 @@ impl RolloutService {
                 view_of(&a.rollout, &a.members, now)
             }
         };
+        // Stored before the answer (which the access gate makes durable).
+        self.store_writes().await?;
         tracing::info!(rollout_id = %id, action = action.as_str(), status = ?view.rollout.status, "rollout action");
         let _ = self.inner.changes.send(view.clone());
         self.inner.wake.notify_one();

@@ -13,6 +13,7 @@ mod actions;
 pub mod machine;
 pub mod model;
 mod scheduler;
+pub mod store;
 mod view;
 
 use view::view_of;
@@ -32,11 +33,14 @@ use sha2::Digest;
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, CatalogError, FirmwareRecord, Page, PageRequest};
 use crate::devices::{DeviceRecord, DeviceRegistry};
 use crate::lock;
 use crate::ota::{
     Created, OtaError, OtaRequest, OtaService, OtaTask, Outcome, RequestDevice, TaskStatus,
+};
+use crate::store::{
+    CatalogError, FirmwareRecord, FirmwareStatus, FirmwareStore, IdempotencyStore,
+    IdempotentAnswer, Page, PageRequest,
 };
 use machine::{Action, Input, Verdict};
 use model::{Counts, Judgement};
@@ -44,6 +48,7 @@ pub use model::{
     DeviceState, Member, MemberDevice, Package, Rollout, RolloutRequest, RolloutStatus,
     TimelinePoint,
 };
+use store::RolloutStore;
 
 /// Errors of the rollout layer.
 #[derive(Debug, thiserror::Error)]
@@ -114,8 +119,52 @@ impl Active {
     }
 }
 
+/// A write of a rollout's members (and the rollout itself) waiting to be stored.
+struct Write {
+    rollout: Option<Rollout>,
+    rollout_id: String,
+    members: Vec<Member>,
+}
+
+/// What the rollout service stores and reads, whichever backend.
+#[derive(Clone)]
+pub struct RolloutStores {
+    /// Rollouts and members.
+    pub rollouts: Arc<dyn RolloutStore>,
+    /// Firmware records (a running rollout pauses when its firmware becomes unusable).
+    pub firmware: Arc<dyn FirmwareStore>,
+    /// Idempotency-Key answers of `POST /api/v1/rollouts`.
+    pub idempotency: Arc<dyn IdempotencyStore>,
+}
+
+impl<S> From<Arc<S>> for RolloutStores
+where
+    S: RolloutStore + FirmwareStore + IdempotencyStore + 'static,
+{
+    fn from(s: Arc<S>) -> RolloutStores {
+        RolloutStores {
+            rollouts: s.clone(),
+            firmware: s.clone(),
+            idempotency: s,
+        }
+    }
+}
+
+/// What a round read before it decides (the decisions themselves take no I/O).
+#[derive(Default)]
+struct Facts {
+    /// Final tasks of in-flight members, by id.
+    finished: HashMap<String, OtaTask>,
+    /// Status of every package's firmware, by id.
+    firmware: HashMap<String, FirmwareStatus>,
+}
+
 struct Inner {
-    catalog: Catalog,
+    stores: RolloutStores,
+    /// Writes made under the `active` lock, stored in order by [`RolloutService::store_writes`].
+    writes: Mutex<Vec<Write>>,
+    /// One drainer at a time, so writes of one rollout reach the store in order.
+    storing: tokio::sync::Mutex<()>,
     devices: DeviceRegistry,
     ota: OtaService,
     active: Mutex<HashMap<String, Active>>,
@@ -136,15 +185,15 @@ pub struct RolloutService {
 impl RolloutService {
     /// Loads every rollout; active ones (and canceled ones with tasks in flight) are driven
     /// again by [`RolloutService::run`].
-    pub fn load(
-        catalog: Catalog,
+    pub async fn load(
+        stores: RolloutStores,
         devices: DeviceRegistry,
         ota: OtaService,
     ) -> Result<RolloutService, CatalogError> {
         let now = Utc::now();
         let mut active = HashMap::new();
-        for r in catalog.all_rollouts::<Rollout>()? {
-            let members: Vec<Member> = catalog.members(&r.id)?;
+        for r in stores.rollouts.all_rollouts().await? {
+            let members: Vec<Member> = stores.rollouts.members(&r.id).await?;
             let busy = members
                 .iter()
                 .any(|m| matches!(m.state, DeviceState::InFlight));
@@ -164,7 +213,9 @@ impl RolloutService {
         let (changes, _) = broadcast::channel(256);
         Ok(RolloutService {
             inner: Arc::new(Inner {
-                catalog,
+                stores,
+                writes: Mutex::default(),
+                storing: tokio::sync::Mutex::new(()),
                 devices,
                 ota,
                 active: Mutex::new(active),
@@ -214,15 +265,16 @@ impl RolloutService {
         self.inner.changes.subscribe()
     }
 
-    fn resolve_packages(&self, req: &RolloutRequest) -> Result<Vec<Package>, RolloutError> {
+    async fn resolve_packages(&self, req: &RolloutRequest) -> Result<Vec<Package>, RolloutError> {
         let mut packages: Vec<Package> = Vec::new();
         for f in &req.firmware {
-            let fw: FirmwareRecord = self.inner.ota.resolve_firmware(&RequestDevice {
+            let request = RequestDevice {
                 sn: String::new(),
                 firmware_id: f.firmware_id.clone(),
                 model: f.model.clone(),
                 product_version: f.product_version.clone(),
-            })?;
+            };
+            let fw: FirmwareRecord = self.inner.ota.resolve_firmware(&request).await?;
             if packages
                 .iter()
                 .any(|p| p.model.eq_ignore_ascii_case(&fw.model))
@@ -243,7 +295,7 @@ impl RolloutService {
 
     /// `POST /api/v1/rollouts`: validates, resolves the packages and stores a draft.
     /// Returns the new rollout's view (a replayed Idempotency-Key returns the original).
-    pub fn create(
+    pub async fn create(
         &self,
         req: RolloutRequest,
         idempotency_key: Option<String>,
@@ -253,7 +305,13 @@ impl RolloutService {
         ));
         let key = idempotency_key.map(|k| format!("rollout:{k}"));
         if let Some(k) = &key {
-            if let Some(first) = self.inner.catalog.idempotent(k)? {
+            let first = self
+                .inner
+                .stores
+                .idempotency
+                .idempotent(k, Utc::now())
+                .await?;
+            if let Some(first) = first {
                 if first.body_hash != body_hash {
                     return Err(RolloutError::IdempotencyReused);
                 }
@@ -261,7 +319,7 @@ impl RolloutService {
             }
         }
         req.validate().map_err(RolloutError::Validation)?;
-        let packages = self.resolve_packages(&req)?;
+        let packages = self.resolve_packages(&req).await?;
         let now = Utc::now();
         let mut rollout = Rollout {
             id: crate::domain::ids::next(),
@@ -281,55 +339,71 @@ impl RolloutService {
             events: Vec::new(),
         };
         rollout.event("created", None, now);
-        self.inner.catalog.put_rollout(&rollout.id, &rollout)?;
+        self.inner
+            .stores
+            .rollouts
+            .save_rollout(&rollout.id, Some(&rollout), &[])
+            .await?;
         let answer = serde_json::to_value(view_of(&rollout, &[], now)).unwrap_or_default();
         if let Some(k) = &key {
-            self.inner.catalog.put_idempotent(k, &body_hash, &answer)?;
+            let first = IdempotentAnswer {
+                body_hash,
+                answer: answer.clone(),
+                at: now,
+            };
+            self.inner
+                .stores
+                .idempotency
+                .record_idempotent(k, &first)
+                .await?;
         }
         tracing::info!(rollout_id = %rollout.id, name = %rollout.name, "rollout created");
         Ok(answer)
     }
 
-    fn stored(&self, id: &str) -> Result<Rollout, RolloutError> {
+    async fn stored(&self, id: &str) -> Result<Rollout, RolloutError> {
         self.inner
-            .catalog
-            .rollout::<Rollout>(id)?
+            .stores
+            .rollouts
+            .rollout(id)
+            .await?
             .ok_or_else(|| RolloutError::NotFound(id.to_string()))
     }
 
     /// One rollout with its counts.
-    pub fn get(&self, id: &str) -> Result<RolloutView, RolloutError> {
+    pub async fn get(&self, id: &str) -> Result<RolloutView, RolloutError> {
         if let Some(a) = lock(&self.inner.active).get(id) {
             return Ok(view_of(&a.rollout, &a.members, Utc::now()));
         }
-        let r = self.stored(id)?;
-        let members: Vec<Member> = self.inner.catalog.members(id)?;
+        let r = self.stored(id).await?;
+        let members: Vec<Member> = self.inner.stores.rollouts.members(id).await?;
         Ok(view_of(&r, &members, Utc::now()))
     }
 
     /// Its timeline (device counts over time).
-    pub fn timeline(&self, id: &str) -> Result<Vec<TimelinePoint>, RolloutError> {
+    pub async fn timeline(&self, id: &str) -> Result<Vec<TimelinePoint>, RolloutError> {
         if let Some(a) = lock(&self.inner.active).get(id) {
             return Ok(a.rollout.timeline.clone());
         }
-        Ok(self.stored(id)?.timeline)
+        Ok(self.stored(id).await?.timeline)
     }
 
     /// Newest-first page of rollouts.
-    pub fn list(
+    pub async fn list(
         &self,
         status: Option<RolloutStatus>,
         page: &PageRequest,
     ) -> Result<Page<RolloutView>, RolloutError> {
         let p = self
             .inner
-            .catalog
-            .list_rollouts(page, |r: &Rollout| status.is_none_or(|s| r.status == s))?;
-        let items = p
-            .items
-            .iter()
-            .map(|r| self.get(&r.id))
-            .collect::<Result<Vec<_>, _>>()?;
+            .stores
+            .rollouts
+            .list_rollouts(status, page)
+            .await?;
+        let mut items = Vec::with_capacity(p.items.len());
+        for r in &p.items {
+            items.push(self.get(&r.id).await?);
+        }
         Ok(Page {
             items,
             next_cursor: p.next_cursor,
@@ -337,17 +411,18 @@ impl RolloutService {
     }
 
     /// A page of the rollout's devices, in stage order, optionally of one state.
-    pub fn devices(
+    pub async fn devices(
         &self,
         id: &str,
         state: Option<DeviceState>,
         page: &PageRequest,
     ) -> Result<Page<DeviceRow>, RolloutError> {
-        let members = match lock(&self.inner.active).get(id) {
-            Some(a) => a.members.clone(),
+        let held = lock(&self.inner.active).get(id).map(|a| a.members.clone());
+        let members = match held {
+            Some(members) => members,
             None => {
-                self.stored(id)?;
-                self.inner.catalog.members(id)?
+                self.stored(id).await?;
+                self.inner.stores.rollouts.members(id).await?
             }
         };
         let offset = match page.cursor.as_deref() {
@@ -447,21 +522,40 @@ impl RolloutService {
             })
     }
 
-    /// Stores member rows, and the rollout record itself when `with_rollout` (its status,
-    /// events or timeline changed: it is the larger write).
+    /// Queues member rows, and the rollout record itself when `with_rollout` (its status,
+    /// events or timeline changed: it is the larger write), for [`Self::store_writes`]. Called
+    /// under the `active` lock; the caller stores the queue once it has let go of the lock and
+    /// before anything that depends on the write (a dispatch, an answer) happens.
     fn persist(&self, rollout: &Rollout, members: &[&Member], with_rollout: bool) {
-        let rows: Vec<(String, &Member)> = members.iter().map(|m| (m.order.clone(), *m)).collect();
-        let stored = self
-            .inner
-            .catalog
-            .put_members(&rollout.id, &rows)
-            .and_then(|()| match with_rollout {
-                true => self.inner.catalog.put_rollout(&rollout.id, rollout),
-                false => Ok(()),
-            });
-        if let Err(e) = stored {
-            tracing::error!(rollout_id = %rollout.id, error = %e, "storing rollout failed");
+        lock(&self.inner.writes).push(Write {
+            rollout: with_rollout.then(|| rollout.clone()),
+            rollout_id: rollout.id.clone(),
+            members: members.iter().map(|m| (*m).clone()).collect(),
+        });
+    }
+
+    /// Stores the queued writes in order. On a failure, it and the writes after it go back
+    /// to the front of the queue (tried again by the next call) and the error is returned.
+    async fn store_writes(&self) -> Result<(), CatalogError> {
+        let _turn = self.inner.storing.lock().await;
+        let mut writes = std::mem::take(&mut *lock(&self.inner.writes)).into_iter();
+        while let Some(w) = writes.next() {
+            let members: Vec<&Member> = w.members.iter().collect();
+            let stored = self
+                .inner
+                .stores
+                .rollouts
+                .save_rollout(&w.rollout_id, w.rollout.as_ref(), &members)
+                .await;
+            if let Err(e) = stored {
+                tracing::error!(rollout_id = %w.rollout_id, error = %e, "storing rollout failed");
+                let mut queue = lock(&self.inner.writes);
+                let later = std::mem::take(&mut *queue);
+                queue.extend(std::iter::once(w).chain(writes).chain(later));
+                return Err(e);
+            }
         }
+        Ok(())
     }
 
     fn publish(&self, a: &Active) {

@@ -5,14 +5,14 @@
 use super::*;
 
 impl RolloutService {
-    /// Follows the tasks of one rollout and decides what to dispatch (no I/O but sled).
-    /// Returns the dispatches to make.
-    fn step(&self, a: &mut Active, now: DateTime<Utc>) -> Vec<Dispatch> {
+    /// Follows the tasks of one rollout and decides what to dispatch, from `facts` read
+    /// before (no I/O here: writes are queued). Returns the dispatches to make.
+    fn step(&self, a: &mut Active, facts: &Facts, now: DateTime<Utc>) -> Vec<Dispatch> {
         let def = a.rollout.definition.clone();
         let mut changed: Vec<usize> = Vec::new();
         let canceled = a.rollout.status == RolloutStatus::Canceled;
         for (i, m) in a.members.iter_mut().enumerate() {
-            let mut moved = self.follow(m, &def, now);
+            let mut moved = self.follow(m, &def, facts, now);
             // A canceled rollout only sees its in-flight tasks to their end: no retries.
             if canceled && !m.state.is_final() && m.state != DeviceState::InFlight {
                 m.set_state(DeviceState::Canceled, now);
@@ -42,7 +42,7 @@ impl RolloutService {
                 changed.push(a.members.len() - 1);
             }
         }
-        let mut status_changed = self.check_packages(a, now) || self.judge(a, now);
+        let mut status_changed = self.check_packages(a, facts, now) || self.judge(a, now);
         let mut dispatches = Vec::new();
         if a.rollout.status == RolloutStatus::Running {
             let mut in_flight = a
@@ -166,24 +166,19 @@ impl RolloutService {
     }
 
     /// Moves one member along from its task and the registry. True if it changed.
-    fn follow(&self, m: &mut Member, def: &RolloutRequest, now: DateTime<Utc>) -> bool {
+    fn follow(
+        &self,
+        m: &mut Member,
+        def: &RolloutRequest,
+        facts: &Facts,
+        now: DateTime<Utc>,
+    ) -> bool {
         match m.state {
             DeviceState::InFlight => {
-                let Some(task_id) = m.task_id.clone() else {
+                let Some(task) = m.task_id.as_ref().and_then(|t| facts.finished.get(t)) else {
                     return false;
                 };
-                if !self
-                    .inner
-                    .ota
-                    .status(&task_id)
-                    .is_some_and(TaskStatus::is_final)
-                {
-                    return false;
-                }
-                let Ok(task) = self.inner.ota.get(&task_id, |_, _| None) else {
-                    return false;
-                };
-                self.finish_attempt(m, &task, def, now);
+                self.finish_attempt(m, task, def, now);
                 true
             }
             DeviceState::Timeout => {
@@ -363,15 +358,14 @@ impl RolloutService {
     }
 
     /// A running rollout whose firmware was disabled (or deleted, or found corrupt) pauses.
-    fn check_packages(&self, a: &mut Active, now: DateTime<Utc>) -> bool {
+    fn check_packages(&self, a: &mut Active, facts: &Facts, now: DateTime<Utc>) -> bool {
         if a.rollout.status != RolloutStatus::Running {
             return false;
         }
         let unusable = a.rollout.packages.iter().find_map(|p| {
-            let id = crate::domain::FirmwareId::parse(&p.firmware_id)?;
-            let fw = self.inner.catalog.firmware(&id).ok()?;
-            (fw.status != crate::catalog::FirmwareStatus::Ready).then(|| {
-                let status = serde_json::to_value(fw.status)
+            let status = *facts.firmware.get(&p.firmware_id)?;
+            (status != FirmwareStatus::Ready).then(|| {
+                let status = serde_json::to_value(status)
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_string))
                     .unwrap_or_default();
@@ -388,7 +382,14 @@ impl RolloutService {
     }
 
     /// Applies the answer of one dispatch.
-    fn dispatched(&self, a: &mut Active, i: usize, result: Result<Created, OtaError>) {
+    /// `holder` is the task named by a busy answer, read before.
+    fn dispatched(
+        &self,
+        a: &mut Active,
+        i: usize,
+        result: Result<Created, OtaError>,
+        holder: Option<OtaTask>,
+    ) {
         let now = Utc::now();
         let Some(m) = a.members.get_mut(i) else {
             return;
@@ -431,11 +432,9 @@ impl RolloutService {
             // Restarted after storing the attempt: the task of this attempt already exists
             // (made at or after the attempt was stored).
             Err(OtaError::GatewayBusy(task_id) | OtaError::DeviceBusy(task_id))
-                if self
-                    .inner
-                    .ota
-                    .get(&task_id, |_, _| None)
-                    .is_ok_and(|t| m.dispatched_at.is_some_and(|d| t.created_at >= d)) =>
+                if holder.as_ref().is_some_and(|t| {
+                    t.id == task_id && m.dispatched_at.is_some_and(|d| t.created_at >= d)
+                }) =>
             {
                 m.task_id = Some(task_id);
             }
@@ -459,7 +458,52 @@ impl RolloutService {
     }
 
     /// One round over every active rollout.
+    /// What the next round needs to know: the final tasks of in-flight members and the
+    /// status of every package's firmware.
+    async fn facts(&self) -> Facts {
+        let (tasks, packages): (Vec<String>, HashSet<String>) = {
+            let active = lock(&self.inner.active);
+            let tasks = active
+                .values()
+                .flat_map(|a| a.members.iter())
+                .filter(|m| m.state == DeviceState::InFlight)
+                .filter_map(|m| m.task_id.clone())
+                .collect();
+            let packages = active
+                .values()
+                .filter(|a| a.rollout.status == RolloutStatus::Running)
+                .flat_map(|a| a.rollout.packages.iter().map(|p| p.firmware_id.clone()))
+                .collect();
+            (tasks, packages)
+        };
+        let mut facts = Facts::default();
+        for id in tasks {
+            if !self
+                .inner
+                .ota
+                .status(&id)
+                .await
+                .is_some_and(TaskStatus::is_final)
+            {
+                continue;
+            }
+            if let Ok(task) = self.inner.ota.get(&id).await {
+                facts.finished.insert(id, task);
+            }
+        }
+        for id in packages {
+            let Some(fid) = crate::domain::FirmwareId::parse(&id) else {
+                continue;
+            };
+            if let Ok(fw) = self.inner.stores.firmware.firmware(&fid).await {
+                facts.firmware.insert(id, fw.status);
+            }
+        }
+        facts
+    }
+
     async fn round(&self) {
+        let facts = self.facts().await;
         let now = Utc::now();
         let work: Vec<(String, Vec<Dispatch>)> = {
             let mut active = lock(&self.inner.active);
@@ -467,7 +511,7 @@ impl RolloutService {
             let mut work = Vec::new();
             for id in ids {
                 if let Some(a) = active.get_mut(&id) {
-                    let d = self.step(a, now);
+                    let d = self.step(a, &facts, now);
                     if !d.is_empty() {
                         work.push((id.clone(), d));
                     }
@@ -481,6 +525,11 @@ impl RolloutService {
             }
             work
         };
+        // Each attempt is stored before its ota_create is sent: a restart re-sends the same
+        // attempt (its dispatch key), never a second one.
+        if self.store_writes().await.is_err() {
+            return;
+        }
         // Dispatches go out concurrently, as concurrent API requests would: their catalog
         // flushes (one before each publish) are shared instead of queued one after another.
         for (id, dispatches) in work {
@@ -494,14 +543,21 @@ impl RolloutService {
                 if let Err(e) = &result {
                     tracing::info!(rollout_id = %id, error = %e, "rollout dispatch not sent");
                 }
+                let holder = match &result {
+                    Err(OtaError::GatewayBusy(t) | OtaError::DeviceBusy(t)) => {
+                        self.inner.ota.get(t).await.ok()
+                    }
+                    _ => None,
+                };
                 if let Some(a) = lock(&self.inner.active).get_mut(&id) {
-                    self.dispatched(a, i, result);
+                    self.dispatched(a, i, result, holder);
                 }
             }
             if let Some(a) = lock(&self.inner.active).get(&id) {
                 self.publish(a);
             }
         }
+        let _ = self.store_writes().await;
     }
 
     /// Drives every active rollout until `cancel`: a round every 500 ms, and at once after an
@@ -516,10 +572,9 @@ impl RolloutService {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = prune.tick() => {
-                    let catalog = self.inner.catalog.clone();
-                    match tokio::task::spawn_blocking(move || catalog.prune_idempotency()).await {
-                        Ok(Ok(n)) if n > 0 => tracing::info!(removed = n, "expired Idempotency-Key answers pruned"),
-                        Ok(Err(e)) => tracing::warn!(error = %e, "pruning Idempotency-Key answers failed"),
+                    match self.inner.stores.idempotency.prune_idempotency(Utc::now()).await {
+                        Ok(n) if n > 0 => tracing::info!(removed = n, "expired Idempotency-Key answers pruned"),
+                        Err(e) => tracing::warn!(error = %e, "pruning Idempotency-Key answers failed"),
                         _ => {}
                     }
                     continue;

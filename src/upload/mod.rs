@@ -18,15 +18,15 @@ use futures::{Stream, StreamExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::blobs::{BlobError, BlobStore, BlobWriter};
-use crate::catalog::{
-    Catalog, CatalogError, CommitOutcome, FirmwareRecord, FirmwareStatus, PendingUpload,
-    SCHEMA_VERSION,
-};
 use crate::checksum::{ChecksumError, Checksummer, Digests};
 use crate::domain::{
     FileName, FirmwareId, Md5Hex, ProductVersion, Sha256Hex, VersionError, parse_name_facts,
 };
 use crate::metrics::Metrics;
+use crate::store::{
+    CatalogError, CommitOutcome, FirmwareRecord, FirmwareStatus, FirmwareStore, PendingUpload,
+    SCHEMA_VERSION, UploadStore,
+};
 
 /// Body chunks are handed to the digests and the blob writer in batches of about this size
 /// (as received: never copied).
@@ -204,7 +204,8 @@ pub enum UploadOutcome {
 /// Admits, streams and commits uploads. Cheap to clone.
 #[derive(Clone)]
 pub struct UploadService {
-    catalog: Catalog,
+    firmware: Arc<dyn FirmwareStore>,
+    uploads: Arc<dyn UploadStore>,
     blobs: BlobStore,
     metrics: Arc<Metrics>,
     slots: Arc<Semaphore>,
@@ -219,9 +220,11 @@ pub struct Admission {
 }
 
 impl UploadService {
-    /// A service writing to `blobs` and `catalog`.
+    /// A service writing to `blobs`, recording uploads in progress in `uploads` and committed
+    /// ones in `firmware`.
     pub fn new(
-        catalog: Catalog,
+        firmware: Arc<dyn FirmwareStore>,
+        uploads: Arc<dyn UploadStore>,
         blobs: BlobStore,
         metrics: Arc<Metrics>,
         max_concurrent: usize,
@@ -229,7 +232,8 @@ impl UploadService {
         idle: Duration,
     ) -> Self {
         UploadService {
-            catalog,
+            firmware,
+            uploads,
             blobs,
             metrics,
             slots: Arc::new(Semaphore::new(max_concurrent)),
@@ -288,7 +292,7 @@ impl UploadService {
             started_at: Utc::now(),
         };
         // Recorded before the store is touched, so a crash at any later point is swept.
-        self.catalog.put_pending_upload(&pending)?;
+        self.uploads.put_pending_upload(&pending).await?;
         let mut session = UploadSession {
             svc: self.clone(),
             id,
@@ -302,7 +306,7 @@ impl UploadService {
         let writer = self.blobs.writer(&key).await?;
         if let Some(mpu) = writer.multipart_id() {
             pending.multipart_id = Some(mpu);
-            self.catalog.put_pending_upload(&pending)?;
+            self.uploads.put_pending_upload(&pending).await?;
         }
         session.writer = Some(writer);
         Ok(session)
@@ -328,7 +332,7 @@ impl UploadService {
             self.retry_cleanup(key.to_string());
             return;
         }
-        if let Err(e) = self.catalog.remove_pending_upload(key) {
+        if let Err(e) = self.uploads.remove_pending_upload(key).await {
             tracing::warn!(upload_id = key, error = %e, "dropping pending upload row failed");
         }
     }
@@ -339,7 +343,7 @@ impl UploadService {
         self.blobs
             .discard_partial(&pending.blob_key, pending.multipart_id.as_deref())
             .await?;
-        self.catalog.remove_pending_upload(&pending.id)?;
+        self.uploads.remove_pending_upload(&pending.id).await?;
         Ok(())
     }
 
@@ -351,7 +355,7 @@ impl UploadService {
             let mut wait = std::time::Duration::from_secs(1);
             loop {
                 tokio::time::sleep(wait).await;
-                let pending = match svc.catalog.pending_uploads() {
+                let pending = match svc.uploads.pending_uploads().await {
                     Ok(all) => all.into_iter().find(|p| p.id == key),
                     Err(_) => None,
                 };
@@ -370,11 +374,16 @@ impl UploadService {
         });
     }
 
+    /// Uploads in progress or waiting for their cleanup.
+    pub async fn pending(&self) -> Result<Vec<PendingUpload>, CatalogError> {
+        self.uploads.pending_uploads().await
+    }
+
     /// Cleans up every pending upload: at start-up (what a crash left) and at shutdown (what
     /// the shutdown cut; no upload handler runs any more). One that cannot be cleaned now
     /// keeps its row and is retried in the background. Returns how many were cleaned.
     pub async fn discard_unfinished(&self) -> usize {
-        let pending = match self.catalog.pending_uploads() {
+        let pending = match self.uploads.pending_uploads().await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read pending uploads");

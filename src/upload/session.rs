@@ -140,10 +140,7 @@ impl UploadSession {
             deleted_at: None,
             blob_key: key.clone(),
         };
-        let outcome = self
-            .svc
-            .catalog
-            .commit_firmware(&record, &resolved.version, &key);
+        let outcome = self.svc.firmware.commit_firmware(&record, &key).await;
         match outcome {
             Ok(CommitOutcome::Created(r)) => Ok(UploadOutcome::Created(r)),
             Ok(CommitOutcome::Duplicate(existing)) => {

@@ -126,7 +126,7 @@ async fn disable_enable_delete() {
 
 struct AlwaysInUse;
 impl fwrepo::firmware::UsageGuard for AlwaysInUse {
-    fn in_use(&self, _: &fwrepo::catalog::FirmwareRecord) -> Option<String> {
+    fn in_use(&self, _: &fwrepo::store::FirmwareRecord) -> Option<String> {
         Some("task T1 is running it".into())
     }
 }

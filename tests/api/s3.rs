@@ -76,7 +76,7 @@ async fn s3_upload_download_and_failures() {
     let (status, _) = app.delete_json(&format!("/api/v1/firmware/{id}")).await;
     assert_eq!(status, 200);
     assert!(app.state.blobs.size(id).await.is_err());
-    let list = app.state.catalog.pending_uploads().unwrap();
+    let list = app.state.uploads.pending().await.unwrap();
     assert!(list.is_empty());
     let _: Value = app.get_json("/api/v1/firmware").await.1;
 }

@@ -363,7 +363,7 @@ async fn client_disconnect_mid_upload_leaves_nothing() {
             .await
             .unwrap();
         app.assert_blob_count(0).await;
-        assert!(app.state.catalog.pending_uploads().unwrap().is_empty());
+        assert!(app.state.uploads.pending().await.unwrap().is_empty());
     }
     assert_eq!(app.firmware_count().await, 0);
 }

@@ -179,3 +179,129 @@ pub struct DownloadSessionRecord {
     #[schema(value_type = Vec<Vec<u64>>)]
     pub covered: Vec<(u64, u64)>,
 }
+
+/// Percent of `size` that `covered` bytes are, rounded down to a tenth.
+pub fn percent(covered: u64, size: u64) -> f64 {
+    if size == 0 {
+        return 100.0;
+    }
+    ((covered as u128 * 1000 / size as u128) as f64) / 10.0
+}
+
+/// Adds `[start, end)` to sorted, merged intervals; returns the bytes newly covered.
+pub fn cover(intervals: &mut Vec<(u64, u64)>, start: u64, end: u64) -> u64 {
+    if start >= end {
+        return 0;
+    }
+    let before: u64 = intervals.iter().map(|(a, b)| b - a).sum();
+    let idx = intervals.partition_point(|&(_, b)| b < start);
+    let mut new = (start, end);
+    let mut j = idx;
+    while j < intervals.len() && intervals[j].0 <= new.1 {
+        new.0 = new.0.min(intervals[j].0);
+        new.1 = new.1.max(intervals[j].1);
+        j += 1;
+    }
+    intervals.splice(idx..j, [new]);
+    let after: u64 = intervals.iter().map(|(a, b)| b - a).sum();
+    after - before
+}
+
+impl DownloadSessionRecord {
+    #[doc(hidden)]
+    pub fn new_for_test(id: &str, covered: &[(u64, u64)], seen: DateTime<Utc>) -> Self {
+        let mut s = DownloadSessionRecord {
+            v: SCHEMA_VERSION,
+            id: id.into(),
+            firmware_id: FirmwareId::generate(),
+            task_id: Some("T".into()),
+            sn: Some("SN".into()),
+            client: "127.0.0.1".into(),
+            user_agent: "curl".into(),
+            file_size: 100,
+            bytes_sent: 0,
+            bytes_covered: 0,
+            percent: 0.0,
+            requests: 1,
+            state: SessionState::Active,
+            started_at: seen,
+            last_seen_at: seen,
+            covered: Vec::new(),
+        };
+        for &(a, b) in covered {
+            s.bytes_sent += b - a;
+            s.bytes_covered += cover(&mut s.covered, a, b);
+        }
+        s.percent = percent(s.bytes_covered, s.file_size);
+        s
+    }
+
+    /// This stored session merged with a newer write of it: covered ranges united, counters
+    /// and times the larger, the state of the newer write unless the union is complete.
+    /// Commutative in the coverage, so writers of one session may flush in any order.
+    pub fn merged(&self, newer: &DownloadSessionRecord) -> DownloadSessionRecord {
+        let mut out = newer.clone();
+        for &(a, b) in &self.covered {
+            cover(&mut out.covered, a, b);
+        }
+        out.bytes_covered = out.covered.iter().map(|(a, b)| b - a).sum();
+        out.percent = percent(out.bytes_covered, out.file_size);
+        out.bytes_sent = self.bytes_sent.max(newer.bytes_sent);
+        out.requests = self.requests.max(newer.requests);
+        out.started_at = self.started_at.min(newer.started_at);
+        out.last_seen_at = self.last_seen_at.max(newer.last_seen_at);
+        if out.bytes_covered >= out.file_size {
+            out.state = SessionState::Complete;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn intervals_merge() {
+        let mut iv = Vec::new();
+        assert_eq!(cover(&mut iv, 10, 20), 10);
+        assert_eq!(cover(&mut iv, 30, 40), 10);
+        assert_eq!(cover(&mut iv, 15, 35), 10);
+        assert_eq!(iv, vec![(10, 40)]);
+        assert_eq!(cover(&mut iv, 0, 5), 5);
+        assert_eq!(cover(&mut iv, 5, 10), 5);
+        assert_eq!(iv, vec![(0, 40)]);
+        assert_eq!(cover(&mut iv, 0, 40), 0);
+        assert_eq!(cover(&mut iv, 50, 50), 0);
+    }
+
+    fn session(covered: &[(u64, u64)]) -> DownloadSessionRecord {
+        DownloadSessionRecord::new_for_test("S", covered, Utc::now())
+    }
+
+    proptest::proptest! {
+        /// Writers of one session may flush in any order: the merged coverage is the union.
+        #[test]
+        fn merging_is_a_commutative_union(
+            a in proptest::collection::vec((0u64..100, 0u64..30), 0..6),
+            b in proptest::collection::vec((0u64..100, 0u64..30), 0..6),
+        ) {
+            let span = |v: &Vec<(u64, u64)>| -> Vec<(u64, u64)> {
+                v.iter().map(|&(s, l)| (s, (s + l).min(100))).collect()
+            };
+            let (x, y) = (session(&span(&a)), session(&span(&b)));
+            let (xy, yx) = (x.merged(&y), y.merged(&x));
+            proptest::prop_assert_eq!(&xy.covered, &yx.covered);
+            proptest::prop_assert_eq!(xy.bytes_covered, yx.bytes_covered);
+            let mut union = Vec::new();
+            for &(s, e) in span(&a).iter().chain(span(&b).iter()) {
+                cover(&mut union, s, e);
+            }
+            proptest::prop_assert_eq!(&xy.covered, &union);
+            proptest::prop_assert_eq!(
+                xy.state == SessionState::Complete,
+                xy.bytes_covered >= 100
+            );
+        }
+    }
+}

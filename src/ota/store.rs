@@ -1,0 +1,88 @@
+//! The storage port of OTA tasks: what the OTA service needs from any catalog backend.
+
+use chrono::{DateTime, Utc};
+
+use super::{OtaTask, TaskStatus};
+use crate::store::{Page, PageRequest, StoreResult};
+
+/// Which tasks a list wants.
+#[derive(Debug, Clone, Default)]
+pub struct TaskQuery {
+    /// Of this gateway.
+    pub gateway_sn: Option<String>,
+    /// In this status.
+    pub status: Option<TaskStatus>,
+}
+
+impl TaskQuery {
+    /// Whether `t` is wanted.
+    pub fn matches(&self, t: &OtaTask) -> bool {
+        self.gateway_sn.as_deref().is_none_or(|g| t.gateway_sn == g)
+            && self.status.is_none_or(|s| t.status == s)
+    }
+}
+
+/// Result of [`TaskStore::insert_task`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// The task is stored and holds its gateway and devices until it is final.
+    Inserted,
+    /// `sn` (the gateway or one of the devices) is held by the open task `task_id`; nothing
+    /// was stored.
+    Busy {
+        /// The serial number held.
+        sn: String,
+        /// The open task holding it.
+        task_id: String,
+    },
+}
+
+/// The serial numbers a task holds while open: its gateway and the devices it upgrades.
+pub fn held_serials(t: &OtaTask) -> Vec<String> {
+    let mut sns = vec![t.gateway_sn.clone()];
+    for d in &t.devices {
+        if d.outcome != super::Outcome::SkippedUpToDate && !sns.contains(&d.sn) {
+            sns.push(d.sn.clone());
+        }
+    }
+    sns
+}
+
+/// Whether a stored task may be replaced by `next`: status only moves forward
+/// (`pending < sent < in_progress = paused < final`), and a final task changes only while its
+/// devices settle.
+pub fn is_forward(stored: &OtaTask, next: &OtaTask) -> bool {
+    let rank = |s: TaskStatus| match s {
+        TaskStatus::Pending => 0,
+        TaskStatus::Sent => 1,
+        TaskStatus::InProgress | TaskStatus::Paused => 2,
+        _ => 3,
+    };
+    rank(next.status) >= rank(stored.status)
+        && (!stored.status.is_final() || next.status == stored.status)
+}
+
+/// OTA tasks and the messages that matched none.
+#[async_trait::async_trait]
+pub trait TaskStore: Send + Sync {
+    /// One task.
+    async fn task(&self, id: &str) -> StoreResult<Option<OtaTask>>;
+    /// Tasks not finished, or finished at or after `since` (start-up).
+    async fn recent_tasks(&self, since: DateTime<Utc>) -> StoreResult<Vec<OtaTask>>;
+    /// Newest-first page of the tasks `query` wants.
+    async fn list_tasks(&self, query: &TaskQuery, page: &PageRequest)
+    -> StoreResult<Page<OtaTask>>;
+    /// Stores a new task unless its gateway or one of its devices is held by another task
+    /// that is not final: the check and the insert are one atomic step, so of two concurrent
+    /// creations for one gateway exactly one wins.
+    async fn insert_task(&self, task: &OtaTask) -> StoreResult<Claimed>;
+    /// Stores a changed task if the change is forward ([`is_forward`]) of the stored copy;
+    /// returns whether it was written. A final task frees what it held.
+    async fn save_task(&self, task: &OtaTask) -> StoreResult<bool>;
+    /// Removes a task (one whose publish failed) and frees what it held.
+    async fn delete_task(&self, id: &str) -> StoreResult<()>;
+    /// Removes tasks that finished before `cutoff`; returns how many.
+    async fn prune_tasks(&self, cutoff: DateTime<Utc>) -> StoreResult<usize>;
+    /// Keeps an OTA message that matched no task (bounded; the oldest go first).
+    async fn put_orphan(&self, msg: &serde_json::Value) -> StoreResult<()>;
+}
