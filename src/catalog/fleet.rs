@@ -288,7 +288,7 @@ impl RolloutStore for Catalog {
         page: &PageRequest,
     ) -> StoreResult<Page<Rollout>> {
         page_desc(&self.trees()?.rollouts, page, |r: &Rollout| {
-            status.is_none_or(|s| r.status == s)
+            status.is_none_or(|s| r.status() == s)
         })
     }
 

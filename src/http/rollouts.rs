@@ -164,7 +164,7 @@ impl super::sse::Tracked for RolloutView {
     /// Completed or canceled with nothing in flight.
     fn done(&self) -> bool {
         matches!(
-            self.rollout.status,
+            self.rollout.status(),
             RolloutStatus::Completed | RolloutStatus::Canceled
         ) && !self.counts.contains_key("in_flight")
     }

@@ -75,14 +75,14 @@ impl RolloutService {
                     let r = stored.clone().ok_or_else(not_found)?;
                     return Err(machine::Refused {
                         action,
-                        status: r.status,
+                        status: r.status(),
                     }
                     .into());
                 };
                 let step =
                     machine::next_for(&a.rollout, Input::Act(action))?.ok_or(machine::Refused {
                         action,
-                        status: a.rollout.status,
+                        status: a.rollout.status(),
                     })?;
                 if step.acknowledge_failures {
                     a.rollout.acknowledged_failed = model::count(a.members.iter())
@@ -107,7 +107,7 @@ impl RolloutService {
         };
         // Stored before the answer (which the access gate makes durable).
         self.store_writes().await?;
-        tracing::info!(rollout_id = %id, action = action.as_str(), status = ?view.rollout.status, "rollout action");
+        tracing::info!(rollout_id = %id, action = action.as_str(), status = ?view.rollout.status(), "rollout action");
         let _ = self.inner.changes.send(view.clone());
         self.inner.wake.notify_one();
         Ok(view)

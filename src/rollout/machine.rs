@@ -15,7 +15,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::model::{Rollout, RolloutStatus};
+use super::model::{Phase, Rollout, RolloutStatus};
 
 /// An operator's action (`POST /api/v1/rollouts/{id}/{action}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,8 +89,8 @@ pub struct Step {
     pub events: Vec<(&'static str, Option<String>)>,
     /// The stage index moves one forward.
     pub next_stage: bool,
-    /// The pause reason: `Some(Some(why))` sets it, `Some(None)` clears it, `None` keeps it.
-    pub pause_reason: Option<Option<String>>,
+    /// Why, when the step pauses the rollout.
+    pub reason: Option<String>,
     /// Undispatched members become `canceled` (cancel).
     pub cancel_members: bool,
     /// Failed members so far stop counting against the thresholds (resume).
@@ -112,7 +112,7 @@ fn step(to: RolloutStatus) -> Step {
         to,
         events: Vec::new(),
         next_stage: false,
-        pause_reason: None,
+        reason: None,
         cancel_members: false,
         acknowledge_failures: false,
     }
@@ -138,13 +138,12 @@ pub fn next(
         (S::Running | S::WaitingApproval, Input::Act(Action::Pause)) => {
             let mut s = step(S::Paused);
             s.events = vec![("pause", None)];
-            s.pause_reason = Some(Some("paused by an operator".into()));
+            s.reason = Some("paused by an operator".into());
             s
         }
         (S::Paused, Input::Act(Action::Resume)) => {
             let mut s = step(S::Running);
             s.events = vec![("resume", None)];
-            s.pause_reason = Some(None);
             s.acknowledge_failures = true;
             s
         }
@@ -164,7 +163,7 @@ pub fn next(
         (S::Running, Input::Judged(Verdict::Stop(why))) => {
             let mut s = step(S::Paused);
             s.events = vec![("paused", Some(why.clone()))];
-            s.pause_reason = Some(Some(why));
+            s.reason = Some(why);
             s
         }
         (S::Running, Input::Judged(Verdict::AllDone)) if stage + 1 >= stages => {
@@ -196,7 +195,7 @@ pub fn next(
 /// [`next`] for `rollout` as it stands.
 pub fn next_for(rollout: &Rollout, input: Input) -> Result<Option<Step>, Refused> {
     next(
-        rollout.status,
+        rollout.status(),
         rollout.current_stage,
         rollout.definition.stages.len(),
         rollout.definition.auto_advance,
@@ -204,20 +203,15 @@ pub fn next_for(rollout: &Rollout, input: Input) -> Result<Option<Step>, Refused
     )
 }
 
-/// Carries a step out on the rollout record (status, stage, pause reason, events, times).
+/// Carries a step out on the rollout record (state and its data, stage, events, times): the
+/// only place a rollout's state changes.
 pub fn apply(rollout: &mut Rollout, step: &Step, now: DateTime<Utc>) {
-    rollout.status = step.to;
+    rollout.phase = Phase::of(step.to, step.reason.clone(), now);
     if step.next_stage {
         rollout.current_stage += 1;
     }
-    if let Some(reason) = &step.pause_reason {
-        rollout.pause_reason = reason.clone();
-    }
     if step.to == RolloutStatus::Running && rollout.started_at.is_none() {
         rollout.started_at = Some(now);
-    }
-    if matches!(step.to, RolloutStatus::Completed | RolloutStatus::Canceled) {
-        rollout.finished_at = Some(now);
     }
     for (action, reason) in &step.events {
         rollout.event(action, reason.clone(), now);

@@ -197,7 +197,7 @@ impl RolloutService {
             let busy = members
                 .iter()
                 .any(|m| matches!(m.state, DeviceState::InFlight));
-            if r.status.is_active() || (r.status == RolloutStatus::Canceled && busy) {
+            if r.status().is_active() || (r.status() == RolloutStatus::Canceled && busy) {
                 active.insert(
                     r.id.clone(),
                     Active {
@@ -233,7 +233,7 @@ impl RolloutService {
         let mut by_status: BTreeMap<&str, u64> = BTreeMap::new();
         let mut devices = Counts::new();
         for a in active.values() {
-            *by_status.entry(a.rollout.status.as_str()).or_default() += 1;
+            *by_status.entry(a.rollout.status().as_str()).or_default() += 1;
             for (k, v) in a.counts() {
                 *devices.entry(k).or_default() += v;
             }
@@ -324,17 +324,15 @@ impl RolloutService {
         let mut rollout = Rollout {
             id: crate::domain::ids::next(),
             name: req.name.trim().to_string(),
-            status: RolloutStatus::Draft,
+            phase: model::Phase::Draft,
             definition: req,
             packages,
             current_stage: 0,
             stage_sizes: Vec::new(),
-            pause_reason: None,
             acknowledged_failed: 0,
             created_at: now,
             updated_at: now,
             started_at: None,
-            finished_at: None,
             timeline: Vec::new(),
             events: Vec::new(),
         };
@@ -514,7 +512,7 @@ impl RolloutService {
     ) -> Option<String> {
         active
             .values()
-            .filter(|a| a.rollout.id != id && a.rollout.status.is_active())
+            .filter(|a| a.rollout.id != id && a.rollout.status().is_active())
             .find_map(|a| {
                 a.holds()
                     .find(|sn| sns.contains(sn))
@@ -576,7 +574,7 @@ impl crate::firmware::UsageGuard for RolloutService {
         let active = lock(&self.inner.active);
         active
             .values()
-            .filter(|a| a.rollout.status.is_active())
+            .filter(|a| a.rollout.status().is_active())
             .find(|a| {
                 a.rollout
                     .packages

@@ -10,7 +10,7 @@ impl RolloutService {
     fn step(&self, a: &mut Active, facts: &Facts, now: DateTime<Utc>) -> Vec<Dispatch> {
         let def = a.rollout.definition.clone();
         let mut changed: Vec<usize> = Vec::new();
-        let canceled = a.rollout.status == RolloutStatus::Canceled;
+        let canceled = a.rollout.status() == RolloutStatus::Canceled;
         for (i, m) in a.members.iter_mut().enumerate() {
             let mut moved = self.follow(m, &def, facts, now);
             // A canceled rollout only sees its in-flight tasks to their end: no retries.
@@ -26,7 +26,7 @@ impl RolloutService {
         // stage is judged complete.
         let finishing = a.rollout.current_stage + 1 >= def.stages.len()
             && a.members.iter().all(|m| m.state.is_final());
-        if a.rollout.status == RolloutStatus::Running
+        if a.rollout.status() == RolloutStatus::Running
             && def.include_new_devices
             && def.target.model.is_some()
             && (finishing || now - a.last_refresh >= REFRESH_TARGET)
@@ -44,7 +44,7 @@ impl RolloutService {
         }
         let mut status_changed = self.check_packages(a, facts, now) || self.judge(a, now);
         let mut dispatches = Vec::new();
-        if a.rollout.status == RolloutStatus::Running {
+        if a.rollout.status() == RolloutStatus::Running {
             let mut in_flight = a
                 .members
                 .iter()
@@ -291,7 +291,7 @@ impl RolloutService {
 
     /// What the counts of a running rollout's current stage say, if anything.
     fn verdict(&self, a: &Active) -> Option<Verdict> {
-        if a.rollout.status != RolloutStatus::Running {
+        if a.rollout.status() != RolloutStatus::Running {
             return None;
         }
         let def = &a.rollout.definition;
@@ -341,7 +341,7 @@ impl RolloutService {
         };
         match step.to {
             RolloutStatus::Paused => {
-                let why = step.pause_reason.clone().flatten().unwrap_or_default();
+                let why = step.reason.clone().unwrap_or_default();
                 tracing::warn!(rollout_id = %a.rollout.id, reason = %why, "rollout paused");
             }
             RolloutStatus::Completed => {
@@ -359,7 +359,7 @@ impl RolloutService {
 
     /// A running rollout whose firmware was disabled (or deleted, or found corrupt) pauses.
     fn check_packages(&self, a: &mut Active, facts: &Facts, now: DateTime<Utc>) -> bool {
-        if a.rollout.status != RolloutStatus::Running {
+        if a.rollout.status() != RolloutStatus::Running {
             return false;
         }
         let unusable = a.rollout.packages.iter().find_map(|p| {
@@ -471,7 +471,7 @@ impl RolloutService {
                 .collect();
             let packages = active
                 .values()
-                .filter(|a| a.rollout.status == RolloutStatus::Running)
+                .filter(|a| a.rollout.status() == RolloutStatus::Running)
                 .flat_map(|a| a.rollout.packages.iter().map(|p| p.firmware_id.clone()))
                 .collect();
             (tasks, packages)
@@ -515,7 +515,7 @@ impl RolloutService {
                     if !d.is_empty() {
                         work.push((id.clone(), d));
                     }
-                    let idle = !a.rollout.status.is_active()
+                    let idle = !a.rollout.status().is_active()
                         && !a.members.iter().any(|m| m.state == DeviceState::InFlight);
                     if idle {
                         self.persist(&a.rollout, &[], true);

@@ -67,17 +67,15 @@ pub(super) fn without_timeline(r: &Rollout) -> Rollout {
     Rollout {
         id: r.id.clone(),
         name: r.name.clone(),
-        status: r.status,
+        phase: r.phase.clone(),
         definition: r.definition.clone(),
         packages: r.packages.clone(),
         current_stage: r.current_stage,
         stage_sizes: r.stage_sizes.clone(),
-        pause_reason: r.pause_reason.clone(),
         acknowledged_failed: r.acknowledged_failed,
         created_at: r.created_at,
         updated_at: r.updated_at,
         started_at: r.started_at,
-        finished_at: r.finished_at,
         timeline: Vec::new(),
         events: r.events.clone(),
     }
@@ -103,7 +101,7 @@ pub(super) fn view_of(rollout: &Rollout, members: &[Member], now: DateTime<Utc>)
         .filter(|(k, _)| k.is_final())
         .map(|(_, v)| *v)
         .sum();
-    let eta_s = match (rollout.status, rollout.started_at) {
+    let eta_s = match (rollout.status(), rollout.started_at) {
         (RolloutStatus::Running, Some(start)) if done > 0 && done < total => {
             let elapsed = (now - start).num_milliseconds().max(1) as f64 / 1000.0;
             Some(((total - done) as f64 * elapsed / done as f64).ceil() as u64)

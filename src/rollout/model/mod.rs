@@ -7,6 +7,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
+mod phase;
+pub use phase::{Phase, PhaseFields};
+
 /// One package of a release: a firmware per device model.
 #[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct FirmwareRef {
@@ -504,8 +507,10 @@ pub struct Rollout {
     pub id: String,
     /// Name.
     pub name: String,
-    /// State.
-    pub status: RolloutStatus,
+    /// State, with its data (`status`, `pause_reason`, `finished_at` when stored).
+    #[serde(flatten)]
+    #[schema(inline, value_type = PhaseFields)]
+    pub(in crate::rollout) phase: Phase,
     /// The definition as posted (defaults filled in).
     pub definition: RolloutRequest,
     /// Packages by model.
@@ -514,8 +519,6 @@ pub struct Rollout {
     pub current_stage: usize,
     /// Cumulative gateway counts per stage (known once started).
     pub stage_sizes: Vec<usize>,
-    /// Why it is paused.
-    pub pause_reason: Option<String>,
     /// Failed devices when an operator last resumed: they no longer count against the
     /// thresholds (else a rollout paused by them would pause again at once).
     #[serde(default)]
@@ -526,8 +529,6 @@ pub struct Rollout {
     pub updated_at: DateTime<Utc>,
     /// Started.
     pub started_at: Option<DateTime<Utc>>,
-    /// Completed or canceled.
-    pub finished_at: Option<DateTime<Utc>>,
     /// Counts over time.
     pub timeline: Vec<TimelinePoint>,
     /// State changes.
@@ -535,6 +536,16 @@ pub struct Rollout {
 }
 
 impl Rollout {
+    /// Its state's name.
+    pub fn status(&self) -> RolloutStatus {
+        self.phase.status()
+    }
+
+    /// Its state, with the state's data.
+    pub fn phase(&self) -> &Phase {
+        &self.phase
+    }
+
     /// Notes a state change.
     pub fn event(&mut self, action: &str, reason: Option<String>, now: DateTime<Utc>) {
         self.updated_at = now;
