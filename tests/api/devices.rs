@@ -8,8 +8,25 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-#[tokio::test]
-async fn devices_are_learned_from_topology_state_and_osd() {
+/// A dock and its aircraft (M30, also known as m30t) as the registry learned them from a
+/// scripted dock: its `update_topo`, the aircraft's state (10.01.0205, inconsistent), the
+/// dock's osd and an event that needs a reply. The test client is subscribed to the dock's
+/// `status_reply` and `events_reply`; its inbox holds what the server answered.
+struct LearnedPair {
+    app: TestApp,
+    dock: String,
+    aircraft: String,
+    /// The scripted dock: bind it for the whole test (`client: _client`), or its connection
+    /// and subscriptions end with the setup.
+    client: TestClient,
+    inbox: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+}
+
+async fn publish(client: &TestClient, topic: String, qos: QoS, body: String) {
+    client.publish(topic, qos, false, body).await.unwrap();
+}
+
+async fn learned_pair() -> LearnedPair {
     let app = spawn_with(|s| {
         s.models = fwrepo::devices::ModelMap::from_table(Some(
             &toml::from_str("\"3-1-0\" = \"Dock\"\n\"0-67-0\" = [\"M30\", \"m30t\"]\n").unwrap(),
@@ -17,8 +34,9 @@ async fn devices_are_learned_from_topology_state_and_osd() {
         .unwrap();
     })
     .await;
+    app.wait_mqtt_subscribed().await;
     let (dock, aircraft) = (sn("DOCK"), sn("AC"));
-    let (client, mut inbox) = mqtt_client(&app.mqtt_addr(), "devices").await;
+    let (client, inbox) = mqtt_client(&app.mqtt_addr(), "devices").await;
     client
         .subscribe_acked(format!("sys/product/{dock}/status_reply"))
         .await;
@@ -28,83 +46,92 @@ async fn devices_are_learned_from_topology_state_and_osd() {
     let topo = json!({"tid":"t1","bid":"b1","timestamp":1,"method":"update_topo","gateway":dock,
         "data":{"domain":"3","type":1,"sub_type":0,"thing_version":"1.1.2",
             "sub_devices":[{"sn":aircraft,"domain":"0","type":67,"sub_type":0,"index":"A"}]}});
-    client
-        .publish(
-            format!("sys/product/{dock}/status"),
-            QoS::AtLeastOnce,
-            false,
-            topo.to_string(),
-        )
-        .await
-        .unwrap();
     let state = json!({"tid":"t2","bid":"b2","timestamp":"2","gateway":dock,
         "data":{"firmware_version":"10.01.0205","compatible_status":1,"firmware_upgrade_status":0}});
-    client
-        .publish(
-            format!("thing/product/{aircraft}/state"),
-            QoS::AtLeastOnce,
-            false,
-            state.to_string(),
-        )
-        .await
-        .unwrap();
     let osd = json!({"tid":"t3","bid":"b3","timestamp":3,"data":{"mode_code":0}});
-    client
-        .publish(
-            format!("thing/product/{dock}/osd"),
-            QoS::AtMostOnce,
-            false,
-            osd.to_string(),
-        )
-        .await
-        .unwrap();
     let event =
         json!({"tid":"t4","bid":"b4","timestamp":4,"method":"hms","need_reply":1,"data":{}});
-    client
-        .publish(
+    for (topic, qos, body) in [
+        (format!("sys/product/{dock}/status"), QoS::AtLeastOnce, topo),
+        (
+            format!("thing/product/{aircraft}/state"),
+            QoS::AtLeastOnce,
+            state,
+        ),
+        (format!("thing/product/{dock}/osd"), QoS::AtMostOnce, osd),
+        (
             format!("thing/product/{dock}/events"),
             QoS::AtLeastOnce,
-            false,
-            event.to_string(),
-        )
-        .await
-        .unwrap();
-    // Bad input: counted, never fatal.
-    for (topic, payload) in [
-        (
-            format!("thing/product/{dock}/state"),
-            "not json".to_string(),
+            event,
         ),
-        (format!("thing/product/{dock}/osd/extra"), "{}".to_string()),
     ] {
-        client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
+        publish(&client, topic, qos, body.to_string()).await;
     }
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let (_, d) = app.get_json(&format!("/api/v1/devices/{aircraft}")).await;
+            d["firmware_version"] == "10.01.0205"
+        })
+        .await,
+        "the aircraft's state was never learned"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/devices/{dock}")).await.1["mode_code"] == 0
+        })
+        .await,
+        "the dock's osd was never learned"
+    );
+    LearnedPair {
+        app,
+        dock,
+        aircraft,
+        client,
+        inbox,
+    }
+}
 
-    let ok = wait_until(Duration::from_secs(10), || async {
-        let (_, d) = app.get_json(&format!("/api/v1/devices/{aircraft}")).await;
-        d["firmware_version"] == "10.01.0205"
-    })
-    .await;
-    assert!(ok);
+#[tokio::test]
+async fn an_aircraft_is_learned_from_the_topology_and_its_state() {
+    let LearnedPair {
+        app,
+        dock,
+        aircraft,
+        client: _client,
+        ..
+    } = learned_pair().await;
     let (_, d) = app.get_json(&format!("/api/v1/devices/{aircraft}")).await;
+    assert_eq!(d["firmware_version"], "10.01.0205", "{d}");
     assert_eq!(d["gateway_sn"], dock.as_str());
     assert_eq!(d["model_key"], "0-67-0");
     assert_eq!(d["model"], "M30");
     assert_eq!(d["compatible_status"], 1);
     assert_eq!(d["online"], true);
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            app.get_json(&format!("/api/v1/devices/{dock}")).await.1["mode_code"] == 0
-        })
-        .await
-    );
+}
+
+#[tokio::test]
+async fn a_dock_is_learned_from_its_topology_and_osd() {
+    let LearnedPair {
+        app,
+        dock,
+        aircraft,
+        client: _client,
+        ..
+    } = learned_pair().await;
     let (_, g) = app.get_json(&format!("/api/v1/devices/{dock}")).await;
+    assert_eq!(g["mode_code"], 0, "{g}");
     assert_eq!(g["child_sn"], aircraft.as_str());
     assert_eq!(g["model"], "Dock");
     assert_eq!(g["dialect"], "dji");
+}
+
+#[tokio::test]
+async fn update_topo_and_events_that_need_a_reply_are_answered() {
+    let LearnedPair {
+        mut inbox,
+        client: _client,
+        ..
+    } = learned_pair().await;
     // Replies: status_reply to update_topo, events_reply to need_reply = 1.
     let mut replies: Vec<(String, Value)> = Vec::new();
     while replies.len() < 2 {
@@ -126,15 +153,34 @@ async fn devices_are_learned_from_topology_state_and_osd() {
         .find(|(t, _)| t.ends_with("events_reply"))
         .unwrap();
     assert_eq!(ev.1["bid"], "b4");
-    // Lists and filters.
+}
+
+#[tokio::test]
+async fn devices_are_listed_by_gateway_and_filtered_by_model_alias_and_version() {
+    let LearnedPair {
+        app,
+        dock,
+        client: _client,
+        ..
+    } = learned_pair().await;
     let (_, list) = app
         .get_json(&format!("/api/v1/devices?gateway_sn={dock}"))
         .await;
-    assert_eq!(list["items"].as_array().unwrap().len(), 2);
+    assert_eq!(list["items"].as_array().unwrap().len(), 2, "{list}");
     let (_, list) = app
         .get_json("/api/v1/devices?model=m30&version=10.1.2.5")
         .await;
-    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+}
+
+#[tokio::test]
+async fn a_seen_within_window_beyond_i64_means_ever_seen() {
+    let LearnedPair {
+        app,
+        dock,
+        client: _client,
+        ..
+    } = learned_pair().await;
     // Any u64 window is valid; one beyond i64 means "ever seen", never "every device".
     let never_seen = sn("NEVER");
     app.client
@@ -163,8 +209,44 @@ async fn devices_are_learned_from_topology_state_and_osd() {
             "{all}"
         );
     }
+}
+
+#[tokio::test]
+async fn malformed_messages_are_counted_and_never_fatal() {
+    let app = spawn_app().await;
+    app.wait_mqtt_subscribed().await;
+    let dock = sn("DOCK");
+    let (client, _inbox) = mqtt_client(&app.mqtt_addr(), "malformed").await;
+    // Bad input: counted, never fatal.
+    for (topic, payload) in [
+        (
+            format!("thing/product/{dock}/state"),
+            "not json".to_string(),
+        ),
+        (format!("thing/product/{dock}/osd/extra"), "{}".to_string()),
+    ] {
+        publish(&client, topic, QoS::AtLeastOnce, payload).await;
+    }
+    // A good report after them on the same topic and connection: once it is learned, the bad
+    // ones before it have been handled, and the registry still works.
+    let good = json!({"tid":"t5","bid":"b5","timestamp":5,"data":{"firmware_version":"1.2.3"}});
+    publish(
+        &client,
+        format!("thing/product/{dock}/state"),
+        QoS::AtLeastOnce,
+        good.to_string(),
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            app.get_json(&format!("/api/v1/devices/{dock}")).await.1["firmware_version"] == "1.2.3"
+        })
+        .await,
+        "a good report after malformed ones was never learned"
+    );
     let text = app.metrics().await;
-    assert!(text.contains("fwrepo_mqtt_connected 1"));
+    assert!(text.contains("fwrepo_mqtt_connected 1"), "{text}");
+    assert!(text.contains("fwrepo_mqtt_malformed_total "), "{text}");
     assert!(!text.contains("fwrepo_mqtt_malformed_total 0"), "{text}");
     let (_, ready) = app.get_json("/readyz").await;
     assert_eq!(ready["mqtt"], "connected");

@@ -575,6 +575,18 @@ impl TestClient {
 }
 
 impl TestApp {
+    /// Waits until the server's MQTT session is up and the broker has acknowledged every one
+    /// of its subscriptions: a message published before that may never reach the server.
+    pub async fn wait_mqtt_subscribed(&self) {
+        assert!(
+            wait_until(Duration::from_secs(10), || async {
+                self.state.mqtt.status.subscribed.load(Ordering::Relaxed)
+            })
+            .await,
+            "the server's MQTT subscriptions were not acknowledged within 10 s"
+        );
+    }
+
     /// The embedded broker's address as "host:port".
     pub fn mqtt_addr(&self) -> String {
         self.state

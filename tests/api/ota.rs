@@ -124,6 +124,7 @@ async fn upgrade_story() -> UpgradeStory {
     client
         .subscribe_acked(format!("thing/product/{dock}/services"))
         .await;
+    app.wait_mqtt_subscribed().await;
     announce(&client, &dock, &aircraft, "10.01.0205", 0).await;
     assert!(
         wait_until(Duration::from_secs(10), || async {
@@ -149,7 +150,7 @@ async fn ota_create_is_planned_signed_and_idempotent() {
         data,
         fw_id,
         dock,
-        // Kept: the dock's subscription lives as long as its client.
+
         client: _client,
         mut inbox,
     } = upgrade_story().await;
@@ -403,38 +404,88 @@ async fn a_dock_downloads_reports_ok_and_is_verified() {
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
 }
 
-#[tokio::test]
-async fn policy_preflight_and_bad_requests() {
+/// A dock (running 10.01.0300 but inconsistent, so a consistency upgrade) and its aircraft
+/// announced on a server whose tasks time out after 1 s without a reply; a Dock 10.01.0300 and
+/// an M30 package uploaded; a test client subscribed to the dock's `services`.
+struct PolicyStory {
+    app: TestApp,
+    fw_id: String,
+    m30_id: String,
+    dock: String,
+    aircraft: String,
+    /// The scripted dock: bind it for the whole test (`client: _client`), or its connection
+    /// and subscription end with the setup.
+    client: TestClient,
+    inbox: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+}
+
+async fn policy_story() -> PolicyStory {
     let app = app_with_models(1).await;
     let fw = app.upload_ok("Dock_10.01.0300.zip", payload(1000, 3)).await;
-    let fw_id = fw["id"].as_str().unwrap().to_string();
     let m30 = app.upload_ok("M30_07.01.0000.zip", payload(1000, 4)).await;
+    app.wait_mqtt_subscribed().await;
     let (dock, aircraft) = (sn("DOCK"), sn("AC"));
-    let (client, mut inbox) = mqtt_client(&app.mqtt_addr(), "policy").await;
+    let (client, inbox) = mqtt_client(&app.mqtt_addr(), "policy").await;
     client
-        .subscribe(format!("thing/product/{dock}/services"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    // Same version, inconsistent: consistency upgrade (2).
+        .subscribe_acked(format!("thing/product/{dock}/services"))
+        .await;
     announce(&client, &dock, &aircraft, "10.01.0300", 1).await;
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            app.get_json(&format!("/api/v1/devices/{dock}")).await.1["compatible_status"] == 1
-                && app.get_json(&format!("/api/v1/devices/{dock}")).await.1["mode_code"] == 0
+            let d = app.get_json(&format!("/api/v1/devices/{dock}")).await.1;
+            d["compatible_status"] == 1 && d["mode_code"] == 0
         })
-        .await
+        .await,
+        "the dock was never learned"
     );
-    let dev = |sn: &str, id: &str| json!({"sn": sn, "firmware_id": id});
+    PolicyStory {
+        fw_id: fw["id"].as_str().unwrap().to_string(),
+        m30_id: m30["id"].as_str().unwrap().to_string(),
+        app,
+        dock,
+        aircraft,
+        client,
+        inbox,
+    }
+}
+
+/// One device of an OTA request, by firmware id.
+fn dev(sn: &str, id: &str) -> Value {
+    json!({"sn": sn, "firmware_id": id})
+}
+
+#[tokio::test]
+async fn a_same_version_inconsistent_dock_gets_a_consistency_upgrade() {
+    let PolicyStory {
+        app,
+        fw_id,
+        dock,
+        client: _client,
+        ..
+    } = policy_story().await;
     let (status, plan) = post_ota(
         &app,
         json!({"gateway_sn": dock, "devices": [dev(&dock, &fw_id)], "dry_run": true}),
         None,
     )
     .await;
-    assert_eq!(status, 200);
+    assert_eq!(status, 200, "{plan}");
     assert_eq!(plan["task"]["devices"][0]["upgrade_type"], 2);
     assert_eq!(plan["task"]["devices"][0]["policy_rule"], 4);
-    // Model mismatch: dock firmware for the aircraft.
+}
+
+#[tokio::test]
+async fn firmware_of_another_model_is_refused() {
+    let PolicyStory {
+        app,
+        fw_id,
+        dock,
+        aircraft,
+
+        client: _client,
+        ..
+    } = policy_story().await;
+    // Dock firmware for the aircraft.
     let (status, e) = post_ota(
         &app,
         json!({"gateway_sn": dock, "devices": [dev(&aircraft, &fw_id)]}),
@@ -446,54 +497,23 @@ async fn policy_preflight_and_bad_requests() {
         (422, Some("model_mismatch")),
         "{e}"
     );
-    // Bad requests.
+}
+
+#[tokio::test]
+async fn bad_ota_requests_are_refused() {
+    let PolicyStory {
+        app,
+        fw_id,
+        dock,
+        aircraft,
+
+        client: _client,
+        ..
+    } = policy_story().await;
     let three = json!({"gateway_sn": dock, "devices": [dev(&dock, &fw_id), dev(&aircraft, &fw_id), dev("X", &fw_id)]});
     assert_eq!(
         post_ota(&app, three, None).await.1["error"],
         "validation_failed"
-    );
-    let other =
-        json!({"gateway_sn": dock, "devices": [dev("SOMEONE-ELSE", m30["id"].as_str().unwrap())]});
-    let (status, e) = post_ota(&app, other, None).await;
-    assert_eq!(
-        (status, e["error"].as_str()),
-        (409, Some("preflight_failed")),
-        "{e}"
-    );
-    assert_eq!(e["check"], "aircraft_attached");
-    // The dock's osd names another aircraft than the topology: stale topology, refused.
-    let osd_naming = |child: &str| {
-        json!({"tid":"t","bid":"b","timestamp":4,"data":{"mode_code":0,"sub_device":{"device_sn":child,"device_online_status":1}}})
-            .to_string()
-    };
-    let osd_topic = format!("thing/product/{dock}/osd");
-    client
-        .publish(&osd_topic, QoS::AtLeastOnce, false, osd_naming("AC-STALE"))
-        .await
-        .unwrap();
-    let pair = json!({"gateway_sn": dock, "devices": [dev(&dock, &fw_id), dev(&aircraft, m30["id"].as_str().unwrap())], "dry_run": true});
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            let (status, e) = post_ota(&app, pair.clone(), None).await;
-            status == 409 && e["message"].to_string().contains("AC-STALE")
-        })
-        .await
-    );
-    let (_, e) = post_ota(&app, pair.clone(), None).await;
-    assert_eq!(
-        (e["error"].as_str(), e["check"].as_str()),
-        (Some("preflight_failed"), Some("aircraft_attached")),
-        "{e}"
-    );
-    client
-        .publish(&osd_topic, QoS::AtLeastOnce, false, osd_naming(&aircraft))
-        .await
-        .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            post_ota(&app, pair.clone(), None).await.0 == 200
-        })
-        .await
     );
     let unknown =
         json!({"gateway_sn": dock, "devices": [dev(&dock, "01ARZ3NDEKTSV4RRFFQ69G5FAV")]});
@@ -507,7 +527,85 @@ async fn policy_preflight_and_bad_requests() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 400);
-    // An offline gateway fails preflight.
+    let (status, _) = app.get_json("/api/v1/ota/nope").await;
+    assert_eq!(status, 404);
+}
+
+#[tokio::test]
+async fn a_device_not_attached_to_the_gateway_fails_preflight() {
+    let PolicyStory {
+        app,
+        m30_id,
+        dock,
+        client: _client,
+        ..
+    } = policy_story().await;
+    let other = json!({"gateway_sn": dock, "devices": [dev("SOMEONE-ELSE", &m30_id)]});
+    let (status, e) = post_ota(&app, other, None).await;
+    assert_eq!(
+        (status, e["error"].as_str()),
+        (409, Some("preflight_failed")),
+        "{e}"
+    );
+    assert_eq!(e["check"], "aircraft_attached");
+}
+
+#[tokio::test]
+async fn a_stale_topology_fails_preflight_until_the_osd_agrees_again() {
+    let PolicyStory {
+        app,
+        fw_id,
+        m30_id,
+        dock,
+        aircraft,
+        client,
+        ..
+    } = policy_story().await;
+    // The dock's osd names another aircraft than the topology: stale topology, refused.
+    let osd_naming = |child: &str| {
+        json!({"tid":"t","bid":"b","timestamp":4,"data":{"mode_code":0,"sub_device":{"device_sn":child,"device_online_status":1}}})
+            .to_string()
+    };
+    let osd_topic = format!("thing/product/{dock}/osd");
+    client
+        .publish(&osd_topic, QoS::AtLeastOnce, false, osd_naming("AC-STALE"))
+        .await
+        .unwrap();
+    let pair = json!({"gateway_sn": dock, "devices": [dev(&dock, &fw_id), dev(&aircraft, &m30_id)], "dry_run": true});
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            let (status, e) = post_ota(&app, pair.clone(), None).await;
+            status == 409 && e["message"].to_string().contains("AC-STALE")
+        })
+        .await
+    );
+    let (_, e) = post_ota(&app, pair.clone(), None).await;
+    assert_eq!(
+        (e["error"].as_str(), e["check"].as_str()),
+        (Some("preflight_failed"), Some("aircraft_attached")),
+        "{e}"
+    );
+    // The osd names the topology's aircraft again: accepted.
+    client
+        .publish(&osd_topic, QoS::AtLeastOnce, false, osd_naming(&aircraft))
+        .await
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            post_ota(&app, pair.clone(), None).await.0 == 200
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn an_unseen_gateway_passes_preflight_with_a_warning() {
+    let PolicyStory {
+        app,
+        fw_id,
+        client: _client,
+        ..
+    } = policy_story().await;
     let never = sn("DOCK");
     let (status, e) = post_ota(
         &app,
@@ -519,16 +617,25 @@ async fn policy_preflight_and_bad_requests() {
         status, 202,
         "an unseen gateway passes with a warning in normal mode: {e}"
     );
-    // No reply: the task times out (reply timeout 1 s here) and frees the gateway.
-    let (status, task) = post_ota(
-        &app,
-        json!({"gateway_sn": dock, "devices": [dev(&dock, &fw_id)]}),
-        None,
-    )
-    .await;
+}
+
+#[tokio::test]
+async fn an_unanswered_task_times_out_and_frees_the_gateway() {
+    let PolicyStory {
+        app,
+        fw_id,
+        dock,
+        mut inbox,
+
+        client: _client,
+        ..
+    } = policy_story().await;
+    let task_for_dock = json!({"gateway_sn": dock, "devices": [dev(&dock, &fw_id)]});
+    let (status, task) = post_ota(&app, task_for_dock.clone(), None).await;
     assert_eq!(status, 202, "{task}");
     let create = next_on(&mut inbox, "/services").await;
     assert_eq!(create["data"]["devices"][0]["firmware_upgrade_type"], 2);
+    // No reply: the task times out (reply timeout 1 s here)…
     let id = task["id"].as_str().unwrap();
     assert!(
         wait_until(Duration::from_secs(10), || async {
@@ -536,7 +643,22 @@ async fn policy_preflight_and_bad_requests() {
         })
         .await
     );
-    // A rejection keeps the code and explains it.
+    // …and frees the gateway for the next task.
+    let (status, next) = post_ota(&app, task_for_dock, None).await;
+    assert_eq!(status, 202, "{next}");
+    assert_ne!(next["id"], task["id"], "{next}");
+}
+
+#[tokio::test]
+async fn a_rejected_task_keeps_the_code_and_explains_it() {
+    let PolicyStory {
+        app,
+        fw_id,
+        dock,
+        client,
+        mut inbox,
+        ..
+    } = policy_story().await;
     let (status, task) = post_ota(
         &app,
         json!({"gateway_sn": dock, "devices": [dev(&dock, &fw_id)], "firmware_upgrade_type": 3}),
@@ -570,8 +692,6 @@ async fn policy_preflight_and_bad_requests() {
             .unwrap()
             .contains("already updating")
     );
-    let (status, _) = app.get_json("/api/v1/ota/nope").await;
-    assert_eq!(status, 404);
 }
 
 #[tokio::test]

@@ -210,10 +210,8 @@ async fn kill_9_mid_task_then_tracking_resumes() {
         .unwrap();
     let dock = sn("RDOCK");
     let (mq, mut inbox) = mqtt_client(&server.mqtt, "restart").await;
-    mq.subscribe(format!("thing/product/{dock}/services"), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    mq.subscribe_acked(format!("thing/product/{dock}/services"))
+        .await;
     let body = json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw["id"]}]});
     let task: Value = client
         .post(format!("{}/api/v1/ota", server.base))

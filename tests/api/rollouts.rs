@@ -361,18 +361,59 @@ async fn error_threshold_pauses_and_retries_turn_failures_into_ok() {
     sim_flaky.cancel();
 }
 
-#[tokio::test]
-async fn approval_gate_cancel_conflicts_and_bad_input() {
+/// The body of a rollout over `target` with `firmware` in two stages (one gateway of four,
+/// then the rest) that waits for approval between them.
+fn gated_body(firmware: &Value, target: &[String]) -> Value {
+    json!({"name": "gated", "firmware": firmware, "target": {"gateway_sns": target},
+        "stages": [{"percent": 25}, {"percent": 100}], "rate_per_minute": null,
+        "auto_advance": false})
+}
+
+/// A server with the release uploaded and four simulated docks (with aircraft, started with
+/// `sim_args`) online, and the body of a gated rollout over them.
+struct GatedFleet {
+    app: TestApp,
+    firmware: Value,
+    body: Value,
+    sim: tokio_util::sync::CancellationToken,
+}
+
+async fn gated_fleet(sim_args: &[&str]) -> GatedFleet {
     let app = spawn_with(models).await;
     let firmware = release(&app).await;
-    let (prefix, sim) = fleet(&app.mqtt_addr(), 4, &[]).await;
+    let (prefix, sim) = fleet(&app.mqtt_addr(), 4, sim_args).await;
     wait_fleet_online(&app, &prefix, 4).await;
     let target: Vec<String> = (1..=4).map(|i| gw(&prefix, i)).collect();
-    let base = json!({"name": "gated", "firmware": firmware, "target": {"gateway_sns": target},
-        "stages": [{"percent": 25}, {"percent": 100}], "rate_per_minute": null,
-        "auto_advance": false});
+    let body = gated_body(&firmware, &target);
+    GatedFleet {
+        app,
+        firmware,
+        body,
+        sim,
+    }
+}
 
-    // Bad input: JSON errors, nothing stored.
+/// Starts the gated rollout and waits until stage 1 is done and it waits for approval.
+async fn start_gated(g: &GatedFleet) -> String {
+    let id = start_rollout(&g.app, g.body.clone()).await;
+    let waiting = wait_status(
+        &g.app,
+        &id,
+        &["waiting_approval", "paused", "completed"],
+        60,
+    )
+    .await;
+    assert_eq!(waiting["status"], "waiting_approval", "{waiting}");
+    id
+}
+
+#[tokio::test]
+async fn bad_rollout_input_is_refused_and_nothing_is_stored() {
+    let app = spawn_with(models).await;
+    let firmware = release(&app).await;
+    let prefix = sn("BAD")[..9].to_string();
+    let target: Vec<String> = (1..=4).map(|i| gw(&prefix, i)).collect();
+    let base = gated_body(&firmware, &target);
     for (patch, code) in [
         (
             json!({"stages": [{"percent": 50}, {"percent": 50}]}),
@@ -405,32 +446,47 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
     }
     let (_, list) = app.get_json("/api/v1/rollouts").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 0, "{list}");
+    let (status, _) = app.get_json("/api/v1/rollouts/nope").await;
+    assert_eq!(status, 404);
+}
 
-    let (_, r) = post(&app, "/api/v1/rollouts", base.clone(), None).await;
+#[tokio::test]
+async fn a_draft_cannot_be_paused_resumed_or_approved() {
+    let app = spawn_with(models).await;
+    let firmware = release(&app).await;
+    let prefix = sn("DRAFT")[..9].to_string();
+    let target: Vec<String> = (1..=4).map(|i| gw(&prefix, i)).collect();
+    let (status, r) = post(
+        &app,
+        "/api/v1/rollouts",
+        gated_body(&firmware, &target),
+        None,
+    )
+    .await;
+    assert_eq!(status, 201, "{r}");
     let id = r["id"].as_str().unwrap().to_string();
     for action in ["pause", "resume", "approve"] {
-        let (status, e) = post(
-            &app,
-            &format!("/api/v1/rollouts/{id}/{action}"),
-            json!({}),
-            None,
-        )
-        .await;
+        let (status, e) = act(&app, &id, action).await;
         assert_eq!(
             (status, e["error"].as_str()),
             (409, Some("invalid_transition")),
             "{action} on a draft"
         );
     }
-    act(&app, &id, "start").await;
-    let waiting = wait_status(&app, &id, &["waiting_approval", "paused", "completed"], 60).await;
+}
+
+#[tokio::test]
+async fn a_gated_rollout_waits_for_approval_after_stage_one() {
+    let g = gated_fleet(&[]).await;
+    let id = start_gated(&g).await;
+    let (_, waiting) = g.app.get_json(&format!("/api/v1/rollouts/{id}")).await;
     assert_eq!(waiting["status"], "waiting_approval", "{waiting}");
     assert_eq!(
         waiting["counts"]["ok"], 2,
         "stage 1 is one gateway: {waiting}"
     );
     assert_eq!(waiting["counts"]["pending"], 6);
-    let metrics = app.metrics().await;
+    let metrics = g.app.metrics().await;
     for line in [
         "fwrepo_rollouts_active{status=\"waiting_approval\"} 1",
         "fwrepo_rollout_devices{state=\"ok\"} 2",
@@ -438,20 +494,47 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
     ] {
         assert!(metrics.contains(line), "{line} not in {metrics}");
     }
+    g.sim.cancel();
+}
 
+#[tokio::test]
+async fn a_second_rollout_on_the_same_gateways_starts_only_after_the_first() {
+    let g = gated_fleet(&[]).await;
+    let app = &g.app;
+    let id = start_gated(&g).await;
     // A second rollout touching the same gateways cannot start while this one runs.
-    let (_, r2) = post(&app, "/api/v1/rollouts", base.clone(), None).await;
+    let (_, r2) = post(app, "/api/v1/rollouts", g.body.clone(), None).await;
     let id2 = r2["id"].as_str().unwrap().to_string();
-    let (status, e) = act(&app, &id2, "start").await;
+    let (status, e) = act(app, &id2, "start").await;
     assert_eq!(
         (status, e["error"].as_str()),
         (409, Some("rollout_conflict")),
         "{e}"
     );
     assert!(e["message"].as_str().unwrap().contains(&id), "{e}");
+    // Approved, the first one runs to the end.
+    let (status, _) = act(app, &id, "approve").await;
+    assert_eq!(status, 200);
+    let done = wait_status(app, &id, &["completed", "paused"], 60).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["counts"]["ok"], 8);
+    // The second one may start now; everything is up to date: skipped, completed.
+    let (status, _) = act(app, &id2, "start").await;
+    assert_eq!(status, 200);
+    wait_status(app, &id2, &["waiting_approval"], 60).await;
+    act(app, &id2, "approve").await;
+    let skipped = wait_status(app, &id2, &["completed", "paused"], 60).await;
+    assert_eq!(skipped["counts"]["skipped_up_to_date"], 8, "{skipped}");
+    g.sim.cancel();
+}
 
+#[tokio::test]
+async fn disabling_the_firmware_of_a_running_rollout_pauses_it_until_resumed() {
+    let g = gated_fleet(&[]).await;
+    let app = &g.app;
+    let id = start_gated(&g).await;
     // Its firmware is in use while it runs.
-    let dock_id = firmware[0]["firmware_id"].as_str().unwrap();
+    let dock_id = g.firmware[0]["firmware_id"].as_str().unwrap();
     let resp = app
         .client
         .delete(app.url(&format!("/api/v1/firmware/{dock_id}")))
@@ -461,19 +544,18 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
     assert_eq!(resp.status(), 409);
     let e: Value = resp.json().await.unwrap();
     assert_eq!(e["error"], "firmware_in_use", "{e}");
-
     // Disabling its firmware (forced: stage 1's dock runs it) pauses the rollout once it runs.
     let (status, e) = post(
-        &app,
+        app,
         &format!("/api/v1/firmware/{dock_id}/disable?force=true"),
         json!({}),
         None,
     )
     .await;
     assert_eq!(status, 200, "{e}");
-    let (status, _) = act(&app, &id, "approve").await;
+    let (status, _) = act(app, &id, "approve").await;
     assert_eq!(status, 200);
-    let paused = wait_status(&app, &id, &["paused"], 30).await;
+    let paused = wait_status(app, &id, &["paused"], 30).await;
     assert!(
         paused["pause_reason"]
             .as_str()
@@ -483,38 +565,37 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
     );
     // Enabled again and resumed: stage 2 runs to the end.
     let (status, _) = post(
-        &app,
+        app,
         &format!("/api/v1/firmware/{dock_id}/enable"),
         json!({}),
         None,
     )
     .await;
     assert_eq!(status, 200);
-    let (status, _) = act(&app, &id, "resume").await;
+    let (status, _) = act(app, &id, "resume").await;
     assert_eq!(status, 200);
-    let done = wait_status(&app, &id, &["completed", "paused"], 60).await;
+    let done = wait_status(app, &id, &["completed", "paused"], 60).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(done["counts"]["ok"], 8);
+    g.sim.cancel();
+}
 
-    // The second one may start now; everything is up to date: skipped, completed.
-    let (status, _) = act(&app, &id2, "start").await;
-    assert_eq!(status, 200);
-    wait_status(&app, &id2, &["waiting_approval"], 60).await;
-    act(&app, &id2, "approve").await;
-    let skipped = wait_status(&app, &id2, &["completed", "paused"], 60).await;
-    assert_eq!(skipped["counts"]["skipped_up_to_date"], 8, "{skipped}");
-
-    // Cancel before anything is dispatched: every device canceled.
-    let mut slow = base.clone();
+#[tokio::test]
+async fn canceling_a_rollout_cancels_every_device_not_yet_dispatched() {
+    // Docks that download slowly (300 kB at 50 kB/s): a gateway dispatched at once is still
+    // in flight when the rollout is canceled, never already done.
+    let g = gated_fleet(&["--rate", "50000"]).await;
+    let app = &g.app;
+    let mut slow = g.body.clone();
     slow["rate_per_minute"] = json!(0.001);
     slow["firmware"] = json!([{"model": "Dock", "product_version": "2.0.0"}]);
-    let (_, r3) = post(&app, "/api/v1/rollouts", slow, None).await;
-    let id3 = r3["id"].as_str().unwrap().to_string();
-    act(&app, &id3, "start").await;
-    let (status, c) = act(&app, &id3, "cancel").await;
+    let id = start_rollout(app, slow).await;
+    // Canceled at once: every device not yet dispatched is canceled (one the scheduler has
+    // dispatched already may stay in flight).
+    let (status, c) = act(app, &id, "cancel").await;
     assert_eq!(status, 200, "{c}");
     assert_eq!(c["status"], "canceled");
-    let (_, c) = app.get_json(&format!("/api/v1/rollouts/{id3}")).await;
+    let (_, c) = app.get_json(&format!("/api/v1/rollouts/{id}")).await;
     let in_flight = c["counts"]["in_flight"].as_u64().unwrap_or(0);
     let canceled = c["counts"]["canceled"].as_u64().unwrap_or(0);
     assert_eq!(
@@ -522,9 +603,7 @@ async fn approval_gate_cancel_conflicts_and_bad_input() {
         4,
         "{c}"
     );
-    let (status, _) = app.get_json("/api/v1/rollouts/nope").await;
-    assert_eq!(status, 404);
-    sim.cancel();
+    g.sim.cancel();
 }
 
 #[tokio::test]

@@ -81,6 +81,22 @@ async fn s3_upload_download_and_failures() {
     let _: Value = app.get_json("/api/v1/firmware").await.1;
 }
 
+/// The value of the counter `name` in the metrics of the server process at `base`.
+async fn counter(base: &str, name: &str) -> u64 {
+    let text = client_for(base)
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 #[tokio::test]
 async fn s3_crash_mid_upload_is_swept_on_restart() {
     let Some((endpoint, bucket)) = s3_env() else {
@@ -102,8 +118,17 @@ async fn s3_crash_mid_upload_is_swept_on_restart() {
             .await
             .unwrap();
     }
-    // Parts are on their way to the bucket; the server dies.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Parts are on their way to the bucket (the server has all 12 MiB: more than one 8 MiB
+    // part) and the pending upload with its S3 upload id is on disk; then the server dies.
+    let base = server.base.clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            counter(&base, "fwrepo_bytes_in_total").await >= 12 << 20
+        })
+        .await,
+        "the server never received the 12 MiB sent"
+    );
+    wait_for_catalog_flush(&base).await;
     server.kill9();
     drop(tx);
     let _ = pending.await;

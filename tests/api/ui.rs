@@ -49,11 +49,13 @@ async fn browser() -> (Client, Driver) {
             .spawn()
             .expect("chromedriver on PATH");
     let driver = Driver(driver);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "chromedriver did not start");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await,
+        "chromedriver did not start"
+    );
     let mut caps = serde_json::Map::new();
     let args = [
         "--headless=new",
@@ -106,13 +108,13 @@ async fn wait_text(c: &Client, css: &str, secs: u64, pred: impl Fn(&str) -> bool
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut last = String::new();
     while Instant::now() < deadline {
-        if let Ok(e) = c.find(Locator::Css(css)).await {
-            if let Ok(t) = e.text().await {
-                if pred(&t) {
-                    return t;
-                }
-                last = t;
+        if let Ok(e) = c.find(Locator::Css(css)).await
+            && let Ok(t) = e.text().await
+        {
+            if pred(&t) {
+                return t;
             }
+            last = t;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
