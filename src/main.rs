@@ -103,6 +103,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if layered.mqtt_password.is_some() {
                 layered.mqtt_password = Some("***".into());
             }
+            layered.catalog = layered.catalog.as_deref().map(fwrepo::catalog::redact);
             let text = toml::to_string_pretty(&layered)?;
             std::io::stdout().write_all(text.as_bytes())?;
             Ok(())

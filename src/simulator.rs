@@ -278,12 +278,11 @@ impl Dock {
                         });
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic.ends_with("/services") => {
-                        if let Ok(msg) = serde_json::from_slice::<Value>(&p.payload) {
-                            if msg["method"] == "ota_create" {
+                        if let Ok(msg) = serde_json::from_slice::<Value>(&p.payload)
+                            && msg["method"] == "ota_create" {
                                 let (me, c) = (Arc::clone(&self), client.clone());
                                 tokio::spawn(async move { me.job(c, msg).await });
                             }
-                        }
                     }
                     Ok(_) => {}
                     Err(e) => {
@@ -491,11 +490,13 @@ impl Dock {
                     self.progress(client, bid, "in_progress", "DOWNLOADING", decile * 10, 1)
                         .await;
                 }
-                if let Some(at) = self.cfg.interrupt_at {
-                    if !interrupted && have as f64 >= at * size as f64 && have < size {
-                        interrupted = true;
-                        break; // drop the connection; the next request resumes with Range
-                    }
+                if let Some(at) = self.cfg.interrupt_at
+                    && !interrupted
+                    && have as f64 >= at * size as f64
+                    && have < size
+                {
+                    interrupted = true;
+                    break; // drop the connection; the next request resumes with Range
                 }
             }
         }

@@ -14,7 +14,7 @@ use tracing_actix_web::TracingLogger;
 use url::Url;
 
 use crate::blobs::{BlobStore, ReadBudget};
-use crate::catalog::Catalog;
+use crate::catalog::Store;
 use crate::config::Settings;
 use crate::devices::DeviceRegistry;
 use crate::download::DownloadService;
@@ -22,14 +22,14 @@ use crate::firmware::FirmwareService;
 use crate::http::{self, AppState, conn as http_conn};
 use crate::metrics::Metrics;
 use crate::progress::DownloadTracker;
-use crate::store::{FirmwareStatus, FirmwareStore, UploadStore};
+use crate::store::FirmwareStatus;
 use crate::upload::UploadService;
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
     /// The catalog could not be opened (another process holds it?).
-    #[error("cannot open the catalog in {dir}: {source}")]
+    #[error("cannot open the catalog ({dir}): {source}")]
     Catalog {
         /// Catalog directory.
         dir: String,
@@ -90,14 +90,13 @@ impl Application {
             dir: settings.data_dir.display().to_string(),
             source: crate::store::CatalogError::Storage(e.into()),
         })?;
-        let catalog_dir = settings.data_dir.join("catalog");
-        let catalog = Catalog::open(&catalog_dir, settings.sled_cache_mb).map_err(|source| {
-            StartupError::Catalog {
-                dir: catalog_dir.display().to_string(),
+        let (catalog, instance_id) = crate::catalog::open(&settings.catalog, &settings.data_dir)
+            .await
+            .map_err(|source| StartupError::Catalog {
+                dir: settings.catalog.describe(),
                 source,
-            }
-        })?;
-        let catalog = Arc::new(catalog);
+            })?;
+        tracing::info!(catalog = %settings.catalog.describe(), "catalog open");
         let blobs = BlobStore::open(&settings.blob_backend, &settings.blob_timeouts)?;
         let metrics = Arc::new(Metrics::default());
         let uploads = UploadService::new(
@@ -142,7 +141,6 @@ impl Application {
             Duration::from_secs(settings.online_window_secs),
         )
         .await?;
-        let instance_id = catalog.instance_id()?;
         let (ota_tx, ota_rx) = tokio::sync::mpsc::channel(4096);
         let credentials = match (&settings.mqtt.target, settings.mqtt.embedded.auth) {
             (crate::mqtt::BrokerTarget::Embedded(_), true) => Some(
@@ -173,7 +171,7 @@ impl Application {
         })?;
         let clock = crate::domain::Clock::default();
         let ota = crate::ota::OtaService::load(
-            catalog.clone().into(),
+            crate::catalog::ota_stores(&catalog),
             devices.clone(),
             Arc::new(mqtt.clone()),
             AppState::base_url(&public_url),
@@ -184,7 +182,7 @@ impl Application {
         .await?;
         tokio::spawn(ota.clone().run(ota_rx, workers.clone()));
         let rollouts = crate::rollout::RolloutService::load(
-            catalog.clone().into(),
+            crate::catalog::rollout_stores(&catalog),
             devices.clone(),
             ota.clone(),
         )
@@ -536,7 +534,7 @@ fn serve(
 /// Removes what interrupted uploads left: recorded S3 multipart uploads are aborted and their
 /// keys deleted; the local blob directory is walked and every file that is not the blob of a
 /// live record (object_store staging files included) is removed.
-async fn sweep(catalog: &Catalog, blobs: &BlobStore) -> Result<(), StartupError> {
+async fn sweep(catalog: &Arc<dyn Store>, blobs: &BlobStore) -> Result<(), StartupError> {
     use futures::TryStreamExt;
     let mut keep = HashSet::new();
     // Pending uploads that could not be cleaned (S3 unreachable) keep their files for now.

@@ -170,12 +170,11 @@ async fn read_next(mut st: LocalRead) -> Result<Option<(Bytes, LocalRead)>, std:
     let bytes = current.await.map_err(std::io::Error::other)??;
     // Read ahead only with budget to spare: waiting for it here, while holding the current
     // chunk, could starve every stream at once.
-    if let Some(len) = st.next_len() {
-        if let Ok(permit) =
+    if let Some(len) = st.next_len()
+        && let Ok(permit) =
             Arc::clone(&st.budget.sem).try_acquire_many_owned(len.div_ceil(UNIT) as u32)
-        {
-            st.ahead = Some(st.spawn_read(len, permit));
-        }
+    {
+        st.ahead = Some(st.spawn_read(len, permit));
     }
     Ok(Some((bytes, st)))
 }

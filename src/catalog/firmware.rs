@@ -95,12 +95,13 @@ impl FirmwareStore for Catalog {
                     decode(key, &current).map_err(ConflictableTransactionError::Abort)?;
                 let was_deleted = record.status == FirmwareStatus::Deleted;
                 edit(&mut record);
-                if record.status == FirmwareStatus::Deleted && !was_deleted {
-                    if let Ok(v) = ProductVersion::parse(&record.product_version) {
-                        let vkey = version_key(&record.model, &v);
-                        if versions.get(&vkey)?.as_deref() == Some(key) {
-                            versions.remove(vkey)?;
-                        }
+                if record.status == FirmwareStatus::Deleted
+                    && !was_deleted
+                    && let Ok(v) = ProductVersion::parse(&record.product_version)
+                {
+                    let vkey = version_key(&record.model, &v);
+                    if versions.get(&vkey)?.as_deref() == Some(key) {
+                        versions.remove(vkey)?;
                     }
                 }
                 fw.insert(key, encode(&record))?;

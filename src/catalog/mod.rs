@@ -10,8 +10,34 @@
 //! - Download sessions are written only by the progress flusher, never once per request.
 
 mod admin;
+mod backend;
 mod firmware;
 mod fleet;
+pub mod postgres;
+
+pub use backend::{CatalogBackend, PoolLimits, open, redact};
+
+use crate::ota::OtaStores;
+use crate::rollout::RolloutStores;
+
+/// The OTA service's ports, served by `store`.
+pub fn ota_stores(store: &Arc<dyn Store>) -> OtaStores {
+    OtaStores {
+        tasks: store.clone(),
+        firmware: store.clone(),
+        idempotency: store.clone(),
+        durability: store.clone(),
+    }
+}
+
+/// The rollout service's ports, served by `store`.
+pub fn rollout_stores(store: &Arc<dyn Store>) -> RolloutStores {
+    RolloutStores {
+        rollouts: store.clone(),
+        firmware: store.clone(),
+        idempotency: store.clone(),
+    }
+}
 
 /// The whole storage interface: every port a catalog backend implements (one backend serves
 /// them all; services hold only the ports they use).
@@ -473,13 +499,22 @@ mod conformance;
 #[cfg(test)]
 mod tests;
 
-// The storage conformance suite against sled (each test gets its own temp dir).
+// The storage conformance suite against sled (each test gets its own temp dir) and, when
+// FWREPO_TEST_POSTGRES_URL names a server, PostgreSQL (each test gets its own database).
 #[cfg(test)]
 conformance::conformance_suite!(sled_conformance, || {
     Box::pin(async {
         let dir = tempfile::tempdir().unwrap();
         let catalog = Catalog::open(dir.path(), 8).unwrap();
         let store: Arc<dyn Store> = Arc::new(catalog);
-        (store, Box::new(dir) as Box<dyn std::any::Any + Send>)
+        Some((store, Box::new(dir) as Box<dyn std::any::Any + Send>))
+    })
+});
+#[cfg(test)]
+conformance::conformance_suite!(postgres_conformance, || {
+    Box::pin(async {
+        let db = postgres::testing::TestDatabase::create().await?;
+        let store: Arc<dyn Store> = Arc::new(db.catalog().await);
+        Some((store, Box::new(db) as Box<dyn std::any::Any + Send>))
     })
 });

@@ -79,6 +79,8 @@ pub struct Settings {
     pub trusted_proxies: Vec<IpNet>,
     /// sled cache in MiB.
     pub sled_cache_mb: u64,
+    /// The catalog backend.
+    pub catalog: crate::catalog::CatalogBackend,
     /// Download buffer budget in MiB.
     pub download_buffer_mb: u64,
     /// Lifetime of signed `/dl/` URLs in seconds.
@@ -130,6 +132,10 @@ impl Default for Settings {
             progress_flush_secs: 5,
             trusted_proxies: Vec::new(),
             sled_cache_mb: 64,
+            catalog: crate::catalog::CatalogBackend::Sled {
+                dir: PathBuf::from("storage").join("catalog"),
+                cache_mb: 64,
+            },
             download_buffer_mb: 64,
             download_url_ttl_secs: 7 * 86_400,
             api_rate_limit: 200,
@@ -202,15 +208,41 @@ impl Settings {
         };
         let blob_backend = BlobBackend::parse(o.blob_store.as_deref(), &data_dir, o.s3_endpoint)
             .map_err(invalid)?;
+        let sled_cache_mb = positive("sled_cache_mb", o.sled_cache_mb, d.sled_cache_mb)?;
+        let pool = crate::catalog::PoolLimits::default();
+        let limits = crate::catalog::PoolLimits {
+            max_connections: match o.catalog_max_connections {
+                Some(0) => return Err(invalid("catalog_max_connections must be at least 1")),
+                Some(n) => n,
+                None => pool.max_connections,
+            },
+            connect_timeout_secs: positive(
+                "catalog_connect_timeout",
+                o.catalog_connect_timeout,
+                pool.connect_timeout_secs,
+            )?,
+            statement_timeout_secs: positive(
+                "catalog_statement_timeout",
+                o.catalog_statement_timeout,
+                pool.statement_timeout_secs,
+            )?,
+        };
+        let catalog = crate::catalog::CatalogBackend::parse(
+            o.catalog.as_deref(),
+            &data_dir,
+            sled_cache_mb,
+            limits,
+        )
+        .map_err(invalid)?;
         let max_concurrent_uploads = match o.max_concurrent_uploads {
             Some(0) => return Err(invalid("max_concurrent_uploads must be at least 1")),
             Some(n) => n,
             None => d.max_concurrent_uploads,
         };
-        if let Some(v) = o.mqtt_replies.as_deref() {
-            if !matches!(v, "all" | "none") {
-                return Err(invalid("mqtt_replies must be all or none"));
-            }
+        if let Some(v) = o.mqtt_replies.as_deref()
+            && !matches!(v, "all" | "none")
+        {
+            return Err(invalid("mqtt_replies must be all or none"));
         }
         for check in o.preflight_skip.iter().flatten() {
             if !crate::ota::PREFLIGHT_CHECKS.contains(&check.as_str()) {
@@ -220,10 +252,10 @@ impl Settings {
                 )));
             }
         }
-        if let Some(v) = o.preflight.as_deref() {
-            if !matches!(v, "normal" | "strict" | "off") {
-                return Err(invalid("preflight must be normal, strict or off"));
-            }
+        if let Some(v) = o.preflight.as_deref()
+            && !matches!(v, "normal" | "strict" | "off")
+        {
+            return Err(invalid("preflight must be normal, strict or off"));
         }
         let target = match o.mqtt_url.as_deref() {
             Some(u) => {
@@ -295,7 +327,8 @@ impl Settings {
                 d.progress_flush_secs,
             )?,
             trusted_proxies: o.trusted_proxies.unwrap_or_default(),
-            sled_cache_mb: positive("sled_cache_mb", o.sled_cache_mb, d.sled_cache_mb)?,
+            sled_cache_mb,
+            catalog,
             api_rate_limit: o.api_rate_limit.unwrap_or(d.api_rate_limit),
             api_burst: positive(
                 "api_burst",
@@ -386,6 +419,10 @@ impl Settings {
             data_dir: data_dir.to_path_buf(),
             blob_backend: BlobBackend::Local {
                 dir: data_dir.join("blobs"),
+            },
+            catalog: crate::catalog::CatalogBackend::Sled {
+                dir: data_dir.join("catalog"),
+                cache_mb: d.sled_cache_mb,
             },
             ..Settings::default()
         }

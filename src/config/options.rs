@@ -50,6 +50,19 @@ pub struct ServeOptions {
     /// Proxies whose X-Forwarded-For is believed, as CIDRs [default: none].
     #[arg(long, env = "FWREPO_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<IpNet>>,
+    /// Catalog: sled (in the data directory, one process) or a postgres:// URL (TLS through
+    /// sslmode; several processes may share it) [default: sled].
+    #[arg(long, env = "FWREPO_CATALOG")]
+    pub catalog: Option<String>,
+    /// PostgreSQL catalog: connections in the pool [default: 16].
+    #[arg(long, env = "FWREPO_CATALOG_MAX_CONNECTIONS")]
+    pub catalog_max_connections: Option<u32>,
+    /// PostgreSQL catalog: seconds to connect or to wait for a free connection [default: 5].
+    #[arg(long, env = "FWREPO_CATALOG_CONNECT_TIMEOUT")]
+    pub catalog_connect_timeout: Option<u64>,
+    /// PostgreSQL catalog: seconds a statement may run [default: 30].
+    #[arg(long, env = "FWREPO_CATALOG_STATEMENT_TIMEOUT")]
+    pub catalog_statement_timeout: Option<u64>,
     /// sled page cache in MiB [default: 64].
     #[arg(long, env = "FWREPO_SLED_CACHE_MB")]
     pub sled_cache_mb: Option<u64>,
@@ -186,6 +199,10 @@ impl ServeOptions {
             retention_days,
             progress_flush_secs,
             trusted_proxies,
+            catalog,
+            catalog_max_connections,
+            catalog_connect_timeout,
+            catalog_statement_timeout,
             sled_cache_mb,
             download_buffer_mb,
             download_url_ttl,

@@ -261,10 +261,10 @@ impl DeviceRegistry {
     }
 
     fn map_model(&self, d: &mut DeviceRecord) {
-        if !d.model_declared {
-            if let Some(key) = &d.model_key {
-                d.model = self.inner.models.model_of(key);
-            }
+        if !d.model_declared
+            && let Some(key) = &d.model_key
+        {
+            d.model = self.inner.models.model_of(key);
         }
     }
 

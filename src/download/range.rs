@@ -73,10 +73,10 @@ pub fn plan(len: u64, v: &Validators, c: &Conditions<'_>, is_get: bool) -> Plan 
         if etag_list_matches_weak(inm, &v.etag) {
             return Plan::NotModified;
         }
-    } else if let Some(ims) = c.if_modified_since.and_then(parse_http_date) {
-        if v.last_modified.timestamp() <= ims.timestamp() {
-            return Plan::NotModified;
-        }
+    } else if let Some(ims) = c.if_modified_since.and_then(parse_http_date)
+        && v.last_modified.timestamp() <= ims.timestamp()
+    {
+        return Plan::NotModified;
     }
     let Some(range) = c.range else {
         return Plan::Full;
@@ -84,10 +84,10 @@ pub fn plan(len: u64, v: &Validators, c: &Conditions<'_>, is_get: bool) -> Plan 
     if !is_get {
         return Plan::Full;
     }
-    if let Some(ir) = c.if_range {
-        if !if_range_holds(ir, v) {
-            return Plan::Full;
-        }
+    if let Some(ir) = c.if_range
+        && !if_range_holds(ir, v)
+    {
+        return Plan::Full;
     }
     match parse_range(range, len) {
         RangeSpec::Ignore => Plan::Full,

@@ -161,10 +161,8 @@ impl FirmwareService {
         if fw.status == FirmwareStatus::Corrupt {
             return Err(FirmwareError::Corrupt(fw.id));
         }
-        if !force {
-            if let Some(reason) = self.blocks_disable(&fw) {
-                return Err(FirmwareError::InUse(reason));
-            }
+        if !force && let Some(reason) = self.blocks_disable(&fw) {
+            return Err(FirmwareError::InUse(reason));
         }
         Ok(self
             .store
@@ -187,10 +185,8 @@ impl FirmwareService {
     /// Tombstones a firmware and removes its blob.
     pub async fn delete(&self, id: &str, force: bool) -> Result<FirmwareRecord, FirmwareError> {
         let fw = self.live(id).await?;
-        if !force {
-            if let Some(reason) = self.in_use(&fw) {
-                return Err(FirmwareError::InUse(reason));
-            }
+        if !force && let Some(reason) = self.in_use(&fw) {
+            return Err(FirmwareError::InUse(reason));
         }
         // The tombstone first: from here on downloads answer 410 and nothing new starts; a
         // failed blob delete leaves only an orphan the start-up sweep removes.

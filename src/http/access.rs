@@ -289,10 +289,11 @@ pub async fn gate(
     let res = next.call(req).await;
     let (status, code) = outcome(&res);
     audit(&state, &facts, &authn, status, code).await;
-    if facts.audited && (200..300).contains(&status) {
-        if let Err(e) = commit(&state).await {
-            return Err(refused(&state, &facts, &authn, e).await);
-        }
+    if facts.audited
+        && (200..300).contains(&status)
+        && let Err(e) = commit(&state).await
+    {
+        return Err(refused(&state, &facts, &authn, e).await);
     }
     res
 }

@@ -130,24 +130,24 @@ impl OtaService {
             }
             // The dock's own osd names its paired aircraft even when that one is off: a
             // different serial there means the topology fwrepo holds is stale.
-            if let Some(osd_child) = gw.as_ref().and_then(|g| g.osd_child_sn.as_deref()) {
-                if osd_child != d.sn {
-                    return Err(OtaError::Preflight {
-                        check: "aircraft_attached",
-                        reason: format!(
-                            "the osd of {} reports aircraft {osd_child}, not {}",
-                            req.gateway_sn, d.sn
-                        ),
-                    });
-                }
+            if let Some(osd_child) = gw.as_ref().and_then(|g| g.osd_child_sn.as_deref())
+                && osd_child != d.sn
+            {
+                return Err(OtaError::Preflight {
+                    check: "aircraft_attached",
+                    reason: format!(
+                        "the osd of {} reports aircraft {osd_child}, not {}",
+                        req.gateway_sn, d.sn
+                    ),
+                });
             }
-            if let Some(x) = dev {
-                if x.mode_code == Some(13) || x.firmware_upgrade_status == Some(1) {
-                    return Err(OtaError::Preflight {
-                        check: "not_upgrading",
-                        reason: format!("{} reports an upgrade in progress", d.sn),
-                    });
-                }
+            if let Some(x) = dev
+                && (x.mode_code == Some(13) || x.firmware_upgrade_status == Some(1))
+            {
+                return Err(OtaError::Preflight {
+                    check: "not_upgrading",
+                    reason: format!("{} reports an upgrade in progress", d.sn),
+                });
             }
         }
         Ok(warnings)
@@ -193,13 +193,13 @@ impl OtaService {
         }
         // Devices of another gateway.
         for d in req.devices.iter().filter(|d| d.sn != req.gateway_sn) {
-            if let Ok(dev) = self.inner.devices.get(&d.sn) {
-                if let Some(g) = dev.gateway_sn.as_deref().filter(|g| *g != req.gateway_sn) {
-                    return Err(OtaError::Validation(format!(
-                        "{} belongs to gateway {g}",
-                        d.sn
-                    )));
-                }
+            if let Ok(dev) = self.inner.devices.get(&d.sn)
+                && let Some(g) = dev.gateway_sn.as_deref().filter(|g| *g != req.gateway_sn)
+            {
+                return Err(OtaError::Validation(format!(
+                    "{} belongs to gateway {g}",
+                    d.sn
+                )));
             }
         }
         let id = crate::domain::ids::next();
@@ -430,10 +430,10 @@ impl Drop for Claim<'_> {
             return;
         }
         let mut open = lock(self.open);
-        if let Some(g) = &self.gateway {
-            if open.by_gateway.get(g) == Some(&self.id) {
-                open.by_gateway.remove(g);
-            }
+        if let Some(g) = &self.gateway
+            && open.by_gateway.get(g) == Some(&self.id)
+        {
+            open.by_gateway.remove(g);
         }
         for d in &self.devices {
             if open.by_device.get(d) == Some(&self.id) {

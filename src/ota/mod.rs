@@ -346,20 +346,6 @@ pub struct OtaStores {
     pub durability: Arc<dyn Durability>,
 }
 
-impl<S> From<Arc<S>> for OtaStores
-where
-    S: TaskStore + FirmwareStore + IdempotencyStore + Durability + 'static,
-{
-    fn from(s: Arc<S>) -> OtaStores {
-        OtaStores {
-            tasks: s.clone(),
-            firmware: s.clone(),
-            idempotency: s.clone(),
-            durability: s,
-        }
-    }
-}
-
 /// The OTA service. Cheap to clone.
 #[derive(Clone)]
 pub struct OtaService {

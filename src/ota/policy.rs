@@ -61,13 +61,14 @@ pub fn decide(
     req: &Request,
 ) -> Decision {
     // 1. Model mismatch (a device of unknown model skips this rule).
-    if let Some(model) = &dev.model {
-        if !model.eq_ignore_ascii_case(target_model) && !req.force {
-            return Decision::Refuse {
-                code: "model_mismatch",
-                reason: format!("firmware is for {target_model}, the device is a {model}"),
-            };
-        }
+    if let Some(model) = &dev.model
+        && !model.eq_ignore_ascii_case(target_model)
+        && !req.force
+    {
+        return Decision::Refuse {
+            code: "model_mismatch",
+            reason: format!("firmware is for {target_model}, the device is a {model}"),
+        };
     }
     let running = dev
         .running

@@ -109,8 +109,9 @@ async fn run_one(progress_first: bool) -> (OtaService, Box<OtaTask>, tempfile::T
     };
     let signer =
         crate::download::signing::UrlSigner::new(vec![vec![7; 32]], Duration::from_secs(3600));
+    let store: Arc<dyn crate::catalog::Store> = catalog;
     let service = OtaService::load(
-        catalog.into(),
+        crate::catalog::ota_stores(&store),
         devices,
         publisher.clone(),
         "http://127.0.0.1:1".into(),

@@ -137,19 +137,6 @@ pub struct RolloutStores {
     pub idempotency: Arc<dyn IdempotencyStore>,
 }
 
-impl<S> From<Arc<S>> for RolloutStores
-where
-    S: RolloutStore + FirmwareStore + IdempotencyStore + 'static,
-{
-    fn from(s: Arc<S>) -> RolloutStores {
-        RolloutStores {
-            rollouts: s.clone(),
-            firmware: s.clone(),
-            idempotency: s,
-        }
-    }
-}
-
 /// What a round read before it decides (the decisions themselves take no I/O).
 #[derive(Default)]
 struct Facts {

@@ -52,10 +52,11 @@ impl RolloutService {
                 .count() as u32;
             // Members cut short by a restart between storing the attempt and the answer.
             for (i, m) in a.members.iter().enumerate() {
-                if m.state == DeviceState::InFlight && m.task_id.is_none() {
-                    if let Some(key) = &m.dispatch_key {
-                        dispatches.push((i, self.request(m, &def), key.clone()));
-                    }
+                if m.state == DeviceState::InFlight
+                    && m.task_id.is_none()
+                    && let Some(key) = &m.dispatch_key
+                {
+                    dispatches.push((i, self.request(m, &def), key.clone()));
                 }
             }
             let stage = a.rollout.current_stage;
@@ -303,16 +304,16 @@ impl RolloutService {
         j.failed -= acknowledged;
         j.final_count -= acknowledged;
         j.denominator -= acknowledged;
-        if let Some(rate) = j.error_rate(def.min_sample) {
-            if rate > def.error_threshold {
-                return Some(Verdict::Stop(format!(
-                    "error rate {rate:.1} % in stage {} is above error_threshold {} % ({} of {} devices failed)",
-                    stage + 1,
-                    def.error_threshold,
-                    j.failed,
-                    j.denominator
-                )));
-            }
+        if let Some(rate) = j.error_rate(def.min_sample)
+            && rate > def.error_threshold
+        {
+            return Some(Verdict::Stop(format!(
+                "error rate {rate:.1} % in stage {} is above error_threshold {} % ({} of {} devices failed)",
+                stage + 1,
+                def.error_threshold,
+                j.failed,
+                j.denominator
+            )));
         }
         if !held.iter().all(|m| m.state.is_final()) {
             return None;

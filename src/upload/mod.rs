@@ -259,13 +259,13 @@ impl UploadService {
             if len > self.max_bytes.saturating_add(overhead) {
                 return Err(UploadError::TooLarge(self.max_bytes));
             }
-            if let Some(free) = self.blobs.free_space() {
-                if len > free {
-                    return Err(UploadError::InsufficientStorage {
-                        declared: len,
-                        free,
-                    });
-                }
+            if let Some(free) = self.blobs.free_space()
+                && len > free
+            {
+                return Err(UploadError::InsufficientStorage {
+                    declared: len,
+                    free,
+                });
             }
         }
         match Arc::clone(&self.slots).try_acquire_owned() {
@@ -314,17 +314,15 @@ impl UploadService {
 
     async fn discard(&self, key: &str, writer: Option<BlobWriter>, published: bool) {
         let mut clean = true;
-        if let Some(w) = writer {
-            if let Err(e) = w.abort().await {
-                tracing::warn!(upload_id = key, error = %e, "aborting blob upload failed; retrying in the background");
-                clean = false;
-            }
+        if let Some(w) = writer
+            && let Err(e) = w.abort().await
+        {
+            tracing::warn!(upload_id = key, error = %e, "aborting blob upload failed; retrying in the background");
+            clean = false;
         }
-        if published {
-            if let Err(e) = self.blobs.delete(key).await {
-                tracing::warn!(upload_id = key, error = %e, "removing blob of failed upload failed; retrying in the background");
-                clean = false;
-            }
+        if published && let Err(e) = self.blobs.delete(key).await {
+            tracing::warn!(upload_id = key, error = %e, "removing blob of failed upload failed; retrying in the background");
+            clean = false;
         }
         if !clean {
             // The pending row (with the S3 upload id) stays until the cleanup has succeeded:

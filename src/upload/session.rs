@@ -179,23 +179,23 @@ impl UploadSession {
             return Err(UploadError::InvalidRequest("the file is empty".into()));
         }
         let resolved = meta.resolve()?;
-        if let Some(given) = &resolved.md5 {
-            if given != &digests.md5 {
-                return Err(UploadError::ChecksumMismatch {
-                    field: "md5",
-                    given: given.as_str().into(),
-                    computed: digests.md5.as_str().into(),
-                });
-            }
+        if let Some(given) = &resolved.md5
+            && given != &digests.md5
+        {
+            return Err(UploadError::ChecksumMismatch {
+                field: "md5",
+                given: given.as_str().into(),
+                computed: digests.md5.as_str().into(),
+            });
         }
-        if let Some(given) = &resolved.sha256 {
-            if given != &digests.sha256 {
-                return Err(UploadError::ChecksumMismatch {
-                    field: "sha256",
-                    given: given.as_str().into(),
-                    computed: digests.sha256.as_str().into(),
-                });
-            }
+        if let Some(given) = &resolved.sha256
+            && given != &digests.sha256
+        {
+            return Err(UploadError::ChecksumMismatch {
+                field: "sha256",
+                given: given.as_str().into(),
+                computed: digests.sha256.as_str().into(),
+            });
         }
         Ok((resolved, digests))
     }

@@ -292,12 +292,12 @@ fn parameters_are_never_null(doc: &mut Value) {
         .flatten()
         .filter_map(|p| p.get_mut("schema"));
     for schema in params {
-        if let Some(types) = schema.get_mut("type") {
-            if let Some(list) = types.as_array_mut() {
-                list.retain(|t| t != "null");
-                if let [only] = list.as_slice() {
-                    *types = only.clone();
-                }
+        if let Some(types) = schema.get_mut("type")
+            && let Some(list) = types.as_array_mut()
+        {
+            list.retain(|t| t != "null");
+            if let [only] = list.as_slice() {
+                *types = only.clone();
             }
         }
     }

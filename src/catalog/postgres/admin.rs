@@ -1,0 +1,177 @@
+//! API tokens and the audit log in PostgreSQL.
+
+use chrono::{DateTime, Utc};
+
+use super::*;
+use crate::audit::{AuditEntry, AuditStore};
+use crate::auth::{TokenRecord, TokenStore};
+
+#[derive(sqlx::FromRow)]
+struct TokenRow {
+    id: String,
+    name: String,
+    scopes: Vec<String>,
+    created_at: DateTime<Utc>,
+    created_by: Option<String>,
+    expires_at: Option<DateTime<Utc>>,
+    last_used_at: Option<DateTime<Utc>>,
+    revoked_at: Option<DateTime<Utc>>,
+    hash: String,
+}
+
+impl TokenRow {
+    fn record(self) -> StoreResult<TokenRecord> {
+        Ok(TokenRecord {
+            id: self.id,
+            name: self.name,
+            scopes: self
+                .scopes
+                .iter()
+                .map(|s| parse(s))
+                .collect::<StoreResult<_>>()?,
+            created_at: self.created_at,
+            created_by: self.created_by,
+            expires_at: self.expires_at,
+            last_used_at: self.last_used_at,
+            revoked_at: self.revoked_at,
+            hash: self.hash,
+        })
+    }
+}
+
+const TOKEN_COLUMNS: &str =
+    "id, name, scopes, created_at, created_by, expires_at, last_used_at, revoked_at, hash";
+
+#[async_trait::async_trait]
+impl TokenStore for Postgres {
+    async fn put_tokens(&self, tokens: &[TokenRecord]) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        for t in tokens {
+            sqlx::query(
+                "INSERT INTO api_tokens (id, name, scopes, created_at, created_by, expires_at, \
+                 last_used_at, revoked_at, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (id) DO UPDATE SET name = $2, scopes = $3, expires_at = $6, \
+                 last_used_at = $7, revoked_at = $8",
+            )
+            .bind(&t.id)
+            .bind(&t.name)
+            .bind(t.scopes.iter().map(text).collect::<Vec<_>>())
+            .bind(t.created_at)
+            .bind(&t.created_by)
+            .bind(t.expires_at)
+            .bind(t.last_used_at)
+            .bind(t.revoked_at)
+            .bind(&t.hash)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(())
+    }
+
+    async fn all_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
+        let sql = format!("SELECT {TOKEN_COLUMNS} FROM api_tokens ORDER BY id");
+        let rows: Vec<TokenRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        records(rows, TokenRow::record)
+    }
+
+    async fn list_tokens(&self, page: &PageRequest) -> StoreResult<Page<TokenRecord>> {
+        let sql = format!(
+            "SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE ($1::text IS NULL OR id < $1) \
+             ORDER BY id DESC LIMIT $2"
+        );
+        let rows: Vec<TokenRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(after(page)?)
+            .bind(limit_of(page))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        let records = records(rows, TokenRow::record)?;
+        Ok(page_of(records, page.limit(), |t| t.id.as_str()))
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct AuditRow {
+    id: String,
+    at: DateTime<Utc>,
+    who: Option<String>,
+    token_id: Option<String>,
+    client: String,
+    method: String,
+    path: String,
+    status: i32,
+    error: Option<String>,
+}
+
+impl From<AuditRow> for AuditEntry {
+    fn from(r: AuditRow) -> AuditEntry {
+        AuditEntry {
+            id: r.id,
+            at: r.at,
+            who: r.who,
+            token_id: r.token_id,
+            client: r.client,
+            method: r.method,
+            path: r.path,
+            status: r.status as u16,
+            error: r.error,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl AuditStore for Postgres {
+    async fn put_audit(&self, e: &AuditEntry) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO audit (id, at, who, token_id, client, method, path, status, error) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&e.id)
+        .bind(e.at)
+        .bind(&e.who)
+        .bind(&e.token_id)
+        .bind(&e.client)
+        .bind(&e.method)
+        .bind(&e.path)
+        .bind(i32::from(e.status))
+        .bind(&e.error)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn list_audit(
+        &self,
+        page: &PageRequest,
+        since_key: Option<&str>,
+    ) -> StoreResult<Page<AuditEntry>> {
+        let rows: Vec<AuditRow> = sqlx::query_as(
+            "SELECT id, at, who, token_id, client, method, path, status, error FROM audit \
+             WHERE ($1::text IS NULL OR id < $1) AND ($2::text IS NULL OR id >= $2) \
+             ORDER BY id DESC LIMIT $3",
+        )
+        .bind(after(page)?)
+        .bind(since_key)
+        .bind(limit_of(page))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let entries = rows.into_iter().map(AuditEntry::from).collect();
+        Ok(page_of(entries, page.limit(), |e| e.id.as_str()))
+    }
+
+    async fn prune_audit(&self, before_key: &str) -> StoreResult<usize> {
+        let done = sqlx::query("DELETE FROM audit WHERE id < $1")
+            .bind(before_key)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(done.rows_affected() as usize)
+    }
+}

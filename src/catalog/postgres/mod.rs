@@ -1,0 +1,302 @@
+//! The catalog on PostgreSQL (`--catalog postgres://…`): the same ports as sled, on a
+//! database several fwrepo processes can share. Versioned migrations (`migrations/postgres/`)
+//! are embedded and run at start under sqlx's advisory lock, so processes starting together
+//! migrate once; a database migrated by a newer fwrepo is refused. Every atomic operation of
+//! the ports is one transaction; lists are keyset pages on the id (ULIDs sort by time).
+
+mod admin;
+mod firmware;
+mod rollouts;
+mod tasks;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::AssertSqlSafe;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use crate::store::{CatalogError, CatalogFault, Page, PageRequest, StoreResult, cursor_for};
+
+/// Connection settings of the PostgreSQL catalog.
+#[derive(Clone, Debug)]
+pub struct PgSettings {
+    /// `postgres://user:pass@host:port/db?sslmode=…`.
+    pub url: String,
+    /// Pool size.
+    pub max_connections: u32,
+    /// Connect (and pool acquire) timeout.
+    pub connect_timeout: Duration,
+    /// Statement timeout.
+    pub statement_timeout: Duration,
+}
+
+/// The embedded migrations.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
+
+/// The PostgreSQL catalog. Cheap to clone.
+#[derive(Clone)]
+pub struct Postgres {
+    pool: PgPool,
+    /// False while the database does not answer (the watcher's last probe failed).
+    healthy: Arc<AtomicBool>,
+}
+
+fn db(e: sqlx::Error) -> CatalogError {
+    match e {
+        sqlx::Error::RowNotFound => CatalogError::NotFound,
+        other => CatalogError::Storage(Box::new(other)),
+    }
+}
+
+/// A snake_case enum as its name.
+fn text<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+/// A name back into its snake_case enum.
+fn parse<T: DeserializeOwned>(s: &str) -> StoreResult<T> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).map_err(|source| {
+        CatalogError::Decode {
+            key: s.to_string(),
+            source,
+        }
+    })
+}
+
+/// The id a page starts after, checked as a cursor this catalog issued.
+fn after(page: &PageRequest) -> StoreResult<Option<String>> {
+    Ok(page
+        .after_key()?
+        .map(|k| String::from_utf8_lossy(&k).into_owned()))
+}
+
+/// The page of `rows` (fetched with `LIMIT limit + 1`), newest first.
+fn page_of<T>(mut rows: Vec<T>, limit: usize, id: impl Fn(&T) -> &str) -> Page<T> {
+    let more = rows.len() > limit;
+    rows.truncate(limit);
+    let next_cursor = more
+        .then(|| rows.last().map(|r| cursor_for(id(r))))
+        .flatten();
+    Page {
+        items: rows,
+        next_cursor,
+    }
+}
+
+/// `col = EXCLUDED.col` for every column of `columns` but the first (the key): the `SET` of
+/// an upsert.
+fn excluded(columns: &str) -> String {
+    columns
+        .split(", ")
+        .skip(1)
+        .map(|c| format!("{c} = EXCLUDED.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Rows into records, failing on the first that does not decode.
+fn records<R, T>(rows: Vec<R>, record: impl Fn(R) -> StoreResult<T>) -> StoreResult<Vec<T>> {
+    rows.into_iter().map(record).collect()
+}
+
+fn limit_of(page: &PageRequest) -> i64 {
+    i64::try_from(page.limit()).unwrap_or(500) + 1
+}
+
+impl Postgres {
+    /// Connects (retrying with backoff until `give_up` passes), migrates and returns the
+    /// catalog.
+    pub async fn open(settings: &PgSettings, give_up: Duration) -> Result<Postgres, CatalogError> {
+        let options: PgConnectOptions = settings
+            .url
+            .parse()
+            .map_err(|e: sqlx::Error| CatalogError::Storage(Box::new(e)))?;
+        let statement_ms = settings.statement_timeout.as_millis().max(1);
+        let options = options
+            .application_name("fwrepo")
+            .options([("statement_timeout", statement_ms.to_string())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections.max(1))
+            .acquire_timeout(settings.connect_timeout)
+            .connect_lazy_with(options);
+        let deadline = std::time::Instant::now() + give_up;
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match MIGRATOR.run(&pool).await {
+                Ok(()) => break,
+                Err(sqlx::migrate::MigrateError::VersionMissing(v)) => {
+                    return Err(CatalogError::Storage(
+                        format!(
+                            "the database was migrated by a newer fwrepo (migration {v} is \
+                             unknown to this version); upgrade fwrepo"
+                        )
+                        .into(),
+                    ));
+                }
+                Err(e) if std::time::Instant::now() < deadline => {
+                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "PostgreSQL catalog not reachable yet; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(CatalogError::Storage(Box::new(e))),
+            }
+        }
+        Ok(Postgres {
+            pool,
+            healthy: Arc::new(AtomicBool::new(true)),
+        })
+    }
+
+    /// Connects without migrating (tests that make their own database).
+    #[doc(hidden)]
+    pub fn from_pool(pool: PgPool) -> Postgres {
+        Postgres {
+            pool,
+            healthy: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
+            .map_err(db)
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::store::Durability for Postgres {
+    /// A committed transaction is durable (`synchronous_commit`): nothing to wait for.
+    async fn flush(&self) -> StoreResult<()> {
+        match self.fault() {
+            None => Ok(()),
+            Some(f) => Err(CatalogError::Unwritable(f)),
+        }
+    }
+
+    fn fault(&self) -> Option<CatalogFault> {
+        (!self.healthy.load(SeqCst)).then_some(CatalogFault::Unavailable)
+    }
+
+    async fn check(&self) -> StoreResult<()> {
+        self.ping().await
+    }
+
+    fn render_metrics(&self) -> String {
+        let size = self.pool.size();
+        let idle = self.pool.num_idle();
+        let up = u8::from(self.healthy.load(SeqCst));
+        format!(
+            "# HELP fwrepo_catalog_writable 1 while the catalog answers; 0 while it does not.\n# TYPE fwrepo_catalog_writable gauge\nfwrepo_catalog_writable {up}\n# HELP fwrepo_catalog_pool_connections Connections of the PostgreSQL pool, by state.\n# TYPE fwrepo_catalog_pool_connections gauge\nfwrepo_catalog_pool_connections{{state=\"idle\"}} {idle}\nfwrepo_catalog_pool_connections{{state=\"busy\"}} {}\n",
+            (size as usize).saturating_sub(idle)
+        )
+    }
+
+    async fn watch(&self, cancel: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let ok = self.ping().await;
+            let was = self.healthy.swap(ok.is_ok(), SeqCst);
+            match (was, ok) {
+                (true, Err(e)) => {
+                    tracing::error!(error = %e, "the PostgreSQL catalog does not answer; writes are refused until it does")
+                }
+                (false, Ok(())) => tracing::info!("the PostgreSQL catalog answers again"),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Throwaway databases for tests: one per test on the server `FWREPO_TEST_POSTGRES_URL`
+/// names, dropped when the test ends.
+#[doc(hidden)]
+pub mod testing {
+    use super::*;
+    use crate::catalog::redact;
+
+    /// A database made for one test.
+    pub struct TestDatabase {
+        admin: String,
+        name: String,
+        url: String,
+    }
+
+    impl TestDatabase {
+        /// A fresh, empty database; `None` (with a SKIP line) when no server is configured.
+        pub async fn create() -> Option<TestDatabase> {
+            let Ok(admin) = std::env::var("FWREPO_TEST_POSTGRES_URL") else {
+                eprintln!("SKIP: FWREPO_TEST_POSTGRES_URL is not set (PostgreSQL catalog tests)");
+                return None;
+            };
+            let name = format!("fwrepo_test_{}", crate::domain::ids::next().to_lowercase());
+            let pool = PgPool::connect(&admin)
+                .await
+                .unwrap_or_else(|e| panic!("FWREPO_TEST_POSTGRES_URL {}: {e}", redact(&admin)));
+            sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                .execute(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("creating {name}: {e}"));
+            pool.close().await;
+            let mut url = url::Url::parse(&admin).unwrap_or_else(|e| panic!("{e}"));
+            url.set_path(&format!("/{name}"));
+            Some(TestDatabase {
+                admin,
+                name,
+                url: url.to_string(),
+            })
+        }
+
+        /// Its URL.
+        pub fn url(&self) -> &str {
+            &self.url
+        }
+
+        /// The catalog on it, migrated.
+        pub async fn catalog(&self) -> Postgres {
+            let settings = PgSettings {
+                url: self.url.clone(),
+                max_connections: 8,
+                connect_timeout: Duration::from_secs(10),
+                statement_timeout: Duration::from_secs(30),
+            };
+            Postgres::open(&settings, Duration::from_secs(10))
+                .await
+                .unwrap_or_else(|e| panic!("opening {}: {e}", self.name))
+        }
+    }
+
+    impl Drop for TestDatabase {
+        fn drop(&mut self) {
+            let (admin, name) = (self.admin.clone(), self.name.clone());
+            // Dropped outside any runtime the test may be shutting down.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                if let Ok(rt) = rt {
+                    rt.block_on(async {
+                        if let Ok(pool) = PgPool::connect(&admin).await {
+                            let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+                            let _ = sqlx::query(AssertSqlSafe(sql)).execute(&pool).await;
+                        }
+                    });
+                }
+            })
+            .join();
+        }
+    }
+}

@@ -1,0 +1,573 @@
+//! Devices and OTA tasks (with their devices, appended history and claims) in PostgreSQL.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use serde_json::value::RawValue;
+
+use super::*;
+use crate::devices::{DeviceRecord, DeviceStore};
+use crate::ota::store::{Claimed, TaskQuery, TaskStore, held_serials, is_forward};
+use crate::ota::task::HistoryEntry;
+use crate::ota::{OtaTask, Progress, TaskDevice, TaskStatus};
+
+const DEVICE_COLUMNS: &str = "sn, order_key, gateway_sn, child_sn, osd_child_sn, model_key, \
+    model, model_declared, firmware_version, compatible_status, firmware_upgrade_status, \
+    mode_code, thing_version, dialect, first_seen_at, last_seen_at, last_osd_at, last_state_at";
+
+#[derive(sqlx::FromRow)]
+struct DeviceRow {
+    sn: String,
+    order_key: String,
+    gateway_sn: Option<String>,
+    child_sn: Option<String>,
+    osd_child_sn: Option<String>,
+    model_key: Option<String>,
+    model: Option<String>,
+    model_declared: bool,
+    firmware_version: Option<String>,
+    compatible_status: Option<i64>,
+    firmware_upgrade_status: Option<i64>,
+    mode_code: Option<i64>,
+    thing_version: Option<String>,
+    dialect: Option<String>,
+    first_seen_at: DateTime<Utc>,
+    last_seen_at: Option<DateTime<Utc>>,
+    last_osd_at: Option<DateTime<Utc>>,
+    last_state_at: Option<DateTime<Utc>>,
+}
+
+impl From<DeviceRow> for DeviceRecord {
+    fn from(r: DeviceRow) -> DeviceRecord {
+        DeviceRecord {
+            sn: r.sn,
+            order: r.order_key,
+            gateway_sn: r.gateway_sn,
+            child_sn: r.child_sn,
+            osd_child_sn: r.osd_child_sn,
+            model_key: r.model_key,
+            model: r.model,
+            model_declared: r.model_declared,
+            firmware_version: r.firmware_version,
+            compatible_status: r.compatible_status,
+            firmware_upgrade_status: r.firmware_upgrade_status,
+            mode_code: r.mode_code,
+            thing_version: r.thing_version,
+            dialect: r.dialect,
+            first_seen_at: r.first_seen_at,
+            last_seen_at: r.last_seen_at,
+            last_osd_at: r.last_osd_at,
+            last_state_at: r.last_state_at,
+            online: false,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl DeviceStore for Postgres {
+    async fn put_devices(&self, devices: &[DeviceRecord]) -> StoreResult<()> {
+        if devices.is_empty() {
+            return Ok(());
+        }
+        let col = |f: fn(&DeviceRecord) -> Option<String>| -> Vec<Option<String>> {
+            devices.iter().map(f).collect()
+        };
+        let num = |f: fn(&DeviceRecord) -> Option<i64>| -> Vec<Option<i64>> {
+            devices.iter().map(f).collect()
+        };
+        let at = |f: fn(&DeviceRecord) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
+            devices.iter().map(f).collect()
+        };
+        let updates = excluded(DEVICE_COLUMNS);
+        let sql = format!(
+            "INSERT INTO devices ({DEVICE_COLUMNS}) SELECT * FROM UNNEST($1::text[], $2::text[], \
+             $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bool[], $9::text[], \
+             $10::int8[], $11::int8[], $12::int8[], $13::text[], $14::text[], \
+             $15::timestamptz[], $16::timestamptz[], $17::timestamptz[], $18::timestamptz[]) \
+             ON CONFLICT (sn) DO UPDATE SET {updates}"
+        );
+        sqlx::query(AssertSqlSafe(sql))
+            .bind(devices.iter().map(|d| d.sn.clone()).collect::<Vec<_>>())
+            .bind(devices.iter().map(|d| d.order.clone()).collect::<Vec<_>>())
+            .bind(col(|d| d.gateway_sn.clone()))
+            .bind(col(|d| d.child_sn.clone()))
+            .bind(col(|d| d.osd_child_sn.clone()))
+            .bind(col(|d| d.model_key.clone()))
+            .bind(col(|d| d.model.clone()))
+            .bind(devices.iter().map(|d| d.model_declared).collect::<Vec<_>>())
+            .bind(col(|d| d.firmware_version.clone()))
+            .bind(num(|d| d.compatible_status))
+            .bind(num(|d| d.firmware_upgrade_status))
+            .bind(num(|d| d.mode_code))
+            .bind(col(|d| d.thing_version.clone()))
+            .bind(col(|d| d.dialect.clone()))
+            .bind(devices.iter().map(|d| d.first_seen_at).collect::<Vec<_>>())
+            .bind(at(|d| d.last_seen_at))
+            .bind(at(|d| d.last_osd_at))
+            .bind(at(|d| d.last_state_at))
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn delete_device(&self, sn: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM devices WHERE sn = $1")
+            .bind(sn)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn all_devices(&self) -> StoreResult<Vec<DeviceRecord>> {
+        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY sn");
+        let rows: Vec<DeviceRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(rows.into_iter().map(DeviceRecord::from).collect())
+    }
+}
+
+const TASK_COLUMNS: &str = "id, gateway_sn, tid, bid, status, created_at, updated_at, percent, \
+    step_key, sub_status, rate, result_code, result_reason, retryable, replied_at, \
+    last_event_at, finished_at";
+
+#[derive(sqlx::FromRow)]
+struct TaskRow {
+    id: String,
+    gateway_sn: String,
+    tid: String,
+    bid: String,
+    status: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    percent: Option<i64>,
+    step_key: Option<String>,
+    sub_status: Option<String>,
+    rate: Option<i64>,
+    result_code: Option<i64>,
+    result_reason: Option<String>,
+    retryable: Option<bool>,
+    replied_at: Option<DateTime<Utc>>,
+    last_event_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct TaskDeviceRow {
+    task_id: String,
+    sn: String,
+    firmware_id: String,
+    product_version: String,
+    upgrade_type: Option<i16>,
+    policy_rule: i16,
+    policy_reason: String,
+    file_url: String,
+    file_name: String,
+    md5: String,
+    file_size: i64,
+    outcome: String,
+    outcome_at: Option<DateTime<Utc>>,
+}
+
+#[derive(sqlx::FromRow)]
+struct HistoryRow {
+    task_id: String,
+    at: DateTime<Utc>,
+    source: String,
+    status: String,
+    percent: Option<i64>,
+    step_key: Option<String>,
+    sub_status: Option<String>,
+    rate: Option<i64>,
+    raw: Option<String>,
+    repeats: i64,
+}
+
+impl Postgres {
+    /// Whole tasks from their rows: devices and history in one statement each.
+    async fn assemble(
+        &self,
+        rows: Vec<TaskRow>,
+        conn: &mut sqlx::PgConnection,
+    ) -> StoreResult<Vec<OtaTask>> {
+        let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+        let devices: Vec<TaskDeviceRow> = sqlx::query_as(
+            "SELECT task_id, sn, firmware_id, product_version, upgrade_type, policy_rule, \
+             policy_reason, file_url, file_name, md5, file_size, outcome, outcome_at \
+             FROM ota_task_devices WHERE task_id = ANY($1) ORDER BY task_id, position",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        let history: Vec<HistoryRow> = sqlx::query_as(
+            "SELECT task_id, at, source, status, percent, step_key, sub_status, rate, \
+             raw::text AS raw, repeats FROM ota_task_history WHERE task_id = ANY($1) \
+             ORDER BY task_id, seq",
+        )
+        .bind(&ids)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        let mut by_task: HashMap<String, OtaTask> = HashMap::new();
+        let mut order = Vec::with_capacity(rows.len());
+        for r in rows {
+            order.push(r.id.clone());
+            let task = OtaTask {
+                status: parse(&r.status)?,
+                id: r.id,
+                gateway_sn: r.gateway_sn,
+                tid: r.tid,
+                bid: r.bid,
+                created_at: r.created_at,
+                updated_at: r.updated_at,
+                devices: Vec::new(),
+                progress: Progress {
+                    percent: r.percent,
+                    step_key: r.step_key,
+                    sub_status: r.sub_status,
+                    rate: r.rate,
+                },
+                result_code: r.result_code,
+                result_reason: r.result_reason,
+                retryable: r.retryable,
+                history: Vec::new(),
+                replied_at: r.replied_at,
+                last_event_at: r.last_event_at,
+                finished_at: r.finished_at,
+            };
+            by_task.insert(task.id.clone(), task);
+        }
+        for d in devices {
+            if let Some(t) = by_task.get_mut(&d.task_id) {
+                t.devices.push(TaskDevice {
+                    sn: d.sn,
+                    firmware_id: d.firmware_id,
+                    product_version: d.product_version,
+                    upgrade_type: d.upgrade_type.map(|u| u as u8),
+                    policy_rule: d.policy_rule as u8,
+                    policy_reason: d.policy_reason,
+                    file_url: d.file_url,
+                    file_name: d.file_name,
+                    md5: d.md5,
+                    file_size: d.file_size as u64,
+                    download_session: None,
+                    outcome: parse(&d.outcome)?,
+                    outcome_at: d.outcome_at,
+                });
+            }
+        }
+        for h in history {
+            if let Some(t) = by_task.get_mut(&h.task_id) {
+                t.history.push(HistoryEntry {
+                    at: h.at,
+                    source: h.source,
+                    status: parse(&h.status)?,
+                    progress: Progress {
+                        percent: h.percent,
+                        step_key: h.step_key,
+                        sub_status: h.sub_status,
+                        rate: h.rate,
+                    },
+                    raw: h.raw.and_then(|text| RawValue::from_string(text).ok()),
+                    repeats: h.repeats as u64,
+                });
+            }
+        }
+        Ok(order
+            .into_iter()
+            .filter_map(|id| by_task.remove(&id))
+            .collect())
+    }
+
+    /// Tasks whose rows `sql` (with `$1…` bound by `bind`) selects.
+    async fn tasks_where(
+        &self,
+        sql: &str,
+        bind: impl FnOnce(
+            sqlx::query::QueryAs<'_, sqlx::Postgres, TaskRow, sqlx::postgres::PgArguments>,
+        ) -> sqlx::query::QueryAs<
+            '_,
+            sqlx::Postgres,
+            TaskRow,
+            sqlx::postgres::PgArguments,
+        >,
+    ) -> StoreResult<Vec<OtaTask>> {
+        let mut conn = self.pool.acquire().await.map_err(db)?;
+        let rows: Vec<TaskRow> = bind(sqlx::query_as(AssertSqlSafe(sql.to_string())))
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db)?;
+        self.assemble(rows, &mut conn).await
+    }
+}
+
+/// Writes the task row (insert or update).
+async fn write_task(t: &OtaTask, conn: &mut sqlx::PgConnection) -> StoreResult<()> {
+    let updates = excluded(TASK_COLUMNS);
+    let sql = format!(
+        "INSERT INTO ota_tasks ({TASK_COLUMNS}, final) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
+         $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+         ON CONFLICT (id) DO UPDATE SET {updates}, final = EXCLUDED.final"
+    );
+    sqlx::query(AssertSqlSafe(sql))
+        .bind(&t.id)
+        .bind(&t.gateway_sn)
+        .bind(&t.tid)
+        .bind(&t.bid)
+        .bind(text(&t.status))
+        .bind(t.created_at)
+        .bind(t.updated_at)
+        .bind(t.progress.percent)
+        .bind(&t.progress.step_key)
+        .bind(&t.progress.sub_status)
+        .bind(t.progress.rate)
+        .bind(t.result_code)
+        .bind(&t.result_reason)
+        .bind(t.retryable)
+        .bind(t.replied_at)
+        .bind(t.last_event_at)
+        .bind(t.finished_at)
+        .bind(t.status.is_final())
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+/// Writes the task's devices (at most two rows).
+async fn write_devices(t: &OtaTask, conn: &mut sqlx::PgConnection) -> StoreResult<()> {
+    for (i, d) in t.devices.iter().enumerate() {
+        sqlx::query(
+            "INSERT INTO ota_task_devices (task_id, position, sn, firmware_id, product_version, \
+             upgrade_type, policy_rule, policy_reason, file_url, file_name, md5, file_size, \
+             outcome, outcome_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
+             $13, $14) ON CONFLICT (task_id, position) DO UPDATE SET outcome = $13, \
+             outcome_at = $14",
+        )
+        .bind(&t.id)
+        .bind(i as i32)
+        .bind(&d.sn)
+        .bind(&d.firmware_id)
+        .bind(&d.product_version)
+        .bind(d.upgrade_type.map(i16::from))
+        .bind(i16::from(d.policy_rule))
+        .bind(&d.policy_reason)
+        .bind(&d.file_url)
+        .bind(&d.file_name)
+        .bind(&d.md5)
+        .bind(d.file_size as i64)
+        .bind(text(&d.outcome))
+        .bind(d.outcome_at)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    Ok(())
+}
+
+/// Appends the history entries from `from` on (the one before them may have counted a
+/// repeat since, and is rewritten with them).
+async fn append_history(
+    t: &OtaTask,
+    stored: usize,
+    conn: &mut sqlx::PgConnection,
+) -> StoreResult<()> {
+    let from = stored.saturating_sub(1).min(t.history.len());
+    let entries = &t.history[from..];
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let seq: Vec<i32> = (from..t.history.len()).map(|i| i as i32).collect();
+    sqlx::query(
+        "INSERT INTO ota_task_history (task_id, seq, at, source, status, percent, step_key, \
+         sub_status, rate, raw, repeats) SELECT $1, u.seq, u.at, u.source, u.status, u.percent, \
+         u.step_key, u.sub_status, u.rate, u.raw::json, u.repeats FROM UNNEST($2::int4[], \
+         $3::timestamptz[], $4::text[], $5::text[], $6::int8[], $7::text[], $8::text[], \
+         $9::int8[], $10::text[], $11::int8[]) AS u(seq, at, source, status, percent, step_key, \
+         sub_status, rate, raw, repeats) ON CONFLICT (task_id, seq) DO UPDATE SET \
+         repeats = EXCLUDED.repeats",
+    )
+    .bind(&t.id)
+    .bind(seq)
+    .bind(entries.iter().map(|h| h.at).collect::<Vec<_>>())
+    .bind(entries.iter().map(|h| h.source.clone()).collect::<Vec<_>>())
+    .bind(entries.iter().map(|h| text(&h.status)).collect::<Vec<_>>())
+    .bind(
+        entries
+            .iter()
+            .map(|h| h.progress.percent)
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        entries
+            .iter()
+            .map(|h| h.progress.step_key.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        entries
+            .iter()
+            .map(|h| h.progress.sub_status.clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(entries.iter().map(|h| h.progress.rate).collect::<Vec<_>>())
+    .bind(
+        entries
+            .iter()
+            .map(|h| h.raw.as_ref().map(|r| r.get().to_string()))
+            .collect::<Vec<_>>(),
+    )
+    .bind(entries.iter().map(|h| h.repeats as i64).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+#[async_trait::async_trait]
+impl TaskStore for Postgres {
+    async fn task(&self, id: &str) -> StoreResult<Option<OtaTask>> {
+        let sql = format!("SELECT {TASK_COLUMNS} FROM ota_tasks WHERE id = $1");
+        let mut found = self.tasks_where(&sql, |q| q.bind(id.to_string())).await?;
+        Ok(found.pop())
+    }
+
+    async fn recent_tasks(&self, since: DateTime<Utc>) -> StoreResult<Vec<OtaTask>> {
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM ota_tasks WHERE NOT final OR finished_at >= $1 ORDER BY id"
+        );
+        self.tasks_where(&sql, |q| q.bind(since)).await
+    }
+
+    async fn list_tasks(
+        &self,
+        query: &TaskQuery,
+        page: &PageRequest,
+    ) -> StoreResult<Page<OtaTask>> {
+        let sql = format!(
+            "SELECT {TASK_COLUMNS} FROM ota_tasks WHERE ($1::text IS NULL OR id < $1) \
+             AND ($2::text IS NULL OR gateway_sn = $2) AND ($3::text IS NULL OR status = $3) \
+             ORDER BY id DESC LIMIT $4"
+        );
+        let (cursor, limit) = (after(page)?, limit_of(page));
+        let gateway = query.gateway_sn.clone();
+        let status = query.status.as_ref().map(text);
+        let tasks = self
+            .tasks_where(&sql, |q| {
+                q.bind(cursor).bind(gateway).bind(status).bind(limit)
+            })
+            .await?;
+        Ok(page_of(tasks, page.limit(), |t| t.id.as_str()))
+    }
+
+    async fn insert_task(&self, task: &OtaTask) -> StoreResult<Claimed> {
+        let sns = held_serials(task);
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        write_task(task, &mut tx).await?;
+        write_devices(task, &mut tx).await?;
+        append_history(task, 0, &mut tx).await?;
+        // One row per serial: a concurrent creation waits here for this one and then finds
+        // the serial held. A claim left by a task that is final is taken over.
+        let claimed: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO ota_claims (sn, task_id) SELECT unnest($1::text[]), $2 \
+             ON CONFLICT (sn) DO UPDATE SET task_id = EXCLUDED.task_id \
+             WHERE (SELECT final FROM ota_tasks WHERE id = ota_claims.task_id) \
+             RETURNING sn",
+        )
+        .bind(&sns)
+        .bind(&task.id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        if let Some(sn) = sns.iter().find(|sn| !claimed.contains(sn)) {
+            let holder: String = sqlx::query_scalar("SELECT task_id FROM ota_claims WHERE sn = $1")
+                .bind(sn)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+            tx.rollback().await.map_err(db)?;
+            return Ok(Claimed::Busy {
+                sn: sn.clone(),
+                task_id: holder,
+            });
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(Claimed::Inserted)
+    }
+
+    async fn save_task(&self, task: &OtaTask) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let stored: Option<(String, i64)> = sqlx::query_as(
+            "SELECT t.status, (SELECT count(*) FROM ota_task_history h WHERE h.task_id = t.id) \
+             FROM ota_tasks t WHERE t.id = $1 FOR UPDATE",
+        )
+        .bind(&task.id)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let mut history = 0;
+        if let Some((status, n)) = stored {
+            let status: TaskStatus = parse(&status)?;
+            let mut probe = task.clone();
+            probe.status = status;
+            if !is_forward(&probe, task) {
+                return Ok(false);
+            }
+            history = n as usize;
+        }
+        write_task(task, &mut tx).await?;
+        write_devices(task, &mut tx).await?;
+        append_history(task, history, &mut tx).await?;
+        if task.status.is_final() {
+            sqlx::query("DELETE FROM ota_claims WHERE task_id = $1")
+                .bind(&task.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(true)
+    }
+
+    async fn delete_task(&self, id: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM ota_tasks WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn prune_tasks(&self, cutoff: DateTime<Utc>) -> StoreResult<usize> {
+        let done = sqlx::query("DELETE FROM ota_tasks WHERE final AND finished_at < $1")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(done.rows_affected() as usize)
+    }
+
+    async fn put_orphan(&self, msg: &serde_json::Value) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query("INSERT INTO ota_orphans (id, msg) VALUES ($1, $2)")
+            .bind(crate::domain::ids::next())
+            .bind(sqlx::types::Json(msg))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        // At most 10,000 are kept; the oldest go first.
+        sqlx::query(
+            "DELETE FROM ota_orphans WHERE id <= (SELECT id FROM ota_orphans ORDER BY id DESC \
+             OFFSET 10000 LIMIT 1)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        Ok(())
+    }
+}
