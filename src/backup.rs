@@ -1,68 +1,66 @@
-//! Offline backup of the catalog as JSON lines (`fwrepo export` / `fwrepo import`). Runs on the
-//! data directory of a stopped server (sled locks its directory). Blobs are not included: back
-//! up `storage/` (or the bucket) by stopping the server and copying it.
+//! `fwrepo export` / `fwrepo import`: a catalog as JSON lines, every record kind (see
+//! `catalog::transfer`), from and into any backend. A sled catalog must be stopped (sled locks
+//! its directory); a PostgreSQL one may be live. Blobs are not included: copy `storage/blobs`
+//! (or the bucket) alongside.
 
 use std::io::{BufRead, Write};
-use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use futures::executor::{block_on, block_on_stream};
+use crate::catalog::transfer::{self, Counts, Exported};
+use crate::catalog::{CatalogBackend, open_store};
 
-use crate::catalog::Catalog;
-use crate::store::{FirmwareRecord, FirmwareStore};
-
-fn open(data_dir: &Path) -> Result<Catalog> {
-    let dir = data_dir.join("catalog");
-    if !dir.exists() {
-        anyhow::bail!("no catalog in {}", data_dir.display());
+/// "firmware 2, token 1" (for the summary line).
+pub fn describe(counts: &Counts) -> String {
+    let parts: Vec<String> = counts.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    match parts.is_empty() {
+        true => "nothing".into(),
+        false => parts.join(", "),
     }
-    Catalog::open(&dir, 16).with_context(|| {
+}
+
+async fn open(backend: &CatalogBackend) -> Result<std::sync::Arc<dyn crate::catalog::Store>> {
+    open_store(backend).await.with_context(|| {
         format!(
-            "opening the catalog in {} (is the server still running? stop it first)",
-            dir.display()
+            "opening the catalog ({}); a sled catalog must be stopped first",
+            backend.describe()
         )
     })
 }
 
-/// Writes every firmware record, oldest first, one JSON object per line. Returns the count.
-pub fn export(data_dir: &Path, out: &mut dyn Write) -> Result<usize> {
-    let catalog = open(data_dir)?;
-    let mut n = 0;
-    for record in block_on_stream(catalog.all_firmware()) {
-        serde_json::to_writer(&mut *out, &record?)?;
-        out.write_all(b"\n")?;
-        n += 1;
-    }
+/// Writes every record, one JSON object per line. Returns the count per kind.
+pub async fn export(backend: &CatalogBackend, out: &mut dyn Write) -> Result<Counts> {
+    let store = open(backend).await?;
+    let counts = transfer::export(store.as_ref(), |e| {
+        serde_json::to_writer(&mut *out, &e)?;
+        out.write_all(b"\n")
+    })
+    .await?;
     out.flush()?;
-    Ok(n)
+    store.flush().await?;
+    Ok(counts)
 }
 
-/// Reads records written by [`export`]; records whose id or model+version exists are skipped.
-/// Returns (imported, skipped).
-pub fn import(data_dir: &Path, input: &mut dyn BufRead) -> Result<(usize, usize)> {
-    std::fs::create_dir_all(data_dir)?;
-    let dir = data_dir.join("catalog");
-    let catalog = Catalog::open(&dir, 16).with_context(|| {
-        format!(
-            "opening the catalog in {} (stop the server first)",
-            dir.display()
-        )
-    })?;
-    let (mut imported, mut skipped) = (0, 0);
+/// Reads records written by [`export`] (or a firmware-only export of an earlier release).
+/// Returns (imported per kind, skipped: firmware already there by id or version, tasks whose
+/// serials another open task holds).
+pub async fn import(backend: &CatalogBackend, input: &mut dyn BufRead) -> Result<(Counts, usize)> {
+    let store = open(backend).await?;
+    let (mut imported, mut skipped) = (Counts::new(), 0);
     for (i, line) in input.lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
             continue;
         }
-        let record: FirmwareRecord = serde_json::from_str(&line)
-            .with_context(|| format!("line {}: not a firmware record", i + 1))?;
-        if block_on(catalog.import_firmware(&record))? {
-            imported += 1;
+        let record = Exported::parse(&line)
+            .with_context(|| format!("line {}: not an exported record", i + 1))?;
+        let kind = record.kind();
+        if transfer::import(store.as_ref(), record).await? {
+            *imported.entry(kind).or_default() += 1;
         } else {
             skipped += 1;
         }
     }
-    catalog.flush_blocking()?;
+    store.flush().await?;
     Ok((imported, skipped))
 }

@@ -31,10 +31,14 @@ pub enum Command {
     /// Print the embedded broker's MQTT password of each gateway serial (`--mqtt-auth on`;
     /// reads <data-dir>/mqtt-credentials.key, works while the server runs).
     MqttPassword(MqttPasswordArgs),
-    /// Write the catalog as JSON lines (offline: the server must be stopped).
+    /// Write the catalog, every record kind, as JSON lines (a sled catalog's server must be
+    /// stopped).
     Export(ExportArgs),
-    /// Read a catalog export (offline: the server must be stopped).
+    /// Read a catalog export into a catalog, e.g. sled into PostgreSQL (a sled catalog's
+    /// server must be stopped).
     Import(ImportArgs),
+    /// Run the PostgreSQL catalog's migrations and exit (`fwrepo serve` also runs them).
+    Migrate(MigrateArgs),
     /// Simulate docks and aircraft that answer ota_create, download and report progress.
     Simulate(crate::simulator::SimConfig),
     /// Validate the configuration and exit.
@@ -181,9 +185,20 @@ pub struct ExportArgs {
     /// Data directory of the stopped server.
     #[arg(long, env = "FWREPO_DATA_DIR", default_value = "storage")]
     pub data_dir: PathBuf,
+    /// Catalog: sled (in the data directory) or a postgres:// URL [default: sled].
+    #[arg(long, env = "FWREPO_CATALOG")]
+    pub catalog: Option<String>,
     /// Output file (default: stdout).
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+}
+
+/// `fwrepo migrate`.
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The postgres:// URL of the catalog.
+    #[arg(long, env = "FWREPO_CATALOG")]
+    pub catalog: String,
 }
 
 /// `fwrepo import`.
@@ -192,6 +207,9 @@ pub struct ImportArgs {
     /// Data directory of the stopped server.
     #[arg(long, env = "FWREPO_DATA_DIR", default_value = "storage")]
     pub data_dir: PathBuf,
+    /// Catalog: sled (in the data directory) or a postgres:// URL [default: sled].
+    #[arg(long, env = "FWREPO_CATALOG")]
+    pub catalog: Option<String>,
     /// Input file (default: stdin).
     #[arg(long, short)]
     pub input: Option<PathBuf>,

@@ -51,6 +51,15 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// The catalog an offline tool works on: `raw` (sled or a postgres:// URL) under `data_dir`.
+fn tool_catalog(
+    raw: Option<&str>,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<fwrepo::catalog::CatalogBackend> {
+    fwrepo::catalog::CatalogBackend::parse(raw, data_dir, 16, Default::default())
+        .map_err(anyhow::Error::msg)
+}
+
 fn settings(options: ServeOptions) -> anyhow::Result<(Settings, ServeOptions)> {
     let layered = options.layered()?;
     Ok((Settings::from_options(layered.clone())?, layered))
@@ -72,25 +81,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Simulate(cfg) => simulate(cfg).await,
         Command::Export(args) => {
-            let n = match &args.output {
+            let backend = tool_catalog(args.catalog.as_deref(), &args.data_dir)?;
+            let counts = match &args.output {
                 Some(path) => {
                     let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
-                    fwrepo::backup::export(&args.data_dir, &mut f)?
+                    fwrepo::backup::export(&backend, &mut f).await?
                 }
-                None => fwrepo::backup::export(&args.data_dir, &mut std::io::stdout().lock())?,
+                None => {
+                    let mut out = std::io::BufWriter::new(std::io::stdout());
+                    fwrepo::backup::export(&backend, &mut out).await?
+                }
             };
-            eprintln!("exported {n} firmware records");
+            eprintln!("exported {}", fwrepo::backup::describe(&counts));
             Ok(())
         }
         Command::Import(args) => {
+            std::fs::create_dir_all(&args.data_dir)?;
+            let backend = tool_catalog(args.catalog.as_deref(), &args.data_dir)?;
             let (imported, skipped) = match &args.input {
-                Some(path) => fwrepo::backup::import(
-                    &args.data_dir,
-                    &mut BufReader::new(std::fs::File::open(path)?),
-                )?,
-                None => fwrepo::backup::import(&args.data_dir, &mut std::io::stdin().lock())?,
+                Some(path) => {
+                    let mut f = BufReader::new(std::fs::File::open(path)?);
+                    fwrepo::backup::import(&backend, &mut f).await?
+                }
+                None => {
+                    let mut input = BufReader::new(std::io::stdin());
+                    fwrepo::backup::import(&backend, &mut input).await?
+                }
             };
-            eprintln!("imported {imported} firmware records, skipped {skipped} already present");
+            eprintln!(
+                "imported {}; skipped {skipped} already present",
+                fwrepo::backup::describe(&imported)
+            );
+            Ok(())
+        }
+        Command::Migrate(args) => {
+            let backend = tool_catalog(Some(&args.catalog), std::path::Path::new("storage"))?;
+            if !matches!(backend, fwrepo::catalog::CatalogBackend::Postgres(_)) {
+                anyhow::bail!("fwrepo migrate takes a postgres:// URL (sled needs no migrations)");
+            }
+            fwrepo::catalog::open_store(&backend).await?;
+            eprintln!("catalog {} is migrated", backend.describe());
             Ok(())
         }
         Command::CheckConfig(options) => {

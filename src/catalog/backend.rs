@@ -104,12 +104,22 @@ pub async fn open(
             let id = catalog.instance_id()?;
             Ok((Arc::new(catalog), id))
         }
-        CatalogBackend::Postgres(settings) => {
-            let pg = Postgres::open(settings, Duration::from_secs(60)).await?;
+        CatalogBackend::Postgres(_) => {
+            let store = open_store(backend).await?;
             let id = file_instance_id(data_dir).map_err(|e| CatalogError::Storage(Box::new(e)))?;
-            Ok((Arc::new(pg), id))
+            Ok((store, id))
         }
     }
+}
+
+/// An open catalog (tools: export, import, migrate). A PostgreSQL catalog is migrated.
+pub async fn open_store(backend: &CatalogBackend) -> Result<Arc<dyn Store>, CatalogError> {
+    Ok(match backend {
+        CatalogBackend::Sled { dir, cache_mb } => Arc::new(super::Catalog::open(dir, *cache_mb)?),
+        CatalogBackend::Postgres(settings) => {
+            Arc::new(Postgres::open(settings, Duration::from_secs(60)).await?)
+        }
+    })
 }
 
 fn file_instance_id(data_dir: &Path) -> std::io::Result<String> {

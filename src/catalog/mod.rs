@@ -15,7 +15,9 @@ mod firmware;
 mod fleet;
 pub mod postgres;
 
-pub use backend::{CatalogBackend, PoolLimits, open, redact};
+pub mod transfer;
+
+pub use backend::{CatalogBackend, PoolLimits, open, open_store, redact};
 
 use crate::ota::OtaStores;
 use crate::rollout::RolloutStores;

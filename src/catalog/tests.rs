@@ -70,3 +70,86 @@ async fn stored_idempotency_answers_expire_after_a_day() {
             .is_none()
     );
 }
+
+/// Every record kind survives sled → PostgreSQL → sled: the two sled exports are the same
+/// lines (when FWREPO_TEST_POSTGRES_URL names a server; sled → sled otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_moves_between_backends_and_back() {
+    use crate::catalog::transfer;
+    use crate::store::{DownloadSessionRecord, FirmwareRecord};
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a: Arc<dyn Store> = Arc::new(Catalog::open(a_dir.path(), 8).unwrap());
+    let now = chrono::Utc::now();
+    let fw = FirmwareRecord::new_for_test("Dock", "1.0", "aa");
+    a.commit_firmware(&fw, "u").await.unwrap();
+    let mut done = conformance::task("T-done", "G1", &["G1"]);
+    done.status = crate::ota::TaskStatus::Ok;
+    done.finished_at = Some(now);
+    done.note("api", None, now);
+    a.insert_task(&done).await.unwrap();
+    a.save_task(&done).await.unwrap();
+    a.insert_task(&conformance::task("T-open", "G2", &["G2", "A2"]))
+        .await
+        .unwrap();
+    let session = DownloadSessionRecord::new_for_test(&crate::domain::ids::next(), &[(0, 40)], now);
+    a.merge_sessions(&[session]).await.unwrap();
+    let dump = |store: Arc<dyn Store>| async move {
+        let mut lines = Vec::new();
+        transfer::export(store.as_ref(), |e| {
+            lines.push(serde_json::to_string(&e).unwrap());
+            Ok(())
+        })
+        .await
+        .unwrap();
+        lines
+    };
+    let pg = postgres::testing::TestDatabase::create().await;
+    let middle: Arc<dyn Store> = match &pg {
+        Some(db) => Arc::new(db.catalog().await),
+        None => Arc::new(Catalog::open(&b_dir.path().join("m"), 8).unwrap()),
+    };
+    transfer::copy(a.as_ref(), middle.as_ref()).await.unwrap();
+    let back: Arc<dyn Store> = Arc::new(Catalog::open(&b_dir.path().join("b"), 8).unwrap());
+    transfer::copy(middle.as_ref(), back.as_ref())
+        .await
+        .unwrap();
+    let (before, after) = (dump(a).await, dump(back.clone()).await);
+    assert_eq!(before.len(), 4, "{before:#?}");
+    // PostgreSQL keeps microseconds: compare times at that precision.
+    fn micros(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => {
+                if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+                    *s = t.timestamp_micros().to_string();
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(micros),
+            serde_json::Value::Object(map) => map.values_mut().for_each(micros),
+            _ => {}
+        }
+    }
+    let normal = |lines: Vec<String>| -> Vec<serde_json::Value> {
+        lines
+            .iter()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                micros(&mut v);
+                v
+            })
+            .collect()
+    };
+    assert_eq!(normal(after), normal(before));
+    // The open task still holds its serials in the copy.
+    let busy = back
+        .insert_task(&conformance::task("T-new", "G3", &["A2"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        busy,
+        Claimed::Busy {
+            sn: "A2".into(),
+            task_id: "T-open".into()
+        }
+    );
+    let _ = back.firmware(&fw.id).await.unwrap();
+}

@@ -53,6 +53,39 @@ pub fn authed_client(token: &str) -> reqwest::Client {
 /// its data dir, so its token).
 static TOKENS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(Vec::new());
 
+type Databases = Vec<(PathBuf, fwrepo::catalog::postgres::testing::TestDatabase)>;
+
+/// Test databases by data directory (a restarted server gets its database back). Kept for the
+/// whole run.
+static DATABASES: std::sync::Mutex<Databases> = std::sync::Mutex::new(Vec::new());
+
+/// With `FWREPO_TEST_CATALOG=postgres` (and `FWREPO_TEST_POSTGRES_URL`), every test server
+/// keeps its catalog in a PostgreSQL database of its own: `.ci/run` runs the integration
+/// suite a second time so. Returns the URL of `data_dir`'s database, or `None` for sled.
+pub fn test_catalog(data_dir: &Path) -> Option<String> {
+    if std::env::var("FWREPO_TEST_CATALOG").ok()?.as_str() != "postgres" {
+        return None;
+    }
+    let mut dbs = DATABASES.lock().unwrap();
+    if let Some((_, db)) = dbs.iter().find(|(d, _)| d == data_dir) {
+        return Some(db.url().to_string());
+    }
+    // Made on a thread of its own: callers may be inside a runtime or not.
+    let db = std::thread::spawn(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(fwrepo::catalog::postgres::testing::TestDatabase::create())
+    })
+    .join()
+    .unwrap()
+    .expect("FWREPO_TEST_CATALOG=postgres needs FWREPO_TEST_POSTGRES_URL");
+    let url = db.url().to_string();
+    dbs.push((data_dir.to_path_buf(), db));
+    Some(url)
+}
+
 /// A client with the admin token of the server process at `base`.
 pub fn client_for(base: &str) -> reqwest::Client {
     let tokens = TOKENS.lock().unwrap();
@@ -80,6 +113,11 @@ pub async fn spawn_with(adjust: impl FnOnce(&mut Settings)) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
     let mut settings = Settings::for_data_dir(dir.path());
     settings.progress_flush_secs = 1;
+    if let Some(url) = test_catalog(dir.path()) {
+        settings.catalog =
+            fwrepo::catalog::CatalogBackend::parse(Some(&url), dir.path(), 8, Default::default())
+                .unwrap();
+    }
     adjust(&mut settings);
     spawn_settings(settings, dir).await
 }
@@ -356,6 +394,11 @@ impl ServerProcess {
         }
         if !extra.contains(&"--mqtt-listen") && !extra.contains(&"--mqtt-url") {
             cmd.args(["--mqtt-listen", "127.0.0.1:0"]);
+        }
+        if !extra.contains(&"--catalog")
+            && let Some(url) = test_catalog(data_dir)
+        {
+            cmd.args(["--catalog", &url]);
         }
         let mut child = cmd
             .args(extra)

@@ -43,6 +43,8 @@ pub struct Postgres {
     pool: PgPool,
     /// False while the database does not answer (the watcher's last probe failed).
     healthy: Arc<AtomicBool>,
+    /// Probes that found the database answering.
+    probes: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn db(e: sqlx::Error) -> CatalogError {
@@ -148,18 +150,15 @@ impl Postgres {
                 Err(e) => return Err(CatalogError::Storage(Box::new(e))),
             }
         }
-        Ok(Postgres {
-            pool,
-            healthy: Arc::new(AtomicBool::new(true)),
-        })
+        Ok(Postgres::from_pool(pool))
     }
 
-    /// Connects without migrating (tests that make their own database).
-    #[doc(hidden)]
-    pub fn from_pool(pool: PgPool) -> Postgres {
+    /// The catalog on a pool whose database is migrated.
+    fn from_pool(pool: PgPool) -> Postgres {
         Postgres {
             pool,
             healthy: Arc::new(AtomicBool::new(true)),
+            probes: Arc::default(),
         }
     }
 
@@ -194,8 +193,9 @@ impl crate::store::Durability for Postgres {
         let size = self.pool.size();
         let idle = self.pool.num_idle();
         let up = u8::from(self.healthy.load(SeqCst));
+        let probes = self.probes.load(SeqCst);
         format!(
-            "# HELP fwrepo_catalog_writable 1 while the catalog answers; 0 while it does not.\n# TYPE fwrepo_catalog_writable gauge\nfwrepo_catalog_writable {up}\n# HELP fwrepo_catalog_pool_connections Connections of the PostgreSQL pool, by state.\n# TYPE fwrepo_catalog_pool_connections gauge\nfwrepo_catalog_pool_connections{{state=\"idle\"}} {idle}\nfwrepo_catalog_pool_connections{{state=\"busy\"}} {}\n",
+            "# HELP fwrepo_catalog_flushes_total Points at which every write before is durable (PostgreSQL: health probes passed; a commit is durable when it returns).\n# TYPE fwrepo_catalog_flushes_total counter\nfwrepo_catalog_flushes_total {probes}\n# HELP fwrepo_catalog_writable 1 while the catalog answers; 0 while it does not.\n# TYPE fwrepo_catalog_writable gauge\nfwrepo_catalog_writable {up}\n# HELP fwrepo_catalog_pool_connections Connections of the PostgreSQL pool, by state.\n# TYPE fwrepo_catalog_pool_connections gauge\nfwrepo_catalog_pool_connections{{state=\"idle\"}} {idle}\nfwrepo_catalog_pool_connections{{state=\"busy\"}} {}\n",
             (size as usize).saturating_sub(idle)
         )
     }
@@ -209,6 +209,9 @@ impl crate::store::Durability for Postgres {
                 _ = tick.tick() => {}
             }
             let ok = self.ping().await;
+            if ok.is_ok() {
+                self.probes.fetch_add(1, SeqCst);
+            }
             let was = self.healthy.swap(ok.is_ok(), SeqCst);
             match (was, ok) {
                 (true, Err(e)) => {
