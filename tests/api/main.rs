@@ -13,6 +13,8 @@ mod mqtt_auth;
 mod mqtt_external;
 mod ops;
 mod ota;
+mod postgres;
+mod proxy;
 mod restart;
 mod rollouts;
 mod s3;

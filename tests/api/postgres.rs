@@ -1,0 +1,203 @@
+//! fwrepo on a PostgreSQL catalog (`FWREPO_TEST_POSTGRES_URL`): the database lost and back
+//! while the server runs, and a sled catalog moved into PostgreSQL with the CLI. (The rest
+//! of the integration suite runs on PostgreSQL too with `FWREPO_TEST_CATALOG=postgres`.)
+
+use std::process::Command;
+use std::time::Duration;
+
+use fwrepo::catalog::postgres::testing::TestDatabase;
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+use crate::proxy::{Link, Proxy};
+
+/// A fresh database, or a SKIP line.
+async fn database(test: &str) -> Option<TestDatabase> {
+    let db = TestDatabase::create().await;
+    if db.is_none() {
+        println!("SKIP postgres::{test}: FWREPO_TEST_POSTGRES_URL not set");
+    }
+    db
+}
+
+fn catalog(url: &str, dir: &std::path::Path) -> fwrepo::catalog::CatalogBackend {
+    fwrepo::catalog::CatalogBackend::parse(Some(url), dir, 8, Default::default()).unwrap()
+}
+
+async fn put_device(app: &TestApp, sn: &str) -> (u16, Value) {
+    let resp = app
+        .client
+        .put(format!("{}/api/v1/devices/{sn}", app.base))
+        .json(&json!({"model": "Dock"}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+async fn ready(app: &TestApp) -> u16 {
+    app.client
+        .get(format!("{}/readyz", app.base))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_lost_database_is_503_and_writes_work_again_once_it_is_back() {
+    let Some(db) = database("a_lost_database_is_503_and_writes_work_again_once_it_is_back").await
+    else {
+        return;
+    };
+    let mut url = url::Url::parse(db.url()).unwrap();
+    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    let proxy = Proxy::start(upstream).await;
+    url.set_port(Some(proxy.addr.port())).unwrap();
+    let proxied = url.to_string();
+    let app = spawn_with(|s| {
+        s.catalog = catalog(&proxied, &s.data_dir);
+        if let fwrepo::catalog::CatalogBackend::Postgres(pg) = &mut s.catalog {
+            pg.connect_timeout = Duration::from_secs(2);
+        }
+    })
+    .await;
+    let before = sn("PGDOCK");
+    assert_eq!(put_device(&app, &before).await.0, 200);
+
+    proxy.set(Link::Cut);
+    assert!(
+        wait_until(Duration::from_secs(15), || async {
+            ready(&app).await == 503
+        })
+        .await,
+        "/readyz stayed ready with the database gone"
+    );
+    let during = sn("PGDOCK");
+    let (status, body) = put_device(&app, &during).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"], "catalog_unavailable", "{body}");
+
+    proxy.set(Link::Pass);
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            ready(&app).await == 200
+        })
+        .await,
+        "/readyz did not recover with the database back"
+    );
+    let after = sn("PGDOCK");
+    assert_eq!(put_device(&app, &after).await.0, 200);
+    // What was acknowledged before the outage is there; the refused write is not.
+    for (sn, there) in [(before, true), (after, true), (during, false)] {
+        let (status, _) = app.get_json(&format!("/api/v1/devices/{sn}")).await;
+        assert_eq!(status == 200, there, "{sn}");
+    }
+}
+
+#[tokio::test]
+async fn a_sled_catalog_moves_into_postgres_with_export_and_import() {
+    let Some(db) = database("a_sled_catalog_moves_into_postgres_with_export_and_import").await
+    else {
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let sled_dir = root.path().join("sled");
+    let mut server = ServerProcess::start(&sled_dir, &["--catalog", "sled"]);
+    let client = server.client();
+    let data = payload(4096, 7);
+    let fw: Value = client
+        .post(format!(
+            "{}/api/v1/firmware?file_name=Dock_3.0.zip",
+            server.base
+        ))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let dock = sn("MVDOCK");
+    let resp = client
+        .put(format!("{}/api/v1/devices/{dock}", server.base))
+        .json(&json!({"model": "Dock"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    tokio::task::spawn_blocking(move || server.sigterm())
+        .await
+        .unwrap();
+
+    // Export from the stopped sled catalog, import into PostgreSQL.
+    let dump = root.path().join("catalog.jsonl");
+    let sled = sled_dir.to_str().unwrap().to_string();
+    let (dump_s, url) = (dump.to_str().unwrap().to_string(), db.url().to_string());
+    let out = tokio::task::spawn_blocking(move || {
+        let export = Command::new(bin())
+            .args([
+                "export",
+                "--data-dir",
+                &sled,
+                "--catalog",
+                "sled",
+                "-o",
+                &dump_s,
+            ])
+            .env_remove("FWREPO_CATALOG")
+            .output()
+            .unwrap();
+        assert!(export.status.success(), "{export:?}");
+        Command::new(bin())
+            .args(["import", "--catalog", &url, "-i", &dump_s])
+            .env_remove("FWREPO_CATALOG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("firmware 1") && said.contains("device 1"),
+        "{said}"
+    );
+
+    // A server on PostgreSQL (blobs copied along) serves the same catalog and bytes, and the
+    // old admin token works there.
+    let pg_dir = root.path().join("pg");
+    std::fs::create_dir_all(&pg_dir).unwrap();
+    std::fs::copy(sled_dir.join("admin.token"), pg_dir.join("admin.token")).unwrap();
+    copy_dir(&sled_dir.join("blobs"), &pg_dir.join("blobs"));
+    let server = ServerProcess::start(&pg_dir, &["--catalog", db.url()]);
+    let id = fw["id"].as_str().unwrap();
+    let got = get_json_at(&server.base, &format!("/api/v1/firmware/{id}")).await;
+    assert_eq!(got["sha256"], fw["sha256"]);
+    let device = get_json_at(&server.base, &format!("/api/v1/devices/{dock}")).await;
+    assert_eq!(device["model"], "Dock");
+    let bytes = server
+        .client()
+        .get(format!("{}/files/{id}/Dock_3.0.zip", server.base))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(bytes.as_ref(), data.as_slice());
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
