@@ -12,6 +12,50 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// Acknowledges a received message once it has been recorded. Dropped without
+/// [`Ack::done`], the message stays unacknowledged and its sender delivers it again (MQTT
+/// QoS 1 on a persistent session). Cloning a message drops its acknowledgement.
+#[derive(Default)]
+pub struct Ack(Option<Box<dyn FnOnce(bool) + Send>>);
+
+impl Ack {
+    /// An acknowledgement that runs `f(true)` when done, `f(false)` when dropped undone.
+    pub fn new(f: impl FnOnce(bool) + Send + 'static) -> Ack {
+        Ack(Some(Box::new(f)))
+    }
+
+    /// The message is recorded: acknowledge it.
+    pub fn done(mut self) {
+        if let Some(f) = self.0.take() {
+            f(true);
+        }
+    }
+}
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f(false);
+        }
+    }
+}
+
+impl Clone for Ack {
+    fn clone(&self) -> Ack {
+        Ack(None)
+    }
+}
+
+impl fmt::Debug for Ack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Ack(pending)"
+        } else {
+            "Ack(none)"
+        })
+    }
+}
+
 /// Identifier of a firmware record: a ULID (time-ordered, so newest-first is reverse key order).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]

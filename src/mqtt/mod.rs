@@ -3,6 +3,7 @@
 //! ([`topics`], [`wire`]), and the replies the protocol expects. Inbound messages are turned
 //! into registry updates; publishing never blocks the caller (a full queue counts as dropped).
 
+mod acks;
 pub mod broker;
 pub mod credentials;
 pub mod lenient;
@@ -82,6 +83,11 @@ pub struct MqttStatus {
     pub malformed: AtomicU64,
     /// Messages dropped (oversized inbound, or a full outbound queue).
     pub dropped: AtomicU64,
+    /// OTA messages left unacknowledged because they could not be recorded (or queued) since
+    /// the session last reconnected to have them delivered again.
+    pub withheld: AtomicU64,
+    /// OTA messages left unacknowledged, in all.
+    pub withheld_total: AtomicU64,
     /// Connection attempts that failed.
     pub connect_errors: AtomicU64,
     /// The last connection error.
@@ -123,6 +129,11 @@ impl MqttStatus {
                 "fwrepo_mqtt_dropped_total",
                 "MQTT messages dropped (oversized or queue full).",
                 &self.dropped,
+            ),
+            (
+                "fwrepo_mqtt_unacknowledged_total",
+                "OTA messages left unacknowledged for redelivery (not recorded: the catalog failed, or the queue was full).",
+                &self.withheld_total,
             ),
             (
                 "fwrepo_mqtt_connect_errors_total",
@@ -273,7 +284,10 @@ pub fn start(
         .set_clean_session(false)
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(CLIENT_PACKET_LIMIT, CLIENT_PACKET_LIMIT)
-        .set_inflight(100);
+        .set_inflight(100)
+        // A gateway's OTA message is acknowledged once recorded (ota::OtaService::on_message);
+        // one that could not be is delivered again after the next reconnect.
+        .set_manual_acks(true);
     if let Some((u, p)) = creds {
         options.set_credentials(u, p);
     }
@@ -294,6 +308,7 @@ pub fn start(
         tls_address_line,
     };
     let session = Session {
+        acks: acks::Acks::new(client.clone(), Arc::clone(&status)),
         handle: handle.clone(),
         registry,
         ota,
@@ -310,6 +325,9 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 /// persistence, so the gap must stay short.
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
 
+/// How often the session reconnects while OTA messages wait, unacknowledged, for redelivery.
+const REDELIVER_EVERY: Duration = Duration::from_secs(10);
+
 /// `d` scaled by a random factor in [0.5, 1): replicas and restarts do not reconnect in step.
 fn jittered(d: Duration) -> Duration {
     let mut b = [0u8; 2];
@@ -322,19 +340,33 @@ struct Session {
     registry: DeviceRegistry,
     ota: tokio::sync::mpsc::Sender<OtaMessage>,
     replies: bool,
+    acks: acks::Acks,
 }
 
 impl Session {
     async fn run(self, mut eventloop: rumqttc::EventLoop, cancel: CancellationToken) {
         let mut backoff = RECONNECT_FIRST;
+        let mut redeliver = tokio::time::interval(REDELIVER_EVERY);
+        redeliver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let event = tokio::select! {
                 _ = cancel.cancelled() => break,
                 ev = eventloop.poll() => ev,
+                _ = redeliver.tick() => {
+                    // The broker sends unacknowledged messages again when the (persistent)
+                    // session reconnects.
+                    let withheld = self.handle.status.withheld.swap(0, Ordering::Relaxed);
+                    if withheld > 0 {
+                        tracing::warn!(withheld, "reconnecting to receive the OTA messages that could not be recorded again");
+                        let _ = self.handle.client.try_disconnect();
+                    }
+                    continue;
+                }
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = RECONNECT_FIRST;
+                    self.acks.reset();
                     let status = &self.handle.status;
                     status.subscribed.store(false, Ordering::Relaxed);
                     status.pending_subacks.store(
@@ -356,7 +388,14 @@ impl Session {
                         tracing::debug!("MQTT subscriptions acknowledged");
                     }
                 }
-                Ok(Event::Incoming(Packet::Publish(p))) => self.on_publish(&p.topic, &p.payload),
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let ack = self.acks.track(&p);
+                    // An OTA message carries its acknowledgement to the OTA service; any
+                    // other is done here.
+                    if let Some(ack) = self.on_publish(&p, ack) {
+                        ack.done();
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => {
                     let status = &self.handle.status;
@@ -392,7 +431,14 @@ impl Session {
         }
     }
 
-    fn on_publish(&self, topic: &str, payload: &[u8]) {
+    /// Handles one message; gives its acknowledgement back unless the message went to the
+    /// OTA service, which acknowledges it once recorded.
+    fn on_publish(
+        &self,
+        p: &rumqttc::Publish,
+        ack: crate::domain::Ack,
+    ) -> Option<crate::domain::Ack> {
+        let (topic, payload) = (p.topic.as_str(), p.payload.as_ref());
         let status = &self.handle.status;
         status.messages_in.fetch_add(1, Ordering::Relaxed);
         if payload.len() > MAX_ACCEPTED_PAYLOAD {
@@ -402,19 +448,19 @@ impl Session {
                 bytes = payload.len(),
                 "oversized MQTT payload dropped"
             );
-            return;
+            return Some(ack);
         }
         let Some(inbound) = topics::parse(topic) else {
             status.malformed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(topic, "message on an unexpected topic");
-            return;
+            return Some(ack);
         };
         let env = match Envelope::parse(payload) {
             Ok(env) => env,
             Err(e) => {
                 status.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(topic, error = %e, "malformed MQTT payload");
-                return;
+                return Some(ack);
             }
         };
         let dialect = if env.gateway.is_some() {
@@ -453,30 +499,40 @@ impl Session {
             Inbound::Events(sn) => {
                 self.registry.on_seen(&sn);
                 let method = env.method.clone().unwrap_or_default();
-                let ack = env.need_reply == Some(1)
+                let reply = env.need_reply == Some(1)
                     || (method == "ota_progress" && env.need_reply.is_none());
-                if ack && self.replies {
+                if reply && self.replies {
                     self.handle
                         .publish(topics::events_reply(&sn), wire::reply(&env, &method));
                 }
                 if method == "ota_progress" {
-                    self.forward(false, sn, env, payload);
+                    self.forward(false, sn, env, p, ack);
+                    return None;
                 }
             }
             Inbound::ServicesReply(sn) => {
                 self.registry.on_seen(&sn);
                 if env.method.as_deref().is_none_or(|m| m == "ota_create") {
-                    self.forward(true, sn, env, payload);
+                    self.forward(true, sn, env, p, ack);
+                    return None;
                 }
             }
         }
+        Some(ack)
     }
 }
 
 impl Session {
-    fn forward(&self, is_reply: bool, topic_sn: String, env: Envelope, payload: &[u8]) {
+    fn forward(
+        &self,
+        is_reply: bool,
+        topic_sn: String,
+        env: Envelope,
+        p: &rumqttc::Publish,
+        ack: crate::domain::Ack,
+    ) {
         // The envelope parsed, so the payload is JSON text.
-        let raw = std::str::from_utf8(payload)
+        let raw = std::str::from_utf8(&p.payload)
             .ok()
             .and_then(|text| serde_json::value::RawValue::from_string(text.to_string()).ok())
             .unwrap_or_default();
@@ -488,10 +544,11 @@ impl Session {
             method: env.method,
             report: wire::report_of(&env.data),
             raw,
+            ack,
         };
         if self.ota.try_send(msg).is_err() {
-            self.handle.status.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!("OTA message queue full; message dropped");
+            // Dropped unacknowledged: delivered again after the next reconnect.
+            tracing::warn!("OTA message queue full; message left for redelivery");
         }
     }
 }

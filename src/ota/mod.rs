@@ -177,6 +177,8 @@ pub struct OtaMessage {
     pub report: machine::Report,
     /// The whole payload, for the history.
     pub raw: task::RawJson,
+    /// Acknowledged once the message is recorded (never when storing it failed).
+    pub ack: crate::domain::Ack,
 }
 
 /// Timeouts and modes.
@@ -476,7 +478,19 @@ impl OtaService {
 
     /// Indexes, stores and announces a changed task. A change the store refuses as not
     /// forward of its copy is logged (another writer was ahead).
-    async fn save(&self, task: &OtaTask) {
+    async fn save(&self, task: &OtaTask) -> bool {
+        // Stored first: a change that could not be stored leaves memory as it was, so the
+        // event that caused it (delivered again) or the next timer pass makes it again.
+        match self.inner.stores.tasks.save_task(task).await {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(task_id = %task.id, "a change behind the stored task was not stored")
+            }
+            Err(e) => {
+                tracing::error!(task_id = %task.id, error = %e, "storing task failed");
+                return false;
+            }
+        }
         {
             let mut open = lock(&self.inner.open);
             if task.status.is_final() {
@@ -497,14 +511,8 @@ impl OtaService {
                 open.index(task);
             }
         }
-        match self.inner.stores.tasks.save_task(task).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(task_id = %task.id, "a change behind the stored task was not stored")
-            }
-            Err(e) => tracing::error!(task_id = %task.id, error = %e, "storing task failed"),
-        }
         let _ = self.inner.changes.send(task.clone());
+        true
     }
 
     /// One task (its devices' `download_session` is for the caller to fill).

@@ -46,6 +46,7 @@ impl Publisher for InstantReply {
                     ..machine::Report::default()
                 },
                 raw: serde_json::value::RawValue::from_string(event.to_string()).unwrap(),
+                ack: Default::default(),
             }));
         }
         block_on(service.on_message(OtaMessage {
@@ -56,6 +57,7 @@ impl Publisher for InstantReply {
             method: Some("ota_create".into()),
             report: machine::Report::default(),
             raw,
+            ack: Default::default(),
         }));
         true
     }

@@ -5,8 +5,19 @@
 use super::*;
 
 impl OtaService {
-    /// Applies a gateway message.
-    pub async fn on_message(&self, msg: OtaMessage) {
+    /// Applies a gateway message and acknowledges it once recorded; a message whose change
+    /// could not be stored stays unacknowledged, so the broker delivers it again.
+    pub async fn on_message(&self, mut msg: OtaMessage) {
+        let ack = std::mem::take(&mut msg.ack);
+        if self.record(msg).await {
+            ack.done();
+        } else {
+            tracing::warn!("OTA message not recorded; left unacknowledged for redelivery");
+        }
+    }
+
+    /// Applies a gateway message; false when its change could not be stored.
+    async fn record(&self, msg: OtaMessage) -> bool {
         let now = self.inner.clock.now();
         let task = {
             let open = lock(&self.inner.open);
@@ -32,8 +43,7 @@ impl OtaService {
             };
             if let Some(t) = settled {
                 let event = machine::TaskEvent::Reply(msg.report, Some(msg.raw));
-                self.late_reply(t, event, now).await;
-                return;
+                return self.late_reply(t, event, now).await;
             }
         }
         let Some(mut task) = task else {
@@ -42,29 +52,34 @@ impl OtaService {
                 "method": msg.method, "raw": msg.raw});
             if let Err(e) = self.inner.stores.tasks.put_orphan(&orphan).await {
                 tracing::warn!(error = %e, "storing an orphan OTA message failed");
+                return false;
             }
-            return;
+            return true;
         };
         let event = if msg.is_reply {
             machine::TaskEvent::Reply(msg.report, Some(msg.raw))
         } else {
             machine::TaskEvent::Progress(msg.report, Some(msg.raw))
         };
-        self.apply(&mut task, event, now).await;
+        self.apply(&mut task, event, now).await
     }
 
     /// Runs the state machine on `task` and carries out its effects: settle devices and count
     /// a task that just ended, then persist and notify.
-    async fn apply(&self, task: &mut OtaTask, event: machine::TaskEvent, now: DateTime<Utc>) {
+    /// False when the change could not be stored.
+    async fn apply(
+        &self,
+        task: &mut OtaTask,
+        event: machine::TaskEvent,
+        now: DateTime<Utc>,
+    ) -> bool {
         let fx = machine::apply(task, event, now);
         if let Some(status) = fx.finished {
             self.inner.counters.finish(status);
             self.finish_devices(task, now);
             tracing::info!(task_id = %task.id, status = ?status, "OTA task finished");
         }
-        if fx.save {
-            self.save(task).await;
-        }
+        !fx.save || self.save(task).await
     }
 
     /// A recently settled task by the tid of its `ota_create`, from the catalog.
@@ -81,17 +96,28 @@ impl OtaService {
 
     /// Records a `services_reply` that came after the task ended (its progress events were
     /// delivered first): the history and `replied_at` get it; the outcome stays.
-    async fn late_reply(&self, mut task: OtaTask, event: machine::TaskEvent, now: DateTime<Utc>) {
+    /// False when the reply could not be stored.
+    async fn late_reply(
+        &self,
+        mut task: OtaTask,
+        event: machine::TaskEvent,
+        now: DateTime<Utc>,
+    ) -> bool {
         if !machine::apply(&mut task, event, now).save {
             tracing::info!(task_id = %task.id, "repeated services_reply for a finished task ignored");
-            return;
+            return true;
         }
         tracing::info!(task_id = %task.id, "services_reply recorded after the task ended");
         let open = lock(&self.inner.open).tasks.contains_key(&task.id);
         if open {
-            self.save(&task).await;
-        } else if let Err(e) = self.inner.stores.tasks.save_task(&task).await {
-            tracing::error!(task_id = %task.id, error = %e, "storing task failed");
+            return self.save(&task).await;
+        }
+        match self.inner.stores.tasks.save_task(&task).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::error!(task_id = %task.id, error = %e, "storing task failed");
+                false
+            }
         }
     }
 

@@ -78,7 +78,7 @@ async fn assert_up_to_date(app: &TestApp, dock: &str, fw_id: &str) {
     );
 }
 
-async fn post_ota(app: &TestApp, body: Value, key: Option<&str>) -> (u16, Value) {
+pub(crate) async fn post_ota(app: &TestApp, body: Value, key: Option<&str>) -> (u16, Value) {
     let mut rb = app.client.post(app.url("/api/v1/ota")).json(&body);
     if let Some(k) = key {
         rb = rb.header("idempotency-key", k);
@@ -88,7 +88,7 @@ async fn post_ota(app: &TestApp, body: Value, key: Option<&str>) -> (u16, Value)
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-async fn next_on(
+pub(crate) async fn next_on(
     inbox: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
     suffix: &str,
 ) -> Value {

@@ -51,18 +51,7 @@ async fn a_lost_database_is_503_and_writes_work_again_once_it_is_back() {
     else {
         return;
     };
-    let mut url = url::Url::parse(db.url()).unwrap();
-    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
-    let proxy = Proxy::start(upstream).await;
-    url.set_port(Some(proxy.addr.port())).unwrap();
-    let proxied = url.to_string();
-    let app = spawn_with(|s| {
-        s.catalog = catalog(&proxied, &s.data_dir);
-        if let fwrepo::catalog::CatalogBackend::Postgres(pg) = &mut s.catalog {
-            pg.connect_timeout = Duration::from_secs(2);
-        }
-    })
-    .await;
+    let (proxy, app) = proxied_app(&db).await;
     let before = sn("PGDOCK");
     assert_eq!(put_device(&app, &before).await.0, 200);
 
@@ -200,4 +189,80 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
             std::fs::copy(entry.path(), target).unwrap();
         }
     }
+}
+
+/// fwrepo on PostgreSQL through a proxy the test cuts: the proxy, and the server.
+async fn proxied_app(db: &TestDatabase) -> (Proxy, TestApp) {
+    let mut url = url::Url::parse(db.url()).unwrap();
+    let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
+    let proxy = Proxy::start(upstream).await;
+    url.set_port(Some(proxy.addr.port())).unwrap();
+    let proxied = url.to_string();
+    let app = spawn_with(|s| {
+        s.catalog = catalog(&proxied, &s.data_dir);
+        if let fwrepo::catalog::CatalogBackend::Postgres(pg) = &mut s.catalog {
+            pg.connect_timeout = Duration::from_secs(2);
+        }
+    })
+    .await;
+    (proxy, app)
+}
+
+#[tokio::test]
+async fn an_ota_event_that_could_not_be_recorded_is_delivered_again() {
+    use rumqttc::QoS;
+    let Some(db) = database("an_ota_event_that_could_not_be_recorded_is_delivered_again").await
+    else {
+        return;
+    };
+    let (proxy, app) = proxied_app(&db).await;
+    let fw = app.upload_ok("Dock_4.0.zip", payload(1000, 4)).await;
+    let dock = sn("ACKDOCK");
+    let (client, mut inbox) = mqtt_client(&app.mqtt_addr(), "ack").await;
+    client
+        .subscribe_acked(format!("thing/product/{dock}/services"))
+        .await;
+    app.wait_mqtt_subscribed().await;
+    let body = json!({"gateway_sn": dock, "devices": [{"sn": dock, "firmware_id": fw["id"]}]});
+    let (status, task) = crate::ota::post_ota(&app, body, None).await;
+    assert_eq!(status, 202, "{task}");
+    let create = crate::ota::next_on(&mut inbox, "/services").await;
+
+    // The gateway's final progress arrives while the database is gone: not recorded, so not
+    // acknowledged.
+    proxy.set(Link::Cut);
+    let ok = json!({"bid": create["bid"], "method": "ota_progress",
+        "data": {"result": 0, "output": {"status": "ok", "progress": {"percent": 100}}}});
+    client
+        .publish(
+            format!("thing/product/{dock}/events"),
+            QoS::AtLeastOnce,
+            false,
+            ok.to_string(),
+        )
+        .await
+        .unwrap();
+    let withheld = || async {
+        app.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("fwrepo_mqtt_unacknowledged_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || async { withheld().await >= 1 }).await,
+        "the event was acknowledged although it could not be stored"
+    );
+
+    // The database is back: the broker delivers the event again and the task ends ok.
+    proxy.set(Link::Pass);
+    let id = task["id"].as_str().unwrap().to_string();
+    assert!(
+        wait_until(Duration::from_secs(40), || async {
+            app.get_json(&format!("/api/v1/ota/{id}")).await.1["status"] == "ok"
+        })
+        .await,
+        "the unacknowledged event was not delivered again"
+    );
 }
