@@ -151,8 +151,9 @@ def run(broker, fw_files):
     os.makedirs(data_dir)
     cfg = os.path.join(WORK, "fwrepo.toml")
     mosq = None
+    catalog, db = benchlib.catalog_args(broker)
     args = [BIN, "serve", "--data-dir", data_dir, "--listen", "127.0.0.1:0", "--config", cfg,
-            "--ota-reply-timeout", "60", "--shutdown-grace", "5"]
+            "--ota-reply-timeout", "60", "--shutdown-grace", "5"] + catalog
     if broker == "embedded":
         args += ["--mqtt-listen", "127.0.0.1:0"]
     else:
@@ -308,6 +309,7 @@ def run(broker, fw_files):
     log(f"[{broker}] stopping simulator, server{' and mosquitto' if mosq else ''}")
     res["sim_exit"] = stop(sim)
     res["server_exit"] = stop(server, 15)
+    benchlib.drop_db(db)
     if mosq:
         res["mosq_exit"] = stop(mosq)
     errs = open(os.path.join(WORK, f"{name}.err"), errors="replace").read().splitlines()

@@ -23,6 +23,8 @@
 # Environment knobs (defaults in brackets):
 #   FWREPO_BIN          binary (copied into the temp dir first)   [target/release/fwrepo]
 #   MOSQUITTO_BIN       Mosquitto broker                          [/usr/sbin/mosquitto, else PATH]
+#   BENCH_CATALOG       sled, or a PostgreSQL server URL: each run gets a database of its own
+#                       (scripts/pg_throwaway.sh PORT prints one)  [sled]
 #   BENCH_TMP           parent of the temp dir                    [/tmp]
 #   BENCH_REPORT        also write the report to this file
 #   BENCH_GATEWAYS      number of docks (each with one aircraft)  [500]

@@ -307,8 +307,9 @@ def run(scenario, fw_files):
     data_dir = os.path.join(WORK, f"data-{scenario}")
     os.makedirs(data_dir)
     cfg = os.path.join(WORK, "fwrepo.toml")
+    catalog, db = benchlib.catalog_args(scenario)
     args = [BIN, "serve", "--data-dir", data_dir, "--listen", "127.0.0.1:0", "--config", cfg,
-            "--mqtt-listen", "127.0.0.1:0", "--ota-reply-timeout", "60", "--shutdown-grace", "5"]
+            "--mqtt-listen", "127.0.0.1:0", "--ota-reply-timeout", "60", "--shutdown-grace", "5"] + catalog
     name = f"server-{scenario}"
     server = spawn(name, args)
     hport = int(wait_line(server, name, r"HTTP listening on http://127\.0\.0\.1:(\d+)", 30).group(1))
@@ -338,6 +339,8 @@ def run(scenario, fw_files):
     def cpu_start():
         cpu0.update({k: cpu_secs(p.pid) for k, p in procs.items()})
         cpu0["driver"] = own_cpu()
+        if db:
+            res["pg_before"] = benchlib.pg_stats(db)
 
     if scenario == "direct":
         log(f"[{scenario}] POSTing {GATEWAYS} tasks, at most {IN_FLIGHT} open, from {POST_THREADS} threads")
@@ -401,11 +404,14 @@ def run(scenario, fw_files):
         if v.get("started_at") and v.get("finished_at"):
             res["rollout_own"] = ts(v["finished_at"]) - ts(v["started_at"])
     res["disk_end"] = disk_usage(data_dir)
+    if db:
+        res["pg_after"] = benchlib.pg_stats(db)
 
     log(f"[{scenario}] stopping simulator and server")
     res["sim_exit"] = stop(sim)
     res["server_exit"] = stop(server, 15)
     res["disk_after"] = disk_usage(data_dir)
+    benchlib.drop_db(db)
     errs = open(os.path.join(WORK, f"{name}.err"), errors="replace").read().splitlines()
     plain = [re.sub(r"\x1b\[[0-9;]*m", "", l) for l in errs]
     res["log_warn"] = sum(1 for l in plain if re.search(r"\bWARN\b", l))
@@ -534,6 +540,18 @@ def report(results, started, took):
     row("Data dir: catalog (sled) / blobs / total, before the run", disk("disk_before"))
     row("… at the end of the run", disk("disk_end"))
     row("… after the server stopped", disk("disk_after"))
+    def pg(r):
+        a, b = r.get("pg_after"), r.get("pg_before")
+        if not a or not b:
+            return "–"
+        devices = 2 * max(r["tasks_seen"], 1)
+        calls = "" if a["calls"] is None else (
+            f"; {(a['calls'] - b['calls']) / devices:.1f} statements"
+            f" and {(a['commits'] - b['commits']) / devices:.1f} transactions per device")
+        return (f"{a['size'] / 2**20:.1f} MiB after (+{(a['size'] - b['size']) / 2**10 / max(r['tasks_seen'], 1):.1f}"
+                f" KiB per finished task){calls}")
+
+    row("PostgreSQL catalog: database size; growth per task; statements per device", pg)
     row("Final `GET /api/v1/ota` listing (all pages of 500)", lambda r: fmt_s(r["list_secs"]))
     row("Server threads at the end", lambda r: str(r["threads"]))
     row("Server stop", lambda r: r["server_exit"])

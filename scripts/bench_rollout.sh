@@ -35,6 +35,8 @@
 #
 # Environment knobs (defaults in brackets):
 #   FWREPO_BIN          binary (copied into the temp dir first)   [target/release/fwrepo]
+#   BENCH_CATALOG       sled, or a PostgreSQL server URL: each run gets a database of its own
+#                       (scripts/pg_throwaway.sh PORT prints one)  [sled]
 #   BENCH_TMP           parent of the temp dir                    [/tmp]
 #   BENCH_REPORT        also write the report to this file
 #   BENCH_SCENARIOS     scenarios to run, comma separated         [direct,rollout]

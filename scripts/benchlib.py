@@ -168,6 +168,56 @@ def disk_usage(data_dir):
     return sizes
 
 
+# ---------------------------------------------------------------- catalog
+
+# BENCH_CATALOG: `sled` (the default, in the data dir) or the URL of a PostgreSQL server on
+# which each run gets a database of its own (e.g. from scripts/pg_throwaway.sh, which loads
+# pg_stat_statements).
+CATALOG = os.environ.get("BENCH_CATALOG", "sled")
+PSQL = os.environ.get("BENCH_PSQL", "/usr/lib/postgresql/15/bin/psql")
+
+
+def psql(url, sql):
+    """One value from `sql` on `url` (psql, unaligned, tuples only)."""
+    out = subprocess.run([PSQL, url, "-XAtqc", sql], check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def with_db(url, db):
+    """`url` naming database `db`."""
+    p = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((p.scheme, p.netloc, "/" + db, p.query, p.fragment))
+
+
+def catalog_args(name):
+    """(`serve` arguments, database name or None) for a fresh catalog: sled in the data dir,
+    or a new database on the BENCH_CATALOG server."""
+    if CATALOG == "sled":
+        return [], None
+    db = f"fwrepo_bench_{name}_{os.getpid()}".lower()
+    psql(CATALOG, f"CREATE DATABASE {db}")
+    psql(CATALOG, "CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+    return ["--catalog", with_db(CATALOG, db)], db
+
+
+def pg_stats(db):
+    """Size, statements run (pg_stat_statements; None if not loaded) and transactions
+    committed in database `db`."""
+    size = int(psql(CATALOG, f"SELECT pg_database_size('{db}')"))
+    commits = int(psql(CATALOG, f"SELECT xact_commit FROM pg_stat_database WHERE datname = '{db}'"))
+    try:
+        calls = int(psql(CATALOG, "SELECT coalesce(sum(s.calls), 0) FROM pg_stat_statements s "
+                                  f"JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = '{db}'"))
+    except subprocess.CalledProcessError:
+        calls = None
+    return {"size": size, "commits": commits, "calls": calls}
+
+
+def drop_db(db):
+    if db:
+        psql(CATALOG, f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
+
+
 # ---------------------------------------------------------------- HTTP
 
 TOKEN = None  # the server's admin.token, read once it has started

@@ -14,6 +14,6 @@ as_pg() {
 [ "$(id -u)" = 0 ] && chown postgres "$dir"
 as_pg "$bin/initdb" -D "$dir/data" -U fwrepo --auth=trust -E UTF8 >"$dir/initdb.log" 2>&1
 as_pg "$bin/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 \
-    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400 -c shared_buffers=256MB" \
+    -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400 -c shared_buffers=256MB -c shared_preload_libraries=pg_stat_statements" \
     start >/dev/null
 echo "postgres://fwrepo@127.0.0.1:$port/postgres"
