@@ -13,9 +13,12 @@ mod actions;
 pub mod machine;
 pub mod model;
 mod scheduler;
+mod storage;
 pub mod store;
 mod view;
 
+pub use storage::RolloutStores;
+use storage::Write;
 use view::view_of;
 pub use view::{DeviceRow, RolloutView, StageView};
 
@@ -117,33 +120,6 @@ impl Active {
                     .chain(m.devices.iter().map(|d| d.sn.as_str()))
             })
     }
-}
-
-/// A write of a rollout's members (and the rollout itself) waiting to be stored.
-struct Write {
-    rollout: Option<Rollout>,
-    rollout_id: String,
-    members: Vec<Member>,
-}
-
-/// What the rollout service stores and reads, whichever backend.
-#[derive(Clone)]
-pub struct RolloutStores {
-    /// Rollouts and members.
-    pub rollouts: Arc<dyn RolloutStore>,
-    /// Firmware records (a running rollout pauses when its firmware becomes unusable).
-    pub firmware: Arc<dyn FirmwareStore>,
-    /// Idempotency-Key answers of `POST /api/v1/rollouts`.
-    pub idempotency: Arc<dyn IdempotencyStore>,
-}
-
-/// What a round read before it decides (the decisions themselves take no I/O).
-#[derive(Default)]
-struct Facts {
-    /// Final tasks of in-flight members, by id.
-    finished: HashMap<String, OtaTask>,
-    /// Status of every package's firmware, by id.
-    firmware: HashMap<String, FirmwareStatus>,
 }
 
 struct Inner {
@@ -505,42 +481,6 @@ impl RolloutService {
                     .find(|sn| sns.contains(sn))
                     .map(|sn| format!("device {sn} is held by running rollout {}", a.rollout.id))
             })
-    }
-
-    /// Queues member rows, and the rollout record itself when `with_rollout` (its status,
-    /// events or timeline changed: it is the larger write), for [`Self::store_writes`]. Called
-    /// under the `active` lock; the caller stores the queue once it has let go of the lock and
-    /// before anything that depends on the write (a dispatch, an answer) happens.
-    fn persist(&self, rollout: &Rollout, members: &[&Member], with_rollout: bool) {
-        lock(&self.inner.writes).push(Write {
-            rollout: with_rollout.then(|| rollout.clone()),
-            rollout_id: rollout.id.clone(),
-            members: members.iter().map(|m| (*m).clone()).collect(),
-        });
-    }
-
-    /// Stores the queued writes in order. On a failure, it and the writes after it go back
-    /// to the front of the queue (tried again by the next call) and the error is returned.
-    async fn store_writes(&self) -> Result<(), CatalogError> {
-        let _turn = self.inner.storing.lock().await;
-        let mut writes = std::mem::take(&mut *lock(&self.inner.writes)).into_iter();
-        while let Some(w) = writes.next() {
-            let members: Vec<&Member> = w.members.iter().collect();
-            let stored = self
-                .inner
-                .stores
-                .rollouts
-                .save_rollout(&w.rollout_id, w.rollout.as_ref(), &members)
-                .await;
-            if let Err(e) = stored {
-                tracing::error!(rollout_id = %w.rollout_id, error = %e, "storing rollout failed");
-                let mut queue = lock(&self.inner.writes);
-                let later = std::mem::take(&mut *queue);
-                queue.extend(std::iter::once(w).chain(writes).chain(later));
-                return Err(e);
-            }
-        }
-        Ok(())
     }
 
     fn publish(&self, a: &Active) {

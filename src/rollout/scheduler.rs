@@ -3,6 +3,7 @@
 //! rate limit and in-flight cap.
 
 use super::*;
+use storage::Facts;
 
 impl RolloutService {
     /// Follows the tasks of one rollout and decides what to dispatch, from `facts` read
@@ -459,50 +460,6 @@ impl RolloutService {
     }
 
     /// One round over every active rollout.
-    /// What the next round needs to know: the final tasks of in-flight members and the
-    /// status of every package's firmware.
-    async fn facts(&self) -> Facts {
-        let (tasks, packages): (Vec<String>, HashSet<String>) = {
-            let active = lock(&self.inner.active);
-            let tasks = active
-                .values()
-                .flat_map(|a| a.members.iter())
-                .filter(|m| m.state == DeviceState::InFlight)
-                .filter_map(|m| m.task_id.clone())
-                .collect();
-            let packages = active
-                .values()
-                .filter(|a| a.rollout.status() == RolloutStatus::Running)
-                .flat_map(|a| a.rollout.packages.iter().map(|p| p.firmware_id.clone()))
-                .collect();
-            (tasks, packages)
-        };
-        let mut facts = Facts::default();
-        for id in tasks {
-            if !self
-                .inner
-                .ota
-                .status(&id)
-                .await
-                .is_some_and(TaskStatus::is_final)
-            {
-                continue;
-            }
-            if let Ok(task) = self.inner.ota.get(&id).await {
-                facts.finished.insert(id, task);
-            }
-        }
-        for id in packages {
-            let Some(fid) = crate::domain::FirmwareId::parse(&id) else {
-                continue;
-            };
-            if let Ok(fw) = self.inner.stores.firmware.firmware(&fid).await {
-                facts.firmware.insert(id, fw.status);
-            }
-        }
-        facts
-    }
-
     async fn round(&self) {
         let facts = self.facts().await;
         let now = Utc::now();
