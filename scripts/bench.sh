@@ -202,6 +202,7 @@ SRC_SHA=$(cut -d' ' -f1 "$WORK/sha.txt")
 DATA=$WORK/data
 mkdir -p "$DATA"
 start_server main "$DATA"
+MAIN_TOKEN=$TOKEN
 MAIN_PID=$SRV_PID
 log "uploading the 1 GiB file, best of $ROUNDS (curl -T, fresh version each time)"
 UP_BEST='' FILE_URL=''
@@ -231,6 +232,9 @@ if [[ ${BENCH_SKIP_TMPFS:-0} != 1 && ${SHM_FREE_KIB:-0} -gt $(( (ROUNDS + 2) * S
     done
     stop_server "$SRV_PID"
     rm -rf "$SHM"
+    # Back to the main server's token (downloads below go to the main server).
+    TOKEN=$MAIN_TOKEN
+    export BENCH_TOKEN=$TOKEN
 fi
 
 # ---------------------------------------------------------------- 2. download vs nginx sendfile

@@ -34,6 +34,15 @@ impl DeviceStore for Catalog {
     }
 }
 
+/// The status of a stored task, read alone (a task with its history is large).
+fn stored_status(key: &[u8], v: &[u8]) -> StoreResult<TaskStatus> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        status: TaskStatus,
+    }
+    Ok(decode::<Stored>(key, v)?.status)
+}
+
 /// Removes the claims that point at `id`.
 fn release(
     claims: &sled::transaction::TransactionalTree,
@@ -112,12 +121,30 @@ impl TaskStore for Catalog {
     async fn save_task(&self, task: &OtaTask) -> StoreResult<bool> {
         let t = self.trees()?;
         let value = encode(task);
+        let key = task.id.as_bytes();
+        if !task.status.is_final() {
+            // Most saves (progress) touch the task alone: a compare-and-swap, no transaction.
+            loop {
+                let current = t.tasks.get(key)?;
+                if let Some(v) = &current
+                    && !is_forward(stored_status(key, v)?, task)
+                {
+                    return Ok(false);
+                }
+                let swapped = t
+                    .tasks
+                    .compare_and_swap(key, current, Some(value.as_slice()))?;
+                if swapped.is_ok() {
+                    return Ok(true);
+                }
+            }
+        }
         (&t.tasks, &t.claims)
             .transaction(|(tasks, claims)| {
-                if let Some(v) = tasks.get(task.id.as_bytes())? {
-                    let stored: OtaTask = decode(task.id.as_bytes(), &v)
-                        .map_err(ConflictableTransactionError::Abort)?;
-                    if !is_forward(&stored, task) {
+                if let Some(v) = tasks.get(key)? {
+                    let stored =
+                        stored_status(key, &v).map_err(ConflictableTransactionError::Abort)?;
+                    if !is_forward(stored, task) {
                         return Ok(false);
                     }
                 }
@@ -303,15 +330,21 @@ impl RolloutStore for Catalog {
             .iter()
             .map(|m| (member_key(rollout_id, &m.order), encode(m)))
             .collect();
-        let record = rollout.map(encode);
+        let Some(record) = rollout.map(encode) else {
+            // Members alone: one tree, and a sled batch is atomic within a tree.
+            let mut batch = sled::Batch::default();
+            for (k, v) in rows {
+                batch.insert(k, v);
+            }
+            t.rollout_members.apply_batch(batch)?;
+            return Ok(());
+        };
         (&t.rollouts, &t.rollout_members)
             .transaction(|(rollouts, member_tree)| {
                 for (k, v) in &rows {
                     member_tree.insert(k.as_slice(), v.as_slice())?;
                 }
-                if let Some(r) = &record {
-                    rollouts.insert(rollout_id.as_bytes(), r.as_slice())?;
-                }
+                rollouts.insert(rollout_id.as_bytes(), record.as_slice())?;
                 Ok(())
             })
             .map_err(tx_abort::<std::convert::Infallible>)

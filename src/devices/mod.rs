@@ -18,6 +18,9 @@ use crate::store::{CatalogError, Page, PageRequest, cursor_for};
 
 /// Interval of the last-seen flusher.
 pub const FLUSH_EVERY: Duration = Duration::from_secs(30);
+/// How long a change that should be stored now (topology, state) waits for others to join
+/// its batch.
+const KICK_COALESCE: Duration = Duration::from_millis(200);
 
 /// Errors of the registry.
 #[derive(Debug, thiserror::Error)]
@@ -506,7 +509,10 @@ impl DeviceRegistry {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
-                _ = self.inner.kick.notified() => {}
+                _ = self.inner.kick.notified() => {
+                    // A burst of reports (a fleet upgrading) becomes one batch.
+                    tokio::time::sleep(KICK_COALESCE).await;
+                }
             }
             if let Err(e) = self.flush().await {
                 tracing::error!(error = %e, "device flush failed");

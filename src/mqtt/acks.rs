@@ -33,15 +33,25 @@ struct Queue {
 #[derive(Clone)]
 pub(super) struct Acks {
     queue: Arc<Mutex<Queue>>,
-    client: AsyncClient,
+    /// To the task that sends them: in order, and never dropped for a full request queue
+    /// (a lost PUBACK would hold the broker's window for this session forever).
+    send: tokio::sync::mpsc::UnboundedSender<Publish>,
     status: Arc<MqttStatus>,
 }
 
 impl Acks {
     pub(super) fn new(client: AsyncClient, status: Arc<MqttStatus>) -> Acks {
+        let (send, mut ready) = tokio::sync::mpsc::unbounded_channel::<Publish>();
+        tokio::spawn(async move {
+            while let Some(p) = ready.recv().await {
+                if client.ack(&p).await.is_err() {
+                    break;
+                }
+            }
+        });
         Acks {
             queue: Arc::default(),
-            client,
+            send,
             status,
         }
     }
@@ -84,7 +94,7 @@ impl Acks {
         }
         while q.entries.front().is_some_and(|e| e.2 == Mark::Done) {
             if let Some((_, p, _)) = q.entries.pop_front() {
-                let _ = self.client.try_ack(&p);
+                let _ = self.send.send(p);
             }
         }
     }

@@ -284,7 +284,11 @@ pub fn start(
         .set_clean_session(false)
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(CLIENT_PACKET_LIMIT, CLIENT_PACKET_LIMIT)
-        .set_inflight(100)
+        // rumqttc stops taking requests (PUBACKs included) while its outgoing window is
+        // full, and a broker that holds this session's deliveries until they are acknowledged
+        // (rumqttd) would then wait on it: a window larger than any burst of ota_create keeps
+        // acknowledgements flowing.
+        .set_inflight(OUTGOING_WINDOW)
         // A gateway's OTA message is acknowledged once recorded (ota::OtaService::on_message);
         // one that could not be is delivered again after the next reconnect.
         .set_manual_acks(true);
@@ -324,6 +328,9 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 /// docks reconnect that fast too; messages published meanwhile are lost on a broker without
 /// persistence, so the gap must stay short.
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
+
+/// Outgoing QoS 1 messages in flight at once.
+const OUTGOING_WINDOW: u16 = 10_000;
 
 /// How often the session reconnects while OTA messages wait, unacknowledged, for redelivery.
 const REDELIVER_EVERY: Duration = Duration::from_secs(10);

@@ -51,15 +51,14 @@ pub fn held_serials(t: &OtaTask) -> Vec<String> {
 /// Whether a stored task may be replaced by `next`: status only moves forward
 /// (`pending < sent < in_progress = paused < final`), and a final task changes only while its
 /// devices settle.
-pub fn is_forward(stored: &OtaTask, next: &OtaTask) -> bool {
+pub fn is_forward(stored: TaskStatus, next: &OtaTask) -> bool {
     let rank = |s: TaskStatus| match s {
         TaskStatus::Pending => 0,
         TaskStatus::Sent => 1,
         TaskStatus::InProgress | TaskStatus::Paused => 2,
         _ => 3,
     };
-    rank(next.status) >= rank(stored.status)
-        && (!stored.status.is_final() || next.status == stored.status)
+    rank(next.status) >= rank(stored) && (!stored.is_final() || next.status == stored)
 }
 
 /// OTA tasks and the messages that matched none.
@@ -76,7 +75,7 @@ pub trait TaskStore: Send + Sync {
     /// that is not final: the check and the insert are one atomic step, so of two concurrent
     /// creations for one gateway exactly one wins.
     async fn insert_task(&self, task: &OtaTask) -> StoreResult<Claimed>;
-    /// Stores a changed task if the change is forward ([`is_forward`]) of the stored copy;
+    /// Stores a changed task if the change is forward ([`is_forward`]) of the stored status;
     /// returns whether it was written. A final task frees what it held.
     async fn save_task(&self, task: &OtaTask) -> StoreResult<bool>;
     /// Removes a task (one whose publish failed) and frees what it held.

@@ -512,9 +512,7 @@ impl TaskStore for Postgres {
         let mut history = 0;
         if let Some((status, n)) = stored {
             let status: TaskStatus = parse(&status)?;
-            let mut probe = task.clone();
-            probe.status = status;
-            if !is_forward(&probe, task) {
+            if !is_forward(status, task) {
                 return Ok(false);
             }
             history = n as usize;
