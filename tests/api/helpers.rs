@@ -171,23 +171,32 @@ pub async fn wait_for_catalog_flush(base: &str) {
     wait_for_counter(base, "fwrepo_catalog_flushes_total").await;
 }
 
+/// The value of the counter `name` in the metrics of the server process at `base` (0 when
+/// absent).
+pub async fn counter(base: &str, name: &str) -> u64 {
+    let text = client_for(base)
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric_value(&text, name)
+}
+
+/// The value of `name` in Prometheus text (0 when absent).
+pub fn metric_value(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Waits until the counter `name` in the metrics of the server process at `base` has grown by
 /// two (a pass that began after the call has ended).
 pub async fn wait_for_counter(base: &str, name: &str) {
-    let read = || async {
-        let text = client_for(base)
-            .get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let read = || counter(base, name);
     let start = read().await;
     assert!(
         wait_until(Duration::from_secs(15), || async {

@@ -242,14 +242,8 @@ async fn an_ota_event_that_could_not_be_recorded_is_delivered_again() {
         )
         .await
         .unwrap();
-    let withheld = || async {
-        app.metrics()
-            .await
-            .lines()
-            .find_map(|l| l.strip_prefix("fwrepo_mqtt_unacknowledged_total "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let withheld =
+        || async { metric_value(&app.metrics().await, "fwrepo_mqtt_unacknowledged_total") };
     assert!(
         wait_until(Duration::from_secs(20), || async { withheld().await >= 1 }).await,
         "the event was acknowledged although it could not be stored"

@@ -81,22 +81,6 @@ async fn s3_upload_download_and_failures() {
     let _: Value = app.get_json("/api/v1/firmware").await.1;
 }
 
-/// The value of the counter `name` in the metrics of the server process at `base`.
-async fn counter(base: &str, name: &str) -> u64 {
-    let text = client_for(base)
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn s3_crash_mid_upload_is_swept_on_restart() {
     let Some((endpoint, bucket)) = s3_env() else {
