@@ -502,7 +502,12 @@ function chart(points, now) {
     <div class="legend">${CHART.map(([k, c]) => `<span><i style="background:${c}"></i>${k}</span>`).join("")} <span class="muted">devices over time (max ${max})</span></div>`;
 }
 
+// A live update that came while a confirmation was open: shown once it is answered (a
+// re-render would remove the question under the operator's pointer).
+let heldRollout = null;
+
 function renderRollout(r) {
+  heldRollout = null;
   const actions = { draft: ["start", "cancel"], running: ["pause", "cancel"], paused: ["resume", "cancel"], waiting_approval: ["approve", "pause", "cancel"] }[r.status] || [];
   $("#rollout").innerHTML = `<div class="card"><div class="row"><span>Status</span> <span id="rollout-status">${badge(r.status)}</span>
       <span class="muted">stage ${r.current_stage + 1} of ${r.stages.length} · ${r.gateways} gateways${r.eta_s != null ? " · about " + Math.ceil(r.eta_s / 60) + " min left" : ""}</span>
@@ -518,7 +523,10 @@ function renderRollout(r) {
     <h2>Events</h2><table><tbody>${(r.events || []).slice(-15).reverse().map((e) =>
       `<tr><td>${when(e.at)}</td><td>${esc(e.action || e.kind || "")}</td><td>${esc(e.reason || "")}</td></tr>`).join("")}</tbody></table>`;
   $("#rollout-actions").querySelectorAll("button").forEach((b) => b.onclick = async () => {
-    if (!(await confirmInline(b, `${b.textContent} this rollout?`))) return;
+    if (!(await confirmInline(b, `${b.textContent} this rollout?`))) {
+      if (heldRollout) renderRollout(heldRollout);
+      return;
+    }
     try {
       renderRollout(await api("POST", `/api/v1/rollouts/${encodeURIComponent(r.id)}/${b.dataset.action}`));
       flash("");
@@ -549,7 +557,11 @@ function viewRollout(id) {
     $("h1").textContent = "Rollout: " + r.name;
     renderRollout(r);
   }).catch((e) => { $("#rollout").innerHTML = `<p class="error">${esc(explain(e))}</p>`; });
-  stream("/api/v1/rollouts/" + encodeURIComponent(id) + "/events", (name, data) => { if (name === "rollout" && $("#rollout")) renderRollout(data); });
+  stream("/api/v1/rollouts/" + encodeURIComponent(id) + "/events", (name, data) => {
+    if (name !== "rollout" || !$("#rollout")) return;
+    if ($("#rollout .confirm")) heldRollout = data;
+    else renderRollout(data);
+  });
 }
 
 // ------------------------------------------------------------------ routing
