@@ -96,9 +96,8 @@ impl TaskStore for Catalog {
                         continue;
                     }
                     let open = match tasks.get(&holder)? {
-                        Some(v) => !decode::<OtaTask>(&holder, &v)
+                        Some(v) => !stored_status(&holder, &v)
                             .map_err(ConflictableTransactionError::Abort)?
-                            .status
                             .is_final(),
                         None => false,
                     };
