@@ -55,7 +55,8 @@ static TOKENS: std::sync::Mutex<Vec<(String, String)>> = std::sync::Mutex::new(V
 
 type Databases = Vec<(PathBuf, fwrepo::catalog::postgres::testing::TestDatabase)>;
 
-/// Test databases by data directory (a restarted server gets its database back). Kept for the
+/// Test databases by data directory (a restarted server process gets its database back). An
+/// in-process server's database goes with it (see `Drop for TestApp`); a process's stays for the
 /// whole run.
 static DATABASES: std::sync::Mutex<Databases> = std::sync::Mutex::new(Vec::new());
 
@@ -226,6 +227,18 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+impl Drop for TestApp {
+    /// Stops the server and drops its test database. Its HTTP workers run on threads of their
+    /// own that outlive the test's runtime, so without this every in-process server would keep
+    /// its catalog connections open until the run ends (and a long run exhausts the
+    /// PostgreSQL server's connection slots). `DROP DATABASE … WITH (FORCE)` ends them.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        let mut dbs = DATABASES.lock().unwrap_or_else(|e| e.into_inner());
+        dbs.retain(|(dir, _)| dir != self.dir.path());
+    }
 }
 
 impl TestApp {
