@@ -29,10 +29,24 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("fwrepo: {e:#}");
+            eprintln!("fwrepo: {}", report(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes, each cause left out when the message before already says it
+/// (many errors repeat their source in their own message).
+fn report(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let cause = cause.to_string();
+        if !out.contains(&cause) {
+            out.push_str(": ");
+            out.push_str(&cause);
+        }
+    }
+    out
 }
 
 /// One glibc malloc arena (unless `MALLOC_ARENA_MAX` is set). By default glibc gives threads
@@ -148,11 +162,21 @@ async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         settings.mqtt.target,
         fwrepo::mqtt::BrokerTarget::Embedded(_)
     );
-    let app = Application::build(settings).await?;
-    let addr = app.http_addr();
-    let mqtt = app.state().mqtt.clone();
-    let scheme = if app.is_https() { "https" } else { "http" };
+    // The port answers from here on: 503 while a PostgreSQL catalog is waited for.
+    let bound = Application::bind(settings)?;
+    let addr = bound.http_addr();
+    let scheme = if bound.is_https() { "https" } else { "http" };
     print_line(&format!("HTTP listening on {scheme}://{addr}"))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_to(shutdown.clone()));
+    let app = tokio::select! {
+        app = bound.open() => app?,
+        _ = shutdown.cancelled() => {
+            tracing::info!("stopped while waiting for the catalog");
+            return Ok(());
+        }
+    };
+    let mqtt = app.state().mqtt.clone();
     let extra = [
         ("Downloads", Listener::Downloads),
         ("Metrics", Listener::Metrics),
@@ -183,8 +207,6 @@ async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         });
     }
     tracing::info!(%addr, public_url = %app.state().public_url, "fwrepo serving");
-    let shutdown = CancellationToken::new();
-    tokio::spawn(signal_to(shutdown.clone()));
     app.run_until_stopped(shutdown).await?;
     tracing::info!("fwrepo stopped");
     Ok(())

@@ -82,21 +82,70 @@ pub struct Application {
     workers: CancellationToken,
 }
 
+/// A server whose ports are bound, its catalog not open yet ([`Application::bind`]).
+pub struct Bound {
+    settings: Settings,
+    tls: Option<rustls::ServerConfig>,
+    main: (TcpListener, SocketAddr),
+    downloads: Option<(TcpListener, SocketAddr)>,
+    metrics: Option<(TcpListener, SocketAddr)>,
+}
+
 impl Application {
-    /// Opens storage, sweeps crash leftovers, binds HTTP and prepares the workers.
+    /// Binds, opens storage, sweeps crash leftovers and prepares the workers.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        Application::bind(settings)?.open().await
+    }
+
+    /// Reads the TLS material (bad files fail the start) and binds every port (port 0
+    /// allowed), so the addresses are known before the catalog is opened.
+    pub fn bind(settings: Settings) -> Result<Bound, StartupError> {
         crate::tls::install_crypto_provider();
+        let tls = match &settings.tls {
+            Some((cert, key)) => {
+                Some(crate::tls::server_config(cert, key).map_err(StartupError::Tls)?)
+            }
+            None => None,
+        };
+        Ok(Bound {
+            main: bind(settings.listen)?,
+            downloads: settings.download_listen.map(bind).transpose()?,
+            metrics: settings.metrics_listen.map(bind).transpose()?,
+            tls,
+            settings,
+        })
+    }
+}
+
+impl Bound {
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.main.1
+    }
+
+    /// Whether the main listener speaks HTTPS.
+    pub fn is_https(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Opens the catalog (PostgreSQL that does not answer yet is waited for while every port
+    /// answers 503, see [`http::starting`]), opens the blob store, sweeps crash leftovers and
+    /// prepares the workers.
+    pub async fn open(self) -> Result<Application, StartupError> {
+        let settings = &self.settings;
         std::fs::create_dir_all(&settings.data_dir).map_err(|e| StartupError::Catalog {
             dir: settings.data_dir.display().to_string(),
             source: crate::store::CatalogError::Storage(e.into()),
         })?;
-        let (catalog, instance_id) = crate::catalog::open(&settings.catalog, &settings.data_dir)
-            .await
-            .map_err(|source| StartupError::Catalog {
-                dir: settings.catalog.describe(),
-                source,
-            })?;
+        let (catalog, instance_id) = self.open_catalog().await?;
         tracing::info!(catalog = %settings.catalog.describe(), "catalog open");
+        let Bound {
+            settings,
+            tls,
+            main: (main_listener, http_addr),
+            downloads: download_listener,
+            metrics: metrics_listener,
+        } = self;
         let blobs = BlobStore::open(&settings.blob_backend, &settings.blob_timeouts)?;
         let metrics = Arc::new(Metrics::default());
         let uploads = UploadService::new(
@@ -111,16 +160,6 @@ impl Application {
         uploads.discard_unfinished().await;
         sweep(&catalog, &blobs).await?;
 
-        // TLS material is read before any port is bound: bad files fail the start.
-        let tls = match &settings.tls {
-            Some((cert, key)) => {
-                Some(crate::tls::server_config(cert, key).map_err(StartupError::Tls)?)
-            }
-            None => None,
-        };
-        let (main_listener, http_addr) = bind(settings.listen)?;
-        let download_listener = settings.download_listen.map(bind).transpose()?;
-        let metrics_listener = settings.metrics_listen.map(bind).transpose()?;
         let public_url = match &settings.public_url {
             Some(u) => u.clone(),
             None => {
@@ -262,6 +301,45 @@ impl Application {
         })
     }
 
+    /// The catalog, waiting for a PostgreSQL server that does not answer yet: meanwhile the
+    /// bound ports answer 503 (`/healthz` 200), and each failed attempt is the reason given.
+    async fn open_catalog(&self) -> Result<(Arc<dyn Store>, String), StartupError> {
+        let settings = &self.settings;
+        let failed = |source| StartupError::Catalog {
+            dir: settings.catalog.describe(),
+            source,
+        };
+        if !matches!(
+            settings.catalog,
+            crate::catalog::CatalogBackend::Postgres(_)
+        ) {
+            return crate::catalog::open(&settings.catalog, &settings.data_dir, &|_| {})
+                .await
+                .map_err(failed);
+        }
+        let io = |source| StartupError::Bind {
+            addr: self.main.1,
+            source,
+        };
+        let mut listeners = vec![(self.main.0.try_clone().map_err(io)?, self.tls.clone())];
+        for (listener, _) in [&self.downloads, &self.metrics].into_iter().flatten() {
+            listeners.push((listener.try_clone().map_err(io)?, None));
+        }
+        let (reason, waiting) = tokio::sync::watch::channel("the first attempt".to_string());
+        let server = http::starting::serve(listeners, waiting).map_err(io)?;
+        let handle = server.handle();
+        let running = tokio::spawn(server);
+        let opened = crate::catalog::open(&settings.catalog, &settings.data_dir, &|why| {
+            reason.send_replace(why.to_string());
+        })
+        .await;
+        handle.stop(true).await;
+        let _ = running.await;
+        opened.map_err(failed)
+    }
+}
+
+impl Application {
     /// The bound HTTP address.
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr

@@ -93,10 +93,12 @@ pub fn redact(url: &str) -> String {
 
 /// An open catalog, whichever backend, and this process's instance id (the MQTT client id
 /// is derived from it: kept in the sled catalog, or in the data directory beside a shared
-/// database, so each replica has its own).
+/// database, so each replica has its own). PostgreSQL that does not answer is waited for
+/// without end, each failed attempt told to `waiting` (the server answers 503 meanwhile).
 pub async fn open(
     backend: &CatalogBackend,
     data_dir: &Path,
+    waiting: &(dyn Fn(&str) + Sync),
 ) -> Result<(Arc<dyn Store>, String), CatalogError> {
     match backend {
         CatalogBackend::Sled { dir, cache_mb } => {
@@ -104,20 +106,21 @@ pub async fn open(
             let id = catalog.instance_id()?;
             Ok((Arc::new(catalog), id))
         }
-        CatalogBackend::Postgres(_) => {
-            let store = open_store(backend).await?;
+        CatalogBackend::Postgres(settings) => {
+            let store = Arc::new(Postgres::open(settings, None, waiting).await?);
             let id = file_instance_id(data_dir).map_err(|e| CatalogError::Storage(Box::new(e)))?;
             Ok((store, id))
         }
     }
 }
 
-/// An open catalog (tools: export, import, migrate). A PostgreSQL catalog is migrated.
+/// An open catalog (tools: export, import, migrate). A PostgreSQL catalog is migrated; one
+/// that does not answer within a minute is given up.
 pub async fn open_store(backend: &CatalogBackend) -> Result<Arc<dyn Store>, CatalogError> {
     Ok(match backend {
         CatalogBackend::Sled { dir, cache_mb } => Arc::new(super::Catalog::open(dir, *cache_mb)?),
         CatalogBackend::Postgres(settings) => {
-            Arc::new(Postgres::open(settings, Duration::from_secs(60)).await?)
+            Arc::new(Postgres::open(settings, Some(Duration::from_secs(60)), &|_| {}).await?)
         }
     })
 }

@@ -16,6 +16,7 @@ mod ops;
 mod ota;
 mod rollouts;
 mod sse;
+pub mod starting;
 mod tokens;
 mod ui;
 mod upload_body;

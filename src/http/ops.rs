@@ -60,6 +60,18 @@ pub(super) struct Readiness {
     mqtt: String,
 }
 
+impl Readiness {
+    /// While the server waits for its catalog at start: nothing else is checked yet.
+    pub(super) fn starting(catalog: String) -> Readiness {
+        Readiness {
+            status: "not_ready",
+            catalog,
+            blob_store: "not checked until the catalog answers".into(),
+            mqtt: "not started until the catalog answers".into(),
+        }
+    }
+}
+
 /// Liveness: the process answers.
 #[utoipa::path(get, path = "/healthz", tag = "operations", security(()), responses((status = 200, body = Health)))]
 pub(super) async fn healthz() -> HttpResponse {

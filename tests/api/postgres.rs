@@ -85,6 +85,98 @@ async fn a_lost_database_is_503_and_writes_work_again_once_it_is_back() {
     }
 }
 
+/// The real binary, started while its database does not answer: the port answers at once
+/// (`/healthz` 200, `/readyz` and the API 503 `catalog_unavailable`), and the server becomes
+/// ready by itself once the database is there.
+#[tokio::test]
+async fn a_database_down_at_start_is_waited_for_while_the_port_answers_503() {
+    use tokio::io::AsyncBufReadExt;
+    let Some(db) =
+        database("a_database_down_at_start_is_waited_for_while_the_port_answers_503").await
+    else {
+        return;
+    };
+    let (proxy, proxied) = proxy_to(&db).await;
+    proxy.set(Link::Cut);
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = serve_on(dir.path(), &proxied)
+        .args(["--catalog-connect-timeout", "2"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next_line().await.unwrap().unwrap_or_default();
+    let base = first
+        .strip_prefix("HTTP listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+        .to_string();
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(format!("{base}{path}")).send();
+
+    assert_eq!(get("/healthz").await.unwrap().status(), 200);
+    let resp = get("/readyz").await.unwrap();
+    assert_eq!(resp.status(), 503);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["status"], "not_ready", "{body}");
+    assert!(
+        body["catalog"].as_str().unwrap().starts_with("connecting"),
+        "{body}"
+    );
+    let resp = get("/api/v1/firmware").await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"], "catalog_unavailable", "{body}");
+    assert!(
+        !dir.path().join("admin.token").exists(),
+        "nothing is set up before the catalog"
+    );
+
+    proxy.set(Link::Pass);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            get("/readyz").await.is_ok_and(|r| r.status() == 200)
+        })
+        .await,
+        "the server did not become ready once the database answered"
+    );
+    let token = admin_token(dir.path());
+    let resp = authed_client(&token)
+        .get(format!("{base}/api/v1/firmware"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The MQTT line follows once the rest has started.
+    let mqtt = lines.next_line().await.unwrap().unwrap_or_default();
+    assert!(mqtt.contains("mqtt://"), "{mqtt}");
+    child.kill().await.unwrap();
+}
+
+/// What no retry can mend ends the start at once, with the reason: here a database that
+/// does not exist.
+#[tokio::test]
+async fn a_missing_database_fails_the_start_with_the_reason() {
+    let Some(db) = database("a_missing_database_fails_the_start_with_the_reason").await else {
+        return;
+    };
+    let mut url = url::Url::parse(db.url()).unwrap();
+    url.set_path("/fwrepo_no_such_database");
+    let dir = tempfile::tempdir().unwrap();
+    let out = serve_on(dir.path(), url.as_str())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("the start was retried instead of failing")
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("fwrepo_no_such_database"), "{stderr}");
+}
+
 #[tokio::test]
 async fn a_sled_catalog_moves_into_postgres_with_export_and_import() {
     let Some(db) = database("a_sled_catalog_moves_into_postgres_with_export_and_import").await
@@ -191,13 +283,35 @@ fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
-/// fwrepo on PostgreSQL through a proxy the test cuts: the proxy, and the server.
-async fn proxied_app(db: &TestDatabase) -> (Proxy, TestApp) {
+/// `fwrepo serve` on `data_dir` and the catalog `url`, ports chosen by the system.
+fn serve_on(data_dir: &std::path::Path, url: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(bin());
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--mqtt-listen",
+        "127.0.0.1:0",
+    ])
+    .arg("--data-dir")
+    .arg(data_dir)
+    .args(["--catalog", url])
+    .env_remove("FWREPO_LISTEN");
+    cmd
+}
+
+/// A proxy in front of `db`'s server, and the URL of `db` through it.
+async fn proxy_to(db: &TestDatabase) -> (Proxy, String) {
     let mut url = url::Url::parse(db.url()).unwrap();
     let upstream = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432));
     let proxy = Proxy::start(upstream).await;
     url.set_port(Some(proxy.addr.port())).unwrap();
-    let proxied = url.to_string();
+    (proxy, url.to_string())
+}
+
+/// fwrepo on PostgreSQL through a proxy the test cuts: the proxy, and the server.
+async fn proxied_app(db: &TestDatabase) -> (Proxy, TestApp) {
+    let (proxy, proxied) = proxy_to(db).await;
     let app = spawn_with(|s| {
         s.catalog = catalog(&proxied, &s.data_dir);
         if let fwrepo::catalog::CatalogBackend::Postgres(pg) = &mut s.catalog {

@@ -54,6 +54,24 @@ fn db(e: sqlx::Error) -> CatalogError {
     }
 }
 
+/// Why retrying cannot mend a failed start, if it cannot: the schema is not one this version
+/// can use, or the server refuses the login or the database (SQLSTATE classes 28 and 3D,
+/// 42501).
+fn permanent(e: &sqlx::migrate::MigrateError) -> Option<String> {
+    use sqlx::migrate::MigrateError as M;
+    match e {
+        M::Execute(sqlx::Error::Database(d)) | M::ExecuteMigration(sqlx::Error::Database(d), _) => {
+            let code = d.code()?;
+            (code.starts_with("28") || code.starts_with("3D") || code == "42501")
+                .then(|| format!("PostgreSQL refuses: {} (SQLSTATE {code})", d.message()))
+        }
+        M::VersionMismatch(_) | M::Dirty(_) | M::VersionTooOld(..) | M::VersionTooNew(..) => Some(
+            format!("the database's migrations do not match this fwrepo: {e}"),
+        ),
+        _ => None,
+    }
+}
+
 /// A snake_case enum as its name.
 fn text<T: Serialize>(v: &T) -> String {
     match serde_json::to_value(v) {
@@ -113,9 +131,15 @@ fn limit_of(page: &PageRequest) -> i64 {
 }
 
 impl Postgres {
-    /// Connects (retrying with backoff until `give_up` passes), migrates and returns the
-    /// catalog.
-    pub async fn open(settings: &PgSettings, give_up: Duration) -> Result<Postgres, CatalogError> {
+    /// Connects and migrates, retrying with backoff (at most 10 s apart) while the database
+    /// does not answer: until `give_up` passes, or for ever when it is `None`. Each failed
+    /// attempt is logged and told to `waiting`. Errors no retry can mend end it at once: a
+    /// database migrated by a newer fwrepo, a refused login, a missing database.
+    pub async fn open(
+        settings: &PgSettings,
+        give_up: Option<Duration>,
+        waiting: &(dyn Fn(&str) + Sync),
+    ) -> Result<Postgres, CatalogError> {
         let options: PgConnectOptions = settings
             .url
             .parse()
@@ -128,10 +152,10 @@ impl Postgres {
             .max_connections(settings.max_connections.max(1))
             .acquire_timeout(settings.connect_timeout)
             .connect_lazy_with(options);
-        let deadline = std::time::Instant::now() + give_up;
+        let deadline = give_up.map(|d| std::time::Instant::now() + d);
         let mut wait = Duration::from_millis(200);
-        loop {
-            match MIGRATOR.run(&pool).await {
+        for attempt in 1u32.. {
+            let e = match MIGRATOR.run(&pool).await {
                 Ok(()) => break,
                 Err(sqlx::migrate::MigrateError::VersionMissing(v)) => {
                     return Err(CatalogError::Storage(
@@ -142,13 +166,24 @@ impl Postgres {
                         .into(),
                     ));
                 }
-                Err(e) if std::time::Instant::now() < deadline => {
-                    tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "PostgreSQL catalog not reachable yet; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(Duration::from_secs(5));
-                }
-                Err(e) => return Err(CatalogError::Storage(Box::new(e))),
+                Err(e) => match permanent(&e) {
+                    Some(why) => return Err(CatalogError::Storage(why.into())),
+                    None => e,
+                },
+            };
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                return Err(CatalogError::Storage(Box::new(e)));
             }
+            let reason = e.to_string();
+            tracing::warn!(
+                attempt,
+                error = %reason,
+                retry_in_ms = wait.as_millis() as u64,
+                "the PostgreSQL catalog does not answer yet; retrying (/readyz answers 503 until it does)"
+            );
+            waiting(&reason);
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(10));
         }
         Ok(Postgres::from_pool(pool))
     }
@@ -276,7 +311,7 @@ pub mod testing {
                 connect_timeout: Duration::from_secs(10),
                 statement_timeout: Duration::from_secs(30),
             };
-            Postgres::open(&settings, Duration::from_secs(10))
+            Postgres::open(&settings, Some(Duration::from_secs(10)), &|_| {})
                 .await
                 .unwrap_or_else(|e| panic!("opening {}: {e}", self.name))
         }
