@@ -14,6 +14,7 @@ mod backend;
 mod firmware;
 mod fleet;
 pub mod postgres;
+mod tasks;
 
 pub mod transfer;
 
@@ -110,6 +111,7 @@ pub(crate) struct Trees {
     sessions: sled::Tree,
     devices: sled::Tree,
     tasks: sled::Tree,
+    task_history: sled::Tree,
     orphans: sled::Tree,
     claims: sled::Tree,
     idempotency: sled::Tree,
@@ -133,6 +135,7 @@ impl Trees {
             sessions: db.open_tree("download_sessions")?,
             devices: db.open_tree("devices")?,
             tasks: db.open_tree("ota_tasks")?,
+            task_history: db.open_tree("ota_task_history")?,
             orphans: db.open_tree("ota_orphans")?,
             claims: db.open_tree("ota_claims")?,
             idempotency: db.open_tree("idempotency")?,

@@ -153,3 +153,34 @@ async fn every_kind_moves_between_backends_and_back() {
     );
     let _ = back.firmware(&fw.id).await.unwrap();
 }
+
+/// Task records written before the history moved out of the record keep it inline: they
+/// read back whole, and the next save moves it into `ota_task_history`.
+#[tokio::test]
+async fn a_task_with_its_history_inline_reads_back_and_moves_out_on_save() {
+    use crate::ota::{OtaTask, TaskStatus};
+    let dir = tempfile::tempdir().unwrap();
+    let cat = Catalog::open(dir.path(), 8).unwrap();
+    let history = |t: &OtaTask| serde_json::to_value(&t.history).unwrap();
+    let mut t = conformance::task("OLD", "G1", &["G1"]);
+    t.note("api", None, chrono::Utc::now());
+    t.status = TaskStatus::InProgress;
+    t.note("services_reply", None, chrono::Utc::now());
+    let trees = cat.trees().unwrap();
+    trees.tasks.insert("OLD", encode(&t)).unwrap();
+    assert_eq!(
+        history(&cat.task("OLD").await.unwrap().unwrap()),
+        history(&t)
+    );
+
+    t.progress.percent = Some(50);
+    t.note("ota_progress", None, chrono::Utc::now());
+    assert!(cat.save_task(&t).await.unwrap());
+    let head: OtaTask = decode(b"OLD", &trees.tasks.get("OLD").unwrap().unwrap()).unwrap();
+    assert!(head.history.is_empty());
+    assert_eq!(trees.task_history.scan_prefix("OLD/").count(), 3);
+    assert_eq!(
+        history(&cat.task("OLD").await.unwrap().unwrap()),
+        history(&t)
+    );
+}

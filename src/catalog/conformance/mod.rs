@@ -19,8 +19,8 @@ use fixtures::*;
 
 use super::Store;
 use crate::domain::FirmwareId;
-use crate::ota::TaskStatus;
 use crate::ota::store::{Claimed, TaskQuery};
+use crate::ota::{OtaTask, TaskStatus};
 use crate::store::{
     CatalogError, CommitOutcome, FirmwareQuery, FirmwareRecord, FirmwareStatus, IdempotentAnswer,
     PageRequest, SessionQuery, SessionState,
@@ -205,6 +205,54 @@ pub(crate) async fn tasks_only_move_forward(make: Make) {
     assert_eq!(stored.status, TaskStatus::Failed);
     assert_eq!(stored.result_reason.as_deref(), Some("late reply"));
     assert_eq!(stored.progress.percent, Some(40));
+}
+
+/// A task's history reads back whole after each save: entries appended one by one, the last
+/// one's `repeats` counted up in place, raw messages kept as received; a stale save adds
+/// nothing.
+pub(crate) async fn task_history_grows_and_reads_back_whole(make: Make) {
+    let Some((cat, _keep)) = make().await else {
+        return;
+    };
+    let history = |t: &OtaTask| serde_json::to_value(&t.history).unwrap();
+    let raw = |pct: i64| {
+        serde_json::value::RawValue::from_string(format!(r#"{{"percent": {pct}, "x": [1,2]}}"#))
+            .unwrap()
+    };
+    // Backends keep at least microseconds.
+    let at = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+    let mut t = task(&id(), "HIST", &["HIST"]);
+    t.note("api", None, at);
+    assert_eq!(cat.insert_task(&t).await.unwrap(), Claimed::Inserted);
+    t.status = TaskStatus::InProgress;
+    for pct in [5, 5, 5, 30, 60] {
+        t.progress.percent = Some(pct);
+        t.note("ota_progress", Some(raw(pct)), at);
+        assert!(cat.save_task(&t).await.unwrap());
+        let stored = cat.task(&t.id).await.unwrap().unwrap();
+        assert_eq!(history(&stored), history(&t), "after {pct} %");
+    }
+    assert_eq!(t.history.len(), 4);
+    assert_eq!(t.history[1].repeats, 2);
+    let mut stale = t.clone();
+    stale.status = TaskStatus::Sent;
+    stale.note("services_reply", None, at);
+    assert!(!cat.save_task(&stale).await.unwrap());
+    let done = finished(t.clone(), TaskStatus::Ok, at);
+    assert!(cat.save_task(&done).await.unwrap());
+    let listed = cat
+        .list_tasks(&TaskQuery::default(), &page(10, None))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(history(&listed[0]), history(&t));
+    let recent = cat
+        .recent_tasks(at - chrono::Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!(history(&recent[0]), history(&t));
+    cat.delete_task(&t.id).await.unwrap();
+    assert!(cat.task(&t.id).await.unwrap().is_none());
 }
 
 /// Every list is newest first, pages follow their cursor, and a record inserted between two
@@ -508,6 +556,7 @@ macro_rules! conformance_suite {
                 concurrent_commits_have_one_winner,
                 task_claims_have_one_winner,
                 tasks_only_move_forward,
+                task_history_grows_and_reads_back_whole,
                 lists_are_newest_first_and_stable_under_inserts,
                 retention_prunes_only_the_old,
                 idempotent_answers_are_recorded_once,
