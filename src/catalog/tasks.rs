@@ -213,25 +213,30 @@ impl TaskStore for Catalog {
             .map_err(tx_abort)
     }
 
-    async fn save_task(&self, task: &OtaTask) -> StoreResult<bool> {
+    async fn save_tasks(&self, batch: &[&OtaTask]) -> StoreResult<Vec<bool>> {
         let t = self.trees()?;
-        let key = task.id.as_bytes();
-        let sns = held_serials(task);
+        let held: Vec<Vec<String>> = batch.iter().map(|task| held_serials(task)).collect();
         (&t.tasks, &t.claims, &t.task_history)
             .transaction(|(tasks, claims, history)| {
-                let mut stored_len = 0;
-                if let Some(v) = tasks.get(key)? {
-                    let stored = stored_head(key, &v)?;
-                    if !is_forward(stored.status, task) {
-                        return Ok(false);
+                let mut written = Vec::with_capacity(batch.len());
+                for (task, sns) in batch.iter().zip(&held) {
+                    let key = task.id.as_bytes();
+                    let mut stored_len = 0;
+                    if let Some(v) = tasks.get(key)? {
+                        let stored = stored_head(key, &v)?;
+                        if !is_forward(stored.status, task) {
+                            written.push(false);
+                            continue;
+                        }
+                        stored_len = stored.history_len.unwrap_or(0);
                     }
-                    stored_len = stored.history_len.unwrap_or(0);
+                    write(tasks, history, task, stored_len)?;
+                    if task.status.is_final() {
+                        release(claims, &task.id, sns)?;
+                    }
+                    written.push(true);
                 }
-                write(tasks, history, task, stored_len)?;
-                if task.status.is_final() {
-                    release(claims, &task.id, &sns)?;
-                }
-                Ok(true)
+                Ok(written)
             })
             .map_err(tx_abort)
     }

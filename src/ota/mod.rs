@@ -476,21 +476,38 @@ impl OtaService {
         self.inner.changes.subscribe()
     }
 
-    /// Indexes, stores and announces a changed task. A change the store refuses as not
-    /// forward of its copy is logged (another writer was ahead).
+    /// Stores, indexes and announces a changed task.
     async fn save(&self, task: &OtaTask) -> bool {
-        // Stored first: a change that could not be stored leaves memory as it was, so the
-        // event that caused it (delivered again) or the next timer pass makes it again.
-        match self.inner.stores.tasks.save_task(task).await {
-            Ok(true) => {}
-            Ok(false) => {
-                tracing::warn!(task_id = %task.id, "a change behind the stored task was not stored")
+        self.save_all(&[task]).await
+    }
+
+    /// Stores changed tasks in one write, then indexes and announces each. A change the
+    /// store refuses as not forward of its copy is logged (another writer was ahead). False
+    /// when the write failed: memory stays as it was, so the events that caused the changes
+    /// (delivered again) or the next timer pass make them again.
+    async fn save_all(&self, tasks: &[&OtaTask]) -> bool {
+        if tasks.is_empty() {
+            return true;
+        }
+        match self.inner.stores.tasks.save_tasks(tasks).await {
+            Ok(written) => {
+                for (task, _) in tasks.iter().zip(written).filter(|(_, w)| !w) {
+                    tracing::warn!(task_id = %task.id, "a change behind the stored task was not stored")
+                }
             }
             Err(e) => {
-                tracing::error!(task_id = %task.id, error = %e, "storing task failed");
+                tracing::error!(tasks = tasks.len(), error = %e, "storing tasks failed");
                 return false;
             }
         }
+        for task in tasks {
+            self.remember(task);
+        }
+        true
+    }
+
+    /// Indexes a stored task in memory and announces it.
+    fn remember(&self, task: &OtaTask) {
         {
             let mut open = lock(&self.inner.open);
             if task.status.is_final() {
@@ -511,8 +528,7 @@ impl OtaService {
                 open.index(task);
             }
         }
-        let _ = self.inner.changes.send(task.clone());
-        true
+        let _ = self.inner.changes.send((*task).clone());
     }
 
     /// One task (its devices' `download_session` is for the caller to fill).

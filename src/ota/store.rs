@@ -75,9 +75,20 @@ pub trait TaskStore: Send + Sync {
     /// that is not final: the check and the insert are one atomic step, so of two concurrent
     /// creations for one gateway exactly one wins.
     async fn insert_task(&self, task: &OtaTask) -> StoreResult<Claimed>;
-    /// Stores a changed task if the change is forward ([`is_forward`]) of the stored status;
-    /// returns whether it was written. A final task frees what it held.
-    async fn save_task(&self, task: &OtaTask) -> StoreResult<bool>;
+    /// Stores changed tasks, all or none, each if its change is forward ([`is_forward`]) of
+    /// its stored status; returns, in order, whether each was written. A final task frees
+    /// what it held. One call is one transaction (the OTA worker saves what one pass over
+    /// its inbox changed together).
+    async fn save_tasks(&self, tasks: &[&OtaTask]) -> StoreResult<Vec<bool>>;
+    /// [`save_tasks`](TaskStore::save_tasks) for one task.
+    async fn save_task(&self, task: &OtaTask) -> StoreResult<bool> {
+        Ok(self
+            .save_tasks(&[task])
+            .await?
+            .first()
+            .copied()
+            .unwrap_or(false))
+    }
     /// Removes a task (one whose publish failed) and frees what it held.
     async fn delete_task(&self, id: &str) -> StoreResult<()>;
     /// Removes tasks that finished before `cutoff`; returns how many.

@@ -11,6 +11,30 @@ struct InstantReply {
     /// Deliver the gateway's whole upgrade (progress to `ok`) before its reply, as rumqttd
     /// may (it serves topic filters in turn).
     progress_first: bool,
+    /// Deliver progress, the final progress, the reply and a repeat of the final progress in
+    /// one batch (as the worker takes what waits in its inbox), noting each acknowledgement.
+    batched: Option<Arc<std::sync::Mutex<Vec<bool>>>>,
+}
+
+/// An `ota_progress` message for `bid`.
+fn progress(sn: &str, bid: &Value, status: TaskStatus, percent: i64) -> OtaMessage {
+    let event = json!({"bid": bid, "method": "ota_progress", "data": {"result": 0,
+        "output": {"status": status, "progress": {"percent": percent, "step_key": "upgrade_firmware"}}}});
+    OtaMessage {
+        is_reply: false,
+        topic_sn: sn.to_string(),
+        tid: None,
+        bid: bid.as_str().map(str::to_string),
+        method: Some("ota_progress".into()),
+        report: machine::Report {
+            status: Some(status),
+            percent: Some(percent),
+            step_key: Some("upgrade_firmware".into()),
+            ..machine::Report::default()
+        },
+        raw: serde_json::value::RawValue::from_string(event.to_string()).unwrap(),
+        ack: Default::default(),
+    }
 }
 
 impl Publisher for InstantReply {
@@ -31,23 +55,33 @@ impl Publisher for InstantReply {
         let raw = serde_json::value::RawValue::from_string(reply.to_string()).unwrap();
         let service = self.service.get().unwrap();
         if self.progress_first {
-            let event = json!({"bid": msg["bid"], "method": "ota_progress", "data": {"result": 0,
-                "output": {"status": "ok", "progress": {"percent": 100, "step_key": "upgrade_firmware"}}}});
-            block_on(service.on_message(OtaMessage {
-                is_reply: false,
-                topic_sn: sn.clone(),
-                tid: None,
-                bid: msg["bid"].as_str().map(str::to_string),
-                method: Some("ota_progress".into()),
-                report: machine::Report {
-                    status: Some(TaskStatus::Ok),
-                    percent: Some(100),
-                    step_key: Some("upgrade_firmware".into()),
-                    ..machine::Report::default()
+            block_on(service.on_message(progress(&sn, &msg["bid"], TaskStatus::Ok, 100)));
+        }
+        if let Some(acks) = &self.batched {
+            let mut batch = vec![
+                progress(&sn, &msg["bid"], TaskStatus::InProgress, 50),
+                progress(&sn, &msg["bid"], TaskStatus::Ok, 100),
+                OtaMessage {
+                    is_reply: true,
+                    topic_sn: sn.clone(),
+                    tid: msg["tid"].as_str().map(str::to_string),
+                    bid: msg["bid"].as_str().map(str::to_string),
+                    method: Some("ota_create".into()),
+                    report: machine::Report::default(),
+                    raw,
+                    ack: Default::default(),
                 },
-                raw: serde_json::value::RawValue::from_string(event.to_string()).unwrap(),
-                ack: Default::default(),
-            }));
+                progress(&sn, &msg["bid"], TaskStatus::Ok, 100),
+            ];
+            for m in &mut batch {
+                let acks = Arc::clone(acks);
+                m.ack = crate::domain::Ack::new(move |done| acks.lock().unwrap().push(done));
+            }
+            // Not on this thread's runtime: the store's writes run there.
+            std::thread::scope(|s| {
+                s.spawn(|| block_on(service.on_messages(batch)));
+            });
+            return true;
         }
         block_on(service.on_message(OtaMessage {
             is_reply: true,
@@ -65,7 +99,7 @@ impl Publisher for InstantReply {
 
 #[tokio::test]
 async fn a_reply_that_arrives_before_create_returns_is_not_an_orphan() {
-    let (service, task, _dir) = run_one(false).await;
+    let (service, task, _dir) = run_one(false, None).await;
     let stored = service.get(&task.id).await.unwrap();
     let sources: Vec<&str> = stored.history.iter().map(|h| h.source.as_str()).collect();
     assert_eq!(sources, ["api", "publish", "services_reply"], "{sources:?}");
@@ -74,7 +108,7 @@ async fn a_reply_that_arrives_before_create_returns_is_not_an_orphan() {
 
 #[tokio::test]
 async fn a_reply_after_the_last_progress_event_is_still_recorded() {
-    let (service, task, _dir) = run_one(true).await;
+    let (service, task, _dir) = run_one(true, None).await;
     let stored = service.get(&task.id).await.unwrap();
     assert_eq!(stored.status, TaskStatus::Ok);
     let sources: Vec<&str> = stored.history.iter().map(|h| h.source.as_str()).collect();
@@ -86,8 +120,47 @@ async fn a_reply_after_the_last_progress_event_is_still_recorded() {
     assert!(stored.replied_at.is_some());
 }
 
+/// Messages of one task taken from the inbox together are applied in order, stored in one
+/// write, and acknowledged after it: the reply behind the final progress is still recorded,
+/// the repeat after it changes nothing (a final task absorbs it).
+#[tokio::test]
+async fn a_batch_of_messages_is_applied_in_order_and_acknowledged_once_stored() {
+    let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (service, task, _dir) = run_one(false, Some(Arc::clone(&acks))).await;
+    let stored = service.get(&task.id).await.unwrap();
+    assert_eq!(stored.status, TaskStatus::Ok);
+    let sources: Vec<&str> = stored.history.iter().map(|h| h.source.as_str()).collect();
+    assert_eq!(
+        sources,
+        [
+            "api",
+            "publish",
+            "ota_progress",
+            "ota_progress",
+            "services_reply"
+        ],
+        "{sources:?}"
+    );
+    assert_eq!(*acks.lock().unwrap(), [true; 4]);
+    let from_catalog = service
+        .inner
+        .stores
+        .tasks
+        .task(&task.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&from_catalog.history).unwrap(),
+        serde_json::to_value(&stored.history).unwrap()
+    );
+}
+
 /// One task for one device, answered by an [`InstantReply`] gateway.
-async fn run_one(progress_first: bool) -> (OtaService, Box<OtaTask>, tempfile::TempDir) {
+async fn run_one(
+    progress_first: bool,
+    batched: Option<Arc<std::sync::Mutex<Vec<bool>>>>,
+) -> (OtaService, Box<OtaTask>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let catalog = Arc::new(Catalog::open(&dir.path().join("c"), 8).unwrap());
     let fw = crate::store::FirmwareRecord::new_for_test("Dock", "2.0", &"a".repeat(64));
@@ -99,6 +172,7 @@ async fn run_one(progress_first: bool) -> (OtaService, Box<OtaTask>, tempfile::T
     let publisher = Arc::new(InstantReply {
         service: std::sync::OnceLock::new(),
         progress_first,
+        batched,
     });
     let settings = OtaSettings {
         reply_timeout: Duration::from_secs(30),

@@ -4,24 +4,83 @@
 
 use super::*;
 
-impl OtaService {
-    /// Applies a gateway message and acknowledges it once recorded; a message whose change
-    /// could not be stored stays unacknowledged, so the broker delivers it again.
-    pub async fn on_message(&self, mut msg: OtaMessage) {
-        let ack = std::mem::take(&mut msg.ack);
-        if self.record(msg).await {
-            ack.done();
-        } else {
-            tracing::warn!("OTA message not recorded; left unacknowledged for redelivery");
+/// The most gateway messages recorded together (one catalog transaction).
+const BATCH: usize = 256;
+
+/// What became of one message of a batch.
+enum Staged {
+    /// Recorded (or nothing to record): acknowledge it.
+    Recorded,
+    /// Its change waits in the batch: acknowledge it once the batch is stored.
+    Changed,
+    /// Its change could not be stored: leave it unacknowledged.
+    Failed,
+}
+
+/// Tasks a batch changed, each once (its latest copy).
+#[derive(Default)]
+struct Changes(Vec<OtaTask>);
+
+impl Changes {
+    fn get(&self, id: &str) -> Option<&OtaTask> {
+        self.0.iter().find(|t| t.id == id)
+    }
+
+    fn keep(&mut self, task: OtaTask) {
+        match self.0.iter_mut().find(|t| t.id == task.id) {
+            Some(slot) => *slot = task,
+            None => self.0.push(task),
         }
     }
 
-    /// Applies a gateway message; false when its change could not be stored.
-    async fn record(&self, msg: OtaMessage) -> bool {
+    fn all(&self) -> Vec<&OtaTask> {
+        self.0.iter().collect()
+    }
+}
+
+impl OtaService {
+    /// Applies a gateway message and acknowledges it once recorded; a message whose change
+    /// could not be stored stays unacknowledged, so the broker delivers it again.
+    pub async fn on_message(&self, msg: OtaMessage) {
+        self.on_messages(vec![msg]).await;
+    }
+
+    /// Applies gateway messages in order, stores what they changed in one write, and then
+    /// acknowledges them; when the write fails none of them is acknowledged (the broker
+    /// delivers them again) and memory stays as it was.
+    pub async fn on_messages(&self, batch: Vec<OtaMessage>) {
+        let mut changes = Changes::default();
+        let mut waiting = Vec::new();
+        for mut msg in batch {
+            let ack = std::mem::take(&mut msg.ack);
+            match self.stage(msg, &mut changes).await {
+                Staged::Recorded => ack.done(),
+                Staged::Changed => waiting.push(ack),
+                Staged::Failed => {
+                    tracing::warn!("OTA message not recorded; left unacknowledged for redelivery")
+                }
+            }
+        }
+        if self.save_all(&changes.all()).await {
+            waiting.into_iter().for_each(crate::domain::Ack::done);
+        } else if !waiting.is_empty() {
+            tracing::warn!(
+                messages = waiting.len(),
+                "OTA messages not recorded; left unacknowledged for redelivery"
+            );
+        }
+    }
+
+    /// Applies a gateway message to its task (the batch's copy if the batch changed it
+    /// already) and keeps the change in `changes`.
+    async fn stage(&self, msg: OtaMessage, changes: &mut Changes) -> Staged {
         let now = self.inner.clock.now();
         let task = {
             let open = lock(&self.inner.open);
-            let by_id = |id: Option<&String>| id.and_then(|i| open.tasks.get(i)).cloned();
+            let by_id = |id: Option<&String>| {
+                let id = id?;
+                changes.get(id).or_else(|| open.tasks.get(id)).cloned()
+            };
             if msg.is_reply {
                 msg.tid.as_ref().and_then(|tid| by_id(open.by_tid.get(tid)))
             } else {
@@ -35,51 +94,65 @@ impl OtaService {
                     })
             }
         };
-        if msg.is_reply {
-            let settled = match &task {
-                Some(t) if t.status.is_final() => Some(t.clone()),
-                Some(_) => None,
-                None => self.settled_task(msg.tid.as_deref()).await,
+        if msg.is_reply && task.as_ref().is_none_or(|t| t.status.is_final()) {
+            let settled = match task {
+                Some(t) => Some((t, true)),
+                None => self
+                    .settled_task(msg.tid.as_deref())
+                    .await
+                    .map(|t| (t, false)),
             };
-            if let Some(t) = settled {
-                let event = machine::TaskEvent::Reply(msg.report, Some(msg.raw));
-                return self.late_reply(t, event, now).await;
-            }
+            let Some((t, in_memory)) = settled else {
+                return self.orphan(msg, now).await;
+            };
+            let event = machine::TaskEvent::Reply(msg.report, Some(msg.raw));
+            return if in_memory {
+                self.late_reply(t, event, now, changes)
+            } else {
+                self.late_reply_stored(t, event, now).await
+            };
         }
         let Some(mut task) = task else {
-            tracing::info!(topic_sn = %msg.topic_sn, tid = ?msg.tid, bid = ?msg.bid, method = ?msg.method, "OTA message matches no open task (orphan)");
-            let orphan = json!({"at": now, "topic_sn": msg.topic_sn, "tid": msg.tid, "bid": msg.bid,
-                "method": msg.method, "raw": msg.raw});
-            if let Err(e) = self.inner.stores.tasks.put_orphan(&orphan).await {
-                tracing::warn!(error = %e, "storing an orphan OTA message failed");
-                return false;
-            }
-            return true;
+            return self.orphan(msg, now).await;
         };
         let event = if msg.is_reply {
             machine::TaskEvent::Reply(msg.report, Some(msg.raw))
         } else {
             machine::TaskEvent::Progress(msg.report, Some(msg.raw))
         };
-        self.apply(&mut task, event, now).await
+        if self.step(&mut task, event, now) {
+            changes.keep(task);
+            Staged::Changed
+        } else {
+            Staged::Recorded
+        }
     }
 
-    /// Runs the state machine on `task` and carries out its effects: settle devices and count
-    /// a task that just ended, then persist and notify.
-    /// False when the change could not be stored.
-    async fn apply(
-        &self,
-        task: &mut OtaTask,
-        event: machine::TaskEvent,
-        now: DateTime<Utc>,
-    ) -> bool {
+    /// Keeps a message that matches no task.
+    async fn orphan(&self, msg: OtaMessage, now: DateTime<Utc>) -> Staged {
+        tracing::info!(topic_sn = %msg.topic_sn, tid = ?msg.tid, bid = ?msg.bid, method = ?msg.method, "OTA message matches no open task (orphan)");
+        let orphan = json!({"at": now, "topic_sn": msg.topic_sn, "tid": msg.tid, "bid": msg.bid,
+            "method": msg.method, "raw": msg.raw});
+        drop(msg);
+        match self.inner.stores.tasks.put_orphan(&orphan).await {
+            Ok(()) => Staged::Recorded,
+            Err(e) => {
+                tracing::warn!(error = %e, "storing an orphan OTA message failed");
+                Staged::Failed
+            }
+        }
+    }
+
+    /// Runs the state machine on `task` and carries out its effects in memory: settle devices
+    /// and count a task that just ended. Returns whether the task changed (to be stored).
+    fn step(&self, task: &mut OtaTask, event: machine::TaskEvent, now: DateTime<Utc>) -> bool {
         let fx = machine::apply(task, event, now);
         if let Some(status) = fx.finished {
             self.inner.counters.finish(status);
             self.finish_devices(task, now);
             tracing::info!(task_id = %task.id, status = ?status, "OTA task finished");
         }
-        !fx.save || self.save(task).await
+        fx.save
     }
 
     /// A recently settled task by the tid of its `ota_create`, from the catalog.
@@ -96,27 +169,39 @@ impl OtaService {
 
     /// Records a `services_reply` that came after the task ended (its progress events were
     /// delivered first): the history and `replied_at` get it; the outcome stays.
-    /// False when the reply could not be stored.
-    async fn late_reply(
+    fn late_reply(
         &self,
         mut task: OtaTask,
         event: machine::TaskEvent,
         now: DateTime<Utc>,
-    ) -> bool {
+        changes: &mut Changes,
+    ) -> Staged {
         if !machine::apply(&mut task, event, now).save {
             tracing::info!(task_id = %task.id, "repeated services_reply for a finished task ignored");
-            return true;
+            return Staged::Recorded;
         }
         tracing::info!(task_id = %task.id, "services_reply recorded after the task ended");
-        let open = lock(&self.inner.open).tasks.contains_key(&task.id);
-        if open {
-            return self.save(&task).await;
+        changes.keep(task);
+        Staged::Changed
+    }
+
+    /// [`late_reply`](Self::late_reply) for a task no longer in memory: stored at once.
+    async fn late_reply_stored(
+        &self,
+        mut task: OtaTask,
+        event: machine::TaskEvent,
+        now: DateTime<Utc>,
+    ) -> Staged {
+        let mut changes = Changes::default();
+        if let Staged::Recorded = self.late_reply(task.clone(), event, now, &mut changes) {
+            return Staged::Recorded;
         }
+        task = changes.0.remove(0);
         match self.inner.stores.tasks.save_task(&task).await {
-            Ok(_) => true,
+            Ok(_) => Staged::Recorded,
             Err(e) => {
                 tracing::error!(task_id = %task.id, error = %e, "storing task failed");
-                false
+                Staged::Failed
             }
         }
     }
@@ -191,6 +276,7 @@ impl OtaService {
         let now = self.inner.clock.now();
         let tasks: Vec<OtaTask> = lock(&self.inner.open).tasks.values().cloned().collect();
         let s = &self.inner.settings;
+        let mut changes = Changes::default();
         for mut t in tasks {
             let event = if self.devices_on_target(&t, now) {
                 tracing::info!(task_id = %t.id, gateway_sn = %t.gateway_sn, "OTA task closed from device reports (its final ota_progress never arrived)");
@@ -203,12 +289,7 @@ impl OtaService {
                 if !matches!(event, machine::TaskEvent::DevicesOnTarget) {
                     tracing::warn!(task_id = %t.id, gateway_sn = %t.gateway_sn, "OTA task timed out");
                 }
-                let fx = machine::apply(&mut t, event, now);
-                if let Some(status) = fx.finished {
-                    self.inner.counters.finish(status);
-                    self.finish_devices(&mut t, now);
-                }
-                changed |= fx.save;
+                changed |= self.step(&mut t, event, now);
             }
             if t.status.is_final() {
                 changed |= self.verify(&mut t, now);
@@ -217,9 +298,10 @@ impl OtaService {
                 if t.devices.iter().any(|d| d.outcome != Outcome::Pending) {
                     t.updated_at = now;
                 }
-                self.save(&t).await;
+                changes.keep(t);
             }
         }
+        self.save_all(&changes.all()).await;
     }
 
     /// Whether an open task's final `ota_progress` was lost (published while the broker was
@@ -312,7 +394,17 @@ impl OtaService {
                     self.tick().await;
                     self.verify_late(self.inner.clock.now()).await;
                 }
-                Some(msg) = inbox.recv() => self.on_message(msg).await,
+                Some(msg) = inbox.recv() => {
+                    // What else waits is recorded with it, in one write.
+                    let mut batch = vec![msg];
+                    while batch.len() < BATCH {
+                        match inbox.try_recv() {
+                            Ok(more) => batch.push(more),
+                            Err(_) => break,
+                        }
+                    }
+                    self.on_messages(batch).await;
+                }
             }
         }
     }

@@ -205,6 +205,31 @@ pub(crate) async fn tasks_only_move_forward(make: Make) {
     assert_eq!(stored.status, TaskStatus::Failed);
     assert_eq!(stored.result_reason.as_deref(), Some("late reply"));
     assert_eq!(stored.progress.percent, Some(40));
+
+    // A batch: each task judged on its own, written together.
+    let mut u = task(&id(), "DOCK2", &["DOCK2"]);
+    assert_eq!(cat.insert_task(&u).await.unwrap(), Claimed::Inserted);
+    u.status = TaskStatus::InProgress;
+    let mut v = task(&id(), "DOCK3", &["DOCK3"]);
+    assert_eq!(cat.insert_task(&v).await.unwrap(), Claimed::Inserted);
+    v = finished(v, TaskStatus::Ok, Utc::now());
+    let written = cat.save_tasks(&[&u, &other_final, &v]).await.unwrap();
+    assert_eq!(written, vec![true, false, true]);
+    assert_eq!(
+        cat.task(&u.id).await.unwrap().unwrap().status,
+        TaskStatus::InProgress
+    );
+    assert_eq!(
+        cat.task(&v.id).await.unwrap().unwrap().status,
+        TaskStatus::Ok
+    );
+    assert_eq!(
+        cat.task(&t.id).await.unwrap().unwrap().status,
+        TaskStatus::Failed
+    );
+    // v's final save freed its dock.
+    let again = task(&id(), "DOCK3", &["DOCK3"]);
+    assert_eq!(cat.insert_task(&again).await.unwrap(), Claimed::Inserted);
 }
 
 /// A task's history reads back whole after each save: entries appended one by one, the last

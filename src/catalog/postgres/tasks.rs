@@ -305,123 +305,125 @@ impl Postgres {
     }
 }
 
-/// Writes the task row (insert or update).
-async fn write_task(t: &OtaTask, conn: &mut sqlx::PgConnection) -> StoreResult<()> {
+/// The values of `f` for every element of `items`, as one array parameter.
+fn column<T, V>(items: &[T], f: impl Fn(&T) -> V) -> Vec<V> {
+    items.iter().map(f).collect()
+}
+
+/// Writes the task rows (insert or update), one statement for all.
+async fn write_tasks(tasks: &[&OtaTask], conn: &mut sqlx::PgConnection) -> StoreResult<()> {
     let updates = excluded(TASK_COLUMNS);
     let sql = format!(
-        "INSERT INTO ota_tasks ({TASK_COLUMNS}, final) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, \
-         $9, $10, $11, $12, $13, $14, $15, $16, $17, $18) \
+        "INSERT INTO ota_tasks ({TASK_COLUMNS}, final) SELECT * FROM UNNEST($1::text[], \
+         $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], \
+         $8::int8[], $9::text[], $10::text[], $11::int8[], $12::int8[], $13::text[], \
+         $14::bool[], $15::timestamptz[], $16::timestamptz[], $17::timestamptz[], $18::bool[]) \
          ON CONFLICT (id) DO UPDATE SET {updates}, final = EXCLUDED.final"
     );
     sqlx::query(AssertSqlSafe(sql))
-        .bind(&t.id)
-        .bind(&t.gateway_sn)
-        .bind(&t.tid)
-        .bind(&t.bid)
-        .bind(text(&t.status))
-        .bind(t.created_at)
-        .bind(t.updated_at)
-        .bind(t.progress.percent)
-        .bind(&t.progress.step_key)
-        .bind(&t.progress.sub_status)
-        .bind(t.progress.rate)
-        .bind(t.result_code)
-        .bind(&t.result_reason)
-        .bind(t.retryable)
-        .bind(t.replied_at)
-        .bind(t.last_event_at)
-        .bind(t.finished_at)
-        .bind(t.status.is_final())
+        .bind(column(tasks, |t| t.id.clone()))
+        .bind(column(tasks, |t| t.gateway_sn.clone()))
+        .bind(column(tasks, |t| t.tid.clone()))
+        .bind(column(tasks, |t| t.bid.clone()))
+        .bind(column(tasks, |t| text(&t.status)))
+        .bind(column(tasks, |t| t.created_at))
+        .bind(column(tasks, |t| t.updated_at))
+        .bind(column(tasks, |t| t.progress.percent))
+        .bind(column(tasks, |t| t.progress.step_key.clone()))
+        .bind(column(tasks, |t| t.progress.sub_status.clone()))
+        .bind(column(tasks, |t| t.progress.rate))
+        .bind(column(tasks, |t| t.result_code))
+        .bind(column(tasks, |t| t.result_reason.clone()))
+        .bind(column(tasks, |t| t.retryable))
+        .bind(column(tasks, |t| t.replied_at))
+        .bind(column(tasks, |t| t.last_event_at))
+        .bind(column(tasks, |t| t.finished_at))
+        .bind(column(tasks, |t| t.status.is_final()))
         .execute(&mut *conn)
         .await
         .map_err(db)?;
     Ok(())
 }
 
-/// Writes the task's devices (at most two rows).
-async fn write_devices(t: &OtaTask, conn: &mut sqlx::PgConnection) -> StoreResult<()> {
-    for (i, d) in t.devices.iter().enumerate() {
-        sqlx::query(
-            "INSERT INTO ota_task_devices (task_id, position, sn, firmware_id, product_version, \
-             upgrade_type, policy_rule, policy_reason, file_url, file_name, md5, file_size, \
-             outcome, outcome_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, \
-             $13, $14) ON CONFLICT (task_id, position) DO UPDATE SET outcome = $13, \
-             outcome_at = $14",
-        )
-        .bind(&t.id)
-        .bind(i as i32)
-        .bind(&d.sn)
-        .bind(&d.firmware_id)
-        .bind(&d.product_version)
-        .bind(d.upgrade_type.map(i16::from))
-        .bind(i16::from(d.policy_rule))
-        .bind(&d.policy_reason)
-        .bind(&d.file_url)
-        .bind(&d.file_name)
-        .bind(&d.md5)
-        .bind(d.file_size as i64)
-        .bind(text(&d.outcome))
-        .bind(d.outcome_at)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
-    }
-    Ok(())
-}
-
-/// Appends the history entries from `from` on (the one before them may have counted a
-/// repeat since, and is rewritten with them).
-async fn append_history(
-    t: &OtaTask,
-    stored: usize,
-    conn: &mut sqlx::PgConnection,
-) -> StoreResult<()> {
-    let from = stored.saturating_sub(1).min(t.history.len());
-    let entries = &t.history[from..];
-    if entries.is_empty() {
+/// Writes the tasks' devices (at most two rows each), one statement for all.
+async fn write_devices(tasks: &[&OtaTask], conn: &mut sqlx::PgConnection) -> StoreResult<()> {
+    let rows: Vec<(&OtaTask, usize, &TaskDevice)> = tasks
+        .iter()
+        .flat_map(|t| t.devices.iter().enumerate().map(move |(i, d)| (*t, i, d)))
+        .collect();
+    if rows.is_empty() {
         return Ok(());
     }
-    let seq: Vec<i32> = (from..t.history.len()).map(|i| i as i32).collect();
+    sqlx::query(
+        "INSERT INTO ota_task_devices (task_id, position, sn, firmware_id, product_version, \
+         upgrade_type, policy_rule, policy_reason, file_url, file_name, md5, file_size, \
+         outcome, outcome_at) SELECT * FROM UNNEST($1::text[], $2::int4[], $3::text[], \
+         $4::text[], $5::text[], $6::int2[], $7::int2[], $8::text[], $9::text[], $10::text[], \
+         $11::text[], $12::int8[], $13::text[], $14::timestamptz[]) \
+         ON CONFLICT (task_id, position) DO UPDATE SET outcome = EXCLUDED.outcome, \
+         outcome_at = EXCLUDED.outcome_at",
+    )
+    .bind(column(&rows, |(t, _, _)| t.id.clone()))
+    .bind(column(&rows, |(_, i, _)| *i as i32))
+    .bind(column(&rows, |(_, _, d)| d.sn.clone()))
+    .bind(column(&rows, |(_, _, d)| d.firmware_id.clone()))
+    .bind(column(&rows, |(_, _, d)| d.product_version.clone()))
+    .bind(column(&rows, |(_, _, d)| d.upgrade_type.map(i16::from)))
+    .bind(column(&rows, |(_, _, d)| i16::from(d.policy_rule)))
+    .bind(column(&rows, |(_, _, d)| d.policy_reason.clone()))
+    .bind(column(&rows, |(_, _, d)| d.file_url.clone()))
+    .bind(column(&rows, |(_, _, d)| d.file_name.clone()))
+    .bind(column(&rows, |(_, _, d)| d.md5.clone()))
+    .bind(column(&rows, |(_, _, d)| d.file_size as i64))
+    .bind(column(&rows, |(_, _, d)| text(&d.outcome)))
+    .bind(column(&rows, |(_, _, d)| d.outcome_at))
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Appends each task's history entries from its stored count on (the entry before them may
+/// have counted a repeat since, and is rewritten with them), one statement for all.
+async fn append_history(
+    tasks: &[(&OtaTask, usize)],
+    conn: &mut sqlx::PgConnection,
+) -> StoreResult<()> {
+    let rows: Vec<(&str, usize, &HistoryEntry)> = tasks
+        .iter()
+        .flat_map(|(t, stored)| {
+            let from = stored.saturating_sub(1).min(t.history.len());
+            t.history[from..]
+                .iter()
+                .enumerate()
+                .map(move |(i, h)| (t.id.as_str(), from + i, h))
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
     sqlx::query(
         "INSERT INTO ota_task_history (task_id, seq, at, source, status, percent, step_key, \
-         sub_status, rate, raw, repeats) SELECT $1, u.seq, u.at, u.source, u.status, u.percent, \
-         u.step_key, u.sub_status, u.rate, u.raw::json, u.repeats FROM UNNEST($2::int4[], \
-         $3::timestamptz[], $4::text[], $5::text[], $6::int8[], $7::text[], $8::text[], \
-         $9::int8[], $10::text[], $11::int8[]) AS u(seq, at, source, status, percent, step_key, \
-         sub_status, rate, raw, repeats) ON CONFLICT (task_id, seq) DO UPDATE SET \
-         repeats = EXCLUDED.repeats",
+         sub_status, rate, raw, repeats) SELECT u.task_id, u.seq, u.at, u.source, u.status, \
+         u.percent, u.step_key, u.sub_status, u.rate, u.raw::json, u.repeats FROM \
+         UNNEST($1::text[], $2::int4[], $3::timestamptz[], $4::text[], $5::text[], $6::int8[], \
+         $7::text[], $8::text[], $9::int8[], $10::text[], $11::int8[]) AS u(task_id, seq, at, \
+         source, status, percent, step_key, sub_status, rate, raw, repeats) \
+         ON CONFLICT (task_id, seq) DO UPDATE SET repeats = EXCLUDED.repeats",
     )
-    .bind(&t.id)
-    .bind(seq)
-    .bind(entries.iter().map(|h| h.at).collect::<Vec<_>>())
-    .bind(entries.iter().map(|h| h.source.clone()).collect::<Vec<_>>())
-    .bind(entries.iter().map(|h| text(&h.status)).collect::<Vec<_>>())
-    .bind(
-        entries
-            .iter()
-            .map(|h| h.progress.percent)
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        entries
-            .iter()
-            .map(|h| h.progress.step_key.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        entries
-            .iter()
-            .map(|h| h.progress.sub_status.clone())
-            .collect::<Vec<_>>(),
-    )
-    .bind(entries.iter().map(|h| h.progress.rate).collect::<Vec<_>>())
-    .bind(
-        entries
-            .iter()
-            .map(|h| h.raw.as_ref().map(|r| r.get().to_string()))
-            .collect::<Vec<_>>(),
-    )
-    .bind(entries.iter().map(|h| h.repeats as i64).collect::<Vec<_>>())
+    .bind(column(&rows, |(id, _, _)| id.to_string()))
+    .bind(column(&rows, |(_, seq, _)| *seq as i32))
+    .bind(column(&rows, |(_, _, h)| h.at))
+    .bind(column(&rows, |(_, _, h)| h.source.clone()))
+    .bind(column(&rows, |(_, _, h)| text(&h.status)))
+    .bind(column(&rows, |(_, _, h)| h.progress.percent))
+    .bind(column(&rows, |(_, _, h)| h.progress.step_key.clone()))
+    .bind(column(&rows, |(_, _, h)| h.progress.sub_status.clone()))
+    .bind(column(&rows, |(_, _, h)| h.progress.rate))
+    .bind(column(&rows, |(_, _, h)| {
+        h.raw.as_ref().map(|r| r.get().to_string())
+    }))
+    .bind(column(&rows, |(_, _, h)| h.repeats as i64))
     .execute(&mut *conn)
     .await
     .map_err(db)?;
@@ -467,9 +469,9 @@ impl TaskStore for Postgres {
     async fn insert_task(&self, task: &OtaTask) -> StoreResult<Claimed> {
         let sns = held_serials(task);
         let mut tx = self.pool.begin().await.map_err(db)?;
-        write_task(task, &mut tx).await?;
-        write_devices(task, &mut tx).await?;
-        append_history(task, 0, &mut tx).await?;
+        write_tasks(&[task], &mut tx).await?;
+        write_devices(&[task], &mut tx).await?;
+        append_history(&[(task, 0)], &mut tx).await?;
         // One row per serial: a concurrent creation waits here for this one and then finds
         // the serial held. A claim left by a task that is final is taken over.
         let claimed: Vec<String> = sqlx::query_scalar(
@@ -499,36 +501,63 @@ impl TaskStore for Postgres {
         Ok(Claimed::Inserted)
     }
 
-    async fn save_task(&self, task: &OtaTask) -> StoreResult<bool> {
+    async fn save_tasks(&self, batch: &[&OtaTask]) -> StoreResult<Vec<bool>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids = column(batch, |t| t.id.clone());
         let mut tx = self.pool.begin().await.map_err(db)?;
-        let stored: Option<(String, i64)> = sqlx::query_as(
-            "SELECT t.status, (SELECT count(*) FROM ota_task_history h WHERE h.task_id = t.id) \
-             FROM ota_tasks t WHERE t.id = $1 FOR UPDATE",
+        // Locked in id order, as every writer does: concurrent batches cannot deadlock.
+        let stored: Vec<(String, String, i64)> = sqlx::query_as(
+            "SELECT t.id, t.status, (SELECT count(*) FROM ota_task_history h \
+             WHERE h.task_id = t.id) FROM ota_tasks t WHERE t.id = ANY($1) ORDER BY t.id \
+             FOR UPDATE OF t",
         )
-        .bind(&task.id)
-        .fetch_optional(&mut *tx)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db)?;
-        let mut history = 0;
-        if let Some((status, n)) = stored {
-            let status: TaskStatus = parse(&status)?;
-            if !is_forward(status, task) {
-                return Ok(false);
+        let stored: HashMap<String, (TaskStatus, usize)> = stored
+            .into_iter()
+            .map(|(id, status, n)| Ok((id, (parse(&status)?, n as usize))))
+            .collect::<StoreResult<_>>()?;
+        // The last copy of a task in the batch is the one written.
+        let mut written = vec![false; batch.len()];
+        let mut writes: Vec<(&OtaTask, usize)> = Vec::new();
+        for (i, task) in batch.iter().enumerate() {
+            if batch[i + 1..].iter().any(|later| later.id == task.id) {
+                continue;
             }
-            history = n as usize;
+            match stored.get(&task.id) {
+                Some((status, _)) if !is_forward(*status, task) => {}
+                found => {
+                    written[i] = true;
+                    writes.push((task, found.map_or(0, |(_, n)| *n)));
+                }
+            }
         }
-        write_task(task, &mut tx).await?;
-        write_devices(task, &mut tx).await?;
-        append_history(task, history, &mut tx).await?;
-        if task.status.is_final() {
-            sqlx::query("DELETE FROM ota_claims WHERE task_id = $1")
-                .bind(&task.id)
+        if writes.is_empty() {
+            return Ok(written);
+        }
+        let tasks: Vec<&OtaTask> = writes.iter().map(|(t, _)| *t).collect();
+        write_tasks(&tasks, &mut tx).await?;
+        write_devices(&tasks, &mut tx).await?;
+        append_history(&writes, &mut tx).await?;
+        let finals: Vec<String> = column(&tasks, |t| t.id.clone())
+            .into_iter()
+            .zip(&tasks)
+            .filter(|(_, t)| t.status.is_final())
+            .map(|(id, _)| id)
+            .collect();
+        if !finals.is_empty() {
+            sqlx::query("DELETE FROM ota_claims WHERE task_id = ANY($1)")
+                .bind(&finals)
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
         }
         tx.commit().await.map_err(db)?;
-        Ok(true)
+        Ok(written)
     }
 
     async fn delete_task(&self, id: &str) -> StoreResult<()> {
