@@ -16,6 +16,20 @@ struct InstantReply {
     batched: Option<Arc<std::sync::Mutex<Vec<bool>>>>,
 }
 
+/// The `services_reply` to the `ota_create` `msg`.
+fn reply_to(sn: &str, msg: &Value, raw: Box<serde_json::value::RawValue>) -> OtaMessage {
+    OtaMessage {
+        is_reply: true,
+        topic_sn: sn.to_string(),
+        tid: msg["tid"].as_str().map(str::to_string),
+        bid: msg["bid"].as_str().map(str::to_string),
+        method: Some("ota_create".into()),
+        report: machine::Report::default(),
+        raw,
+        ack: Default::default(),
+    }
+}
+
 /// An `ota_progress` message for `bid`.
 fn progress(sn: &str, bid: &Value, status: TaskStatus, percent: i64) -> OtaMessage {
     let event = json!({"bid": bid, "method": "ota_progress", "data": {"result": 0,
@@ -61,16 +75,7 @@ impl Publisher for InstantReply {
             let mut batch = vec![
                 progress(&sn, &msg["bid"], TaskStatus::InProgress, 50),
                 progress(&sn, &msg["bid"], TaskStatus::Ok, 100),
-                OtaMessage {
-                    is_reply: true,
-                    topic_sn: sn.clone(),
-                    tid: msg["tid"].as_str().map(str::to_string),
-                    bid: msg["bid"].as_str().map(str::to_string),
-                    method: Some("ota_create".into()),
-                    report: machine::Report::default(),
-                    raw,
-                    ack: Default::default(),
-                },
+                reply_to(&sn, &msg, raw.clone()),
                 progress(&sn, &msg["bid"], TaskStatus::Ok, 100),
             ];
             for m in &mut batch {
@@ -83,16 +88,7 @@ impl Publisher for InstantReply {
             });
             return true;
         }
-        block_on(service.on_message(OtaMessage {
-            is_reply: true,
-            topic_sn: sn,
-            tid: msg["tid"].as_str().map(str::to_string),
-            bid: msg["bid"].as_str().map(str::to_string),
-            method: Some("ota_create".into()),
-            report: machine::Report::default(),
-            raw,
-            ack: Default::default(),
-        }));
+        block_on(service.on_message(reply_to(&sn, &msg, raw)));
         true
     }
 }
