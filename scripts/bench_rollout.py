@@ -370,6 +370,9 @@ def run(scenario, fw_files):
         log(f"[{scenario}] final task listing failed: {e!r}")
         tasks, res["list_secs"] = {}, None
     res["tasks_seen"] = len(tasks)
+    # What a task record holds (its JSON as the API shows it, history included): what the
+    # catalog must keep at the least; the rest of its growth is the backend's own.
+    res["record_bytes"] = sum(len(json.dumps(t, separators=(",", ":"))) for t in tasks.values())
     by = {}
     for t in tasks.values():
         by[t["status"]] = by.get(t["status"], 0) + 1
@@ -552,6 +555,8 @@ def report(results, started, took):
                 f" KiB per finished task){calls}")
 
     row("PostgreSQL catalog: database size; growth per task; statements per device", pg)
+    row("Task record (API JSON, history included) per finished task",
+        lambda r: f"{r['record_bytes'] / 2**10 / max(r['tasks_seen'], 1):.1f} KiB")
     row("Final `GET /api/v1/ota` listing (all pages of 500)", lambda r: fmt_s(r["list_secs"]))
     row("Server threads at the end", lambda r: str(r["threads"]))
     row("Server stop", lambda r: r["server_exit"])

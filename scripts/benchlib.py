@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import urllib.parse
 
 WORK = os.environ["WORK"]
@@ -373,7 +374,7 @@ def run_all(kinds, allowed, run, report, pkg_kib, errors=(Exception,)):
             try:
                 results.append(run(k, fw_files))
             except errors as e:
-                log(f"[{k}] run aborted: {e!r}")
+                log(f"[{k}] run aborted: {e!r}\n" + traceback.format_exc())
                 aborted.append(f"**{k} run aborted**: {e!r}")
             stop_all()
     finally:

@@ -162,11 +162,9 @@ async fn serve(options: ServeOptions) -> anyhow::Result<()> {
         settings.mqtt.target,
         fwrepo::mqtt::BrokerTarget::Embedded(_)
     );
-    // The port answers from here on: 503 while a PostgreSQL catalog is waited for.
+    // The port answers from here on: 503 while a PostgreSQL catalog is waited for. The
+    // address lines below come once everything is up (the admin token written).
     let bound = Application::bind(settings)?;
-    let addr = bound.http_addr();
-    let scheme = if bound.is_https() { "https" } else { "http" };
-    print_line(&format!("HTTP listening on {scheme}://{addr}"))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_to(shutdown.clone()));
     let app = tokio::select! {
@@ -176,7 +174,10 @@ async fn serve(options: ServeOptions) -> anyhow::Result<()> {
             return Ok(());
         }
     };
+    let addr = app.http_addr();
     let mqtt = app.state().mqtt.clone();
+    let scheme = if app.is_https() { "https" } else { "http" };
+    print_line(&format!("HTTP listening on {scheme}://{addr}"))?;
     let extra = [
         ("Downloads", Listener::Downloads),
         ("Metrics", Listener::Metrics),

@@ -327,6 +327,11 @@ impl Bound {
         }
         let (reason, waiting) = tokio::sync::watch::channel("the first attempt".to_string());
         let server = http::starting::serve(listeners, waiting).map_err(io)?;
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        tracing::info!(
+            "opening the PostgreSQL catalog; until it is open {scheme}://{} answers 503",
+            self.main.1
+        );
         let handle = server.handle();
         let running = tokio::spawn(server);
         let opened = crate::catalog::open(&settings.catalog, &settings.data_dir, &|why| {
