@@ -414,6 +414,10 @@ def run(scenario, fw_files):
     res["sim_exit"] = stop(sim)
     res["server_exit"] = stop(server, 15)
     res["disk_after"] = disk_usage(data_dir)
+    if db:
+        # What is live once dead row versions are gone (VACUUM FULL rewrites every table).
+        benchlib.psql(benchlib.with_db(benchlib.CATALOG, db), "VACUUM FULL")
+        res["pg_live"] = benchlib.pg_stats(db)["size"]
     benchlib.drop_db(db)
     errs = open(os.path.join(WORK, f"{name}.err"), errors="replace").read().splitlines()
     plain = [re.sub(r"\x1b\[[0-9;]*m", "", l) for l in errs]
@@ -551,8 +555,11 @@ def report(results, started, took):
         calls = "" if a["calls"] is None else (
             f"; {(a['calls'] - b['calls']) / devices:.1f} statements"
             f" and {(a['commits'] - b['commits']) / devices:.1f} transactions per device")
-        return (f"{a['size'] / 2**20:.1f} MiB after (+{(a['size'] - b['size']) / 2**10 / max(r['tasks_seen'], 1):.1f}"
-                f" KiB per finished task){calls}")
+        per_task = lambda size: (size - b["size"]) / 2**10 / max(r["tasks_seen"], 1)
+        live = (f", {per_task(r['pg_live']):.1f} KiB live after VACUUM FULL"
+                if r.get("pg_live") else "")
+        return (f"{a['size'] / 2**20:.1f} MiB after (+{per_task(a['size']):.1f}"
+                f" KiB per finished task{live}){calls}")
 
     row("PostgreSQL catalog: database size; growth per task; statements per device", pg)
     row("Task record (API JSON, history included) per finished task",

@@ -328,6 +328,19 @@ impl OtaService {
             return Err(OtaError::BrokerUnavailable);
         }
         task.note("api", None, now);
+        let payload = serde_json::to_vec(&message).unwrap_or_default();
+        let raw = String::from_utf8(payload.clone())
+            .ok()
+            .and_then(|text| serde_json::value::RawValue::from_string(text).ok());
+        // Stored as published in the one write that claims the gateway, and open (findable by
+        // tid and bid) before the message leaves: a gateway may answer faster than this
+        // function returns, and its services_reply must not be an orphan. Should the message
+        // never leave (a crash now), the reply timeout ends the task.
+        machine::apply(
+            &mut task,
+            machine::TaskEvent::Published(raw),
+            self.inner.clock.now(),
+        );
         // The store's claim is the one that holds across processes sharing a catalog.
         match self.inner.stores.tasks.insert_task(&task).await? {
             Claimed::Inserted => {}
@@ -337,19 +350,7 @@ impl OtaService {
             Claimed::Busy { task_id, .. } => return Err(OtaError::DeviceBusy(task_id)),
         }
         self.inner.stores.durability.flush().await?;
-        let payload = serde_json::to_vec(&message).unwrap_or_default();
-        let raw = String::from_utf8(payload.clone())
-            .ok()
-            .and_then(|text| serde_json::value::RawValue::from_string(text).ok());
-        // The task is open (findable by tid and bid) before the message leaves: a gateway may
-        // answer faster than this function returns, and its services_reply must not be an
-        // orphan.
-        machine::apply(
-            &mut task,
-            machine::TaskEvent::Published(raw),
-            self.inner.clock.now(),
-        );
-        self.save(&task).await;
+        self.remember(&task);
         claim.keep();
         if !self.inner.publisher.publish(topic, payload) {
             lock(&self.inner.open).forget(&task);
