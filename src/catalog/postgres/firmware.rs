@@ -416,7 +416,7 @@ impl SessionStore for Postgres {
         if sessions.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.background.begin().await.map_err(db)?;
         // New sessions are inserted as they are; then every row of the batch is locked, so a
         // concurrent writer of the same session merges after this one, never over it.
         let insert = format!(

@@ -34,6 +34,9 @@ pub struct PgSettings {
     pub statement_timeout: Duration,
 }
 
+/// Connections of the background writers' pool (beside `--catalog-max-connections`).
+const BACKGROUND_CONNECTIONS: u32 = 2;
+
 /// The embedded migrations.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -41,6 +44,10 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgr
 #[derive(Clone)]
 pub struct Postgres {
     pool: PgPool,
+    /// Connections of their own for the background writers (the OTA worker's batches, the
+    /// download-session and device flushers): a burst of API requests waiting for `pool`
+    /// never delays the recording of gateway events.
+    background: PgPool,
     /// False while the database does not answer (the watcher's last probe failed).
     healthy: Arc<AtomicBool>,
     /// Probes that found the database answering.
@@ -151,6 +158,10 @@ impl Postgres {
         let pool = PgPoolOptions::new()
             .max_connections(settings.max_connections.max(1))
             .acquire_timeout(settings.connect_timeout)
+            .connect_lazy_with(options.clone());
+        let background = PgPoolOptions::new()
+            .max_connections(BACKGROUND_CONNECTIONS)
+            .acquire_timeout(settings.connect_timeout)
             .connect_lazy_with(options);
         let deadline = give_up.map(|d| std::time::Instant::now() + d);
         let mut wait = Duration::from_millis(200);
@@ -185,16 +196,12 @@ impl Postgres {
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(Duration::from_secs(10));
         }
-        Ok(Postgres::from_pool(pool))
-    }
-
-    /// The catalog on a pool whose database is migrated.
-    fn from_pool(pool: PgPool) -> Postgres {
-        Postgres {
+        Ok(Postgres {
             pool,
+            background,
             healthy: Arc::new(AtomicBool::new(true)),
             probes: Arc::default(),
-        }
+        })
     }
 
     async fn ping(&self) -> StoreResult<()> {

@@ -105,7 +105,7 @@ impl DeviceStore for Postgres {
             .bind(at(|d| d.last_seen_at))
             .bind(at(|d| d.last_osd_at))
             .bind(at(|d| d.last_state_at))
-            .execute(&self.pool)
+            .execute(&self.background)
             .await
             .map_err(db)?;
         Ok(())
@@ -506,7 +506,7 @@ impl TaskStore for Postgres {
             return Ok(Vec::new());
         }
         let ids = column(batch, |t| t.id.clone());
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.background.begin().await.map_err(db)?;
         // Locked in id order, as every writer does: concurrent batches cannot deadlock.
         let stored: Vec<(String, String, i64)> = sqlx::query_as(
             "SELECT t.id, t.status, (SELECT count(*) FROM ota_task_history h \
