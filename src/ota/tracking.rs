@@ -278,11 +278,12 @@ impl OtaService {
         let s = &self.inner.settings;
         let mut changes = Changes::default();
         for mut t in tasks {
-            let event = if self.devices_on_target(&t, now) {
+            let due = machine::due(&t, now, s.reply_timeout, s.progress_timeout);
+            let event = if self.devices_on_target(&t, now, due.is_some()) {
                 tracing::info!(task_id = %t.id, gateway_sn = %t.gateway_sn, "OTA task closed from device reports (its final ota_progress never arrived)");
                 Some(machine::TaskEvent::DevicesOnTarget)
             } else {
-                machine::due(&t, now, s.reply_timeout, s.progress_timeout)
+                due
             };
             let mut changed = false;
             if let Some(event) = event {
@@ -305,13 +306,14 @@ impl OtaService {
     }
 
     /// Whether an open task's final `ota_progress` was lost (published while the broker was
-    /// restarting, or while fwrepo was): it has been quiet for a while and every device still
-    /// pending reports, since the task began, the task's target (and consistency, for a
-    /// consistency upgrade) while not upgrading.
-    fn devices_on_target(&self, task: &OtaTask, now: DateTime<Utc>) -> bool {
+    /// restarting, or while fwrepo was): it has been quiet for a while — or is about to time
+    /// out (`timing_out`): a timeout never fails a task whose devices run its target — and
+    /// every device still pending reports, since the task began, the task's target (and
+    /// consistency, for a consistency upgrade) while not upgrading.
+    fn devices_on_target(&self, task: &OtaTask, now: DateTime<Utc>, timing_out: bool) -> bool {
         // The normal path (the gateway's final ota_progress) goes first.
         let quiet = now - task.last_event_at.unwrap_or(task.created_at);
-        if task.status.is_final() || quiet < RECONCILE_AFTER {
+        if task.status.is_final() || (quiet < RECONCILE_AFTER && !timing_out) {
             return false;
         }
         let mut pending = task
