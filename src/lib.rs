@@ -17,6 +17,7 @@ pub mod catalog;
 pub mod checksum;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod devices;
 pub mod domain;

@@ -30,7 +30,17 @@ pub fn load_or_create_key(path: &Path) -> std::io::Result<Vec<u8>> {
     }
     let mut key = [0u8; 32];
     getrandom::fill(&mut key).map_err(std::io::Error::other)?;
-    write_private(path, &hex::encode(key))?;
+    match write_private(path, &hex::encode(key)) {
+        Ok(()) => {}
+        // Another process sharing the file (a replica starting beside this one) was first.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            if let Some(k) = read_key(path)? {
+                return Ok(k);
+            }
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    }
     tracing::info!(path = %path.display(), "created a key");
     Ok(key.to_vec())
 }

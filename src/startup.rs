@@ -56,6 +56,9 @@ pub enum StartupError {
     /// MQTT could not start.
     #[error(transparent)]
     Mqtt(#[from] crate::mqtt::MqttError),
+    /// This replica may not join the deployment.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// The TLS certificate or key could not be used.
     #[error("cannot use the TLS certificate: {0}")]
     Tls(String),
@@ -147,6 +150,8 @@ impl Bound {
             metrics: metrics_listener,
         } = self;
         let blobs = BlobStore::open(&settings.blob_backend, &settings.blob_timeouts)?;
+        let clock = crate::domain::Clock::default();
+        let cluster = join_cluster(&settings, &catalog, &instance_id, &clock).await?;
         let metrics = Arc::new(Metrics::default());
         let uploads = UploadService::new(
             catalog.clone(),
@@ -200,15 +205,18 @@ impl Bound {
             credentials,
         )?;
 
-        let signer = crate::download::signing::UrlSigner::load_or_create(
-            &settings.data_dir,
+        let key_file = match &settings.url_signing_key_file {
+            Some(path) => path.clone(),
+            None => settings.data_dir.join(crate::download::signing::KEY_FILE),
+        };
+        let signer = crate::download::signing::UrlSigner::from_file(
+            &key_file,
             Duration::from_secs(settings.download_url_ttl_secs),
         )
         .map_err(|source| StartupError::Io {
             what: "the download URL signing key",
             source,
         })?;
-        let clock = crate::domain::Clock::default();
         let ota = crate::ota::OtaService::load(
             crate::catalog::ota_stores(&catalog),
             devices.clone(),
@@ -273,6 +281,7 @@ impl Bound {
             tokens,
             audit,
             clock,
+            cluster,
         };
         // Firmware an open task uses, or that registered devices run, is not deleted lightly.
         state.firmware.add_guard(Arc::new(state.ota.clone()));
@@ -377,6 +386,7 @@ impl Application {
             ..
         } = self;
         let device_flusher = tokio::spawn(state.devices.clone().run(workers.clone()));
+        tokio::spawn(state.cluster.clone().run(workers.clone()));
         // Catalog health: sees a failed background write, reopens sled once the disk recovers.
         let catalog = state.catalog.clone();
         let stop = workers.clone();
@@ -612,6 +622,44 @@ fn serve(
     }
     .map_err(bind_err)?;
     Ok(builder.run())
+}
+
+/// Registers this replica (its heartbeat) in the catalog: refused when it would share a
+/// PostgreSQL catalog while it or a live other replica keeps packages or gateways to itself.
+async fn join_cluster(
+    settings: &Settings,
+    catalog: &Arc<dyn Store>,
+    instance_id: &str,
+    clock: &crate::domain::Clock,
+) -> Result<crate::cluster::Cluster, StartupError> {
+    let now = clock.now();
+    let me = crate::cluster::ReplicaRecord {
+        id: settings
+            .replica_id
+            .clone()
+            .unwrap_or_else(|| instance_id.to_string()),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        started_at: now,
+        last_heartbeat: now,
+        blob_store: match settings.blob_backend {
+            crate::blobs::BlobBackend::Local { .. } => "local",
+            crate::blobs::BlobBackend::S3 { .. } => "s3",
+        }
+        .to_string(),
+        broker: match settings.mqtt.target {
+            crate::mqtt::BrokerTarget::Embedded(_) => "embedded",
+            crate::mqtt::BrokerTarget::External { .. } => "external",
+        }
+        .to_string(),
+        leases: Vec::new(),
+    };
+    let shared = matches!(
+        settings.catalog,
+        crate::catalog::CatalogBackend::Postgres(_)
+    );
+    let cluster = crate::cluster::Cluster::join(catalog.clone(), me, shared, clock.clone()).await?;
+    tracing::info!(replica_id = %cluster.id(), "joined the deployment");
+    Ok(cluster)
 }
 
 /// Removes what interrupted uploads left: recorded S3 multipart uploads are aborted and their

@@ -106,7 +106,7 @@ pub struct TokenRecord {
 }
 
 impl TokenRecord {
-    fn usable(&self, now: DateTime<Utc>) -> bool {
+    pub(crate) fn usable(&self, now: DateTime<Utc>) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|e| e > now)
     }
 
@@ -265,23 +265,35 @@ impl TokenService {
     }
 
     /// Creates an admin token in `<data_dir>/admin.token` when no usable token exists.
-    /// Returns the file's path when it did.
+    /// Returns the file's path when it did. Once per deployment: of replicas starting
+    /// together on one catalog, one creates it (in its data directory) and the others load it.
     pub async fn bootstrap(&self, data_dir: &Path) -> Result<Option<PathBuf>, AuthError> {
         let now = Utc::now();
         if read(&self.tokens).by_hash.values().any(|t| t.usable(now)) {
             return Ok(None);
         }
         let path = data_dir.join(ADMIN_TOKEN_FILE);
-        let (_, secret) = self
-            .create(
-                NewToken {
-                    name: "admin (bootstrap)".into(),
-                    scopes: vec![Scope::Admin],
-                    expires_at: None,
-                },
-                None,
-            )
-            .await?;
+        let (record, secret) = new_token(
+            NewToken {
+                name: "admin (bootstrap)".into(),
+                scopes: vec![Scope::Admin],
+                expires_at: None,
+            },
+            None,
+            now,
+        )?;
+        if !self.store.insert_first_token(&record, now).await? {
+            // Another replica was first: its token is the deployment's.
+            let stored = self.store.all_tokens().await?;
+            let mut tokens = write(&self.tokens);
+            for t in stored {
+                tokens.by_hash.insert(t.hash.clone(), t);
+            }
+            return Ok(None);
+        }
+        write(&self.tokens)
+            .by_hash
+            .insert(record.hash.clone(), record);
         let io = |source| AuthError::Io {
             path: path.display().to_string(),
             source,
@@ -301,41 +313,7 @@ impl TokenService {
         new: NewToken,
         created_by: Option<&Principal>,
     ) -> Result<(TokenRecord, String), AuthError> {
-        let name = new.name.trim();
-        if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
-            return Err(AuthError::Invalid(
-                "name must be 1-64 printable characters".into(),
-            ));
-        }
-        if new.scopes.is_empty() {
-            return Err(AuthError::Invalid(
-                "scopes must name at least one of read, upload, operate, admin".into(),
-            ));
-        }
-        let now = Utc::now();
-        if new.expires_at.is_some_and(|e| e <= now) {
-            return Err(AuthError::Invalid(
-                "expires_at must be in the future".into(),
-            ));
-        }
-        let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes)
-            .map_err(|e| AuthError::Invalid(format!("no randomness available: {e}")))?;
-        let secret = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes));
-        let mut scopes = new.scopes;
-        scopes.sort();
-        scopes.dedup();
-        let record = TokenRecord {
-            id: crate::domain::ids::next(),
-            name: name.to_string(),
-            scopes,
-            created_at: now,
-            created_by: created_by.map(|p| p.name.clone()),
-            expires_at: new.expires_at,
-            last_used_at: None,
-            revoked_at: None,
-            hash: hash_of(&secret),
-        };
+        let (record, secret) = new_token(new, created_by, Utc::now())?;
         self.store.put_tokens(std::slice::from_ref(&record)).await?;
         write(&self.tokens)
             .by_hash
@@ -464,3 +442,46 @@ fn principal(t: &TokenRecord) -> Principal {
 
 #[cfg(test)]
 mod tests;
+
+/// A new token's record and the token itself, checked.
+fn new_token(
+    new: NewToken,
+    created_by: Option<&Principal>,
+    now: DateTime<Utc>,
+) -> Result<(TokenRecord, String), AuthError> {
+    let name = new.name.trim();
+    if name.is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+        return Err(AuthError::Invalid(
+            "name must be 1-64 printable characters".into(),
+        ));
+    }
+    if new.scopes.is_empty() {
+        return Err(AuthError::Invalid(
+            "scopes must name at least one of read, upload, operate, admin".into(),
+        ));
+    }
+    if new.expires_at.is_some_and(|e| e <= now) {
+        return Err(AuthError::Invalid(
+            "expires_at must be in the future".into(),
+        ));
+    }
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)
+        .map_err(|e| AuthError::Invalid(format!("no randomness available: {e}")))?;
+    let secret = format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes));
+    let mut scopes = new.scopes;
+    scopes.sort();
+    scopes.dedup();
+    let record = TokenRecord {
+        id: crate::domain::ids::next(),
+        name: name.to_string(),
+        scopes,
+        created_at: now,
+        created_by: created_by.map(|p| p.name.clone()),
+        expires_at: new.expires_at,
+        last_used_at: None,
+        revoked_at: None,
+        hash: hash_of(&secret),
+    };
+    Ok((record, secret))
+}

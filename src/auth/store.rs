@@ -1,5 +1,7 @@
 //! The storage port of API tokens (records hold only the token's hash).
 
+use chrono::{DateTime, Utc};
+
 use super::TokenRecord;
 use crate::store::{Page, PageRequest, StoreResult};
 
@@ -12,4 +14,12 @@ pub trait TokenStore: Send + Sync {
     async fn all_tokens(&self) -> StoreResult<Vec<TokenRecord>>;
     /// Newest-first page of token records.
     async fn list_tokens(&self, page: &PageRequest) -> StoreResult<Page<TokenRecord>>;
+    /// Stores `token` only if no usable token (not revoked, not expired at `now`) exists:
+    /// the deployment's first admin token. Of replicas starting together on one catalog,
+    /// exactly one stores it. Returns whether it was stored.
+    async fn insert_first_token(
+        &self,
+        token: &TokenRecord,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool>;
 }

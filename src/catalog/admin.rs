@@ -23,6 +23,21 @@ impl TokenStore for Catalog {
     async fn list_tokens(&self, page: &PageRequest) -> StoreResult<Page<TokenRecord>> {
         page_desc(&self.trees()?.tokens, page, |_: &TokenRecord| true)
     }
+
+    async fn insert_first_token(
+        &self,
+        token: &TokenRecord,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> StoreResult<bool> {
+        // One process owns a sled catalog, and it bootstraps once: no other writer to race.
+        let t = self.trees()?;
+        let existing: Vec<TokenRecord> = all_of(&t.tokens)?;
+        if existing.iter().any(|e| e.usable(now)) {
+            return Ok(false);
+        }
+        t.tokens.insert(token.id.as_bytes(), encode(token))?;
+        Ok(true)
+    }
 }
 
 #[async_trait::async_trait]
@@ -79,5 +94,28 @@ impl AuditStore for Catalog {
             Ok(removed)
         })
         .await
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::cluster::ClusterStore for Catalog {
+    async fn heartbeat(
+        &self,
+        replica: &crate::cluster::ReplicaRecord,
+        forget_before: chrono::DateTime<chrono::Utc>,
+    ) -> StoreResult<()> {
+        let t = self.trees()?;
+        let stale: Vec<crate::cluster::ReplicaRecord> = all_of(&t.replicas)?;
+        let mut batch = sled::Batch::default();
+        for r in stale.iter().filter(|r| r.last_heartbeat < forget_before) {
+            batch.remove(r.id.as_bytes());
+        }
+        batch.insert(replica.id.as_bytes(), encode(replica));
+        t.replicas.apply_batch(batch)?;
+        Ok(())
+    }
+
+    async fn replicas(&self) -> StoreResult<Vec<crate::cluster::ReplicaRecord>> {
+        all_of(&self.trees()?.replicas)
     }
 }

@@ -55,6 +55,7 @@ pub trait Store:
     + crate::devices::DeviceStore
     + crate::auth::TokenStore
     + crate::audit::AuditStore
+    + crate::cluster::ClusterStore
 {
 }
 
@@ -69,6 +70,7 @@ impl<T> Store for T where
         + crate::devices::DeviceStore
         + crate::auth::TokenStore
         + crate::audit::AuditStore
+        + crate::cluster::ClusterStore
 {
 }
 
@@ -120,6 +122,7 @@ pub(crate) struct Trees {
     rollout_members: sled::Tree,
     tokens: sled::Tree,
     audit: sled::Tree,
+    replicas: sled::Tree,
 }
 
 impl Trees {
@@ -144,6 +147,7 @@ impl Trees {
             rollout_members: db.open_tree("rollout_members")?,
             tokens: db.open_tree("api_tokens")?,
             audit: db.open_tree("audit")?,
+            replicas: db.open_tree("replicas")?,
             db,
         })
     }

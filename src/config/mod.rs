@@ -81,6 +81,10 @@ pub struct Settings {
     pub sled_cache_mb: u64,
     /// The catalog backend.
     pub catalog: crate::catalog::CatalogBackend,
+    /// This replica's id (`None`: the instance id).
+    pub replica_id: Option<String>,
+    /// The URL signing key (`None`: `<data-dir>/url-signing.key`).
+    pub url_signing_key_file: Option<PathBuf>,
     /// Download buffer budget in MiB.
     pub download_buffer_mb: u64,
     /// Lifetime of signed `/dl/` URLs in seconds.
@@ -136,6 +140,8 @@ impl Default for Settings {
                 dir: PathBuf::from("storage").join("catalog"),
                 cache_mb: 64,
             },
+            replica_id: None,
+            url_signing_key_file: None,
             download_buffer_mb: 64,
             download_url_ttl_secs: 7 * 86_400,
             api_rate_limit: 200,
@@ -329,6 +335,8 @@ impl Settings {
             trusted_proxies: o.trusted_proxies.unwrap_or_default(),
             sled_cache_mb,
             catalog,
+            replica_id: o.replica_id.filter(|id| !id.trim().is_empty()),
+            url_signing_key_file: o.url_signing_key_file,
             api_rate_limit: o.api_rate_limit.unwrap_or(d.api_rate_limit),
             api_burst: positive(
                 "api_burst",

@@ -63,6 +63,15 @@ pub struct ServeOptions {
     /// PostgreSQL catalog: seconds a statement may run [default: 30].
     #[arg(long, env = "FWREPO_CATALOG_STATEMENT_TIMEOUT")]
     pub catalog_statement_timeout: Option<u64>,
+    /// This replica's id in a deployment of several [default: the instance id kept in the
+    /// data directory].
+    #[arg(long, env = "FWREPO_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// File with the key that signs download URLs (at least 32 bytes, hex; created when
+    /// missing; `<file>.previous` is still accepted). Replicas of one deployment must read the
+    /// same key [default: `<data-dir>/url-signing.key`].
+    #[arg(long, env = "FWREPO_URL_SIGNING_KEY_FILE")]
+    pub url_signing_key_file: Option<std::path::PathBuf>,
     /// sled page cache in MiB [default: 64].
     #[arg(long, env = "FWREPO_SLED_CACHE_MB")]
     pub sled_cache_mb: Option<u64>,
@@ -203,6 +212,8 @@ impl ServeOptions {
             catalog_max_connections,
             catalog_connect_timeout,
             catalog_statement_timeout,
+            replica_id,
+            url_signing_key_file,
             sled_cache_mb,
             download_buffer_mb,
             download_url_ttl,

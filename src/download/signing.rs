@@ -21,6 +21,8 @@ type HmacSha256 = hmac::Hmac<sha2::Sha256>;
 pub const KEY_FILE: &str = "url-signing.key";
 /// The previous key, accepted for verification only.
 pub const PREVIOUS_KEY_FILE: &str = "url-signing.key.previous";
+/// What names the previous key beside a key file.
+const PREVIOUS_SUFFIX: &str = ".previous";
 
 /// The route of a device's signed download URL (`http` registers it, [`signed_url`] builds
 /// it): the signature is a path segment before the file name, so `wget` and `curl -O` still
@@ -71,9 +73,18 @@ impl UrlSigner {
     /// Loads the key from `data_dir` (creating it, mode 0600, if missing) and the previous
     /// one if present.
     pub fn load_or_create(data_dir: &Path, ttl: std::time::Duration) -> std::io::Result<UrlSigner> {
-        let current = crate::secrets::load_or_create_key(&data_dir.join(KEY_FILE))?;
+        Self::from_file(&data_dir.join(KEY_FILE), ttl)
+    }
+
+    /// Loads the key from `path` (creating it, mode 0600, if missing: of replicas starting
+    /// together on a shared file, the first one's key is kept) and the previous one from
+    /// `<path>.previous` if present.
+    pub fn from_file(path: &Path, ttl: std::time::Duration) -> std::io::Result<UrlSigner> {
+        let current = crate::secrets::load_or_create_key(path)?;
         let mut keys = vec![current];
-        if let Some(previous) = crate::secrets::read_key(&data_dir.join(PREVIOUS_KEY_FILE))? {
+        let mut previous = path.as_os_str().to_owned();
+        previous.push(PREVIOUS_SUFFIX);
+        if let Some(previous) = crate::secrets::read_key(Path::new(&previous))? {
             keys.push(previous);
         }
         Ok(UrlSigner::new(keys, ttl))

@@ -89,6 +89,8 @@ pub struct AppState {
     pub audit: crate::audit::AuditLog,
     /// The clock expiries and timeouts are read from (tests advance it).
     pub clock: crate::domain::Clock,
+    /// This replica's membership of the deployment.
+    pub cluster: crate::cluster::Cluster,
 }
 
 impl AppState {

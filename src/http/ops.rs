@@ -19,6 +19,10 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
             [(Method::GET, Access::READ, web::to(metrics))],
         ))
         .service(resource(
+            "/api/v1/cluster",
+            [(Method::GET, Access::ADMIN, web::to(cluster))],
+        ))
+        .service(resource(
             "/api/v1/openapi.json",
             [(Method::GET, Access::Open, web::to(openapi))],
         ));
@@ -128,6 +132,15 @@ pub(super) async fn metrics(state: web::Data<AppState>) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(text)
+}
+
+/// The deployment: every replica the catalog lists (one on sled), its version, last
+/// heartbeat, whether it is alive and the leases it holds.
+#[utoipa::path(get, path = "/api/v1/cluster", tag = "operations",
+    responses((status = 200, body = crate::cluster::ClusterView), (status = 401, body = super::error::ErrorBody),
+        (status = 403, body = super::error::ErrorBody), (status = 503, body = super::error::ErrorBody)))]
+pub(super) async fn cluster(state: web::Data<AppState>) -> Result<HttpResponse, super::ApiError> {
+    Ok(HttpResponse::Ok().json(state.cluster.view().await?))
 }
 
 /// This API's OpenAPI 3 document.

@@ -4,6 +4,7 @@
 mod auth;
 mod cli;
 mod clients;
+mod cluster;
 mod devices;
 mod downloads;
 mod faults;

@@ -530,6 +530,68 @@ pub(crate) async fn every_kind_round_trips(make: Make) {
     assert_eq!(got[0].percent, 100.0);
 }
 
+/// The deployment's first admin token is stored once: of two concurrent attempts on an empty
+/// catalog exactly one wins; none while a usable token exists; again once every token is
+/// revoked.
+pub(crate) async fn the_first_token_is_stored_once(make: Make) {
+    let Some((cat, _keep)) = make().await else {
+        return;
+    };
+    let now = Utc::now();
+    let (a, b) = (token("A"), token("B"));
+    let (x, y) = tokio::join!(
+        cat.insert_first_token(&a, now),
+        cat.insert_first_token(&b, now)
+    );
+    assert_eq!(u8::from(x.unwrap()) + u8::from(y.unwrap()), 1);
+    let mut stored = cat.all_tokens().await.unwrap();
+    assert_eq!(stored.len(), 1);
+    assert!(!cat.insert_first_token(&token("C"), now).await.unwrap());
+    stored[0].revoked_at = Some(now);
+    cat.put_tokens(&stored).await.unwrap();
+    assert!(cat.insert_first_token(&token("D"), now).await.unwrap());
+    assert_eq!(cat.all_tokens().await.unwrap().len(), 2);
+}
+
+/// Replicas' heartbeats: one row per replica (the latest), listed by id; a replica silent
+/// since before the cut is forgotten at the next heartbeat.
+pub(crate) async fn replicas_heartbeat_and_are_forgotten(make: Make) {
+    use crate::cluster::ReplicaRecord;
+    let Some((cat, _keep)) = make().await else {
+        return;
+    };
+    let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+    let replica = |id: &str, at: DateTime<Utc>| ReplicaRecord {
+        id: id.into(),
+        version: "1".into(),
+        started_at: at,
+        last_heartbeat: at,
+        blob_store: "s3".into(),
+        broker: "external".into(),
+        leases: vec!["rollouts".into()],
+    };
+    let long_ago = now - chrono::Duration::hours(2);
+    cat.heartbeat(&replica("b", long_ago), long_ago)
+        .await
+        .unwrap();
+    cat.heartbeat(&replica("a", now), long_ago).await.unwrap();
+    let mut b = replica("b", now - chrono::Duration::seconds(5));
+    b.started_at = long_ago;
+    cat.heartbeat(&b, long_ago).await.unwrap();
+    assert_eq!(
+        cat.replicas().await.unwrap(),
+        vec![replica("a", now), b.clone()]
+    );
+    // b falls silent; a's next heartbeat forgets it once it is older than the cut.
+    cat.heartbeat(
+        &replica("a", now),
+        b.last_heartbeat + chrono::Duration::seconds(1),
+    )
+    .await
+    .unwrap();
+    assert_eq!(cat.replicas().await.unwrap(), vec![replica("a", now)]);
+}
+
 /// Export (every firmware record, oldest first) into a fresh backend and back: the same
 /// records; importing twice adds nothing.
 pub(crate) async fn export_import_round_trips(make: Make) {
@@ -585,6 +647,8 @@ macro_rules! conformance_suite {
                 lists_are_newest_first_and_stable_under_inserts,
                 retention_prunes_only_the_old,
                 idempotent_answers_are_recorded_once,
+                replicas_heartbeat_and_are_forgotten,
+                the_first_token_is_stored_once,
                 every_kind_round_trips,
                 export_import_round_trips);
         }

@@ -42,32 +42,61 @@ impl TokenRow {
 const TOKEN_COLUMNS: &str =
     "id, name, scopes, created_at, created_by, expires_at, last_used_at, revoked_at, hash";
 
+/// Writes a token's row (insert, or update what may change).
+async fn insert_token(t: &TokenRecord, conn: &mut sqlx::PgConnection) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO api_tokens (id, name, scopes, created_at, created_by, expires_at, \
+         last_used_at, revoked_at, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (id) DO UPDATE SET name = $2, scopes = $3, expires_at = $6, \
+         last_used_at = $7, revoked_at = $8",
+    )
+    .bind(&t.id)
+    .bind(&t.name)
+    .bind(t.scopes.iter().map(text).collect::<Vec<_>>())
+    .bind(t.created_at)
+    .bind(&t.created_by)
+    .bind(t.expires_at)
+    .bind(t.last_used_at)
+    .bind(t.revoked_at)
+    .bind(&t.hash)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
 #[async_trait::async_trait]
 impl TokenStore for Postgres {
     async fn put_tokens(&self, tokens: &[TokenRecord]) -> StoreResult<()> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         for t in tokens {
-            sqlx::query(
-                "INSERT INTO api_tokens (id, name, scopes, created_at, created_by, expires_at, \
-                 last_used_at, revoked_at, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-                 ON CONFLICT (id) DO UPDATE SET name = $2, scopes = $3, expires_at = $6, \
-                 last_used_at = $7, revoked_at = $8",
-            )
-            .bind(&t.id)
-            .bind(&t.name)
-            .bind(t.scopes.iter().map(text).collect::<Vec<_>>())
-            .bind(t.created_at)
-            .bind(&t.created_by)
-            .bind(t.expires_at)
-            .bind(t.last_used_at)
-            .bind(t.revoked_at)
-            .bind(&t.hash)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+            insert_token(t, &mut tx).await?;
         }
         tx.commit().await.map_err(db)?;
         Ok(())
+    }
+
+    async fn insert_first_token(&self, t: &TokenRecord, now: DateTime<Utc>) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        // Replicas starting together take turns here; the first one's token stays.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext('fwrepo: first admin token'))")
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        let usable: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM api_tokens WHERE revoked_at IS NULL \
+             AND (expires_at IS NULL OR expires_at > $1))",
+        )
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        if usable {
+            return Ok(false);
+        }
+        insert_token(t, &mut tx).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(true)
     }
 
     async fn all_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
@@ -173,5 +202,71 @@ impl AuditStore for Postgres {
             .await
             .map_err(db)?;
         Ok(done.rows_affected() as usize)
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ReplicaRow {
+    id: String,
+    version: String,
+    started_at: DateTime<Utc>,
+    last_heartbeat: DateTime<Utc>,
+    blob_store: String,
+    broker: String,
+    leases: Vec<String>,
+}
+
+#[async_trait::async_trait]
+impl crate::cluster::ClusterStore for Postgres {
+    async fn heartbeat(
+        &self,
+        r: &crate::cluster::ReplicaRecord,
+        forget_before: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let mut tx = self.background.begin().await.map_err(db)?;
+        sqlx::query(
+            "INSERT INTO replicas (id, version, started_at, last_heartbeat, blob_store, broker, \
+             leases) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET \
+             version = $2, started_at = $3, last_heartbeat = $4, blob_store = $5, broker = $6, \
+             leases = $7",
+        )
+        .bind(&r.id)
+        .bind(&r.version)
+        .bind(r.started_at)
+        .bind(r.last_heartbeat)
+        .bind(&r.blob_store)
+        .bind(&r.broker)
+        .bind(&r.leases)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query("DELETE FROM replicas WHERE last_heartbeat < $1")
+            .bind(forget_before)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn replicas(&self) -> StoreResult<Vec<crate::cluster::ReplicaRecord>> {
+        let rows: Vec<ReplicaRow> = sqlx::query_as(
+            "SELECT id, version, started_at, last_heartbeat, blob_store, broker, leases \
+             FROM replicas ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| crate::cluster::ReplicaRecord {
+                id: r.id,
+                version: r.version,
+                started_at: r.started_at,
+                last_heartbeat: r.last_heartbeat,
+                blob_store: r.blob_store,
+                broker: r.broker,
+                leases: r.leases,
+            })
+            .collect())
     }
 }

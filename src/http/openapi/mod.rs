@@ -39,6 +39,7 @@ use utoipa::OpenApi;
         super::ops::readyz,
         super::ops::metrics,
         super::ops::openapi,
+        super::ops::cluster,
         super::tokens::create,
         super::tokens::list,
         super::tokens::get,

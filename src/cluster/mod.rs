@@ -1,0 +1,215 @@
+//! The replicas of one deployment. Each `fwrepo serve` registers itself under its replica id
+//! (`--replica-id`, by default the instance id kept in its data directory) and renews a
+//! heartbeat in the catalog every [`HEARTBEAT_EVERY`]; a replica whose heartbeat is older than
+//! [`ALIVE_WITHIN`] is counted as gone, one silent for [`FORGET_AFTER`] is forgotten.
+//! On sled there is one replica; on PostgreSQL, as many as share the database.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::Clock;
+use crate::store::StoreResult;
+
+/// How often a replica renews its heartbeat.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// A replica whose last heartbeat is older than this is gone.
+pub const ALIVE_WITHIN: chrono::Duration = chrono::Duration::seconds(15);
+/// A replica silent for this long is no longer listed.
+pub const FORGET_AFTER: chrono::Duration = chrono::Duration::hours(1);
+
+/// One replica as the catalog knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReplicaRecord {
+    /// Replica id.
+    pub id: String,
+    /// fwrepo version it runs.
+    pub version: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Its last heartbeat.
+    pub last_heartbeat: DateTime<Utc>,
+    /// `local` or `s3`.
+    pub blob_store: String,
+    /// `embedded` or `external`.
+    pub broker: String,
+    /// The leases it holds (work it owns for the deployment).
+    #[serde(default)]
+    pub leases: Vec<String>,
+}
+
+impl ReplicaRecord {
+    /// Whether its heartbeat is recent at `now`.
+    pub fn alive(&self, now: DateTime<Utc>) -> bool {
+        now - self.last_heartbeat <= ALIVE_WITHIN
+    }
+
+    /// Why it cannot share a catalog with other replicas, if it cannot: its packages are on
+    /// its own disk, or its gateways on its own broker.
+    pub fn private_parts(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if self.blob_store == "local" {
+            parts.push("keeps packages in a local directory");
+        }
+        if self.broker == "embedded" {
+            parts.push("runs the embedded MQTT broker");
+        }
+        (!parts.is_empty()).then(|| parts.join(" and "))
+    }
+}
+
+/// Where the replicas' heartbeats are kept.
+#[async_trait::async_trait]
+pub trait ClusterStore: Send + Sync {
+    /// Stores `replica`'s row (its heartbeat) and forgets replicas silent since before
+    /// `forget_before`.
+    async fn heartbeat(
+        &self,
+        replica: &ReplicaRecord,
+        forget_before: DateTime<Utc>,
+    ) -> StoreResult<()>;
+    /// Every replica listed, by id.
+    async fn replicas(&self) -> StoreResult<Vec<ReplicaRecord>>;
+}
+
+/// Why a replica may not join.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// Replicas sharing a catalog must share packages and gateways too.
+    #[error(
+        "replica {me} would share its PostgreSQL catalog with replica {other}, but {who} {what}; \
+         several replicas need S3-compatible storage (--blob-store s3://…) and an external \
+         broker (--mqtt-url) (README: Running several replicas)"
+    )]
+    NotShareable {
+        /// This replica.
+        me: String,
+        /// The live replica it would share with.
+        other: String,
+        /// `it` (this replica) or `that one`.
+        who: &'static str,
+        /// What it keeps to itself.
+        what: String,
+    },
+    /// The catalog failed.
+    #[error(transparent)]
+    Catalog(#[from] crate::store::CatalogError),
+}
+
+/// This replica's membership: its heartbeat and the view of the others.
+#[derive(Clone)]
+pub struct Cluster {
+    store: Arc<dyn ClusterStore>,
+    me: Arc<std::sync::Mutex<ReplicaRecord>>,
+    clock: Clock,
+}
+
+/// The deployment as one replica sees it (`GET /api/v1/cluster`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ClusterView {
+    /// The replica that answered.
+    pub replica_id: String,
+    /// Every replica listed, by id.
+    pub replicas: Vec<ReplicaView>,
+}
+
+/// One replica in a [`ClusterView`].
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ReplicaView {
+    /// Its record.
+    #[serde(flatten)]
+    pub record: ReplicaRecord,
+    /// Whether its heartbeat is recent.
+    pub alive: bool,
+}
+
+impl Cluster {
+    /// Joins the deployment as `me`: refused when this replica or a live other one keeps
+    /// packages or gateways to itself while `shared` (the catalog is one several processes
+    /// can use). Stores the first heartbeat.
+    pub async fn join(
+        store: Arc<dyn ClusterStore>,
+        mut me: ReplicaRecord,
+        shared: bool,
+        clock: Clock,
+    ) -> Result<Cluster, ClusterError> {
+        let now = clock.now();
+        if shared {
+            for other in store.replicas().await? {
+                if other.id == me.id || !other.alive(now) {
+                    continue;
+                }
+                let refused = |who, what| ClusterError::NotShareable {
+                    me: me.id.clone(),
+                    other: other.id.clone(),
+                    who,
+                    what,
+                };
+                if let Some(what) = me.private_parts() {
+                    return Err(refused("it", what));
+                }
+                if let Some(what) = other.private_parts() {
+                    return Err(refused("that one", what));
+                }
+            }
+        }
+        me.last_heartbeat = now;
+        store.heartbeat(&me, now - FORGET_AFTER).await?;
+        Ok(Cluster {
+            store,
+            me: Arc::new(std::sync::Mutex::new(me)),
+            clock,
+        })
+    }
+
+    /// This replica's id.
+    pub fn id(&self) -> String {
+        crate::lock(&self.me).id.clone()
+    }
+
+    /// Renews the heartbeat every [`HEARTBEAT_EVERY`] until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut every = tokio::time::interval(HEARTBEAT_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = every.tick() => {}
+            }
+            let now = self.clock.now();
+            let me = {
+                let mut me = crate::lock(&self.me);
+                me.last_heartbeat = now;
+                me.clone()
+            };
+            if let Err(e) = self.store.heartbeat(&me, now - FORGET_AFTER).await {
+                tracing::warn!(error = %e, "cannot renew this replica's heartbeat");
+            }
+        }
+    }
+
+    /// The deployment as the catalog lists it.
+    pub async fn view(&self) -> StoreResult<ClusterView> {
+        let now = self.clock.now();
+        let replicas = self
+            .store
+            .replicas()
+            .await?
+            .into_iter()
+            .map(|record| ReplicaView {
+                alive: record.alive(now),
+                record,
+            })
+            .collect();
+        Ok(ClusterView {
+            replica_id: self.id(),
+            replicas,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
