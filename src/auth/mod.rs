@@ -203,6 +203,9 @@ pub struct NewToken {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+/// How soon a token created or revoked by another replica sharing the catalog counts here.
+pub const REFRESH_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Default)]
 struct Tokens {
     by_hash: HashMap<String, TokenRecord>,
@@ -414,13 +417,41 @@ impl TokenService {
         Ok(t.public())
     }
 
-    /// Writes last-use times every 30 s until `stop`, then once more.
+    /// Takes in what other replicas sharing the catalog changed: tokens they created, and
+    /// revocations (a revocation is never undone). Last-use times stay the newest known.
+    pub async fn refresh(&self) -> Result<(), AuthError> {
+        let stored = self.store.all_tokens().await?;
+        let mut tokens = write(&self.tokens);
+        for s in stored {
+            match tokens.by_hash.get_mut(&s.hash) {
+                Some(known) => {
+                    known.revoked_at = known.revoked_at.or(s.revoked_at);
+                    known.last_used_at = known.last_used_at.max(s.last_used_at);
+                    known.expires_at = s.expires_at;
+                }
+                None => {
+                    tokens.by_hash.insert(s.hash.clone(), s);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes in other replicas' changes every [`REFRESH_EVERY`] and writes last-use times
+    /// every 30 s until `stop`, then once more.
     pub async fn run(self, stop: tokio_util::sync::CancellationToken) {
-        let mut every = tokio::time::interval(std::time::Duration::from_secs(30));
+        let mut persist = tokio::time::interval(std::time::Duration::from_secs(30));
+        let mut refresh = tokio::time::interval(REFRESH_EVERY);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = every.tick() => {}
+                _ = refresh.tick() => {
+                    if let Err(e) = self.refresh().await {
+                        tracing::warn!(error = %e, "cannot read the tokens other replicas changed");
+                    }
+                    continue;
+                }
+                _ = persist.tick() => {}
             }
             if let Err(e) = self.persist_last_used().await {
                 tracing::warn!(error = %e, "cannot record token last use");

@@ -8,7 +8,9 @@ use crate::store::{Page, PageRequest, StoreResult};
 /// API token records, keyed by id.
 #[async_trait::async_trait]
 pub trait TokenStore: Send + Sync {
-    /// Stores tokens (created, revoked, last use changed) in one batch.
+    /// Stores tokens (created, revoked, last use changed) in one batch. A stored revocation
+    /// is kept and a stored last use never moves back (another replica may write an older
+    /// copy of the same token).
     async fn put_tokens(&self, tokens: &[TokenRecord]) -> StoreResult<()>;
     /// Every token record (start-up).
     async fn all_tokens(&self) -> StoreResult<Vec<TokenRecord>>;

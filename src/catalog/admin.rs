@@ -10,7 +10,14 @@ impl TokenStore for Catalog {
         let t = self.trees()?;
         let mut batch = sled::Batch::default();
         for token in tokens {
-            batch.insert(token.id.as_bytes(), encode(token));
+            // As on PostgreSQL: a revocation is never undone, a last use never moves back.
+            let mut token = token.clone();
+            if let Some(v) = t.tokens.get(token.id.as_bytes())? {
+                let stored: TokenRecord = decode(token.id.as_bytes(), &v)?;
+                token.revoked_at = stored.revoked_at.or(token.revoked_at);
+                token.last_used_at = stored.last_used_at.max(token.last_used_at);
+            }
+            batch.insert(token.id.as_bytes(), encode(&token));
         }
         t.tokens.apply_batch(batch)?;
         Ok(())

@@ -1,4 +1,5 @@
-//! The deployment's replicas: `GET /api/v1/cluster`, and who may share a PostgreSQL catalog.
+//! The deployment's replicas: `GET /api/v1/cluster`, who may share a PostgreSQL catalog, and
+//! tokens made or revoked on one replica counting on the others.
 //! The several-replica test needs PostgreSQL, the S3 server and an external broker
 //! (`FWREPO_TEST_POSTGRES_URL`, `FWREPO_TEST_S3_ENDPOINT`/`_BUCKET`, `FWREPO_TEST_MQTT_URL`).
 
@@ -140,6 +141,41 @@ async fn replicas_on_one_database_list_each_other_and_one_keeping_packages_local
             .iter()
             .all(|r| r["blob_store"] == "s3" && r["broker"] == "external")
     );
+
+    // A token made on r1 works on r2 within a few seconds, and so does its revocation.
+    let made: Value = r1
+        .client()
+        .post(format!("{}/api/v1/tokens", r1.base))
+        .json(&serde_json::json!({"name": "ci", "scopes": ["read"]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = made["token"].as_str().unwrap().to_string();
+    let on_r2 = || async {
+        authed_client(&token)
+            .get(format!("{}/api/v1/firmware", r2.base))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert!(wait_until(Duration::from_secs(15), || async { on_r2().await == 200 }).await);
+    let revoked = r1
+        .client()
+        .delete(format!(
+            "{}/api/v1/tokens/{}",
+            r1.base,
+            made["id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    assert!(wait_until(Duration::from_secs(15), || async { on_r2().await == 401 }).await);
 
     // A third one keeping packages on its own disk would serve gateways files the others
     // cannot: it does not start, and says why.

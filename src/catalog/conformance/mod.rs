@@ -485,6 +485,16 @@ pub(crate) async fn every_kind_round_trips(make: Make) {
     // Backends keep at least microseconds.
     let micros = |t: Option<DateTime<Utc>>| t.map(|t| t.timestamp_micros());
     assert_eq!(micros(tokens[0].revoked_at), micros(t.revoked_at));
+    // An older copy (another replica's, with a last use) neither undoes the revocation nor
+    // moves the last use back.
+    let mut stale = token("t1");
+    stale.last_used_at = Some(Utc::now());
+    cat.put_tokens(std::slice::from_ref(&stale)).await.unwrap();
+    stale.last_used_at = Some(Utc::now() - chrono::Duration::hours(1));
+    cat.put_tokens(std::slice::from_ref(&stale)).await.unwrap();
+    let tokens = cat.all_tokens().await.unwrap();
+    assert_eq!(micros(tokens[0].revoked_at), micros(t.revoked_at));
+    assert!(tokens[0].last_used_at.unwrap() > Utc::now() - chrono::Duration::minutes(1));
 
     let r = rollout("R1");
     let (m1, m2) = (member("A", "a"), member("B", "b"));

@@ -48,7 +48,8 @@ async fn insert_token(t: &TokenRecord, conn: &mut sqlx::PgConnection) -> StoreRe
         "INSERT INTO api_tokens (id, name, scopes, created_at, created_by, expires_at, \
          last_used_at, revoked_at, hash) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
          ON CONFLICT (id) DO UPDATE SET name = $2, scopes = $3, expires_at = $6, \
-         last_used_at = $7, revoked_at = $8",
+         last_used_at = GREATEST(api_tokens.last_used_at, $7), \
+         revoked_at = COALESCE(api_tokens.revoked_at, $8)",
     )
     .bind(&t.id)
     .bind(&t.name)
