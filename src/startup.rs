@@ -152,6 +152,11 @@ impl Bound {
         let blobs = BlobStore::open(&settings.blob_backend, &settings.blob_timeouts)?;
         let clock = crate::domain::Clock::default();
         let cluster = join_cluster(&settings, &catalog, &instance_id, &clock).await?;
+        // Replicas share a PostgreSQL catalog; a sled one belongs to this process alone.
+        let shared = matches!(
+            settings.catalog,
+            crate::catalog::CatalogBackend::Postgres(_)
+        );
         let metrics = Arc::new(Metrics::default());
         let uploads = UploadService::new(
             catalog.clone(),
@@ -196,8 +201,13 @@ impl Bound {
             ),
             _ => None,
         };
+        // Replicas share the up topics only when they share the catalog.
+        let mqtt_settings = crate::mqtt::MqttSettings {
+            share_group: settings.mqtt.share_group.clone().filter(|_| shared),
+            ..settings.mqtt.clone()
+        };
         let mqtt = crate::mqtt::start(
-            &settings.mqtt,
+            &mqtt_settings,
             &instance_id,
             devices.clone(),
             ota_tx,
@@ -222,11 +232,18 @@ impl Bound {
             devices.clone(),
             Arc::new(mqtt.clone()),
             AppState::base_url(&public_url),
-            settings.ota.clone(),
+            crate::ota::OtaSettings {
+                shared,
+                ..settings.ota.clone()
+            },
             signer.clone(),
             clock.clone(),
         )
         .await?;
+        if shared {
+            // One replica of the deployment times out and verifies tasks.
+            ota.time_under(cluster.lease(crate::ota::TIMERS_LEASE));
+        }
         tokio::spawn(ota.clone().run(ota_rx, workers.clone()));
         let rollouts = crate::rollout::RolloutService::load(
             crate::catalog::rollout_stores(&catalog),
@@ -385,7 +402,17 @@ impl Application {
             workers,
             ..
         } = self;
-        let device_flusher = tokio::spawn(state.devices.clone().run(workers.clone()));
+        // Replicas sharing the catalog take in each other's device reports every second.
+        let shared = matches!(
+            state.settings.catalog,
+            crate::catalog::CatalogBackend::Postgres(_)
+        );
+        let device_flusher = tokio::spawn(
+            state
+                .devices
+                .clone()
+                .run(workers.clone(), shared.then_some(Duration::from_secs(1))),
+        );
         tokio::spawn(state.cluster.clone().run(workers.clone()));
         // Catalog health: sees a failed background write, reopens sled once the disk recovers.
         let catalog = state.catalog.clone();

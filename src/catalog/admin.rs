@@ -112,7 +112,7 @@ impl crate::cluster::ClusterStore for Catalog {
         forget_before: chrono::DateTime<chrono::Utc>,
     ) -> StoreResult<()> {
         let t = self.trees()?;
-        let stale: Vec<crate::cluster::ReplicaRecord> = all_of(&t.replicas)?;
+        let stale = self.replicas().await?;
         let mut batch = sled::Batch::default();
         for r in stale.iter().filter(|r| r.last_heartbeat < forget_before) {
             batch.remove(r.id.as_bytes());
@@ -122,7 +122,61 @@ impl crate::cluster::ClusterStore for Catalog {
         Ok(())
     }
 
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> StoreResult<bool> {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Held {
+            holder: String,
+            expires_at: chrono::DateTime<chrono::Utc>,
+        }
+        let t = self.trees()?;
+        let key = format!("lease/{name}");
+        let now = chrono::Utc::now();
+        let mine = Held {
+            holder: holder.to_string(),
+            expires_at: now + chrono::Duration::from_std(ttl).unwrap_or_default(),
+        };
+        let current = t.replicas.get(&key)?;
+        if let Some(v) = &current {
+            let other: Held = decode(key.as_bytes(), v)?;
+            if other.holder != holder && other.expires_at >= now {
+                return Ok(false);
+            }
+        }
+        // Taken only if nobody changed it since it was read.
+        let taken = t
+            .replicas
+            .compare_and_swap(&key, current, Some(encode(&mine)))?;
+        Ok(taken.is_ok())
+    }
+
+    async fn drop_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
+        let t = self.trees()?;
+        let key = format!("lease/{name}");
+        if let Some(v) = t.replicas.get(&key)? {
+            let held: serde_json::Value = decode(key.as_bytes(), &v)?;
+            if held["holder"] == holder {
+                let _ = t
+                    .replicas
+                    .compare_and_swap(&key, Some(v), None::<Vec<u8>>)?;
+            }
+        }
+        Ok(())
+    }
+
     async fn replicas(&self) -> StoreResult<Vec<crate::cluster::ReplicaRecord>> {
-        all_of(&self.trees()?.replicas)
+        let t = self.trees()?;
+        t.replicas
+            .iter()
+            .filter(|kv| kv.as_ref().map_or(true, |(k, _)| !k.starts_with(b"lease/")))
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(&k, &v)
+            })
+            .collect()
     }
 }

@@ -15,10 +15,27 @@ impl DeviceStore for Catalog {
         let t = self.trees()?;
         let mut batch = sled::Batch::default();
         for d in devices {
-            batch.insert(d.sn.as_bytes(), encode(d));
+            // One process writes a sled catalog, so the stored copy is rarely newer; merged
+            // all the same, as every backend does.
+            let stored = match t.devices.get(d.sn.as_bytes())? {
+                Some(v) => Some(decode::<DeviceRecord>(d.sn.as_bytes(), &v)?),
+                None => None,
+            };
+            batch.insert(d.sn.as_bytes(), encode(&d.merged_over(stored.as_ref()).0));
         }
         t.devices.apply_batch(batch)?;
         Ok(())
+    }
+
+    async fn changed_devices(
+        &self,
+        _since: Option<DateTime<Utc>>,
+    ) -> StoreResult<crate::devices::ChangedDevices> {
+        // No change times in sled (one process has every report in memory): every device.
+        Ok(crate::devices::ChangedDevices {
+            devices: all_of(&self.trees()?.devices)?,
+            newest: Some(Utc::now()),
+        })
     }
 
     async fn delete_device(&self, sn: &str) -> StoreResult<()> {

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use sled::transaction::{ConflictableTransactionError, Transactional, TransactionalTree};
 
 use super::*;
-use crate::ota::store::{Claimed, TaskQuery, TaskStore, held_serials, is_forward};
+use crate::ota::store::{Claimed, Stored, TaskKey, TaskQuery, TaskStore, held_serials};
 use crate::ota::task::HistoryEntry;
 use crate::ota::{OtaTask, TaskStatus};
 
@@ -21,6 +21,8 @@ type TxError = ConflictableTransactionError<CatalogError>;
 #[derive(serde::Deserialize)]
 struct StoredHead {
     status: TaskStatus,
+    #[serde(default)]
+    revision: u64,
     /// Entries in `ota_task_history`; absent in a head that keeps its history inline.
     #[serde(default)]
     history_len: Option<usize>,
@@ -55,6 +57,7 @@ fn encode_head(task: &OtaTask) -> Vec<u8> {
         replied_at: task.replied_at,
         last_event_at: task.last_event_at,
         finished_at: task.finished_at,
+        revision: task.revision,
     };
     encode(&Head {
         task: &head,
@@ -163,6 +166,40 @@ impl TaskStore for Catalog {
         Ok(recent)
     }
 
+    async fn find_task(&self, key: TaskKey<'_>) -> StoreResult<Option<OtaTask>> {
+        let t = self.trees()?;
+        if let TaskKey::OpenFor(sn) = key {
+            let Some(id) = t.claims.get(sn.as_bytes())? else {
+                return Ok(None);
+            };
+            let Some(v) = t.tasks.get(&id)? else {
+                return Ok(None);
+            };
+            let task = t.load_task(&id, &v)?;
+            return Ok((!task.status.is_final()).then_some(task));
+        }
+        // By tid or bid: newest first through the heads (a single process keeps its open
+        // tasks in memory, so this runs only for messages that match none of them).
+        #[derive(serde::Deserialize)]
+        struct Ids {
+            tid: String,
+            bid: String,
+        }
+        for kv in t.tasks.iter().rev() {
+            let (k, v) = kv?;
+            let ids: Ids = decode(&k, &v)?;
+            let hit = match key {
+                TaskKey::Tid(tid) => ids.tid == tid,
+                TaskKey::Bid(bid) => ids.bid == bid,
+                TaskKey::OpenFor(_) => false,
+            };
+            if hit {
+                return t.load_task(&k, &v).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
     async fn list_tasks(
         &self,
         query: &TaskQuery,
@@ -224,7 +261,11 @@ impl TaskStore for Catalog {
                     let mut stored_len = 0;
                     if let Some(v) = tasks.get(key)? {
                         let stored = stored_head(key, &v)?;
-                        if !is_forward(stored.status, task) {
+                        let head = Stored {
+                            status: stored.status,
+                            revision: stored.revision,
+                        };
+                        if !head.admits(task) {
                             written.push(false);
                             continue;
                         }

@@ -87,6 +87,7 @@ async fn every_kind_moves_between_backends_and_back() {
     done.finished_at = Some(now);
     done.note("api", None, now);
     a.insert_task(&done).await.unwrap();
+    done.revision = 1;
     a.save_task(&done).await.unwrap();
     a.insert_task(&conformance::task("T-open", "G2", &["G2", "A2"]))
         .await
@@ -175,6 +176,7 @@ async fn a_task_with_its_history_inline_reads_back_and_moves_out_on_save() {
 
     t.progress.percent = Some(50);
     t.note("ota_progress", None, chrono::Utc::now());
+    t.revision += 1;
     assert!(cat.save_task(&t).await.unwrap());
     let head: OtaTask = decode(b"OLD", &trees.tasks.get("OLD").unwrap().unwrap()).unwrap();
     assert!(head.history.is_empty());

@@ -73,6 +73,39 @@ pub trait ClusterStore: Send + Sync {
     ) -> StoreResult<()>;
     /// Every replica listed, by id.
     async fn replicas(&self) -> StoreResult<Vec<ReplicaRecord>>;
+    /// Takes lease `name` for `holder` for `ttl` (by the catalog's clock), or renews it if
+    /// `holder` has it; true when `holder` holds it now. A lease its holder let expire is
+    /// taken over; of replicas trying at once, one gets it.
+    async fn take_lease(&self, name: &str, holder: &str, ttl: Duration) -> StoreResult<bool>;
+    /// Gives up lease `name` if `holder` has it (a replica that stops hands its work over at
+    /// once).
+    async fn drop_lease(&self, name: &str, holder: &str) -> StoreResult<()>;
+}
+
+/// How long a lease lasts unless renewed: a replica that dies (kill -9) loses its leases this
+/// long after its last renewal.
+pub const LEASE_TTL: Duration = Duration::from_secs(8);
+/// How often a replica renews the leases it holds and tries to take the others.
+pub const LEASE_EVERY: Duration = Duration::from_secs(2);
+
+/// Work one replica of the deployment does at a time (e.g. OTA timers). Cheap to clone.
+#[derive(Clone)]
+pub struct Lease {
+    name: &'static str,
+    /// Until when this replica may act on it (its own clock, from before the last renewal).
+    until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+impl Lease {
+    /// Its name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Whether this replica holds it now.
+    pub fn held(&self) -> bool {
+        crate::lock(&self.until).is_some_and(|t| std::time::Instant::now() < t)
+    }
 }
 
 /// Why a replica may not join.
@@ -105,6 +138,7 @@ pub struct Cluster {
     store: Arc<dyn ClusterStore>,
     me: Arc<std::sync::Mutex<ReplicaRecord>>,
     clock: Clock,
+    leases: Arc<std::sync::Mutex<Vec<Lease>>>,
 }
 
 /// The deployment as one replica sees it (`GET /api/v1/cluster`).
@@ -162,6 +196,7 @@ impl Cluster {
             store,
             me: Arc::new(std::sync::Mutex::new(me)),
             clock,
+            leases: Arc::default(),
         })
     }
 
@@ -170,13 +205,79 @@ impl Cluster {
         crate::lock(&self.me).id.clone()
     }
 
-    /// Renews the heartbeat every [`HEARTBEAT_EVERY`] until `stop`.
+    /// The lease `name`, which this replica tries to take and renews from now on (see
+    /// [`Cluster::run`]); the work it names runs where [`Lease::held`].
+    pub fn lease(&self, name: &'static str) -> Lease {
+        let mut leases = crate::lock(&self.leases);
+        if let Some(l) = leases.iter().find(|l| l.name == name) {
+            return l.clone();
+        }
+        let lease = Lease {
+            name,
+            until: Arc::default(),
+        };
+        leases.push(lease.clone());
+        lease
+    }
+
+    /// Takes or renews every lease once; returns the names held.
+    pub async fn renew_leases(&self) -> Vec<String> {
+        let id = self.id();
+        let leases = crate::lock(&self.leases).clone();
+        let mut held = Vec::new();
+        for lease in leases {
+            let asked = std::time::Instant::now();
+            let had = lease.held();
+            let until = match self.store.take_lease(lease.name, &id, LEASE_TTL).await {
+                // Counted from before the request: this replica stops acting on it before
+                // the catalog lets another take it.
+                Ok(true) => Some(asked + LEASE_TTL - LEASE_EVERY),
+                Ok(false) => None,
+                Err(e) => {
+                    tracing::warn!(lease = lease.name, error = %e, "cannot renew a lease");
+                    *crate::lock(&lease.until)
+                }
+            };
+            *crate::lock(&lease.until) = until;
+            match (had, lease.held()) {
+                (false, true) => tracing::info!(
+                    lease = lease.name,
+                    "took the lease: this replica does its work"
+                ),
+                (true, false) => tracing::warn!(
+                    lease = lease.name,
+                    "lost the lease: another replica does its work"
+                ),
+                _ => {}
+            }
+            if lease.held() {
+                held.push(lease.name.to_string());
+            }
+        }
+        held
+    }
+
+    /// Renews the heartbeat every [`HEARTBEAT_EVERY`] and the leases every [`LEASE_EVERY`]
+    /// until `stop`; then gives up the leases held.
     pub async fn run(self, stop: CancellationToken) {
         let mut every = tokio::time::interval(HEARTBEAT_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut leases = tokio::time::interval(LEASE_EVERY);
+        leases.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
+                _ = leases.tick() => {
+                    let held = self.renew_leases().await;
+                    let changed = {
+                        let mut me = crate::lock(&self.me);
+                        std::mem::replace(&mut me.leases, held) != me.leases
+                    };
+                    if !changed {
+                        continue;
+                    }
+                    // The replicas list shows a handover at once.
+                }
                 _ = every.tick() => {}
             }
             let now = self.clock.now();
@@ -187,6 +288,14 @@ impl Cluster {
             };
             if let Err(e) = self.store.heartbeat(&me, now - FORGET_AFTER).await {
                 tracing::warn!(error = %e, "cannot renew this replica's heartbeat");
+            }
+        }
+        let id = self.id();
+        let leases = crate::lock(&self.leases).clone();
+        for lease in leases.iter().filter(|l| l.held()) {
+            *crate::lock(&lease.until) = None;
+            if let Err(e) = self.store.drop_lease(lease.name, &id).await {
+                tracing::warn!(lease = lease.name, error = %e, "cannot give up a lease");
             }
         }
     }

@@ -19,6 +19,14 @@ impl ClusterStore for Beats {
     async fn replicas(&self) -> Result<Vec<ReplicaRecord>, CatalogError> {
         Ok(self.0.lock().unwrap().clone())
     }
+
+    async fn take_lease(&self, _: &str, _: &str, _: Duration) -> StoreResult<bool> {
+        Ok(true)
+    }
+
+    async fn drop_lease(&self, _: &str, _: &str) -> StoreResult<()> {
+        Ok(())
+    }
 }
 
 fn replica(id: &str, blob_store: &str, broker: &str) -> ReplicaRecord {

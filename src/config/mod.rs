@@ -161,6 +161,7 @@ impl Default for Settings {
                 ))),
                 client_id: None,
                 replies: true,
+                share_group: None,
                 embedded: Default::default(),
             },
             online_window_secs: 60,
@@ -173,6 +174,7 @@ impl Default for Settings {
                 preflight_skip: Vec::new(),
                 online_window: std::time::Duration::from_secs(60),
                 retention: std::time::Duration::from_secs(180 * 86_400),
+                shared: false,
             },
         }
     }
@@ -250,6 +252,16 @@ impl Settings {
         {
             return Err(invalid("mqtt_replies must be all or none"));
         }
+        let share_group = match o.mqtt_share_group.as_deref().map(str::trim) {
+            None => Some("fwrepo".to_string()),
+            Some("none") => None,
+            Some(g) if !g.is_empty() && !g.contains(['/', '+', '#']) => Some(g.to_string()),
+            Some(_) => {
+                return Err(invalid(
+                    "mqtt_share_group must be a name without '/', '+' or '#' (or none)",
+                ));
+            }
+        };
         for check in o.preflight_skip.iter().flatten() {
             if !crate::ota::PREFLIGHT_CHECKS.contains(&check.as_str()) {
                 return Err(invalid(format!(
@@ -381,6 +393,7 @@ impl Settings {
                 target,
                 client_id: o.mqtt_client_id.filter(|c| !c.is_empty()),
                 replies: o.mqtt_replies.as_deref() != Some("none"),
+                share_group,
                 embedded,
             },
             online_window_secs: positive("online_window", o.online_window, d.online_window_secs)?,
@@ -408,6 +421,7 @@ impl Settings {
                 retention: std::time::Duration::from_secs(
                     o.retention_days.unwrap_or(d.retention_days) * 86_400,
                 ),
+                shared: false,
             },
             models,
             data_dir,

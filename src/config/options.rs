@@ -161,6 +161,11 @@ pub struct ServeOptions {
     /// Reply to update_topo and events: all or none [default: all].
     #[arg(long, env = "FWREPO_MQTT_REPLIES")]
     pub mqtt_replies: Option<String>,
+    /// Shared-subscription group of the replicas of one deployment: on a PostgreSQL catalog
+    /// with an external broker, the up topics are subscribed as `$share/<group>/…` so that
+    /// each gateway message reaches one replica; `none` subscribes plainly [default: fwrepo].
+    #[arg(long, env = "FWREPO_MQTT_SHARE_GROUP")]
+    pub mqtt_share_group: Option<String>,
     /// Seconds after the last message a device counts as online [default: 60].
     #[arg(long, env = "FWREPO_ONLINE_WINDOW")]
     pub online_window: Option<u64>,
@@ -241,6 +246,7 @@ impl ServeOptions {
             mqtt_tls_cert,
             mqtt_tls_key,
             mqtt_replies,
+            mqtt_share_group,
             online_window,
             verify_window,
             preflight,

@@ -11,8 +11,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+mod merge;
 mod store;
-pub use store::DeviceStore;
+pub use store::{ChangedDevices, DeviceStore};
 
 use crate::store::{CatalogError, Page, PageRequest, cursor_for};
 
@@ -21,6 +22,8 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(30);
 /// How long a change that should be stored now (topology, state) waits for others to join
 /// its batch.
 const KICK_COALESCE: Duration = Duration::from_millis(200);
+/// How far back of the newest change seen a pull starts again.
+const PULL_MARGIN: chrono::Duration = chrono::Duration::seconds(5);
 
 /// Errors of the registry.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +82,10 @@ pub struct DeviceRecord {
     pub last_osd_at: Option<DateTime<Utc>>,
     /// Latest state message.
     pub last_state_at: Option<DateTime<Utc>>,
+    /// Latest change of the gateway link, aircraft, model or dialect (replicas merge copies
+    /// of a device by it).
+    #[serde(default)]
+    pub topology_at: Option<DateTime<Utc>>,
     /// Whether a message arrived within the online window (computed, not stored).
     #[serde(default)]
     pub online: bool,
@@ -231,7 +238,9 @@ impl DeviceRegistry {
             .get(sn)
             .cloned()
             .unwrap_or_else(|| new_device(sn, now));
+        let before = d.clone();
         let r = f(&mut d);
+        d.stamp_topology(&before, now);
         self.inner
             .store
             .put_devices(std::slice::from_ref(&d))
@@ -276,28 +285,18 @@ impl DeviceRegistry {
         let now = Utc::now();
         let child = report.sub_devices.first().map(|s| s.sn.clone());
         let previous_child = self.with_device(gateway_sn, now, true, |d| {
-            d.last_seen_at = Some(now);
-            d.dialect = Some(dialect.to_string());
-            d.gateway_sn = None;
-            if report.model_key.is_some() {
-                d.model_key = report.model_key.clone();
-            }
-            if report.thing_version.is_some() {
-                d.thing_version = report.thing_version.clone();
-            }
-            let previous = d.child_sn.clone();
-            // An empty list means the aircraft went offline: the link stays.
-            if child.is_some() {
-                d.child_sn = child.clone();
-            }
+            let before = d.clone();
+            let previous = Self::learn_topology(d, report, dialect, child.clone());
             self.map_model(d);
+            d.stamp_topology(&before, now);
+            d.last_seen_at = Some(now);
             previous
         });
         for sub in &report.sub_devices {
             self.with_device(&sub.sn, now, true, |d| {
+                let before = d.clone();
                 d.gateway_sn = Some(gateway_sn.to_string());
                 d.dialect = Some(dialect.to_string());
-                d.last_seen_at = Some(now);
                 if sub.model_key.is_some() {
                     d.model_key = sub.model_key.clone();
                 }
@@ -305,6 +304,8 @@ impl DeviceRegistry {
                     d.thing_version = sub.thing_version.clone();
                 }
                 self.map_model(d);
+                d.stamp_topology(&before, now);
+                d.last_seen_at = Some(now);
             });
             // The aircraft moved: detach it from any other dock.
             let others: Vec<String> = lock(&self.inner.devices)
@@ -313,12 +314,38 @@ impl DeviceRegistry {
                 .map(|d| d.sn.clone())
                 .collect();
             for other in others {
-                self.with_device(&other, now, true, |d| d.child_sn = None);
+                self.with_device(&other, now, true, |d| {
+                    d.child_sn = None;
+                    d.topology_at = Some(now);
+                });
             }
         }
         if previous_child != child && child.is_some() {
             tracing::info!(gateway_sn, child_sn = ?child, "topology changed");
         }
+    }
+
+    /// A gateway's own fields from its topology report; returns its previous aircraft.
+    fn learn_topology(
+        d: &mut DeviceRecord,
+        report: &TopologyReport,
+        dialect: &str,
+        child: Option<String>,
+    ) -> Option<String> {
+        d.dialect = Some(dialect.to_string());
+        d.gateway_sn = None;
+        if report.model_key.is_some() {
+            d.model_key = report.model_key.clone();
+        }
+        if report.thing_version.is_some() {
+            d.thing_version = report.thing_version.clone();
+        }
+        let previous = d.child_sn.clone();
+        // An empty list means the aircraft went offline: the link stays.
+        if child.is_some() {
+            d.child_sn = child;
+        }
+        previous
     }
 
     /// Learns versions and upgrade flags from a state message on `sn`'s topic.
@@ -327,8 +354,11 @@ impl DeviceRegistry {
         self.with_device(sn, now, true, |d| {
             d.last_seen_at = Some(now);
             d.last_state_at = Some(now);
-            if let Some(g) = gateway.filter(|g| *g != sn) {
+            if let Some(g) = gateway.filter(|g| *g != sn)
+                && d.gateway_sn.as_deref() != Some(g)
+            {
                 d.gateway_sn = Some(g.to_string());
+                d.topology_at = Some(now);
             }
             if report.firmware_version.is_some() {
                 d.firmware_version = report.firmware_version.clone();
@@ -346,19 +376,32 @@ impl DeviceRegistry {
     /// flusher).
     pub fn on_osd(&self, sn: &str, gateway: Option<&str>, report: &OsdReport) {
         let now = Utc::now();
-        self.with_device(sn, now, false, |d| {
+        let changed = self.with_device(sn, now, false, |d| {
             d.last_seen_at = Some(now);
             d.last_osd_at = Some(now);
-            if let Some(g) = gateway.filter(|g| *g != sn) {
+            let mut changed = false;
+            if let Some(g) = gateway.filter(|g| *g != sn)
+                && d.gateway_sn.as_deref() != Some(g)
+            {
                 d.gateway_sn = Some(g.to_string());
+                d.topology_at = Some(now);
+                changed = true;
             }
-            if report.mode_code.is_some() {
+            if report.mode_code.is_some() && d.mode_code != report.mode_code {
                 d.mode_code = report.mode_code;
+                changed = true;
             }
-            if report.sub_device_sn.is_some() {
+            if report.sub_device_sn.is_some() && d.osd_child_sn != report.sub_device_sn {
                 d.osd_child_sn = report.sub_device_sn.clone();
+                changed = true;
             }
+            changed
         });
+        if changed {
+            // A mode or link change is stored at once (replicas act on it), not with the
+            // periodic last-seen batch.
+            self.inner.kick.notify_one();
+        }
     }
 
     /// Notes any other message from a device (events, replies).
@@ -501,13 +544,46 @@ impl DeviceRegistry {
         Ok(devices.len())
     }
 
-    /// Runs the flusher until `cancel`, then flushes once more.
-    pub async fn run(self, cancel: CancellationToken) {
+    /// Takes in the devices other replicas stored changes of at or after `since` (each
+    /// field group from the copy that saw it last); returns where the next pull starts.
+    pub async fn pull(
+        &self,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<Option<DateTime<Utc>>, CatalogError> {
+        let changed = self.inner.store.changed_devices(since).await?;
+        let mut devices = lock(&self.inner.devices);
+        for d in changed.devices {
+            match devices.get_mut(&d.sn) {
+                Some(mine) => {
+                    mine.merge_from(&d);
+                }
+                None => {
+                    devices.insert(d.sn.clone(), d);
+                }
+            }
+        }
+        // Writes that began before the newest change may commit after it.
+        Ok(changed.newest.map(|n| n - PULL_MARGIN).or(since))
+    }
+
+    /// Runs the flusher until `cancel`, then flushes once more. With `pull_every` (replicas
+    /// sharing the catalog), also takes in what the others stored that often.
+    pub async fn run(self, cancel: CancellationToken, pull_every: Option<Duration>) {
         let mut tick = tokio::time::interval(FLUSH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pull = tokio::time::interval(pull_every.unwrap_or(FLUSH_EVERY));
+        pull.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut since = None;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
+                _ = pull.tick(), if pull_every.is_some() => {
+                    match self.pull(since).await {
+                        Ok(next) => since = next,
+                        Err(e) => tracing::warn!(error = %e, "reading other replicas' device reports failed"),
+                    }
+                    continue;
+                }
                 _ = tick.tick() => {}
                 _ = self.inner.kick.notified() => {
                     // A burst of reports (a fleet upgrading) becomes one batch.
@@ -572,6 +648,7 @@ fn new_device(sn: &str, now: DateTime<Utc>) -> DeviceRecord {
         last_seen_at: None,
         last_osd_at: None,
         last_state_at: None,
+        topology_at: None,
         online: false,
     }
 }

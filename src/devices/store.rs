@@ -1,15 +1,33 @@
 //! The storage port of the device registry.
 
+use chrono::{DateTime, Utc};
+
 use super::DeviceRecord;
 use crate::store::StoreResult;
+
+/// Devices whose stored copy changed, and where to read on from.
+#[derive(Debug, Default)]
+pub struct ChangedDevices {
+    /// The changed records.
+    pub devices: Vec<DeviceRecord>,
+    /// The catalog's time of the newest change returned (pass it, less a margin for writes
+    /// still committing, to the next call).
+    pub newest: Option<DateTime<Utc>>,
+}
 
 /// Device records, keyed by serial number.
 #[async_trait::async_trait]
 pub trait DeviceStore: Send + Sync {
-    /// Stores devices in one batch (the last-seen flusher, API writes).
+    /// Stores devices in one batch (the last-seen flusher, API writes), each merged with the
+    /// stored copy ([`DeviceRecord::merged_over`]): a field group the stored copy saw later
+    /// (another replica's report) is kept.
     async fn put_devices(&self, devices: &[DeviceRecord]) -> StoreResult<()>;
     /// Removes a device record.
     async fn delete_device(&self, sn: &str) -> StoreResult<()>;
     /// Every stored device (start-up).
     async fn all_devices(&self) -> StoreResult<Vec<DeviceRecord>>;
+    /// Devices whose stored copy changed in something a reader acts on (not only the seen
+    /// times) at or after `since` (every device for `None`): replicas take in each other's
+    /// reports. A backend without change times may return every device.
+    async fn changed_devices(&self, since: Option<DateTime<Utc>>) -> StoreResult<ChangedDevices>;
 }

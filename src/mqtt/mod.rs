@@ -62,6 +62,9 @@ pub struct MqttSettings {
     pub client_id: Option<String>,
     /// Send `status_reply` / `events_reply` (false: another platform replies).
     pub replies: bool,
+    /// Shared-subscription group: the up topics are subscribed as `$share/<group>/…`
+    /// (replicas of one deployment on an external broker; `startup` clears it otherwise).
+    pub share_group: Option<String>,
     /// The embedded broker's credentials and TLS listener (ignored with an external broker).
     pub embedded: broker::EmbeddedOptions,
 }
@@ -317,6 +320,11 @@ pub fn start(
         registry,
         ota,
         replies: settings.replies,
+        // Only replicas on one external broker share subscriptions.
+        share_group: match settings.target {
+            BrokerTarget::External { .. } => settings.share_group.clone(),
+            BrokerTarget::Embedded(_) => None,
+        },
     };
     tokio::spawn(session.run(eventloop, cancel));
     Ok(handle)
@@ -347,6 +355,8 @@ struct Session {
     registry: DeviceRegistry,
     ota: tokio::sync::mpsc::Sender<OtaMessage>,
     replies: bool,
+    /// Shared-subscription group, if the up topics are shared.
+    share_group: Option<String>,
     acks: acks::Acks,
 }
 
@@ -431,7 +441,8 @@ impl Session {
             (&topics::QOS0_FILTERS[..], QoS::AtMostOnce),
         ] {
             for f in filters {
-                if let Err(e) = self.handle.client.try_subscribe(*f, qos) {
+                let f = topics::shared(self.share_group.as_deref(), f);
+                if let Err(e) = self.handle.client.try_subscribe(&f, qos) {
                     tracing::error!(filter = f, error = %e, "MQTT subscribe not queued");
                 }
             }

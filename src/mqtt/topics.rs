@@ -47,6 +47,15 @@ pub const QOS1_FILTERS: [&str; 4] = [
 /// Subscription at QoS 0 (high volume).
 pub const QOS0_FILTERS: [&str; 1] = ["thing/product/+/osd"];
 
+/// `filter` as the subscription of a member of a shared-subscription `group`
+/// (`$share/<group>/<filter>`: the broker hands each message to one member), or as is.
+pub fn shared(group: Option<&str>, filter: &str) -> String {
+    match group {
+        Some(g) => format!("$share/{g}/{filter}"),
+        None => filter.to_string(),
+    }
+}
+
 /// `sys/product/{gateway_sn}/status` (a gateway's topology; up).
 pub fn status(gateway_sn: &str) -> String {
     format!("sys/product/{gateway_sn}/status")

@@ -313,6 +313,7 @@ impl OtaService {
             replied_at: None,
             last_event_at: Some(now),
             finished_at: None,
+            revision: 0,
         };
         let (topic, message) = self.inner.publisher.render(&OtaCreate::for_task(&task));
         if req.dry_run {

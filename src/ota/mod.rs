@@ -30,7 +30,7 @@ use crate::store::{
     IdempotencyStore, Page, PageRequest,
 };
 use policy::{Decision, DeviceFacts};
-use store::{TaskQuery, TaskStore};
+use store::{TaskKey, TaskQuery, TaskStore};
 pub use task::{OtaTask, Outcome, Progress, TaskDevice, TaskStatus};
 
 /// Errors of the OTA layer.
@@ -87,6 +87,9 @@ pub enum OtaError {
 
 /// The preflight checks, each switchable with `--preflight-skip`.
 pub const PREFLIGHT_CHECKS: [&str; 3] = ["gateway_online", "not_upgrading", "aircraft_attached"];
+
+/// The lease whose holder runs the OTA timers of a deployment of several replicas.
+pub const TIMERS_LEASE: &str = "ota-timers";
 
 /// How long an open task must be quiet before device reports may close it.
 const RECONCILE_AFTER: chrono::Duration = chrono::Duration::seconds(10);
@@ -198,6 +201,9 @@ pub struct OtaSettings {
     pub online_window: Duration,
     /// Finished tasks older than this are removed (`--retention-days`).
     pub retention: Duration,
+    /// The catalog is shared with other replicas (PostgreSQL): tasks another replica created
+    /// or changed are read from it, and memory's copies are synchronized every few seconds.
+    pub shared: bool,
 }
 
 /// One device of a request.
@@ -333,6 +339,9 @@ struct Inner {
     clock: crate::domain::Clock,
     open: Mutex<Open>,
     changes: broadcast::Sender<OtaTask>,
+    /// The deployment's lease on the timers (timeouts, reconciliation, verification): they
+    /// run on the replica holding it; without one (a single process), here.
+    timers: std::sync::OnceLock<crate::cluster::Lease>,
 }
 
 /// What the OTA service stores and reads, whichever backend.
@@ -414,6 +423,7 @@ impl OtaService {
                 clock,
                 open: Mutex::new(open),
                 changes,
+                timers: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -471,39 +481,89 @@ impl OtaService {
         out
     }
 
+    /// Runs the timers only while this replica holds `lease` (several replicas share the
+    /// catalog: one of them times out and verifies tasks).
+    pub fn time_under(&self, lease: crate::cluster::Lease) {
+        let _ = self.inner.timers.set(lease);
+    }
+
+    /// Whether this replica runs the timers now.
+    fn runs_timers(&self) -> bool {
+        self.inner.timers.get().is_none_or(|l| l.held())
+    }
+
     /// Subscribes to task changes (SSE).
     pub fn subscribe(&self) -> broadcast::Receiver<OtaTask> {
         self.inner.changes.subscribe()
     }
 
-    /// Stores, indexes and announces a changed task.
+    /// Stores, indexes and announces a changed task; false if it was not stored.
     async fn save(&self, task: &OtaTask) -> bool {
-        self.save_all(&[task]).await
+        matches!(self.save_all(&[task]).await, Ok(stale) if stale.is_empty())
     }
 
-    /// Stores changed tasks in one write, then indexes and announces each. A change the
-    /// store refuses as not forward of its copy is logged (another writer was ahead). False
-    /// when the write failed: memory stays as it was, so the events that caused the changes
-    /// (delivered again) or the next timer pass make them again.
-    async fn save_all(&self, tasks: &[&OtaTask]) -> bool {
+    /// Stores changed tasks in one write (each copy one revision past the one it was made
+    /// from), then indexes and announces each. Returns the ids of the tasks the store
+    /// refused because another writer changed them first (another replica, when the catalog
+    /// is shared): memory gets their stored copies. `Err` when the write failed: memory stays
+    /// as it was, so the events that caused the changes (delivered again) or the next timer
+    /// pass make them again.
+    async fn save_all(&self, tasks: &[&OtaTask]) -> Result<Vec<String>, ()> {
         if tasks.is_empty() {
-            return true;
+            return Ok(Vec::new());
         }
-        match self.inner.stores.tasks.save_tasks(tasks).await {
-            Ok(written) => {
-                for (task, _) in tasks.iter().zip(written).filter(|(_, w)| !w) {
-                    tracing::warn!(task_id = %task.id, "a change behind the stored task was not stored")
-                }
-            }
+        let next: Vec<OtaTask> = tasks
+            .iter()
+            .map(|t| {
+                let mut t = (*t).clone();
+                t.revision += 1;
+                t
+            })
+            .collect();
+        let refs: Vec<&OtaTask> = next.iter().collect();
+        let written = match self.inner.stores.tasks.save_tasks(&refs).await {
+            Ok(written) => written,
             Err(e) => {
                 tracing::error!(tasks = tasks.len(), error = %e, "storing tasks failed");
-                return false;
+                return Err(());
+            }
+        };
+        let mut stale = Vec::new();
+        for (task, written) in next.iter().zip(written) {
+            if written {
+                self.remember(task);
+            } else {
+                tracing::info!(task_id = %task.id, "task changed by another writer first; reading it again");
+                stale.push(task.id.clone());
             }
         }
-        for task in tasks {
+        if !stale.is_empty() {
+            self.refresh(&stale).await;
+        }
+        Ok(stale)
+    }
+
+    /// Replaces memory's copies of `ids` with the stored ones (announcing those that
+    /// changed).
+    async fn refresh(&self, ids: &[String]) {
+        for id in ids {
+            match self.inner.stores.tasks.task(id).await {
+                Ok(Some(task)) => self.learn(&task),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(task_id = %id, error = %e, "reading a task failed"),
+            }
+        }
+    }
+
+    /// Takes a stored copy into memory unless memory has that revision already.
+    fn learn(&self, task: &OtaTask) {
+        let known = lock(&self.inner.open)
+            .tasks
+            .get(&task.id)
+            .map(|t| t.revision);
+        if known != Some(task.revision) {
             self.remember(task);
         }
-        true
     }
 
     /// Indexes a stored task in memory and announces it.
@@ -533,7 +593,9 @@ impl OtaService {
 
     /// One task (its devices' `download_session` is for the caller to fill).
     pub async fn get(&self, id: &str) -> Result<OtaTask, OtaError> {
-        let open = lock(&self.inner.open).tasks.get(id).cloned();
+        let open = (!self.inner.settings.shared)
+            .then(|| lock(&self.inner.open).tasks.get(id).cloned())
+            .flatten();
         let t = match open {
             Some(t) => t,
             None => self
@@ -549,7 +611,9 @@ impl OtaService {
 
     /// A task's status without copying it (open tasks from memory).
     pub async fn status(&self, id: &str) -> Option<TaskStatus> {
-        if let Some(t) = lock(&self.inner.open).tasks.get(id) {
+        if !self.inner.settings.shared
+            && let Some(t) = lock(&self.inner.open).tasks.get(id)
+        {
             return Some(t.status);
         }
         let stored = self.inner.stores.tasks.task(id).await;

@@ -61,6 +61,35 @@ pub fn is_forward(stored: TaskStatus, next: &OtaTask) -> bool {
     rank(next.status) >= rank(stored) && (!stored.is_final() || next.status == stored)
 }
 
+/// What a save compares of a stored task.
+#[derive(Debug, Clone, Copy)]
+pub struct Stored {
+    /// Its status.
+    pub status: TaskStatus,
+    /// Its revision.
+    pub revision: u64,
+}
+
+impl Stored {
+    /// Whether `next` may replace this stored task: it was made from this revision (the
+    /// writer bumped its copy's `revision` by one before saving) and moves forward
+    /// ([`is_forward`]).
+    pub fn admits(&self, next: &OtaTask) -> bool {
+        next.revision == self.revision + 1 && is_forward(self.status, next)
+    }
+}
+
+/// How a gateway message finds its task in the catalog (a replica that did not create it).
+#[derive(Debug, Clone, Copy)]
+pub enum TaskKey<'a> {
+    /// The newest task whose `ota_create` had this `tid`.
+    Tid(&'a str),
+    /// The newest task whose `ota_create` had this `bid`.
+    Bid(&'a str),
+    /// The open task holding this gateway or device.
+    OpenFor(&'a str),
+}
+
 /// OTA tasks and the messages that matched none.
 #[async_trait::async_trait]
 pub trait TaskStore: Send + Sync {
@@ -68,6 +97,8 @@ pub trait TaskStore: Send + Sync {
     async fn task(&self, id: &str) -> StoreResult<Option<OtaTask>>;
     /// Tasks not finished, or finished at or after `since` (start-up).
     async fn recent_tasks(&self, since: DateTime<Utc>) -> StoreResult<Vec<OtaTask>>;
+    /// The task a gateway message names (see [`TaskKey`]).
+    async fn find_task(&self, key: TaskKey<'_>) -> StoreResult<Option<OtaTask>>;
     /// Newest-first page of the tasks `query` wants.
     async fn list_tasks(&self, query: &TaskQuery, page: &PageRequest)
     -> StoreResult<Page<OtaTask>>;
@@ -75,10 +106,11 @@ pub trait TaskStore: Send + Sync {
     /// that is not final: the check and the insert are one atomic step, so of two concurrent
     /// creations for one gateway exactly one wins.
     async fn insert_task(&self, task: &OtaTask) -> StoreResult<Claimed>;
-    /// Stores changed tasks, all or none, each if its change is forward ([`is_forward`]) of
-    /// its stored status; returns, in order, whether each was written. A final task frees
-    /// what it held. One call is one transaction (the OTA worker saves what one pass over
-    /// its inbox changed together).
+    /// Stores changed tasks, all or none: each one not stored yet, or made from the stored
+    /// revision and forward of it ([`Stored::admits`]); returns, in order, whether each was
+    /// written (false: another writer changed it first, or it would move back). A final task
+    /// frees what it held. One call is one transaction (the OTA worker saves what one pass
+    /// over its inbox changed together).
     async fn save_tasks(&self, tasks: &[&OtaTask]) -> StoreResult<Vec<bool>>;
     /// [`save_tasks`](TaskStore::save_tasks) for one task.
     async fn save_task(&self, task: &OtaTask) -> StoreResult<bool> {

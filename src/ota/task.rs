@@ -181,6 +181,11 @@ pub struct OtaTask {
     /// When it became final.
     #[serde(default)]
     pub finished_at: Option<DateTime<Utc>>,
+    /// How many times the stored task was written after its creation: a writer's copy is
+    /// stored only while the stored one has the same revision (replicas sharing a catalog
+    /// never overwrite each other's changes).
+    #[serde(default)]
+    pub revision: u64,
 }
 
 impl OtaTask {

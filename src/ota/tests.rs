@@ -152,6 +152,53 @@ async fn a_batch_of_messages_is_applied_in_order_and_acknowledged_once_stored() 
     );
 }
 
+/// Another writer (a replica sharing the catalog) stores a change first: the service's copy
+/// is refused, read again, and the message applied to the fresh copy, keeping both changes;
+/// the message is acknowledged only after that.
+#[tokio::test]
+async fn a_task_changed_by_another_writer_first_is_read_again_and_the_message_reapplied() {
+    let (service, task, _dir) = run_one(false, None).await;
+    let tasks = Arc::clone(&service.inner.stores.tasks);
+    let mut theirs = tasks.task(&task.id).await.unwrap().unwrap();
+    let bid = json!(theirs.bid);
+    let early = progress("RACE1", &bid, TaskStatus::InProgress, 40);
+    let now = Utc::now();
+    machine::apply(
+        &mut theirs,
+        machine::TaskEvent::Progress(early.report, Some(early.raw)),
+        now,
+    );
+    theirs.revision += 1;
+    assert!(tasks.save_task(&theirs).await.unwrap());
+
+    let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut last = progress("RACE1", &bid, TaskStatus::Ok, 100);
+    let noted = Arc::clone(&acks);
+    last.ack = crate::domain::Ack::new(move |done| noted.lock().unwrap().push(done));
+    service.on_message(last).await;
+    assert_eq!(*acks.lock().unwrap(), [true]);
+
+    let stored = tasks.task(&task.id).await.unwrap().unwrap();
+    assert_eq!(stored.status, TaskStatus::Ok);
+    assert_eq!(stored.revision, theirs.revision + 1);
+    let percents: Vec<Option<i64>> = stored
+        .history
+        .iter()
+        .filter(|h| h.source == "ota_progress")
+        .map(|h| h.progress.percent)
+        .collect();
+    assert_eq!(
+        percents,
+        [Some(40), Some(100)],
+        "both writers' changes kept"
+    );
+    let in_memory = service.get(&task.id).await.unwrap();
+    assert_eq!(
+        (in_memory.status, in_memory.revision),
+        (stored.status, stored.revision)
+    );
+}
+
 /// One task for one device, answered by an [`InstantReply`] gateway.
 async fn run_one(
     progress_first: bool,
@@ -178,6 +225,7 @@ async fn run_one(
         preflight_skip: vec![],
         online_window: Duration::from_secs(60),
         retention: Duration::from_secs(86_400),
+        shared: false,
     };
     let signer =
         crate::download::signing::UrlSigner::new(vec![vec![7; 32]], Duration::from_secs(3600));

@@ -6,35 +6,53 @@ use super::*;
 
 /// The most gateway messages recorded together (one catalog transaction).
 const BATCH: usize = 256;
+/// How often memory takes in the open tasks of a shared catalog.
+const SYNC_EVERY: Duration = Duration::from_secs(5);
 
 /// What became of one message of a batch.
 enum Staged {
     /// Recorded (or nothing to record): acknowledge it.
     Recorded,
-    /// Its change waits in the batch: acknowledge it once the batch is stored.
-    Changed,
+    /// It changed this task (the change waits in the batch): acknowledge it once the batch
+    /// is stored.
+    Changed(String),
     /// Its change could not be stored: leave it unacknowledged.
     Failed,
 }
 
-/// Tasks a batch changed, each once (its latest copy).
+/// What finds a message's task.
+struct Keys {
+    is_reply: bool,
+    topic_sn: String,
+    tid: Option<String>,
+    bid: Option<String>,
+}
+
+/// How often a batch is applied again to fresh copies of tasks another replica changed first.
+const CONFLICT_RETRIES: usize = 3;
+
+/// Tasks a batch changed, each once (its latest copy), and the events that changed them (to
+/// apply again to a fresh copy when another writer changed a task first).
 #[derive(Default)]
-struct Changes(Vec<OtaTask>);
+struct Changes {
+    tasks: Vec<OtaTask>,
+    events: Vec<(String, machine::TaskEvent, DateTime<Utc>)>,
+}
 
 impl Changes {
     fn get(&self, id: &str) -> Option<&OtaTask> {
-        self.0.iter().find(|t| t.id == id)
+        self.tasks.iter().find(|t| t.id == id)
     }
 
     fn keep(&mut self, task: OtaTask) {
-        match self.0.iter_mut().find(|t| t.id == task.id) {
+        match self.tasks.iter_mut().find(|t| t.id == task.id) {
             Some(slot) => *slot = task,
-            None => self.0.push(task),
+            None => self.tasks.push(task),
         }
     }
 
     fn all(&self) -> Vec<&OtaTask> {
-        self.0.iter().collect()
+        self.tasks.iter().collect()
     }
 }
 
@@ -46,24 +64,44 @@ impl OtaService {
     }
 
     /// Applies gateway messages in order, stores what they changed in one write, and then
-    /// acknowledges them; when the write fails none of them is acknowledged (the broker
-    /// delivers them again) and memory stays as it was.
+    /// acknowledges them. A task another replica changed first is read again and the batch's
+    /// events for it applied to the fresh copy (the state machine does not depend on order).
+    /// What could not be stored is not acknowledged (the broker delivers it again) and memory
+    /// stays as it was.
     pub async fn on_messages(&self, batch: Vec<OtaMessage>) {
         let mut changes = Changes::default();
-        let mut waiting = Vec::new();
+        let mut waiting: Vec<(String, crate::domain::Ack)> = Vec::new();
         for mut msg in batch {
             let ack = std::mem::take(&mut msg.ack);
             match self.stage(msg, &mut changes).await {
                 Staged::Recorded => ack.done(),
-                Staged::Changed => waiting.push(ack),
+                Staged::Changed(id) => waiting.push((id, ack)),
                 Staged::Failed => {
                     tracing::warn!("OTA message not recorded; left unacknowledged for redelivery")
                 }
             }
         }
-        if self.save_all(&changes.all()).await {
-            waiting.into_iter().for_each(crate::domain::Ack::done);
-        } else if !waiting.is_empty() {
+        for attempt in 0..=CONFLICT_RETRIES {
+            let stale = match self.save_all(&changes.all()).await {
+                Ok(stale) => stale,
+                Err(()) => break,
+            };
+            let (done, rest): (Vec<_>, Vec<_>) =
+                waiting.into_iter().partition(|(id, _)| !stale.contains(id));
+            done.into_iter().for_each(|(_, ack)| ack.done());
+            waiting = rest;
+            if stale.is_empty() || attempt == CONFLICT_RETRIES {
+                break;
+            }
+            match self.replay(&changes, &stale).await {
+                Ok(fresh) => changes = fresh,
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading tasks changed elsewhere failed");
+                    break;
+                }
+            }
+        }
+        if !waiting.is_empty() {
             tracing::warn!(
                 messages = waiting.len(),
                 "OTA messages not recorded; left unacknowledged for redelivery"
@@ -71,11 +109,36 @@ impl OtaService {
         }
     }
 
-    /// Applies a gateway message to its task (the batch's copy if the batch changed it
-    /// already) and keeps the change in `changes`.
-    async fn stage(&self, msg: OtaMessage, changes: &mut Changes) -> Staged {
-        let now = self.inner.clock.now();
-        let task = {
+    /// Fresh copies of the `stale` tasks with the batch's events for them applied again.
+    async fn replay(&self, batch: &Changes, stale: &[String]) -> Result<Changes, CatalogError> {
+        let mut fresh = Changes::default();
+        for id in stale {
+            let Some(mut task) = self.inner.stores.tasks.task(id).await? else {
+                continue;
+            };
+            let mut changed = false;
+            for (_, event, at) in batch.events.iter().filter(|(t, _, _)| t == id) {
+                changed |= self.step(&mut task, event.clone(), *at);
+                fresh.events.push((id.clone(), event.clone(), *at));
+            }
+            if changed {
+                fresh.keep(task);
+            } else {
+                // Nothing left to store: the fresh copy is what memory should hold.
+                self.remember(&task);
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// The task a message names: in memory (the batch's copy if the batch changed it
+    /// already), else — when the catalog is shared with other replicas — in the catalog.
+    async fn task_of(
+        &self,
+        msg: &Keys,
+        changes: &Changes,
+    ) -> Result<Option<OtaTask>, CatalogError> {
+        let in_memory = {
             let open = lock(&self.inner.open);
             let by_id = |id: Option<&String>| {
                 let id = id?;
@@ -94,36 +157,73 @@ impl OtaService {
                     })
             }
         };
-        if msg.is_reply && task.as_ref().is_none_or(|t| t.status.is_final()) {
-            let settled = match task {
-                Some(t) => Some((t, true)),
-                None => self
-                    .settled_task(msg.tid.as_deref())
-                    .await
-                    .map(|t| (t, false)),
-            };
-            let Some((t, in_memory)) = settled else {
-                return self.orphan(msg, now).await;
-            };
-            let event = machine::TaskEvent::Reply(msg.report, Some(msg.raw));
-            return if in_memory {
-                self.late_reply(t, event, now, changes)
-            } else {
-                self.late_reply_stored(t, event, now).await
-            };
+        if in_memory.is_some() || !self.inner.settings.shared {
+            return Ok(in_memory);
         }
+        let tasks = &self.inner.stores.tasks;
+        if msg.is_reply {
+            let Some(tid) = msg.tid.as_deref() else {
+                return Ok(None);
+            };
+            let found = tasks.find_task(TaskKey::Tid(tid)).await?;
+            // A settled task takes the late-reply path (below, in `stage`).
+            return Ok(found.filter(|t| !t.status.is_final()));
+        }
+        let mut found = match msg.bid.as_deref() {
+            Some(bid) => tasks.find_task(TaskKey::Bid(bid)).await?,
+            None => None,
+        };
+        if found.is_none() {
+            found = tasks.find_task(TaskKey::OpenFor(&msg.topic_sn)).await?;
+        }
+        Ok(found.filter(|t| !t.status.is_final()))
+    }
+
+    /// Applies a gateway message to its task (the batch's copy if the batch changed it
+    /// already) and keeps the change in `changes`.
+    async fn stage(&self, msg: OtaMessage, changes: &mut Changes) -> Staged {
+        let now = self.inner.clock.now();
+        let keys = Keys {
+            is_reply: msg.is_reply,
+            topic_sn: msg.topic_sn.clone(),
+            tid: msg.tid.clone(),
+            bid: msg.bid.clone(),
+        };
+        let task = match self.task_of(&keys, changes).await {
+            Ok(task) => task,
+            Err(e) => {
+                tracing::warn!(error = %e, "finding the task of an OTA message failed");
+                return Staged::Failed;
+            }
+        };
+        let task = match task {
+            Some(task) => Some(task),
+            // A reply that arrives after its task ended (its progress came first).
+            None if msg.is_reply => self.settled_task(msg.tid.as_deref()).await,
+            None => None,
+        };
         let Some(mut task) = task else {
             return self.orphan(msg, now).await;
         };
+        let msg_is_reply = msg.is_reply;
         let event = if msg.is_reply {
             machine::TaskEvent::Reply(msg.report, Some(msg.raw))
         } else {
             machine::TaskEvent::Progress(msg.report, Some(msg.raw))
         };
+        changes.events.push((task.id.clone(), event.clone(), now));
+        let was_final = task.status.is_final();
         if self.step(&mut task, event, now) {
+            if was_final {
+                tracing::info!(task_id = %task.id, "services_reply recorded after the task ended");
+            }
+            let id = task.id.clone();
             changes.keep(task);
-            Staged::Changed
+            Staged::Changed(id)
         } else {
+            if was_final && msg_is_reply {
+                tracing::info!(task_id = %task.id, "repeated services_reply for a finished task ignored");
+            }
             Staged::Recorded
         }
     }
@@ -155,7 +255,8 @@ impl OtaService {
         fx.save
     }
 
-    /// A recently settled task by the tid of its `ota_create`, from the catalog.
+    /// A recently settled task by the tid of its `ota_create`, from the catalog (any task
+    /// with that tid when the catalog is shared: another replica may have settled it).
     async fn settled_task(&self, tid: Option<&str>) -> Option<OtaTask> {
         let tid = tid?;
         let id = lock(&self.inner.open)
@@ -163,46 +264,12 @@ impl OtaService {
             .iter()
             .rev()
             .find(|(t, _)| t == tid)
-            .map(|(_, id)| id.clone())?;
-        self.inner.stores.tasks.task(&id).await.ok()?
-    }
-
-    /// Records a `services_reply` that came after the task ended (its progress events were
-    /// delivered first): the history and `replied_at` get it; the outcome stays.
-    fn late_reply(
-        &self,
-        mut task: OtaTask,
-        event: machine::TaskEvent,
-        now: DateTime<Utc>,
-        changes: &mut Changes,
-    ) -> Staged {
-        if !machine::apply(&mut task, event, now).save {
-            tracing::info!(task_id = %task.id, "repeated services_reply for a finished task ignored");
-            return Staged::Recorded;
-        }
-        tracing::info!(task_id = %task.id, "services_reply recorded after the task ended");
-        changes.keep(task);
-        Staged::Changed
-    }
-
-    /// [`late_reply`](Self::late_reply) for a task no longer in memory: stored at once.
-    async fn late_reply_stored(
-        &self,
-        mut task: OtaTask,
-        event: machine::TaskEvent,
-        now: DateTime<Utc>,
-    ) -> Staged {
-        let mut changes = Changes::default();
-        if let Staged::Recorded = self.late_reply(task.clone(), event, now, &mut changes) {
-            return Staged::Recorded;
-        }
-        task = changes.0.remove(0);
-        match self.inner.stores.tasks.save_task(&task).await {
-            Ok(_) => Staged::Recorded,
-            Err(e) => {
-                tracing::error!(task_id = %task.id, error = %e, "storing task failed");
-                Staged::Failed
-            }
+            .map(|(_, id)| id.clone());
+        let tasks = &self.inner.stores.tasks;
+        match id {
+            Some(id) => tasks.task(&id).await.ok()?,
+            None if self.inner.settings.shared => tasks.find_task(TaskKey::Tid(tid)).await.ok()?,
+            None => None,
         }
     }
 
@@ -302,7 +369,7 @@ impl OtaService {
                 changes.keep(t);
             }
         }
-        self.save_all(&changes.all()).await;
+        let _ = self.save_all(&changes.all()).await;
     }
 
     /// Whether an open task's final `ota_progress` was lost (published while the broker was
@@ -375,11 +442,41 @@ impl OtaService {
         }
     }
 
+    /// Takes into memory the open tasks other replicas created or changed, and the stored
+    /// copies of tasks memory holds open that are final in the catalog (a shared catalog).
+    async fn sync_open(&self) {
+        let now = self.inner.clock.now();
+        let stored = match self.inner.stores.tasks.recent_tasks(now).await {
+            Ok(stored) => stored,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading open OTA tasks failed");
+                return;
+            }
+        };
+        let open: std::collections::HashSet<&str> = stored
+            .iter()
+            .filter(|t| !t.status.is_final())
+            .map(|t| t.id.as_str())
+            .collect();
+        let gone: Vec<String> = lock(&self.inner.open)
+            .tasks
+            .values()
+            .filter(|t| !t.status.is_final() && !open.contains(t.id.as_str()))
+            .map(|t| t.id.clone())
+            .collect();
+        for task in &stored {
+            self.learn(task);
+        }
+        self.refresh(&gone).await;
+    }
+
     /// Runs the timers and consumes gateway messages until `cancel`.
     pub async fn run(self, mut inbox: mpsc::Receiver<OtaMessage>, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut prune = tokio::time::interval(Duration::from_secs(3600));
+        let mut sync = tokio::time::interval(SYNC_EVERY);
+        sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -392,7 +489,8 @@ impl OtaService {
                         _ => {}
                     }
                 }
-                _ = tick.tick() => {
+                _ = sync.tick(), if self.inner.settings.shared => self.sync_open().await,
+                _ = tick.tick(), if self.runs_timers() => {
                     self.tick().await;
                     self.verify_late(self.inner.clock.now()).await;
                 }

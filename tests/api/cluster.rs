@@ -1,7 +1,9 @@
 //! The deployment's replicas: `GET /api/v1/cluster`, who may share a PostgreSQL catalog, and
 //! tokens made or revoked on one replica counting on the others.
-//! The several-replica test needs PostgreSQL, the S3 server and an external broker
-//! (`FWREPO_TEST_POSTGRES_URL`, `FWREPO_TEST_S3_ENDPOINT`/`_BUCKET`, `FWREPO_TEST_MQTT_URL`).
+//! The several-replica tests need PostgreSQL, the S3 server (`FWREPO_TEST_POSTGRES_URL`,
+//! `FWREPO_TEST_S3_ENDPOINT`/`_BUCKET`) and `mosquitto` on PATH: each runs a broker of its own,
+//! since every replica on a broker answers every gateway's events (tests running at once on
+//! one broker would see each other's replies).
 
 use std::time::Duration;
 
@@ -45,6 +47,9 @@ struct Shared {
     blob_store: String,
     mqtt_url: String,
     key_file: std::path::PathBuf,
+    /// This test's shared-subscription group.
+    group: String,
+    _broker: Broker,
 }
 
 impl Shared {
@@ -53,12 +58,17 @@ impl Shared {
             "FWREPO_TEST_POSTGRES_URL",
             "FWREPO_TEST_S3_ENDPOINT",
             "FWREPO_TEST_S3_BUCKET",
-            "FWREPO_TEST_MQTT_URL",
         ];
         if let Some(missing) = vars.iter().find(|v| std::env::var(v).is_err()) {
             println!("SKIP cluster::{test}: {missing} not set");
             return None;
         }
+        if !have_mosquitto() {
+            println!("SKIP cluster::{test}: no mosquitto on PATH");
+            return None;
+        }
+        let port = free_port();
+        let broker = Broker::start(root, port);
         let env = |v: &str| std::env::var(v).unwrap();
         Some(Shared {
             db: TestDatabase::create().await?,
@@ -68,8 +78,10 @@ impl Shared {
                 env("FWREPO_TEST_S3_BUCKET"),
                 fwrepo::domain::ids::next().to_lowercase()
             ),
-            mqtt_url: env("FWREPO_TEST_MQTT_URL"),
+            mqtt_url: format!("mqtt://127.0.0.1:{port}"),
             key_file: root.join("url-signing.key"),
+            group: format!("t{}", fwrepo::domain::ids::next().to_lowercase()),
+            _broker: broker,
         })
     }
 
@@ -87,6 +99,8 @@ impl Shared {
             replica,
             "--url-signing-key-file",
             self.key_file.to_str().unwrap(),
+            "--mqtt-share-group",
+            &self.group,
         ]
     }
 }
@@ -182,27 +196,256 @@ async fn replicas_on_one_database_list_each_other_and_one_keeping_packages_local
     let mut args = shared.args("r3");
     args.truncate(2);
     args.extend(["--mqtt-url", &shared.mqtt_url, "--replica-id", "r3"]);
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(bin())
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(root.path().join("r3"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(&args)
-            .env_remove("FWREPO_LISTEN")
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("r3 neither started nor stopped")
-    .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let log = root.path().join("r3.stderr");
+    let mut r3 = tokio::process::Command::new(bin())
+        .arg("serve")
+        .arg("--data-dir")
+        .arg(root.path().join("r3"))
+        .args(["--listen", "127.0.0.1:0"])
+        .args(&args)
+        .env_remove("FWREPO_LISTEN")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(60), r3.wait()).await;
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    let status = status.unwrap_or_else(|_| panic!("r3 neither started nor stopped: {stderr}"));
+    assert!(!status.unwrap().success());
     assert!(
         stderr.contains("would share its PostgreSQL catalog with replica r1")
             && stderr.contains("local directory"),
         "{stderr}"
     );
     assert_eq!(listed().await, ["r1", "r2"]);
+}
+
+/// Uploads a package through `r`; returns its id.
+async fn upload_to(r: &ServerProcess, name: &str, seed: u64) -> String {
+    let resp = r
+        .client()
+        .post(format!("{}/api/v1/firmware", r.base))
+        .query(&[("file_name", name)])
+        .body(payload(300_000, seed))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+impl Shared {
+    /// Starts replica `id` (its data directory under `root`, the admin token of the first
+    /// replica copied in) with the simulator's model map.
+    fn start(&self, root: &std::path::Path, id: &str, extra: &[&str]) -> ServerProcess {
+        let config = root.join("models.toml");
+        std::fs::write(
+            &config,
+            "[models]\n\"3-1-0\" = \"Dock\"\n\"0-67-0\" = \"M30\"\n",
+        )
+        .unwrap();
+        let dir = root.join(id);
+        let first = root.join("r1").join("admin.token");
+        if id != "r1" && first.exists() {
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::copy(first, dir.join("admin.token")).unwrap();
+        }
+        let mut args = self.args(id);
+        args.extend(["--config", config.to_str().unwrap()]);
+        args.extend_from_slice(extra);
+        ServerProcess::start(&dir, &args)
+    }
+}
+
+/// The broker hands each gateway message to one replica (`$share/fwrepo/…`): a task created
+/// through r1 completes, and its devices are verified, while r2 handles part of its events
+/// and of the devices' reports; each replica shows the same task.
+#[tokio::test]
+async fn an_ota_task_created_on_one_replica_completes_through_the_others() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(shared) = Shared::new(
+        "an_ota_task_created_on_one_replica_completes_through_the_others",
+        root.path(),
+    )
+    .await
+    else {
+        return;
+    };
+    let r1 = shared.start(root.path(), "r1", &[]);
+    let r2 = shared.start(root.path(), "r2", &[]);
+    let (dock_fw, ac_fw) = (
+        upload_to(&r1, "Dock_2.0.0.zip", 1).await,
+        upload_to(&r1, "M30_2.0.0.zip", 2).await,
+    );
+    let (prefix, sim) = fleet(&r1.mqtt, 2, &[]).await;
+    let gw = format!("{prefix}0001");
+    for r in [&r1, &r2] {
+        assert!(
+            wait_until(Duration::from_secs(20), || async {
+                let d = get_json_at(&r.base, &format!("/api/v1/devices/{gw}")).await;
+                d["online"] == true && d["mode_code"] == 0 && d["child_sn"].is_string()
+            })
+            .await,
+            "{} never saw {gw} online with its aircraft: {}",
+            r.base,
+            get_json_at(&r.base, &format!("/api/v1/devices/{gw}")).await
+        );
+    }
+    let (observer, mut replies_rx) = mqtt_client(&r1.mqtt, "replies").await;
+    observer
+        .subscribe_acked(format!("thing/product/{gw}/events_reply"))
+        .await;
+    let created: Value = r1
+        .client()
+        .post(format!("{}/api/v1/ota", r1.base))
+        .json(&serde_json::json!({"gateway_sn": gw, "devices": [
+            {"sn": gw, "firmware_id": dock_fw}, {"sn": format!("{gw}-AC"), "firmware_id": ac_fw}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().expect("task created").to_string();
+    let task_on = |base: String| {
+        let id = id.clone();
+        async move { get_json_at(&base, &format!("/api/v1/ota/{id}")).await }
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            let t = task_on(r2.base.clone()).await;
+            t["status"] == "ok"
+                && t["devices"]
+                    .as_array()
+                    .is_some_and(|ds| ds.iter().all(|d| d["outcome"] == "verified"))
+        })
+        .await,
+        "task on r2: {}",
+        task_on(r2.base.clone()).await
+    );
+    let (t1, t2) = (
+        task_on(r1.base.clone()).await,
+        task_on(r2.base.clone()).await,
+    );
+    assert_eq!(t1["status"], "ok");
+    assert_eq!(
+        t1["revision"], t2["revision"],
+        "one stored task: {t1} / {t2}"
+    );
+    // Each replica handled part of the gateway traffic, none all of it.
+    let (m1, m2) = (
+        counter(&r1.base, "fwrepo_mqtt_messages_in_total").await,
+        counter(&r2.base, "fwrepo_mqtt_messages_in_total").await,
+    );
+    assert!(m1 > 0 && m2 > 0, "messages in: r1 {m1}, r2 {m2}");
+    // Each ota_progress was handled by one replica: the gateway got one events_reply per
+    // event, from whichever replica handled it.
+    let mut replies: std::collections::HashMap<String, usize> = Default::default();
+    while let Ok((_, payload)) = replies_rx.try_recv() {
+        let reply: Value = serde_json::from_slice(&payload).unwrap();
+        if reply["method"] == "ota_progress" {
+            *replies
+                .entry(reply["tid"].as_str().unwrap().to_string())
+                .or_default() += 1;
+        }
+    }
+    assert!(replies.len() >= 5, "events_reply: {replies:?}");
+    assert!(
+        replies.values().all(|n| *n == 1),
+        "events_reply: {replies:?}"
+    );
+    sim.cancel();
+}
+
+/// The replica holding the OTA timers' lease is killed: another takes the lease within 15 s
+/// and times out the task the dead one would have.
+#[tokio::test]
+async fn the_ota_timers_move_to_another_replica_when_their_holder_dies() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(shared) = Shared::new(
+        "the_ota_timers_move_to_another_replica_when_their_holder_dies",
+        root.path(),
+    )
+    .await
+    else {
+        return;
+    };
+    let timeout = ["--ota-reply-timeout", "3"];
+    let mut replicas = [
+        shared.start(root.path(), "r1", &timeout),
+        shared.start(root.path(), "r2", &timeout),
+    ];
+    // Who holds the lease by their own latest heartbeat (a dead one's row still lists it).
+    let holders = |base: String| async move {
+        let body = get_json_at(&base, "/api/v1/cluster").await;
+        body["replicas"]
+            .as_array()
+            .map(|rs| {
+                rs.iter()
+                    .filter(|r| {
+                        r["leases"]
+                            .as_array()
+                            .is_some_and(|l| l.contains(&Value::from("ota-timers")))
+                    })
+                    .filter_map(|r| r["id"].as_str().map(str::to_string))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let holder_of = |base: String| async move { holders(base).await.pop() };
+    let base = replicas[1].base.clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            holder_of(base.clone()).await.is_some()
+        })
+        .await,
+        "nobody took the lease"
+    );
+    let holder = holder_of(base).await.unwrap();
+    let (dead, alive) = if holder == "r1" { (0, 1) } else { (1, 0) };
+    let survivor = replicas[alive].base.clone();
+    let (survivor_id, gw) = (if alive == 0 { "r1" } else { "r2" }, sn("GHOST"));
+    // A task for a gateway that never answers, created on the survivor.
+    let fw = upload_to(&replicas[alive], "Dock_9.9.9.zip", 3).await;
+    let resp = replicas[alive]
+        .client()
+        .post(format!("{survivor}/api/v1/ota"))
+        .json(&serde_json::json!({"gateway_sn": gw, "devices": [{"sn": gw, "firmware_id": fw}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap();
+    let task = body["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("task not created: {status} {body}"))
+        .to_string();
+    let killed = std::time::Instant::now();
+    replicas[dead].kill9();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            holders(survivor.clone())
+                .await
+                .contains(&survivor_id.to_string())
+        })
+        .await,
+        "the lease stayed with the dead replica"
+    );
+    let handover = killed.elapsed();
+    assert!(
+        handover <= Duration::from_secs(15),
+        "handover took {handover:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            get_json_at(&survivor, &format!("/api/v1/ota/{task}")).await["status"] == "timeout"
+        })
+        .await,
+        "the survivor never timed the task out"
+    );
+    println!("ota-timers handover after kill -9: {handover:?}");
 }

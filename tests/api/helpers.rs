@@ -726,3 +726,56 @@ pub async fn fleet(
     .unwrap();
     (prefix, cancel)
 }
+
+/// Whether `mosquitto` is on PATH.
+pub fn have_mosquitto() -> bool {
+    std::process::Command::new("mosquitto")
+        .arg("-h")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// A mosquitto of the test's own on a loopback port.
+pub struct Broker(std::process::Child);
+
+impl Broker {
+    pub fn start(dir: &Path, port: u16) -> Broker {
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"),
+        )
+        .unwrap();
+        let child = std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto on PATH");
+        let up = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                up.elapsed() < Duration::from_secs(10),
+                "mosquitto did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Broker(child)
+    }
+
+    /// SIGKILL, and wait until it is gone.
+    pub fn kill(mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

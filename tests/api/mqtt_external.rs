@@ -34,6 +34,7 @@ async fn external_broker_learns_devices_and_survives_an_oversized_publish() {
             },
             client_id: Some(format!("fwrepo-test-{tag}")),
             replies: true,
+            share_group: None,
             embedded: Default::default(),
         };
     })
@@ -112,6 +113,7 @@ fn external(host: &str, port: u16, tag: &str) -> fwrepo::mqtt::MqttSettings {
         },
         client_id: Some(format!("fwrepo-test-{tag}")),
         replies: true,
+        share_group: None,
         embedded: Default::default(),
     }
 }

@@ -767,6 +767,7 @@ async fn rollout_on_an_external_broker() {
                 fwrepo::domain::ids::next().to_lowercase()
             )),
             replies: true,
+            share_group: None,
             embedded: Default::default(),
         };
     })

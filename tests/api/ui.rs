@@ -143,8 +143,16 @@ async fn choose_file(c: &Client, path: &std::path::Path) {
     input.send_keys(path.to_str().unwrap()).await.unwrap();
 }
 
+/// Types `text` into `css` once the page shows it (a route renders after `goto` returns).
 async fn fill(c: &Client, css: &str, text: &str) {
-    let e = c.find(Locator::Css(css)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let e = loop {
+        match c.find(Locator::Css(css)).await {
+            Ok(e) => break e,
+            Err(err) if Instant::now() > deadline => panic!("find {css}: {err}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
     e.clear().await.unwrap();
     e.send_keys(text).await.unwrap();
 }

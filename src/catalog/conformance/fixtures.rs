@@ -52,7 +52,14 @@ pub(crate) fn task(id: &str, gateway: &str, devices: &[&str]) -> OtaTask {
         replied_at: None,
         last_event_at: Some(now),
         finished_at: None,
+        revision: 0,
     }
+}
+
+/// `t` as its writer saves it: one revision past the stored copy it was made from.
+pub(crate) fn bumped(mut t: OtaTask) -> OtaTask {
+    t.revision += 1;
+    t
 }
 
 pub(super) fn finished(mut t: OtaTask, status: TaskStatus, at: DateTime<Utc>) -> OtaTask {

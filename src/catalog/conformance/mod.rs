@@ -19,7 +19,7 @@ use fixtures::*;
 
 use super::Store;
 use crate::domain::FirmwareId;
-use crate::ota::store::{Claimed, TaskQuery};
+use crate::ota::store::{Claimed, TaskKey, TaskQuery};
 use crate::ota::{OtaTask, TaskStatus};
 use crate::store::{
     CatalogError, CommitOutcome, FirmwareQuery, FirmwareRecord, FirmwareStatus, IdempotentAnswer,
@@ -165,7 +165,7 @@ pub(crate) async fn task_claims_have_one_winner(make: Make) {
         }
     );
     // Final: the gateway is free.
-    let done = finished(holder.clone(), TaskStatus::Ok, Utc::now());
+    let done = bumped(finished(holder.clone(), TaskStatus::Ok, Utc::now()));
     assert!(cat.save_task(&done).await.unwrap());
     assert_eq!(cat.insert_task(&other).await.unwrap(), Claimed::Inserted);
     // Deleted (its publish failed): free as well.
@@ -185,34 +185,46 @@ pub(crate) async fn tasks_only_move_forward(make: Make) {
     assert_eq!(cat.insert_task(&t).await.unwrap(), Claimed::Inserted);
     t.status = TaskStatus::InProgress;
     t.progress.percent = Some(10);
+    t.revision = 1;
     assert!(cat.save_task(&t).await.unwrap());
+    // Another writer's copy, made from the revision just replaced: refused, even forward.
+    let mut behind = t.clone();
+    behind.progress.percent = Some(90);
     t.progress.percent = Some(40);
+    t.revision = 2;
     assert!(cat.save_task(&t).await.unwrap(), "same rank, newer data");
-    let mut stale = t.clone();
+    behind.revision = 2;
+    assert!(
+        !cat.save_task(&behind).await.unwrap(),
+        "made from an old revision"
+    );
+    let mut stale = bumped(t.clone());
     stale.status = TaskStatus::Sent;
     assert!(!cat.save_task(&stale).await.unwrap(), "backwards");
-    let done = finished(t.clone(), TaskStatus::Failed, Utc::now());
+    let done = bumped(finished(t.clone(), TaskStatus::Failed, Utc::now()));
     assert!(cat.save_task(&done).await.unwrap());
-    let mut late = done.clone();
+    let mut late = bumped(done.clone());
     late.result_reason = Some("late reply".into());
     assert!(
         cat.save_task(&late).await.unwrap(),
         "a final task still settles"
     );
-    let other_final = finished(t.clone(), TaskStatus::Ok, Utc::now());
+    let other_final = bumped(finished(late.clone(), TaskStatus::Ok, Utc::now()));
     assert!(!cat.save_task(&other_final).await.unwrap(), "final absorbs");
     let stored = cat.task(&t.id).await.unwrap().unwrap();
     assert_eq!(stored.status, TaskStatus::Failed);
     assert_eq!(stored.result_reason.as_deref(), Some("late reply"));
     assert_eq!(stored.progress.percent, Some(40));
+    assert_eq!(stored.revision, 4);
 
     // A batch: each task judged on its own, written together.
     let mut u = task(&id(), "DOCK2", &["DOCK2"]);
     assert_eq!(cat.insert_task(&u).await.unwrap(), Claimed::Inserted);
     u.status = TaskStatus::InProgress;
+    u.revision = 1;
     let mut v = task(&id(), "DOCK3", &["DOCK3"]);
     assert_eq!(cat.insert_task(&v).await.unwrap(), Claimed::Inserted);
-    v = finished(v, TaskStatus::Ok, Utc::now());
+    v = bumped(finished(v, TaskStatus::Ok, Utc::now()));
     let written = cat.save_tasks(&[&u, &other_final, &v]).await.unwrap();
     assert_eq!(written, vec![true, false, true]);
     assert_eq!(
@@ -230,6 +242,41 @@ pub(crate) async fn tasks_only_move_forward(make: Make) {
     // v's final save freed its dock.
     let again = task(&id(), "DOCK3", &["DOCK3"]);
     assert_eq!(cat.insert_task(&again).await.unwrap(), Claimed::Inserted);
+}
+
+/// A gateway message finds its task by tid, by bid (the newest of each), or as the open task
+/// holding a serial; a final task holds nothing.
+pub(crate) async fn tasks_are_found_by_message_keys(make: Make) {
+    let Some((cat, _keep)) = make().await else {
+        return;
+    };
+    let dock = format!("FIND-{}", id());
+    let t = task(&id(), &dock, &[&dock, "FIND-AC"]);
+    assert_eq!(cat.insert_task(&t).await.unwrap(), Claimed::Inserted);
+    let found = |key| {
+        let cat = Arc::clone(&cat);
+        async move { cat.find_task(key).await.unwrap().map(|t| t.id) }
+    };
+    assert_eq!(found(TaskKey::Tid(&t.tid)).await, Some(t.id.clone()));
+    assert_eq!(found(TaskKey::Bid(&t.bid)).await, Some(t.id.clone()));
+    assert_eq!(found(TaskKey::OpenFor(&dock)).await, Some(t.id.clone()));
+    assert_eq!(found(TaskKey::OpenFor("FIND-AC")).await, Some(t.id.clone()));
+    assert_eq!(found(TaskKey::Tid("no-such-tid")).await, None);
+    assert_eq!(found(TaskKey::OpenFor("NOBODY")).await, None);
+    let done = bumped(finished(t.clone(), TaskStatus::Ok, Utc::now()));
+    assert!(cat.save_task(&done).await.unwrap());
+    assert_eq!(
+        found(TaskKey::OpenFor(&dock)).await,
+        None,
+        "final holds nothing"
+    );
+    assert_eq!(
+        found(TaskKey::Tid(&t.tid)).await,
+        Some(t.id.clone()),
+        "still by tid"
+    );
+    let stored = cat.find_task(TaskKey::Bid(&t.bid)).await.unwrap().unwrap();
+    assert_eq!((stored.status, stored.revision), (TaskStatus::Ok, 1));
 }
 
 /// A task's history reads back whole after each save: entries appended one by one, the last
@@ -253,17 +300,18 @@ pub(crate) async fn task_history_grows_and_reads_back_whole(make: Make) {
     for pct in [5, 5, 5, 30, 60] {
         t.progress.percent = Some(pct);
         t.note("ota_progress", Some(raw(pct)), at);
+        t.revision += 1;
         assert!(cat.save_task(&t).await.unwrap());
         let stored = cat.task(&t.id).await.unwrap().unwrap();
         assert_eq!(history(&stored), history(&t), "after {pct} %");
     }
     assert_eq!(t.history.len(), 4);
     assert_eq!(t.history[1].repeats, 2);
-    let mut stale = t.clone();
+    let mut stale = bumped(t.clone());
     stale.status = TaskStatus::Sent;
     stale.note("services_reply", None, at);
     assert!(!cat.save_task(&stale).await.unwrap());
-    let done = finished(t.clone(), TaskStatus::Ok, at);
+    let done = bumped(finished(t.clone(), TaskStatus::Ok, at));
     assert!(cat.save_task(&done).await.unwrap());
     let listed = cat
         .list_tasks(&TaskQuery::default(), &page(10, None))
@@ -565,6 +613,88 @@ pub(crate) async fn the_first_token_is_stored_once(make: Make) {
 
 /// Replicas' heartbeats: one row per replica (the latest), listed by id; a replica silent
 /// since before the cut is forgotten at the next heartbeat.
+/// Copies of a device written by different replicas are merged (each field group from the
+/// copy that saw it last), and a reader finds the devices changed since it last looked.
+pub(crate) async fn device_writes_merge_and_changes_are_found(make: Make) {
+    let Some((cat, _keep)) = make().await else {
+        return;
+    };
+    let t = |s: i64| {
+        Some(chrono::SubsecRound::trunc_subsecs(Utc::now(), 6) + chrono::Duration::seconds(s))
+    };
+    let sn = format!("MERGE-{}", id());
+    let first = cat.changed_devices(None).await.unwrap();
+    let mut a = device(&sn);
+    a.firmware_version = Some("2.0".into());
+    a.last_state_at = t(10);
+    cat.put_devices(&[a.clone()]).await.unwrap();
+    let found = cat.changed_devices(first.newest).await.unwrap();
+    assert!(
+        found.devices.iter().any(|d| d.sn == sn),
+        "a new device is a change"
+    );
+    // Another replica's copy: older state, newer topology and osd.
+    let mut b = device(&sn);
+    b.firmware_version = Some("1.0".into());
+    b.last_state_at = t(1);
+    b.child_sn = Some("AC".into());
+    b.topology_at = t(5);
+    b.mode_code = Some(3);
+    b.last_osd_at = t(5);
+    cat.put_devices(&[b]).await.unwrap();
+    let stored = cat
+        .all_devices()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.sn == sn)
+        .unwrap();
+    assert_eq!(
+        stored.firmware_version.as_deref(),
+        Some("2.0"),
+        "newer state kept"
+    );
+    assert_eq!(stored.child_sn.as_deref(), Some("AC"));
+    assert_eq!(stored.mode_code, Some(3));
+    let changed = cat.changed_devices(found.newest).await.unwrap();
+    let copy = changed.devices.iter().find(|d| d.sn == sn);
+    assert_eq!(
+        copy.and_then(|d| d.child_sn.as_deref()),
+        Some("AC"),
+        "{changed:?}"
+    );
+}
+
+/// A lease has one holder: renewed by it, refused to others until it expires, then taken
+/// over; given up only by its holder; leases are not listed as replicas.
+pub(crate) async fn leases_have_one_holder_until_they_expire(make: Make) {
+    let Some((cat, _keep)) = make().await else {
+        return;
+    };
+    let ttl = std::time::Duration::from_millis(600);
+    let take = |holder: &'static str| {
+        let cat = Arc::clone(&cat);
+        async move { cat.take_lease("work", holder, ttl).await.unwrap() }
+    };
+    assert!(take("a").await);
+    assert!(!take("b").await, "held by a");
+    assert!(take("a").await, "renewed by its holder");
+    assert!(
+        cat.replicas().await.unwrap().is_empty(),
+        "a lease is no replica"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !take("b").await {
+        assert!(std::time::Instant::now() < deadline, "never expired");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(!take("a").await, "taken over by b");
+    cat.drop_lease("work", "a").await.unwrap();
+    assert!(!take("a").await, "only its holder gives it up");
+    cat.drop_lease("work", "b").await.unwrap();
+    assert!(take("a").await, "free once given up");
+}
+
 pub(crate) async fn replicas_heartbeat_and_are_forgotten(make: Make) {
     use crate::cluster::ReplicaRecord;
     let Some((cat, _keep)) = make().await else {
@@ -653,11 +783,14 @@ macro_rules! conformance_suite {
                 concurrent_commits_have_one_winner,
                 task_claims_have_one_winner,
                 tasks_only_move_forward,
+                tasks_are_found_by_message_keys,
                 task_history_grows_and_reads_back_whole,
                 lists_are_newest_first_and_stable_under_inserts,
                 retention_prunes_only_the_old,
                 idempotent_answers_are_recorded_once,
                 replicas_heartbeat_and_are_forgotten,
+                leases_have_one_holder_until_they_expire,
+                device_writes_merge_and_changes_are_found,
                 the_first_token_is_stored_once,
                 every_kind_round_trips,
                 export_import_round_trips);

@@ -249,6 +249,43 @@ impl crate::cluster::ClusterStore for Postgres {
         tx.commit().await.map_err(db)
     }
 
+    async fn take_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: std::time::Duration,
+    ) -> StoreResult<bool> {
+        // Renewed by its holder, or taken over once it expired (the database's clock, so
+        // the replicas' clocks do not matter).
+        let held: Option<String> = sqlx::query_scalar(
+            "INSERT INTO leases (name, holder, expires_at, acquired_at) \
+             VALUES ($1, $2, now() + make_interval(secs => $3), now()) \
+             ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, \
+             expires_at = EXCLUDED.expires_at, acquired_at = CASE \
+             WHEN leases.holder = EXCLUDED.holder THEN leases.acquired_at \
+             ELSE EXCLUDED.acquired_at END \
+             WHERE leases.holder = EXCLUDED.holder OR leases.expires_at < now() \
+             RETURNING holder",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(ttl.as_secs_f64())
+        .fetch_optional(&self.background)
+        .await
+        .map_err(db)?;
+        Ok(held.is_some())
+    }
+
+    async fn drop_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
+            .bind(name)
+            .bind(holder)
+            .execute(&self.background)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
     async fn replicas(&self) -> StoreResult<Vec<crate::cluster::ReplicaRecord>> {
         let rows: Vec<ReplicaRow> = sqlx::query_as(
             "SELECT id, version, started_at, last_heartbeat, blob_store, broker, leases \

@@ -6,14 +6,15 @@ use chrono::{DateTime, Utc};
 use serde_json::value::RawValue;
 
 use super::*;
-use crate::devices::{DeviceRecord, DeviceStore};
-use crate::ota::store::{Claimed, TaskQuery, TaskStore, held_serials, is_forward};
+use crate::devices::{ChangedDevices, DeviceRecord, DeviceStore};
+use crate::ota::store::{Claimed, Stored, TaskKey, TaskQuery, TaskStore, held_serials};
 use crate::ota::task::HistoryEntry;
-use crate::ota::{OtaTask, Progress, TaskDevice, TaskStatus};
+use crate::ota::{OtaTask, Progress, TaskDevice};
 
 const DEVICE_COLUMNS: &str = "sn, order_key, gateway_sn, child_sn, osd_child_sn, model_key, \
     model, model_declared, firmware_version, compatible_status, firmware_upgrade_status, \
-    mode_code, thing_version, dialect, first_seen_at, last_seen_at, last_osd_at, last_state_at";
+    mode_code, thing_version, dialect, first_seen_at, last_seen_at, last_osd_at, last_state_at, \
+    topology_at";
 
 #[derive(sqlx::FromRow)]
 struct DeviceRow {
@@ -35,6 +36,7 @@ struct DeviceRow {
     last_seen_at: Option<DateTime<Utc>>,
     last_osd_at: Option<DateTime<Utc>>,
     last_state_at: Option<DateTime<Utc>>,
+    topology_at: Option<DateTime<Utc>>,
 }
 
 impl From<DeviceRow> for DeviceRecord {
@@ -58,9 +60,77 @@ impl From<DeviceRow> for DeviceRecord {
             last_seen_at: r.last_seen_at,
             last_osd_at: r.last_osd_at,
             last_state_at: r.last_state_at,
+            topology_at: r.topology_at,
             online: false,
         }
     }
+}
+
+/// Writes device rows whole, one statement: inserts them (`overwrite` false: a serial that
+/// has a row is left alone) or inserts or updates them. `changed` says, per row, whether
+/// readers act on the change (its `changed_at` moves to now). Returns the serials written.
+async fn write_device_rows(
+    devices: &[DeviceRecord],
+    changed: &[bool],
+    overwrite: bool,
+    conn: &mut sqlx::PgConnection,
+) -> StoreResult<Vec<String>> {
+    let col = |f: fn(&DeviceRecord) -> Option<String>| -> Vec<Option<String>> {
+        devices.iter().map(f).collect()
+    };
+    let num = |f: fn(&DeviceRecord) -> Option<i64>| -> Vec<Option<i64>> {
+        devices.iter().map(f).collect()
+    };
+    let at = |f: fn(&DeviceRecord) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
+        devices.iter().map(f).collect()
+    };
+    let updates = excluded(DEVICE_COLUMNS);
+    let values = DEVICE_COLUMNS
+        .split(", ")
+        .map(|c| format!("u.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "INSERT INTO devices ({DEVICE_COLUMNS}, changed_at) SELECT {values}, \
+         CASE WHEN u.changed THEN now() ELSE '-infinity' END FROM UNNEST($1::text[], \
+         $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bool[], \
+         $9::text[], $10::int8[], $11::int8[], $12::int8[], $13::text[], $14::text[], \
+         $15::timestamptz[], $16::timestamptz[], $17::timestamptz[], $18::timestamptz[], \
+         $19::timestamptz[], $20::bool[]) AS u({DEVICE_COLUMNS}, changed) {{conflict}} \
+         RETURNING sn"
+    );
+    let conflict = match overwrite {
+        true => format!(
+            "ON CONFLICT (sn) DO UPDATE SET {updates}, \
+             changed_at = GREATEST(devices.changed_at, EXCLUDED.changed_at)"
+        ),
+        false => "ON CONFLICT (sn) DO NOTHING".to_string(),
+    };
+    let sql = sql.replace("{conflict}", &conflict);
+    sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(devices.iter().map(|d| d.sn.clone()).collect::<Vec<_>>())
+        .bind(devices.iter().map(|d| d.order.clone()).collect::<Vec<_>>())
+        .bind(col(|d| d.gateway_sn.clone()))
+        .bind(col(|d| d.child_sn.clone()))
+        .bind(col(|d| d.osd_child_sn.clone()))
+        .bind(col(|d| d.model_key.clone()))
+        .bind(col(|d| d.model.clone()))
+        .bind(devices.iter().map(|d| d.model_declared).collect::<Vec<_>>())
+        .bind(col(|d| d.firmware_version.clone()))
+        .bind(num(|d| d.compatible_status))
+        .bind(num(|d| d.firmware_upgrade_status))
+        .bind(num(|d| d.mode_code))
+        .bind(col(|d| d.thing_version.clone()))
+        .bind(col(|d| d.dialect.clone()))
+        .bind(devices.iter().map(|d| d.first_seen_at).collect::<Vec<_>>())
+        .bind(at(|d| d.last_seen_at))
+        .bind(at(|d| d.last_osd_at))
+        .bind(at(|d| d.last_state_at))
+        .bind(at(|d| d.topology_at))
+        .bind(changed.to_vec())
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)
 }
 
 #[async_trait::async_trait]
@@ -69,46 +139,67 @@ impl DeviceStore for Postgres {
         if devices.is_empty() {
             return Ok(());
         }
-        let col = |f: fn(&DeviceRecord) -> Option<String>| -> Vec<Option<String>> {
-            devices.iter().map(f).collect()
-        };
-        let num = |f: fn(&DeviceRecord) -> Option<i64>| -> Vec<Option<i64>> {
-            devices.iter().map(f).collect()
-        };
-        let at = |f: fn(&DeviceRecord) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
-            devices.iter().map(f).collect()
-        };
-        let updates = excluded(DEVICE_COLUMNS);
+        // The last copy of a serial in the batch is the one written.
+        let mut latest: HashMap<&str, &DeviceRecord> = HashMap::new();
+        for d in devices {
+            latest.insert(d.sn.as_str(), d);
+        }
+        let mut sns: Vec<String> = latest.keys().map(|s| s.to_string()).collect();
+        sns.sort();
+        let mut tx = self.background.begin().await.map_err(db)?;
+        // New serials are inserted as they are (a replica inserting the same serial at once
+        // makes this wait for it, and the row is then merged below), in serial order, as every
+        // writer locks: concurrent batches cannot deadlock.
+        let fresh: Vec<DeviceRecord> = sns.iter().map(|sn| latest[sn.as_str()].clone()).collect();
+        let inserted = write_device_rows(&fresh, &vec![true; fresh.len()], false, &mut tx).await?;
+        sns.retain(|sn| !inserted.contains(sn));
         let sql = format!(
-            "INSERT INTO devices ({DEVICE_COLUMNS}) SELECT * FROM UNNEST($1::text[], $2::text[], \
-             $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bool[], $9::text[], \
-             $10::int8[], $11::int8[], $12::int8[], $13::text[], $14::text[], \
-             $15::timestamptz[], $16::timestamptz[], $17::timestamptz[], $18::timestamptz[]) \
-             ON CONFLICT (sn) DO UPDATE SET {updates}"
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE sn = ANY($1) ORDER BY sn FOR UPDATE"
         );
-        sqlx::query(AssertSqlSafe(sql))
-            .bind(devices.iter().map(|d| d.sn.clone()).collect::<Vec<_>>())
-            .bind(devices.iter().map(|d| d.order.clone()).collect::<Vec<_>>())
-            .bind(col(|d| d.gateway_sn.clone()))
-            .bind(col(|d| d.child_sn.clone()))
-            .bind(col(|d| d.osd_child_sn.clone()))
-            .bind(col(|d| d.model_key.clone()))
-            .bind(col(|d| d.model.clone()))
-            .bind(devices.iter().map(|d| d.model_declared).collect::<Vec<_>>())
-            .bind(col(|d| d.firmware_version.clone()))
-            .bind(num(|d| d.compatible_status))
-            .bind(num(|d| d.firmware_upgrade_status))
-            .bind(num(|d| d.mode_code))
-            .bind(col(|d| d.thing_version.clone()))
-            .bind(col(|d| d.dialect.clone()))
-            .bind(devices.iter().map(|d| d.first_seen_at).collect::<Vec<_>>())
-            .bind(at(|d| d.last_seen_at))
-            .bind(at(|d| d.last_osd_at))
-            .bind(at(|d| d.last_state_at))
-            .execute(&self.background)
+        let stored: Vec<DeviceRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(&sns)
+            .fetch_all(&mut *tx)
             .await
             .map_err(db)?;
+        let stored: HashMap<String, DeviceRecord> = stored
+            .into_iter()
+            .map(|r| (r.sn.clone(), DeviceRecord::from(r)))
+            .collect();
+        let (rows, changed): (Vec<DeviceRecord>, Vec<bool>) = sns
+            .iter()
+            .map(|sn| latest[sn.as_str()].merged_over(stored.get(sn)))
+            .unzip();
+        if !rows.is_empty() {
+            write_device_rows(&rows, &changed, true, &mut tx).await?;
+        }
+        tx.commit().await.map_err(db)?;
         Ok(())
+    }
+
+    async fn changed_devices(&self, since: Option<DateTime<Utc>>) -> StoreResult<ChangedDevices> {
+        let sql = format!(
+            "SELECT {DEVICE_COLUMNS}, changed_at FROM devices \
+             WHERE $1::timestamptz IS NULL OR changed_at >= $1 ORDER BY changed_at"
+        );
+        #[derive(sqlx::FromRow)]
+        struct Changed {
+            #[sqlx(flatten)]
+            row: DeviceRow,
+            changed_at: DateTime<Utc>,
+        }
+        let rows: Vec<Changed> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(since)
+            .fetch_all(&self.background)
+            .await
+            .map_err(db)?;
+        let newest = rows.last().map(|r| r.changed_at);
+        Ok(ChangedDevices {
+            devices: rows
+                .into_iter()
+                .map(|r| DeviceRecord::from(r.row))
+                .collect(),
+            newest,
+        })
     }
 
     async fn delete_device(&self, sn: &str) -> StoreResult<()> {
@@ -132,7 +223,7 @@ impl DeviceStore for Postgres {
 
 const TASK_COLUMNS: &str = "id, gateway_sn, tid, bid, status, created_at, updated_at, percent, \
     step_key, sub_status, rate, result_code, result_reason, retryable, replied_at, \
-    last_event_at, finished_at";
+    last_event_at, finished_at, revision";
 
 #[derive(sqlx::FromRow)]
 struct TaskRow {
@@ -153,6 +244,7 @@ struct TaskRow {
     replied_at: Option<DateTime<Utc>>,
     last_event_at: Option<DateTime<Utc>>,
     finished_at: Option<DateTime<Utc>>,
+    revision: i64,
 }
 
 #[derive(sqlx::FromRow)]
@@ -238,6 +330,7 @@ impl Postgres {
                 replied_at: r.replied_at,
                 last_event_at: r.last_event_at,
                 finished_at: r.finished_at,
+                revision: r.revision as u64,
             };
             by_task.insert(task.id.clone(), task);
         }
@@ -317,7 +410,8 @@ async fn write_tasks(tasks: &[&OtaTask], conn: &mut sqlx::PgConnection) -> Store
         "INSERT INTO ota_tasks ({TASK_COLUMNS}, final) SELECT * FROM UNNEST($1::text[], \
          $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::timestamptz[], \
          $8::int8[], $9::text[], $10::text[], $11::int8[], $12::int8[], $13::text[], \
-         $14::bool[], $15::timestamptz[], $16::timestamptz[], $17::timestamptz[], $18::bool[]) \
+         $14::bool[], $15::timestamptz[], $16::timestamptz[], $17::timestamptz[], $18::int8[], \
+         $19::bool[]) \
          ON CONFLICT (id) DO UPDATE SET {updates}, final = EXCLUDED.final"
     );
     sqlx::query(AssertSqlSafe(sql))
@@ -338,6 +432,7 @@ async fn write_tasks(tasks: &[&OtaTask], conn: &mut sqlx::PgConnection) -> Store
         .bind(column(tasks, |t| t.replied_at))
         .bind(column(tasks, |t| t.last_event_at))
         .bind(column(tasks, |t| t.finished_at))
+        .bind(column(tasks, |t| t.revision as i64))
         .bind(column(tasks, |t| t.status.is_final()))
         .execute(&mut *conn)
         .await
@@ -445,6 +540,22 @@ impl TaskStore for Postgres {
         self.tasks_where(&sql, |q| q.bind(since)).await
     }
 
+    async fn find_task(&self, key: TaskKey<'_>) -> StoreResult<Option<OtaTask>> {
+        let (sql, value) = match key {
+            TaskKey::Tid(tid) => ("tid = $1 ORDER BY id DESC LIMIT 1", tid),
+            TaskKey::Bid(bid) => ("bid = $1 ORDER BY id DESC LIMIT 1", bid),
+            TaskKey::OpenFor(sn) => (
+                "id = (SELECT task_id FROM ota_claims WHERE sn = $1) AND NOT final",
+                sn,
+            ),
+        };
+        let sql = format!("SELECT {TASK_COLUMNS} FROM ota_tasks WHERE {sql}");
+        let mut found = self
+            .tasks_where(&sql, |q| q.bind(value.to_string()))
+            .await?;
+        Ok(found.pop())
+    }
+
     async fn list_tasks(
         &self,
         query: &TaskQuery,
@@ -508,8 +619,8 @@ impl TaskStore for Postgres {
         let ids = column(batch, |t| t.id.clone());
         let mut tx = self.background.begin().await.map_err(db)?;
         // Locked in id order, as every writer does: concurrent batches cannot deadlock.
-        let stored: Vec<(String, String, i64)> = sqlx::query_as(
-            "SELECT t.id, t.status, (SELECT count(*) FROM ota_task_history h \
+        let stored: Vec<(String, String, i64, i64)> = sqlx::query_as(
+            "SELECT t.id, t.status, t.revision, (SELECT count(*) FROM ota_task_history h \
              WHERE h.task_id = t.id) FROM ota_tasks t WHERE t.id = ANY($1) ORDER BY t.id \
              FOR UPDATE OF t",
         )
@@ -517,9 +628,15 @@ impl TaskStore for Postgres {
         .fetch_all(&mut *tx)
         .await
         .map_err(db)?;
-        let stored: HashMap<String, (TaskStatus, usize)> = stored
+        let stored: HashMap<String, (Stored, usize)> = stored
             .into_iter()
-            .map(|(id, status, n)| Ok((id, (parse(&status)?, n as usize))))
+            .map(|(id, status, revision, n)| {
+                let stored = Stored {
+                    status: parse(&status)?,
+                    revision: revision as u64,
+                };
+                Ok((id, (stored, n as usize)))
+            })
             .collect::<StoreResult<_>>()?;
         // The last copy of a task in the batch is the one written.
         let mut written = vec![false; batch.len()];
@@ -529,7 +646,7 @@ impl TaskStore for Postgres {
                 continue;
             }
             match stored.get(&task.id) {
-                Some((status, _)) if !is_forward(*status, task) => {}
+                Some((stored, _)) if !stored.admits(task) => {}
                 found => {
                     written[i] = true;
                     writes.push((task, found.map_or(0, |(_, n)| *n)));

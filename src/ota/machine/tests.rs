@@ -26,6 +26,7 @@ fn task(status: TaskStatus, replied: bool) -> OtaTask {
         replied_at: replied.then(|| at(1)),
         last_event_at: Some(at(1)),
         finished_at: status.is_final().then(|| at(1)),
+        revision: 0,
     }
 }
 
