@@ -111,6 +111,8 @@ struct Dock {
     aircraft: String,
     versions: Mutex<(String, String)>,
     upgrading: std::sync::atomic::AtomicBool,
+    /// `ota_create` jobs this dock took (which of them fail depends on it, not on timing).
+    jobs: std::sync::atomic::AtomicU64,
     http: reqwest::Client,
     stats: Arc<SimStats>,
 }
@@ -142,6 +144,7 @@ pub async fn run(cfg: SimConfig, cancel: CancellationToken) -> anyhow::Result<Ar
             aircraft: format!("{sn}-AC"),
             versions: Mutex::new((cfg.dock_version.clone(), cfg.aircraft_version.clone())),
             upgrading: Default::default(),
+            jobs: Default::default(),
             cfg: cfg.clone(),
             index: i,
             sn,
@@ -298,8 +301,9 @@ impl Dock {
     /// Whether this job fails (deterministic per dock and job count).
     fn fails(&self, mode: FailMode) -> bool {
         self.cfg.fail == Some(mode) && {
-            let n = self.stats.jobs.load(Ordering::Relaxed) as usize + self.index;
-            ((n * 7919) % 1000) as f64 / 1000.0 < self.cfg.fail_rate
+            // About `fail_rate` of the docks fail a given job, the same ones every run.
+            let n = self.jobs.load(Ordering::Relaxed) as usize + self.index;
+            ((n * 619) % 1000) as f64 / 1000.0 < self.cfg.fail_rate
         }
     }
 
@@ -331,6 +335,7 @@ impl Dock {
 
     async fn job(self: Arc<Self>, client: AsyncClient, msg: Value) {
         self.stats.jobs.fetch_add(1, Ordering::Relaxed);
+        self.jobs.fetch_add(1, Ordering::Relaxed);
         let (tid, bid) = (
             msg["tid"].clone(),
             msg["bid"].as_str().unwrap_or_default().to_string(),

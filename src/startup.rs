@@ -251,6 +251,10 @@ impl Bound {
             ota.clone(),
         )
         .await?;
+        if shared {
+            // One replica of the deployment drives the rollouts.
+            rollouts.schedule_under(cluster.lease(crate::rollout::SCHEDULING_LEASE));
+        }
         tokio::spawn(rollouts.clone().run(workers.clone()));
 
         let tokens = crate::auth::TokenService::load(catalog.clone())

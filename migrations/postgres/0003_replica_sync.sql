@@ -18,3 +18,6 @@ CREATE TABLE leases (
     expires_at  TIMESTAMPTZ NOT NULL,
     acquired_at TIMESTAMPTZ NOT NULL
 );
+-- A rollout's revision: an operator's action taken through one replica and the scheduler's
+-- writes on another never overwrite each other.
+ALTER TABLE rollouts ADD COLUMN revision BIGINT NOT NULL DEFAULT 0;

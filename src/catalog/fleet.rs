@@ -161,7 +161,7 @@ impl RolloutStore for Catalog {
         rollout_id: &str,
         rollout: Option<&Rollout>,
         members: &[&Member],
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         let t = self.trees()?;
         let rows: Vec<(Vec<u8>, Vec<u8>)> = members
             .iter()
@@ -174,17 +174,30 @@ impl RolloutStore for Catalog {
                 batch.insert(k, v);
             }
             t.rollout_members.apply_batch(batch)?;
-            return Ok(());
+            return Ok(true);
         };
+        let revision = rollout.map_or(0, |r| r.revision);
         (&t.rollouts, &t.rollout_members)
             .transaction(|(rollouts, member_tree)| {
+                if let Some(v) = rollouts.get(rollout_id.as_bytes())? {
+                    #[derive(serde::Deserialize)]
+                    struct Stored {
+                        #[serde(default)]
+                        revision: u64,
+                    }
+                    let stored: Stored = decode(rollout_id.as_bytes(), &v)
+                        .map_err(sled::transaction::ConflictableTransactionError::Abort)?;
+                    if stored.revision + 1 != revision {
+                        return Ok(false);
+                    }
+                }
                 for (k, v) in &rows {
                     member_tree.insert(k.as_slice(), v.as_slice())?;
                 }
                 rollouts.insert(rollout_id.as_bytes(), record.as_slice())?;
-                Ok(())
+                Ok(true)
             })
-            .map_err(tx_abort::<std::convert::Infallible>)
+            .map_err(tx_abort)
     }
 
     async fn members(&self, rollout_id: &str) -> StoreResult<Vec<Member>> {

@@ -150,9 +150,7 @@ pub async fn import(to: &dyn Store, e: Exported) -> StoreResult<bool> {
         Exported::Token { record } => to.put_tokens(&[record]).await.map(|()| true),
         Exported::Rollout { record, members } => {
             let members: Vec<&Member> = members.iter().collect();
-            to.save_rollout(&record.id, Some(&record), &members)
-                .await
-                .map(|()| true)
+            to.save_rollout(&record.id, Some(&record), &members).await
         }
         Exported::Task { record } if !record.status.is_final() => {
             Ok(to.insert_task(&record).await? == Claimed::Inserted)

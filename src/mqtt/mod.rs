@@ -282,9 +282,18 @@ pub fn start(
         )),
         _ => None,
     };
+    // Only replicas on one external broker share subscriptions.
+    let share_group = match settings.target {
+        BrokerTarget::External { .. } => settings.share_group.clone(),
+        BrokerTarget::Embedded(_) => None,
+    };
     let mut options = MqttOptions::new(client_id, host, port);
     options
-        .set_clean_session(false)
+        // A broker keeps queueing a shared subscription's messages for a member whose
+        // persistent session outlives it (a replica killed for good would hold its share until
+        // it came back): members of a group have clean sessions, so the live ones get
+        // everything at once.
+        .set_clean_session(share_group.is_some())
         .set_keep_alive(Duration::from_secs(30))
         .set_max_packet_size(CLIENT_PACKET_LIMIT, CLIENT_PACKET_LIMIT)
         // rumqttc stops taking requests (PUBACKs included) while its outgoing window is
@@ -320,11 +329,7 @@ pub fn start(
         registry,
         ota,
         replies: settings.replies,
-        // Only replicas on one external broker share subscriptions.
-        share_group: match settings.target {
-            BrokerTarget::External { .. } => settings.share_group.clone(),
-            BrokerTarget::Embedded(_) => None,
-        },
+        share_group,
     };
     tokio::spawn(session.run(eventloop, cancel));
     Ok(handle)

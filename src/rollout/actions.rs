@@ -4,15 +4,55 @@
 use super::*;
 
 impl RolloutService {
-    /// An operator's action; the state machine decides whether it applies.
+    /// An operator's action; the state machine decides whether it applies. On a replica that
+    /// does not drive rollouts (another holds the scheduling lease) it is decided on the
+    /// stored rollouts and stored; the driving replica reads it within 2 s. When another
+    /// replica changed the rollout first, the action is decided again on the fresh copy.
     pub async fn action(&self, id: &str, action: Action) -> Result<RolloutView, RolloutError> {
-        let now = Utc::now();
-        // Read first: the decision below holds the lock and makes no I/O.
-        let driven = lock(&self.inner.active).contains_key(id);
-        let stored = match driven {
+        let drives = self.drives();
+        let _one = match drives {
             true => None,
-            false => Some(self.stored(id).await?),
+            false => Some(self.inner.acting.lock().await),
         };
+        for _ in 0..3 {
+            if !drives {
+                let loaded = Self::load_active(&self.inner.stores).await?;
+                *lock(&self.inner.active) = loaded;
+            }
+            // Read first: the decision holds the lock and makes no I/O.
+            let driven = lock(&self.inner.active).contains_key(id);
+            let stored = match driven {
+                true => None,
+                false => Some(self.stored(id).await?),
+            };
+            let decided = self.decide(id, action, stored, Utc::now());
+            // Stored before the answer (which the access gate makes durable).
+            let written = self.store_writes().await;
+            if !drives {
+                lock(&self.inner.active).clear();
+            }
+            let view = decided?;
+            if written?.iter().any(|s| s == id) {
+                continue;
+            }
+            tracing::info!(rollout_id = %id, action = action.as_str(), status = ?view.rollout.status(), "rollout action");
+            let _ = self.inner.changes.send(view.clone());
+            self.inner.wake.notify_one();
+            return Ok(view);
+        }
+        Err(RolloutError::Conflict(format!(
+            "rollout {id} kept changing through other replicas; try again"
+        )))
+    }
+
+    /// Decides `action` on rollout `id` (memory's copy, else `stored`) and queues its writes.
+    fn decide(
+        &self,
+        id: &str,
+        action: Action,
+        stored: Option<Rollout>,
+        now: DateTime<Utc>,
+    ) -> Result<RolloutView, RolloutError> {
         let not_found = || RolloutError::NotFound(id.to_string());
         let view = {
             let mut active = lock(&self.inner.active);
@@ -105,11 +145,6 @@ impl RolloutService {
                 view_of(&a.rollout, &a.members, now)
             }
         };
-        // Stored before the answer (which the access gate makes durable).
-        self.store_writes().await?;
-        tracing::info!(rollout_id = %id, action = action.as_str(), status = ?view.rollout.status(), "rollout action");
-        let _ = self.inner.changes.send(view.clone());
-        self.inner.wake.notify_one();
         Ok(view)
     }
 }

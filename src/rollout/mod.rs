@@ -82,6 +82,9 @@ pub enum RolloutError {
     Catalog(#[from] CatalogError),
 }
 
+/// The lease whose holder drives the rollouts of a deployment of several replicas.
+pub const SCHEDULING_LEASE: &str = "rollouts";
+
 /// A dispatch to make: member index, request, Idempotency-Key.
 type Dispatch = (usize, OtaRequest, String);
 
@@ -137,6 +140,17 @@ struct Inner {
     /// been heard from since (after a restart with the embedded broker, docks reconnect and
     /// resubscribe first; an `ota_create` sent before that is lost).
     since: DateTime<Utc>,
+    /// The last revision of each rollout this replica stored or read.
+    revisions: Mutex<HashMap<String, u64>>,
+    /// Firmware of the active rollouts, as the catalog listed them (a replica that does not
+    /// drive rollouts guards against deleting it by this).
+    packages_in_use: Mutex<HashSet<String>>,
+    /// The deployment's lease on rollout scheduling: rollouts are driven by the replica
+    /// holding it; without one (a single process), here.
+    lease: std::sync::OnceLock<crate::cluster::Lease>,
+    /// One operator action at a time on a replica that does not drive rollouts (each loads
+    /// the active rollouts for its checks).
+    acting: tokio::sync::Mutex<()>,
 }
 
 /// The rollout service. Cheap to clone.
@@ -154,25 +168,7 @@ impl RolloutService {
         ota: OtaService,
     ) -> Result<RolloutService, CatalogError> {
         let now = Utc::now();
-        let mut active = HashMap::new();
-        for r in stores.rollouts.all_rollouts().await? {
-            let members: Vec<Member> = stores.rollouts.members(&r.id).await?;
-            let busy = members
-                .iter()
-                .any(|m| matches!(m.state, DeviceState::InFlight));
-            if r.status().is_active() || (r.status() == RolloutStatus::Canceled && busy) {
-                active.insert(
-                    r.id.clone(),
-                    Active {
-                        rollout: r,
-                        members,
-                        next_slot: now,
-                        last_refresh: now,
-                        last_sample: now,
-                    },
-                );
-            }
-        }
+        let active = Self::load_active(&stores).await?;
         let (changes, _) = broadcast::channel(256);
         Ok(RolloutService {
             inner: Arc::new(Inner {
@@ -185,8 +181,23 @@ impl RolloutService {
                 changes,
                 wake: Notify::new(),
                 since: now,
+                revisions: Mutex::default(),
+                packages_in_use: Mutex::default(),
+                lease: std::sync::OnceLock::new(),
+                acting: tokio::sync::Mutex::new(()),
             }),
         })
+    }
+
+    /// Drives rollouts only while this replica holds `lease` (several replicas share the
+    /// catalog: one of them schedules).
+    pub fn schedule_under(&self, lease: crate::cluster::Lease) {
+        let _ = self.inner.lease.set(lease);
+    }
+
+    /// Whether this replica drives rollouts now.
+    fn drives(&self) -> bool {
+        self.inner.lease.get().is_none_or(|l| l.held())
     }
 
     /// Prometheus text: rollouts the scheduler drives, by status, and their devices by state.
@@ -298,6 +309,7 @@ impl RolloutService {
             started_at: None,
             timeline: Vec::new(),
             events: Vec::new(),
+            revision: 0,
         };
         rollout.event("created", None, now);
         self.inner
@@ -499,7 +511,7 @@ impl crate::firmware::UsageGuard for RolloutService {
 
     fn in_use(&self, fw: &FirmwareRecord) -> Option<String> {
         let active = lock(&self.inner.active);
-        active
+        let driven = active
             .values()
             .filter(|a| a.rollout.status().is_active())
             .find(|a| {
@@ -508,7 +520,12 @@ impl crate::firmware::UsageGuard for RolloutService {
                     .iter()
                     .any(|p| p.firmware_id == fw.id.as_str())
             })
-            .map(|a| format!("rollout {} uses it", a.rollout.id))
+            .map(|a| format!("rollout {} uses it", a.rollout.id));
+        driven.or_else(|| {
+            lock(&self.inner.packages_in_use)
+                .contains(fw.id.as_str())
+                .then(|| "an active rollout uses it".to_string())
+        })
     }
 }
 

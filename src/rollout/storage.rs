@@ -88,12 +88,25 @@ impl RolloutService {
         });
     }
 
-    /// Stores the queued writes in order. On a failure, it and the writes after it go back
-    /// to the front of the queue (tried again by the next call) and the error is returned.
-    pub(super) async fn store_writes(&self) -> Result<(), CatalogError> {
+    /// Stores the queued writes in order, each rollout record one revision past the last
+    /// one stored. Returns the rollouts another writer changed first (another replica): their
+    /// remaining writes are dropped and memory gets their stored copies. On a failure, it and
+    /// the writes after it go back to the front of the queue (tried again by the next call)
+    /// and the error is returned.
+    pub(super) async fn store_writes(&self) -> Result<Vec<String>, CatalogError> {
         let _turn = self.inner.storing.lock().await;
         let mut writes = std::mem::take(&mut *lock(&self.inner.writes)).into_iter();
-        while let Some(w) = writes.next() {
+        let mut stale: Vec<String> = Vec::new();
+        while let Some(mut w) = writes.next() {
+            if stale.contains(&w.rollout_id) {
+                continue;
+            }
+            // One past the last revision stored (a write queued before an earlier one of
+            // the same rollout was stored carries an older one).
+            if let Some(r) = &mut w.rollout {
+                let known = lock(&self.inner.revisions).get(&r.id).copied();
+                r.revision = known.unwrap_or(0).max(r.revision) + 1;
+            }
             let members: Vec<&Member> = w.members.iter().collect();
             let stored = self
                 .inner
@@ -101,13 +114,136 @@ impl RolloutService {
                 .rollouts
                 .save_rollout(&w.rollout_id, w.rollout.as_ref(), &members)
                 .await;
-            if let Err(e) = stored {
-                tracing::error!(rollout_id = %w.rollout_id, error = %e, "storing rollout failed");
-                let mut queue = lock(&self.inner.writes);
-                let later = std::mem::take(&mut *queue);
-                queue.extend(std::iter::once(w).chain(writes).chain(later));
-                return Err(e);
+            match stored {
+                Ok(true) => {
+                    if let Some(r) = &w.rollout {
+                        lock(&self.inner.revisions).insert(r.id.clone(), r.revision);
+                        if let Some(a) = lock(&self.inner.active).get_mut(&r.id) {
+                            a.rollout.revision = a.rollout.revision.max(r.revision);
+                        }
+                    }
+                }
+                Ok(false) => {
+                    tracing::info!(rollout_id = %w.rollout_id, "rollout changed by another replica first; reading it again");
+                    stale.push(w.rollout_id.clone());
+                }
+                Err(e) => {
+                    tracing::error!(rollout_id = %w.rollout_id, error = %e, "storing rollout failed");
+                    if let Some(r) = &mut w.rollout {
+                        r.revision -= 1;
+                    }
+                    let mut queue = lock(&self.inner.writes);
+                    let later = std::mem::take(&mut *queue);
+                    queue.extend(std::iter::once(w).chain(writes).chain(later));
+                    return Err(e);
+                }
             }
+        }
+        for id in &stale {
+            self.reload(id).await?;
+        }
+        Ok(stale)
+    }
+
+    /// The rollouts this replica drives: every active one, and canceled ones with tasks in
+    /// flight (start-up, or when it takes over the scheduling lease).
+    pub(super) async fn load_active(
+        stores: &RolloutStores,
+    ) -> Result<HashMap<String, Active>, CatalogError> {
+        let mut active = HashMap::new();
+        for r in stores.rollouts.all_rollouts().await? {
+            if let Some(a) = Self::load_one(stores, r).await? {
+                active.insert(a.rollout.id.clone(), a);
+            }
+        }
+        Ok(active)
+    }
+
+    /// `r` with its members, if it is to be driven.
+    async fn load_one(stores: &RolloutStores, r: Rollout) -> Result<Option<Active>, CatalogError> {
+        if !(r.status().is_active() || r.status() == RolloutStatus::Canceled) {
+            return Ok(None);
+        }
+        let members: Vec<Member> = stores.rollouts.members(&r.id).await?;
+        let busy = members
+            .iter()
+            .any(|m| matches!(m.state, DeviceState::InFlight));
+        if !r.status().is_active() && !busy {
+            return Ok(None);
+        }
+        let now = Utc::now();
+        Ok(Some(Active {
+            rollout: r,
+            members,
+            next_slot: now,
+            last_refresh: now,
+            last_sample: now,
+        }))
+    }
+
+    /// Replaces memory's copy of rollout `id` with the stored one (dropped when it is no
+    /// longer driven, or when this replica does not drive rollouts).
+    pub(super) async fn reload(&self, id: &str) -> Result<(), CatalogError> {
+        let stored = match self.inner.stores.rollouts.rollout(id).await? {
+            Some(r) => {
+                lock(&self.inner.revisions).insert(r.id.clone(), r.revision);
+                match self.drives() {
+                    true => Self::load_one(&self.inner.stores, r).await?,
+                    false => None,
+                }
+            }
+            None => None,
+        };
+        let mut active = lock(&self.inner.active);
+        match stored {
+            Some(a) => Self::take_in(&mut active, a),
+            None => {
+                active.remove(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts a copy read from the catalog into memory unless memory's is as new (a write made
+    /// while it was being read); pacing continues where it was.
+    pub(super) fn take_in(active: &mut HashMap<String, Active>, mut a: Active) {
+        if let Some(old) = active.get(&a.rollout.id) {
+            if old.rollout.revision >= a.rollout.revision {
+                return;
+            }
+            a.next_slot = old.next_slot;
+            a.last_refresh = old.last_refresh;
+            a.last_sample = old.last_sample;
+        }
+        active.insert(a.rollout.id.clone(), a);
+    }
+
+    /// Takes in what other replicas changed (on the replica that drives rollouts: rollouts
+    /// started, or acted on, elsewhere) and notes the firmware the active rollouts use.
+    pub(super) async fn discover(&self) -> Result<(), CatalogError> {
+        let all = self.inner.stores.rollouts.all_rollouts().await?;
+        let in_use: HashSet<String> = all
+            .iter()
+            .filter(|r| r.status().is_active())
+            .flat_map(|r| r.packages.iter().map(|p| p.firmware_id.clone()))
+            .collect();
+        *lock(&self.inner.packages_in_use) = in_use;
+        if !self.drives() {
+            return Ok(());
+        }
+        let changed: Vec<String> = {
+            let active = lock(&self.inner.active);
+            all.iter()
+                .filter(|r| match active.get(&r.id) {
+                    Some(a) => r.revision > a.rollout.revision,
+                    None => r.status().is_active(),
+                })
+                .map(|r| r.id.clone())
+                .collect()
+        };
+        for id in changed {
+            tracing::info!(rollout_id = %id, "rollout changed through another replica; reading it again");
+            self.reload(&id).await?;
         }
         Ok(())
     }

@@ -17,13 +17,16 @@ pub trait RolloutStore: Send + Sync {
         page: &PageRequest,
     ) -> StoreResult<Page<Rollout>>;
     /// Stores changed members of `rollout_id` and, when given, the rollout record, in one
-    /// atomic write (a member's dispatch key is recorded with the state that made it).
+    /// atomic write (a member's dispatch key is recorded with the state that made it). A
+    /// given record is stored only if none is stored yet or it was made from the stored one
+    /// (its `revision` one past the stored revision); otherwise nothing is written and the
+    /// answer is false (another writer changed the rollout first).
     async fn save_rollout(
         &self,
         rollout_id: &str,
         rollout: Option<&Rollout>,
         members: &[&Member],
-    ) -> StoreResult<()>;
+    ) -> StoreResult<bool>;
     /// A rollout's members in their order key's order.
     async fn members(&self, rollout_id: &str) -> StoreResult<Vec<Member>>;
 }

@@ -78,6 +78,7 @@ pub(super) fn without_timeline(r: &Rollout) -> Rollout {
         started_at: r.started_at,
         timeline: Vec::new(),
         events: r.events.clone(),
+        revision: r.revision,
     }
 }
 

@@ -204,6 +204,7 @@ async fn replicas_on_one_database_list_each_other_and_one_keeping_packages_local
         .args(["--listen", "127.0.0.1:0"])
         .args(&args)
         .env_remove("FWREPO_LISTEN")
+        .env("RUST_LOG", "info,sqlx=debug")
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
         .kill_on_drop(true)
@@ -380,22 +381,7 @@ async fn the_ota_timers_move_to_another_replica_when_their_holder_dies() {
         shared.start(root.path(), "r2", &timeout),
     ];
     // Who holds the lease by their own latest heartbeat (a dead one's row still lists it).
-    let holders = |base: String| async move {
-        let body = get_json_at(&base, "/api/v1/cluster").await;
-        body["replicas"]
-            .as_array()
-            .map(|rs| {
-                rs.iter()
-                    .filter(|r| {
-                        r["leases"]
-                            .as_array()
-                            .is_some_and(|l| l.contains(&Value::from("ota-timers")))
-                    })
-                    .filter_map(|r| r["id"].as_str().map(str::to_string))
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default()
-    };
+    let holders = |base: String| async move { holders_of(&base, "ota-timers").await };
     let holder_of = |base: String| async move { holders(base).await.pop() };
     let base = replicas[1].base.clone();
     assert!(
@@ -448,4 +434,190 @@ async fn the_ota_timers_move_to_another_replica_when_their_holder_dies() {
         "the survivor never timed the task out"
     );
     println!("ota-timers handover after kill -9: {handover:?}");
+}
+
+/// `POST` of `body` to `path` on replica `r`; the status and the JSON answer.
+async fn post_to(r: &ServerProcess, path: &str, body: Value) -> (u16, Value) {
+    let resp = r
+        .client()
+        .post(format!("{}{path}", r.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+/// The replicas that list `lease` in their latest heartbeat, as `base` reports them.
+async fn holders_of(base: &str, lease: &str) -> Vec<String> {
+    let body = get_json_at(base, "/api/v1/cluster").await;
+    body["replicas"]
+        .as_array()
+        .map(|rs| {
+            rs.iter()
+                .filter(|r| {
+                    r["leases"]
+                        .as_array()
+                        .is_some_and(|l| l.contains(&Value::from(lease)))
+                })
+                .filter_map(|r| r["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A rollout over 10 simulated docks behind nginx (round robin; `file_url` points at it),
+/// created and started through the replica that does not drive rollouts; the driving one is
+/// killed -9 mid-rollout and started again later. The other takes the scheduling over, the
+/// downloads cut by the kill resume through nginx on the survivor, the rollout completes, and
+/// every gateway got exactly one `ota_create`.
+#[tokio::test]
+async fn a_rollout_completes_when_the_replica_driving_it_is_killed() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(shared) = Shared::new(
+        "a_rollout_completes_when_the_replica_driving_it_is_killed",
+        root.path(),
+    )
+    .await
+    else {
+        return;
+    };
+    if !crate::balancer::have_nginx() {
+        println!(
+            "SKIP cluster::a_rollout_completes_when_the_replica_driving_it_is_killed: no nginx on PATH"
+        );
+        return;
+    }
+    let lb_port = free_port();
+    let public = format!("http://127.0.0.1:{lb_port}");
+    let mut replicas = [
+        shared.start(root.path(), "r1", &["--public-url", &public]),
+        shared.start(root.path(), "r2", &["--public-url", &public]),
+    ];
+    let upstreams: Vec<String> = replicas
+        .iter()
+        .map(|r| r.base.trim_start_matches("http://").to_string())
+        .collect();
+    let upstreams: Vec<&str> = upstreams.iter().map(String::as_str).collect();
+    let _lb = crate::balancer::Nginx::start(root.path(), lb_port, &upstreams);
+    let (dock_fw, ac_fw) = (
+        upload_to(&replicas[0], "Dock_2.0.0.zip", 1).await,
+        upload_to(&replicas[0], "M30_2.0.0.zip", 2).await,
+    );
+    let base = replicas[1].base.clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            holders_of(&base, "rollouts").await.len() == 1
+        })
+        .await,
+        "nobody drives the rollouts"
+    );
+    let driver = holders_of(&base, "rollouts").await.pop().unwrap();
+    let (dead, alive) = if driver == "r1" { (0, 1) } else { (1, 0) };
+    let (observer, mut creates) = mqtt_client(&replicas[0].mqtt, "creates").await;
+    observer.subscribe_acked("thing/product/+/services").await;
+    // Downloads at 150 kB/s: each dock takes a few seconds, so the kill lands mid-rollout.
+    let (prefix, sim) = fleet(&replicas[0].mqtt, 10, &["--rate", "150000"]).await;
+    let gateways: Vec<String> = (1..=10).map(|i| format!("{prefix}{i:04}")).collect();
+    for r in &replicas {
+        for gw in &gateways {
+            assert!(
+                wait_until(Duration::from_secs(20), || async {
+                    get_json_at(&r.base, &format!("/api/v1/devices/{gw}")).await["child_sn"]
+                        .is_string()
+                })
+                .await,
+                "{} never saw {gw} with its aircraft",
+                r.base
+            );
+        }
+    }
+    let survivor = &replicas[alive];
+    let (status, created) = post_to(
+        survivor,
+        "/api/v1/rollouts",
+        serde_json::json!({"name": "handover", "target": {"gateway_sns": gateways},
+            "firmware": [{"firmware_id": dock_fw}, {"firmware_id": ac_fw}],
+            "stages": [{"percent": 50}, {"percent": 100}], "max_in_flight": 3,
+            "rate_per_minute": null}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    // Started through the replica that does not drive: the driver picks it up.
+    let (status, started) = post_to(
+        survivor,
+        &format!("/api/v1/rollouts/{id}/start"),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{started}");
+    let rollout = |base: String| {
+        let id = id.clone();
+        async move { get_json_at(&base, &format!("/api/v1/rollouts/{id}")).await }
+    };
+    let survivor_base = survivor.base.clone();
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            rollout(survivor_base.clone()).await["counts"]["ok"]
+                .as_u64()
+                .unwrap_or(0)
+                >= 3
+        })
+        .await,
+        "no progress: {}",
+        rollout(survivor_base.clone()).await
+    );
+    replicas[dead].kill9();
+    let done = wait_until(Duration::from_secs(120), || async {
+        rollout(survivor_base.clone()).await["status"] == "completed"
+    })
+    .await;
+    let last = rollout(survivor_base.clone()).await;
+    assert!(
+        done,
+        "the rollout did not complete after the handover: {last}"
+    );
+    assert_eq!(last["counts"]["ok"], 20, "{last}");
+    assert!(
+        holders_of(&survivor_base, "rollouts")
+            .await
+            .contains(&if alive == 0 { "r1" } else { "r2" }.to_string())
+    );
+    // The killed replica comes back and joins as a follower.
+    let dead_id = if dead == 0 { "r1" } else { "r2" };
+    let back = shared.start(root.path(), dead_id, &["--public-url", &public]);
+    assert_eq!(rollout(back.base.clone()).await["status"], "completed");
+    // Every gateway got exactly one ota_create.
+    let mut per_gateway: std::collections::HashMap<String, usize> = Default::default();
+    while let Ok((topic, payload)) = creates.try_recv() {
+        let msg: Value = serde_json::from_slice(&payload).unwrap();
+        if msg["method"] == "ota_create" {
+            let gw = topic.split('/').nth(2).unwrap().to_string();
+            *per_gateway.entry(gw).or_default() += 1;
+        }
+    }
+    assert_eq!(per_gateway.len(), 10, "{per_gateway:?}");
+    for (gw, n) in &per_gateway {
+        if *n != 1 {
+            let tasks = get_json_at(&survivor_base, &format!("/api/v1/ota?gateway_sn={gw}")).await;
+            let brief: Vec<String> = tasks["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| {
+                    let sources: Vec<String> = t["history"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|h| format!("{}:{}", h["source"], h["status"]))
+                        .collect();
+                    format!("{} {} {:?}", t["id"], t["status"], sources)
+                })
+                .collect();
+            panic!("{gw} got {n} ota_create: {brief:#?}\nrollout: {last}");
+        }
+    }
+    sim.cancel();
 }

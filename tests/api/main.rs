@@ -2,6 +2,7 @@
 //! as release engineers and gateways would. One test binary (faster to link).
 
 mod auth;
+mod balancer;
 mod cli;
 mod clients;
 mod cluster;

@@ -544,9 +544,23 @@ pub(crate) async fn every_kind_round_trips(make: Make) {
     assert_eq!(micros(tokens[0].revoked_at), micros(t.revoked_at));
     assert!(tokens[0].last_used_at.unwrap() > Utc::now() - chrono::Duration::minutes(1));
 
-    let r = rollout("R1");
+    let mut r = rollout("R1");
     let (m1, m2) = (member("A", "a"), member("B", "b"));
-    cat.save_rollout("R1", Some(&r), &[&m2, &m1]).await.unwrap();
+    assert!(cat.save_rollout("R1", Some(&r), &[&m2, &m1]).await.unwrap());
+    // A copy made from an older revision (another replica wrote first) changes nothing.
+    let mut behind = r.clone();
+    r.revision = 1;
+    r.name = "renamed".into();
+    assert!(cat.save_rollout("R1", Some(&r), &[]).await.unwrap());
+    behind.revision = 1;
+    behind.name = "stale".into();
+    let m3 = member("C", "c");
+    assert!(!cat.save_rollout("R1", Some(&behind), &[&m3]).await.unwrap());
+    let stored = cat.rollout("R1").await.unwrap().unwrap();
+    assert_eq!((stored.name.as_str(), stored.revision), ("renamed", 1));
+    r.name = "r".into();
+    r.revision = 2;
+    assert!(cat.save_rollout("R1", Some(&r), &[]).await.unwrap());
     cat.save_rollout("R2", None, &[&member("X", "a")])
         .await
         .unwrap();

@@ -10,7 +10,7 @@ use crate::rollout::store::RolloutStore;
 
 const ROLLOUT_COLUMNS: &str = "id, name, status, pause_reason, finished_at, definition, \
     packages, current_stage, stage_sizes, acknowledged_failed, created_at, updated_at, \
-    started_at, timeline, events";
+    started_at, timeline, events, revision";
 
 #[derive(sqlx::FromRow)]
 struct RolloutRow {
@@ -29,6 +29,7 @@ struct RolloutRow {
     started_at: Option<DateTime<Utc>>,
     timeline: sqlx::types::Json<Value>,
     events: sqlx::types::Json<Value>,
+    revision: i64,
 }
 
 impl RolloutRow {
@@ -42,7 +43,7 @@ impl RolloutRow {
             "current_stage": self.current_stage, "stage_sizes": self.stage_sizes,
             "acknowledged_failed": self.acknowledged_failed, "created_at": self.created_at,
             "updated_at": self.updated_at, "started_at": self.started_at,
-            "timeline": self.timeline.0, "events": self.events.0,
+            "timeline": self.timeline.0, "events": self.events.0, "revision": self.revision,
         }))
         .map_err(|source| CatalogError::Decode { key, source })
     }
@@ -101,7 +102,7 @@ async fn write_rollout(r: &Rollout, conn: &mut sqlx::PgConnection) -> StoreResul
     let updates = excluded(ROLLOUT_COLUMNS);
     let sql = format!(
         "INSERT INTO rollouts ({ROLLOUT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, \
-         $10, $11, $12, $13, $14, $15) ON CONFLICT (id) DO UPDATE SET {updates}"
+         $10, $11, $12, $13, $14, $15, $16) ON CONFLICT (id) DO UPDATE SET {updates}"
     );
     sqlx::query(AssertSqlSafe(sql))
         .bind(&r.id)
@@ -122,6 +123,7 @@ async fn write_rollout(r: &Rollout, conn: &mut sqlx::PgConnection) -> StoreResul
         .bind(r.started_at)
         .bind(sqlx::types::Json(&v["timeline"]))
         .bind(sqlx::types::Json(&v["events"]))
+        .bind(r.revision as i64)
         .execute(&mut *conn)
         .await
         .map_err(db)?;
@@ -237,14 +239,23 @@ impl RolloutStore for Postgres {
         rollout_id: &str,
         rollout: Option<&Rollout>,
         members: &[&Member],
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await.map_err(db)?;
         if let Some(r) = rollout {
+            let stored: Option<i64> =
+                sqlx::query_scalar("SELECT revision FROM rollouts WHERE id = $1 FOR UPDATE")
+                    .bind(rollout_id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            if stored.is_some_and(|s| s as u64 + 1 != r.revision) {
+                return Ok(false);
+            }
             write_rollout(r, &mut tx).await?;
         }
         write_members(rollout_id, members, &mut tx).await?;
         tx.commit().await.map_err(db)?;
-        Ok(())
+        Ok(true)
     }
 
     async fn members(&self, rollout_id: &str) -> StoreResult<Vec<Member>> {

@@ -533,6 +533,11 @@ pub struct Rollout {
     pub timeline: Vec<TimelinePoint>,
     /// State changes.
     pub events: Vec<RolloutEvent>,
+    /// How many times the stored record was written after its creation: a writer's copy is
+    /// stored only while the stored one has the revision it was made from (an action taken
+    /// through one replica is never overwritten by the scheduler on another).
+    #[serde(default)]
+    pub revision: u64,
 }
 
 impl Rollout {
