@@ -6,6 +6,10 @@
 #   (b) the files the Dockerfile COPYs and the compose file references (build context,
 #       Dockerfile, bind mounts, mosquitto's acl) exist and are not excluded by .dockerignore;
 #   (c) systemd-analyze verify of the unit (when installed) plus a section/ExecStart check;
+#   (e) cluster mode (deploy/cluster/, deploy/k8s-cluster/): every replica shares the
+#       catalog (PostgreSQL), the blob store (S3), the broker (external, one share group) and
+#       the URL signing key; compose replicas have distinct ids and nginx balances over all
+#       of them; the files they mount exist (the signing key is the operator's);
 #   (d) every FWREPO_* variable named under deploy/ is a flag of README.md's Configuration
 #       table (FWREPO_FOO_BAR <-> --foo-bar); TOML keys in deploy/fwrepo.toml and the k8s
 #       ConfigMap are flag names; deploy/fwrepo.toml lists every flag.
@@ -331,6 +335,100 @@ sys.exit(1 if bad else 0)
 PY
 fi
 
+# ---- (e) cluster mode ---------------------------------------------------------------------------
+if [ "$have_yaml" = 1 ]; then
+  pycheck <<'PY'
+import glob, os, re, sys, yaml
+
+need = {
+    "FWREPO_CATALOG": lambda v: v.startswith(("postgres://", "postgresql://")),
+    "FWREPO_BLOB_STORE": lambda v: v.startswith("s3://"),
+    "FWREPO_MQTT_URL": lambda v: v.startswith(("mqtt://", "mqtts://")),
+    "FWREPO_URL_SIGNING_KEY_FILE": lambda v: bool(v),
+}
+cf = "deploy/cluster/docker-compose.yml"
+if not os.path.exists(cf):
+    say("FAIL", f"cluster: {cf} missing")
+    sys.exit(1)
+data = yaml.safe_load(open(cf)) or {}
+services = data.get("services") or {}
+replicas = {n: s for n, s in services.items() if re.fullmatch(r"fwrepo-\d+", n)}
+if len(replicas) < 2:
+    say("FAIL", f"cluster: {cf} has {len(replicas)} fwrepo-N services; several replicas expected")
+ids, groups = set(), set()
+for name, svc in sorted(replicas.items()):
+    env = svc.get("environment") or {}
+    missing = [k for k, ok in need.items() if not ok(str(env.get(k, "")))]
+    if missing:
+        say("FAIL", f"cluster: {name} lacks a shared {', '.join(missing)}")
+    ids.add(env.get("FWREPO_REPLICA_ID"))
+    groups.add(env.get("FWREPO_MQTT_SHARE_GROUP", "fwrepo"))
+    if (svc.get("deploy") or {}).get("replicas", 1) != 1:
+        say("FAIL", f"cluster: {name} is scaled: give each replica its own id and volume")
+if None in ids or len(ids) != len(replicas):
+    say("FAIL", f"cluster: replica ids not distinct: {sorted(map(str, ids))}")
+elif len(groups) != 1:
+    say("FAIL", f"cluster: replicas in different share groups: {sorted(groups)}")
+else:
+    say("ok", f"cluster: {len(replicas)} replicas share catalog, blobs, broker and signing key; ids distinct")
+base = os.path.dirname(cf)
+for name, svc in services.items():
+    for v in svc.get("volumes") or []:
+        src = v.split(":")[0] if isinstance(v, str) else None
+        if src and src.startswith("."):
+            path = os.path.normpath(os.path.join(base, src))
+            say("ok" if os.path.exists(path) else "FAIL", f"cluster: {name}: bind mount {path}")
+for name, sec in (data.get("secrets") or {}).items():
+    path = os.path.normpath(os.path.join(base, sec.get("file", "")))
+    if not os.path.exists(path):
+        say("NOTE", f"cluster: secret {name}: {path} not present (operator-created: openssl rand -hex 32)")
+conf = os.path.join(base, "nginx.conf")
+if os.path.exists(conf):
+    text = open(conf).read()
+    upstream = set(re.findall(r"^\s*server\s+([\w-]+):8080", text, re.M))
+    if upstream != set(replicas):
+        say("FAIL", f"cluster: nginx upstream {sorted(upstream)} is not the replicas {sorted(replicas)}")
+    else:
+        say("ok", f"cluster: nginx balances over {len(upstream)} replicas")
+    for directive in ("proxy_buffering off", "proxy_request_buffering off", "client_max_body_size 0"):
+        if directive not in text:
+            say("FAIL", f"cluster: nginx.conf lacks '{directive}' (downloads and uploads are streamed)")
+else:
+    say("FAIL", f"cluster: {conf} missing")
+
+for f in sorted(glob.glob("deploy/k8s-cluster/*.y*ml")):
+    docs = [d for d in yaml.safe_load_all(open(f)) if d]
+    say("ok", f"yaml: {f} ({len(docs)} documents)")
+    toml = "".join(
+        body for d in docs if d.get("kind") == "ConfigMap" for body in (d.get("data") or {}).values()
+    )
+    for d in docs:
+        if d.get("kind") != "Deployment":
+            continue
+        spec = d.get("spec") or {}
+        name = (d.get("metadata") or {}).get("name")
+        if (spec.get("replicas") or 1) < 2:
+            say("FAIL", f"k8s-cluster: Deployment/{name} has fewer than 2 replicas")
+        c = ((spec.get("template") or {}).get("spec") or {}).get("containers") or [{}]
+        env = {e.get("name") for e in c[0].get("env") or []}
+        have = {
+            "catalog": "FWREPO_CATALOG" in env or re.search(r"^\s*catalog\s*=", toml, re.M),
+            "s3 blob store": re.search(r'^\s*blob_store\s*=\s*"s3://', toml, re.M),
+            "external broker": re.search(r"^\s*mqtt_url\s*=", toml, re.M),
+            "shared signing key": re.search(r"^\s*url_signing_key_file\s*=", toml, re.M),
+            "replica id": "FWREPO_REPLICA_ID" in env,
+        }
+        lacking = [k for k, v in have.items() if not v]
+        if lacking:
+            say("FAIL", f"k8s-cluster: Deployment/{name} lacks {', '.join(lacking)}")
+        else:
+            say("ok", f"k8s-cluster: Deployment/{name} replicas {spec.get('replicas')} on shared catalog, blobs, broker and key")
+sys.exit(1 if bad else 0)
+PY
+else
+  skip "cluster: PyYAML missing"
+fi
+
 # ---- (d) FWREPO_* variables and TOML keys against README's Configuration table --------------
 pycheck "$have_yaml" <<'PY'
 import glob, os, re, sys
@@ -406,7 +504,7 @@ if not have_yaml or tomllib is None:
     say("SKIP", "config: k8s ConfigMap TOML not checked (needs PyYAML and Python 3.11 tomllib)")
 else:
     import yaml
-    for f in sorted(glob.glob("deploy/k8s/*.y*ml")):
+    for f in sorted(glob.glob("deploy/k8s/*.y*ml") + glob.glob("deploy/k8s-cluster/*.y*ml")):
         try:
             docs = list(yaml.safe_load_all(open(f)))
         except yaml.YAMLError:

@@ -256,6 +256,9 @@ impl Bound {
             rollouts.schedule_under(cluster.lease(crate::rollout::SCHEDULING_LEASE));
         }
         tokio::spawn(rollouts.clone().run(workers.clone()));
+        if shared {
+            follow_changes(&cluster, &ota, &rollouts, &workers).await;
+        }
 
         let tokens = crate::auth::TokenService::load(catalog.clone())
             .await
@@ -657,6 +660,39 @@ fn serve(
 
 /// Registers this replica (its heartbeat) in the catalog: refused when it would share a
 /// PostgreSQL catalog while it or a live other replica keeps packages or gateways to itself.
+/// Follows what the other replicas commit (PostgreSQL LISTEN/NOTIFY): live views (SSE) and the
+/// rollout scheduler see it within about a second.
+async fn follow_changes(
+    cluster: &crate::cluster::Cluster,
+    ota: &crate::ota::OtaService,
+    rollouts: &crate::rollout::RolloutService,
+    stop: &CancellationToken,
+) {
+    use futures::StreamExt;
+    let mut feed = match cluster.changes().await {
+        Ok(Some(feed)) => feed,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot follow other replicas' changes; live views follow every few seconds");
+            return;
+        }
+    };
+    let (ota, rollouts, stop) = (ota.clone(), rollouts.clone(), stop.clone());
+    tokio::spawn(async move {
+        loop {
+            let changed = tokio::select! {
+                _ = stop.cancelled() => break,
+                changed = feed.next() => changed,
+            };
+            match changed {
+                Some(crate::cluster::Changed::Tasks(ids)) => ota.changed_elsewhere(&ids).await,
+                Some(crate::cluster::Changed::Rollout(id)) => rollouts.changed_elsewhere(&id).await,
+                None => break,
+            }
+        }
+    });
+}
+
 async fn join_cluster(
     settings: &Settings,
     catalog: &Arc<dyn Store>,

@@ -154,6 +154,11 @@ impl crate::cluster::ClusterStore for Catalog {
         Ok(taken.is_ok())
     }
 
+    async fn changes(&self, _me: &str) -> StoreResult<Option<crate::cluster::ChangeFeed>> {
+        // One process writes a sled catalog: nobody else changes it.
+        Ok(None)
+    }
+
     async fn drop_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
         let t = self.trees()?;
         let key = format!("lease/{name}");

@@ -80,7 +80,39 @@ pub trait ClusterStore: Send + Sync {
     /// Gives up lease `name` if `holder` has it (a replica that stops hands its work over at
     /// once).
     async fn drop_lease(&self, name: &str, holder: &str) -> StoreResult<()>;
+    /// What other replicas change from now on, as they commit it (this replica, `me`, is left
+    /// out); `None` when no other process can change the catalog.
+    async fn changes(&self, me: &str) -> StoreResult<Option<ChangeFeed>>;
 }
+
+/// Records another replica changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changed {
+    /// OTA tasks, by id.
+    Tasks(Vec<String>),
+    /// A rollout, by id.
+    Rollout(String),
+}
+
+impl Changed {
+    /// A change notification `<origin>\t<kind>\t<id>,<id>…`; `None` for this replica's own
+    /// (`me`) and for anything malformed.
+    pub fn parse(payload: &str, me: &str) -> Option<Changed> {
+        let mut parts = payload.splitn(3, '\t');
+        let (origin, kind, ids) = (parts.next()?, parts.next()?, parts.next()?);
+        if origin == me || ids.is_empty() {
+            return None;
+        }
+        match kind {
+            "task" => Some(Changed::Tasks(ids.split(',').map(str::to_string).collect())),
+            "rollout" => Some(Changed::Rollout(ids.to_string())),
+            _ => None,
+        }
+    }
+}
+
+/// A stream of [`Changed`] records.
+pub type ChangeFeed = std::pin::Pin<Box<dyn futures::Stream<Item = Changed> + Send>>;
 
 /// How long a lease lasts unless renewed: a replica that dies (kill -9) loses its leases this
 /// long after its last renewal.
@@ -255,6 +287,11 @@ impl Cluster {
             }
         }
         held
+    }
+
+    /// What the other replicas change from now on (see [`ClusterStore::changes`]).
+    pub async fn changes(&self) -> StoreResult<Option<ChangeFeed>> {
+        self.store.changes(&self.id()).await
     }
 
     /// Renews the heartbeat every [`HEARTBEAT_EVERY`] and the leases every [`LEASE_EVERY`]

@@ -27,6 +27,10 @@ impl ClusterStore for Beats {
     async fn drop_lease(&self, _: &str, _: &str) -> StoreResult<()> {
         Ok(())
     }
+
+    async fn changes(&self, _: &str) -> StoreResult<Option<ChangeFeed>> {
+        Ok(None)
+    }
 }
 
 fn replica(id: &str, blob_store: &str, broker: &str) -> ReplicaRecord {
@@ -115,4 +119,20 @@ async fn shared_replicas_join_each_other_and_a_silent_one_is_gone() {
         .map(|r| r.record.id)
         .collect();
     assert_eq!(ids, ["a"]);
+}
+
+#[test]
+fn change_notifications_name_their_origin_and_records() {
+    assert_eq!(
+        Changed::parse("r2\ttask\tA,B", "r1"),
+        Some(Changed::Tasks(vec!["A".into(), "B".into()]))
+    );
+    assert_eq!(
+        Changed::parse("r2\trollout\tR", "r1"),
+        Some(Changed::Rollout("R".into()))
+    );
+    assert_eq!(Changed::parse("r1\ttask\tA", "r1"), None, "its own");
+    for junk in ["", "r2", "r2\ttask", "r2\ttask\t", "r2\tdevice\tD"] {
+        assert_eq!(Changed::parse(junk, "r1"), None, "{junk:?}");
+    }
 }

@@ -555,6 +555,15 @@ impl OtaService {
         }
     }
 
+    /// Tasks another replica just changed: their stored copies are taken in (and announced)
+    /// while someone watches (an SSE stream besides the rollout scheduler's subscription);
+    /// otherwise the periodic synchronization is soon enough.
+    pub async fn changed_elsewhere(&self, ids: &[String]) {
+        if self.inner.changes.receiver_count() > 1 {
+            self.refresh(ids).await;
+        }
+    }
+
     /// Takes a stored copy into memory unless memory has that revision already.
     fn learn(&self, task: &OtaTask) {
         let known = lock(&self.inner.open)

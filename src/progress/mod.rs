@@ -91,6 +91,31 @@ fn seconds_since(t: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
     (now - t).to_std().unwrap_or_default()
 }
 
+/// The id of a new session for `key`. A task device's download is one session wherever its
+/// ranged requests land: its id follows from the task, device and firmware (the task id's
+/// time, then a hash), so replicas serving parts of it write one record whose coverage the
+/// catalog unites. Other downloads get a fresh id.
+fn session_id(key: &SessionKey) -> String {
+    let SessionKey::Task {
+        task_id,
+        sn,
+        firmware_id,
+    } = key
+    else {
+        return crate::domain::ids::next();
+    };
+    use sha2::Digest;
+    const CROCKFORD: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let hash = sha2::Sha256::digest(format!("{task_id}\n{sn}\n{firmware_id}").as_bytes());
+    let mut id: String = task_id.chars().take(10).collect();
+    id.extend(
+        hash.iter()
+            .take(16)
+            .map(|b| CROCKFORD[usize::from(b % 32)] as char),
+    );
+    id
+}
+
 impl DownloadTracker {
     /// A tracker over `catalog`, reloading sessions seen within the resume window so a
     /// restarted server continues them.
@@ -155,7 +180,7 @@ impl DownloadTracker {
                 id
             }
             None => {
-                let id = crate::domain::ids::next();
+                let id = session_id(&key);
                 let (firmware_id, task_id, sn) = match &key {
                     SessionKey::Task {
                         task_id,
@@ -328,7 +353,8 @@ impl DownloadTracker {
             .retain(|rec| filter(live.get(&rec.id).unwrap_or(rec)));
         for item in &mut stored.items {
             if let Some(l) = live.get(&item.id) {
-                *item = l.clone();
+                // The stored copy may hold ranges another replica served.
+                *item = item.merged(l);
             }
         }
         // Sessions not flushed yet.

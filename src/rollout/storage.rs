@@ -218,6 +218,22 @@ impl RolloutService {
         active.insert(a.rollout.id.clone(), a);
     }
 
+    /// A rollout another replica just changed: the driving replica reads it again; any
+    /// replica with someone watching (SSE) announces its stored view.
+    pub async fn changed_elsewhere(&self, id: &str) {
+        if self.drives() {
+            if let Err(e) = self.reload(id).await {
+                tracing::warn!(rollout_id = %id, error = %e, "reading a rollout changed elsewhere failed");
+            }
+            self.inner.wake.notify_one();
+        }
+        if self.inner.changes.receiver_count() > 0
+            && let Ok(view) = self.get(id).await
+        {
+            let _ = self.inner.changes.send(view);
+        }
+    }
+
     /// Takes in what other replicas changed (on the replica that drives rollouts: rollouts
     /// started, or acted on, elsewhere) and notes the firmware the active rollouts use.
     pub(super) async fn discover(&self) -> Result<(), CatalogError> {

@@ -621,3 +621,221 @@ async fn a_rollout_completes_when_the_replica_driving_it_is_killed() {
     }
     sim.cancel();
 }
+
+/// Two replicas started at the same moment on an empty database: both come up, and each
+/// migration ran once (sqlx's advisory lock makes the second wait for the first).
+#[tokio::test]
+async fn two_replicas_starting_at_once_on_an_empty_database_migrate_it_once() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(shared) = Shared::new(
+        "two_replicas_starting_at_once_on_an_empty_database_migrate_it_once",
+        root.path(),
+    )
+    .await
+    else {
+        return;
+    };
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| ServerProcess::start(&root.path().join("a"), &shared.args("a")));
+        let b = s.spawn(|| ServerProcess::start(&root.path().join("b"), &shared.args("b")));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    for r in [&a, &b] {
+        let resp = client_for(&r.base)
+            .get(format!("{}/readyz", r.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{}", r.base);
+    }
+    let mut db = <sqlx::PgConnection as sqlx::Connection>::connect(shared.db.url())
+        .await
+        .unwrap();
+    let (runs, versions): (i64, i64) = sqlx::query_as(
+        "SELECT count(*), count(DISTINCT version) FROM _sqlx_migrations WHERE success",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    let embedded = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/postgres"))
+        .unwrap()
+        .count() as i64;
+    assert_eq!((runs, versions), (embedded, embedded));
+}
+
+/// A rollout's live view (SSE) on the replica that does not drive rollouts shows an action
+/// taken through the one that does, within a few seconds (LISTEN/NOTIFY: without it, that
+/// replica would never announce the change).
+#[tokio::test]
+async fn an_sse_stream_on_one_replica_shows_a_change_made_through_another() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(shared) = Shared::new(
+        "an_sse_stream_on_one_replica_shows_a_change_made_through_another",
+        root.path(),
+    )
+    .await
+    else {
+        return;
+    };
+    let replicas = [
+        shared.start(root.path(), "r1", &[]),
+        shared.start(root.path(), "r2", &[]),
+    ];
+    let fw = upload_to(&replicas[0], "Dock_2.0.0.zip", 4).await;
+    let base = replicas[0].base.clone();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            holders_of(&base, "rollouts").await.len() == 1
+        })
+        .await
+    );
+    let driver = holders_of(&base, "rollouts").await.pop().unwrap();
+    let (driving, watching) = if driver == "r1" {
+        (&replicas[0], &replicas[1])
+    } else {
+        (&replicas[1], &replicas[0])
+    };
+    let (status, created) = post_to(
+        driving,
+        "/api/v1/rollouts",
+        serde_json::json!({"name": "watched", "target": {"gateway_sns": [sn("WATCH")]},
+            "firmware": [{"firmware_id": fw}], "stages": [{"percent": 100}]}),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_string();
+    let sse = watching
+        .client()
+        .get(format!("{}/api/v1/rollouts/{id}/events", watching.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    let mut stream = Box::pin(sse.bytes_stream());
+    let mut seen = String::new();
+    // The snapshot first (a draft), then the start made through the other replica.
+    read_until(&mut stream, &mut seen, "\"status\":\"draft\"").await;
+    let (status, started) = post_to(
+        driving,
+        &format!("/api/v1/rollouts/{id}/start"),
+        serde_json::json!({}),
+    )
+    .await;
+    assert_eq!(status, 200, "{started}");
+    read_until(&mut stream, &mut seen, "\"status\":\"running\"").await;
+}
+
+/// Reads an SSE stream into `seen` until it holds `want`, for at most 5 s.
+async fn read_until(
+    stream: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    seen: &mut String,
+    want: &str,
+) {
+    use futures::StreamExt;
+    let found = tokio::time::timeout(Duration::from_secs(5), async {
+        while !seen.contains(want) {
+            match stream.next().await {
+                Some(Ok(chunk)) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return false,
+            }
+        }
+        true
+    })
+    .await;
+    assert!(matches!(found, Ok(true)), "no {want} on the stream: {seen}");
+}
+
+/// A segmented download (`aria2c -x4 -s4`) of a task's `file_url` through nginx: its ranged
+/// requests land on both replicas, and the task shows one download session at 100 % on
+/// either.
+#[tokio::test]
+async fn a_segmented_download_through_the_balancer_is_one_session_at_100_percent() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(shared) = Shared::new(
+        "a_segmented_download_through_the_balancer_is_one_session_at_100_percent",
+        root.path(),
+    )
+    .await
+    else {
+        return;
+    };
+    let aria2 = std::process::Command::new("aria2c")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok();
+    if !crate::balancer::have_nginx() || !aria2 {
+        println!(
+            "SKIP cluster::a_segmented_download_through_the_balancer_is_one_session_at_100_percent: needs nginx and aria2c on PATH"
+        );
+        return;
+    }
+    let lb_port = free_port();
+    let public = format!("http://127.0.0.1:{lb_port}");
+    let extra = ["--public-url", &public, "--progress-flush-secs", "1"];
+    let replicas = [
+        shared.start(root.path(), "r1", &extra),
+        shared.start(root.path(), "r2", &extra),
+    ];
+    let upstreams: Vec<String> = replicas
+        .iter()
+        .map(|r| r.base.trim_start_matches("http://").to_string())
+        .collect();
+    let upstreams: Vec<&str> = upstreams.iter().map(String::as_str).collect();
+    let _lb = crate::balancer::Nginx::start(root.path(), lb_port, &upstreams);
+    let data = payload(8 * 1024 * 1024 + 5, 9);
+    let resp = replicas[0]
+        .client()
+        .post(format!("{}/api/v1/firmware", replicas[0].base))
+        .query(&[("file_name", "Dock_3.0.0.zip")])
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201);
+    let fw: Value = resp.json().await.unwrap();
+    // A gateway never seen passes preflight with a warning; the task's URL is what matters.
+    let gw = sn("SEG");
+    let (status, task) = post_to(
+        &replicas[1],
+        "/api/v1/ota",
+        serde_json::json!({"gateway_sn": gw, "devices": [{"sn": gw, "firmware_id": fw["id"]}]}),
+    )
+    .await;
+    assert_eq!(status, 202, "{task}");
+    let url = task["devices"][0]["file_url"].as_str().unwrap().to_string();
+    assert!(url.starts_with(&public), "{url}");
+    let dir = root.path().join("aria");
+    let out = tokio::process::Command::new("aria2c")
+        .args(["-q", "-x4", "-s4", "-k1M", "--allow-overwrite=true"])
+        .arg(format!("--checksum=md5={}", md5_hex(&data)))
+        .arg("-d")
+        .arg(&dir)
+        .arg(&url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let id = task["id"].as_str().unwrap();
+    for r in &replicas {
+        assert!(
+            wait_until(Duration::from_secs(20), || async {
+                let t = get_json_at(&r.base, &format!("/api/v1/ota/{id}")).await;
+                t["devices"][0]["download_session"]["percent"] == 100.0
+            })
+            .await,
+            "{}: {}",
+            r.base,
+            get_json_at(&r.base, &format!("/api/v1/ota/{id}")).await["devices"][0]
+        );
+    }
+    // Both replicas served part of it: each counted requests.
+    for r in &replicas {
+        let served = counter(&r.base, "fwrepo_download_requests_total").await;
+        assert!(served > 0, "{} served nothing", r.base);
+    }
+}

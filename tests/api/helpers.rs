@@ -460,7 +460,10 @@ impl ServerProcess {
             let mut sink = Vec::new();
             let _ = stdout.read_to_end(&mut sink);
         });
-        let token = admin_token(data_dir);
+        // A replica joining a deployment whose token another replica made has none of its own.
+        let token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default();
         TOKENS.lock().unwrap().push((base.clone(), token.clone()));
         ServerProcess {
             child,

@@ -276,6 +276,29 @@ impl crate::cluster::ClusterStore for Postgres {
         Ok(held.is_some())
     }
 
+    async fn changes(&self, me: &str) -> StoreResult<Option<crate::cluster::ChangeFeed>> {
+        use futures::StreamExt;
+        let _ = self.origin.set(me.to_string());
+        let mut listener = sqlx::postgres::PgListener::connect_with(&self.pool)
+            .await
+            .map_err(db)?;
+        listener.listen(CHANGES_CHANNEL).await.map_err(db)?;
+        let me = me.to_string();
+        // A lost connection is re-established by the listener (what was announced meanwhile
+        // is missed; the periodic synchronization covers it).
+        let feed = listener.into_stream().filter_map(move |n| {
+            let changed = match n {
+                Ok(n) => crate::cluster::Changed::parse(n.payload(), &me),
+                Err(e) => {
+                    tracing::warn!(error = %e, "listening for other replicas' changes failed");
+                    None
+                }
+            };
+            std::future::ready(changed)
+        });
+        Ok(Some(Box::pin(feed)))
+    }
+
     async fn drop_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
         sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
             .bind(name)

@@ -52,6 +52,54 @@ pub struct Postgres {
     healthy: Arc<AtomicBool>,
     /// Probes that found the database answering.
     probes: Arc<std::sync::atomic::AtomicU64>,
+    /// The replica this process is, named in the change notifications its writes send
+    /// (`ClusterStore::changes`); none until it joined the deployment.
+    origin: Arc<std::sync::OnceLock<String>>,
+}
+
+/// The channel on which writes announce what they changed to the other replicas.
+const CHANGES_CHANNEL: &str = "fwrepo_changes";
+
+/// Announces, when committed with `conn`'s transaction, that this replica changed the
+/// records `ids` of `kind` (`task`, `rollout`): `<origin>\t<kind>\t<id>,<id>…`, in
+/// payloads under PostgreSQL's 8,000-byte limit. Nothing before the replica joined.
+async fn announce(
+    origin: &std::sync::OnceLock<String>,
+    kind: &str,
+    ids: &[&str],
+    conn: &mut sqlx::PgConnection,
+) -> StoreResult<()> {
+    let Some(origin) = origin.get() else {
+        return Ok(());
+    };
+    let mut payloads = Vec::new();
+    let mut current = String::new();
+    for id in ids {
+        if !current.is_empty() && current.len() + id.len() > 7000 {
+            payloads.push(std::mem::take(&mut current));
+        }
+        if !current.is_empty() {
+            current.push(',');
+        }
+        current.push_str(id);
+    }
+    if !current.is_empty() {
+        payloads.push(current);
+    }
+    if payloads.is_empty() {
+        return Ok(());
+    }
+    let payloads: Vec<String> = payloads
+        .into_iter()
+        .map(|ids| format!("{origin}\t{kind}\t{ids}"))
+        .collect();
+    sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+        .bind(CHANGES_CHANNEL)
+        .bind(&payloads)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    Ok(())
 }
 
 fn db(e: sqlx::Error) -> CatalogError {
@@ -201,6 +249,7 @@ impl Postgres {
             background,
             healthy: Arc::new(AtomicBool::new(true)),
             probes: Arc::default(),
+            origin: Arc::default(),
         })
     }
 

@@ -254,6 +254,7 @@ impl RolloutStore for Postgres {
             write_rollout(r, &mut tx).await?;
         }
         write_members(rollout_id, members, &mut tx).await?;
+        announce(&self.origin, "rollout", &[rollout_id], &mut tx).await?;
         tx.commit().await.map_err(db)?;
         Ok(true)
     }

@@ -608,6 +608,7 @@ impl TaskStore for Postgres {
                 task_id: holder,
             });
         }
+        announce(&self.origin, "task", &[task.id.as_str()], &mut tx).await?;
         tx.commit().await.map_err(db)?;
         Ok(Claimed::Inserted)
     }
@@ -673,6 +674,8 @@ impl TaskStore for Postgres {
                 .await
                 .map_err(db)?;
         }
+        let ids: Vec<&str> = tasks.iter().map(|t| t.id.as_str()).collect();
+        announce(&self.origin, "task", &ids, &mut tx).await?;
         tx.commit().await.map_err(db)?;
         Ok(written)
     }
