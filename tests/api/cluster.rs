@@ -491,9 +491,12 @@ async fn a_rollout_completes_when_the_replica_driving_it_is_killed() {
     }
     let lb_port = free_port();
     let public = format!("http://127.0.0.1:{lb_port}");
+    // An ota_create the killed replica stored but never got out times out after 5 s and is
+    // retried after 1 s (the defaults, 30 s and 60 s, would outlast the test).
+    let extra = ["--public-url", &public, "--ota-reply-timeout", "5"];
     let mut replicas = [
-        shared.start(root.path(), "r1", &["--public-url", &public]),
-        shared.start(root.path(), "r2", &["--public-url", &public]),
+        shared.start(root.path(), "r1", &extra),
+        shared.start(root.path(), "r2", &extra),
     ];
     let upstreams: Vec<String> = replicas
         .iter()
@@ -540,7 +543,7 @@ async fn a_rollout_completes_when_the_replica_driving_it_is_killed() {
         serde_json::json!({"name": "handover", "target": {"gateway_sns": gateways},
             "firmware": [{"firmware_id": dock_fw}, {"firmware_id": ac_fw}],
             "stages": [{"percent": 50}, {"percent": 100}], "max_in_flight": 3,
-            "rate_per_minute": null}),
+            "rate_per_minute": null, "retry_backoff_s": 1}),
     )
     .await;
     assert_eq!(status, 201, "{created}");
@@ -587,7 +590,7 @@ async fn a_rollout_completes_when_the_replica_driving_it_is_killed() {
     );
     // The killed replica comes back and joins as a follower.
     let dead_id = if dead == 0 { "r1" } else { "r2" };
-    let back = shared.start(root.path(), dead_id, &["--public-url", &public]);
+    let back = shared.start(root.path(), dead_id, &extra);
     assert_eq!(rollout(back.base.clone()).await["status"], "completed");
     // Every gateway got exactly one ota_create.
     let mut per_gateway: std::collections::HashMap<String, usize> = Default::default();
