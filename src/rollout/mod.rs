@@ -10,6 +10,7 @@
 //! catalog first), so a restart re-sends the same attempt and never dispatches a second one.
 
 mod actions;
+mod driving;
 pub mod machine;
 pub mod model;
 mod scheduler;

@@ -5,6 +5,7 @@
 //! the ports is one transaction; lists are keyset pages on the id (ULIDs sort by time).
 
 mod admin;
+mod devices;
 mod firmware;
 mod rollouts;
 mod tasks;

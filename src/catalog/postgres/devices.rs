@@ -1,0 +1,219 @@
+//! Device records in PostgreSQL: merged writes (each field group from the copy that saw it
+//! last) and the devices changed since a replica last looked.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+
+use super::*;
+use crate::devices::{ChangedDevices, DeviceRecord, DeviceStore};
+
+const DEVICE_COLUMNS: &str = "sn, order_key, gateway_sn, child_sn, osd_child_sn, model_key, \
+    model, model_declared, firmware_version, compatible_status, firmware_upgrade_status, \
+    mode_code, thing_version, dialect, first_seen_at, last_seen_at, last_osd_at, last_state_at, \
+    topology_at";
+
+#[derive(sqlx::FromRow)]
+struct DeviceRow {
+    sn: String,
+    order_key: String,
+    gateway_sn: Option<String>,
+    child_sn: Option<String>,
+    osd_child_sn: Option<String>,
+    model_key: Option<String>,
+    model: Option<String>,
+    model_declared: bool,
+    firmware_version: Option<String>,
+    compatible_status: Option<i64>,
+    firmware_upgrade_status: Option<i64>,
+    mode_code: Option<i64>,
+    thing_version: Option<String>,
+    dialect: Option<String>,
+    first_seen_at: DateTime<Utc>,
+    last_seen_at: Option<DateTime<Utc>>,
+    last_osd_at: Option<DateTime<Utc>>,
+    last_state_at: Option<DateTime<Utc>>,
+    topology_at: Option<DateTime<Utc>>,
+}
+
+impl From<DeviceRow> for DeviceRecord {
+    fn from(r: DeviceRow) -> DeviceRecord {
+        DeviceRecord {
+            sn: r.sn,
+            order: r.order_key,
+            gateway_sn: r.gateway_sn,
+            child_sn: r.child_sn,
+            osd_child_sn: r.osd_child_sn,
+            model_key: r.model_key,
+            model: r.model,
+            model_declared: r.model_declared,
+            firmware_version: r.firmware_version,
+            compatible_status: r.compatible_status,
+            firmware_upgrade_status: r.firmware_upgrade_status,
+            mode_code: r.mode_code,
+            thing_version: r.thing_version,
+            dialect: r.dialect,
+            first_seen_at: r.first_seen_at,
+            last_seen_at: r.last_seen_at,
+            last_osd_at: r.last_osd_at,
+            last_state_at: r.last_state_at,
+            topology_at: r.topology_at,
+            online: false,
+        }
+    }
+}
+
+/// Writes device rows whole, one statement: inserts them (`overwrite` false: a serial that
+/// has a row is left alone) or inserts or updates them. `changed` says, per row, whether
+/// readers act on the change (its `changed_at` moves to now). Returns the serials written.
+async fn write_device_rows(
+    devices: &[DeviceRecord],
+    changed: &[bool],
+    overwrite: bool,
+    conn: &mut sqlx::PgConnection,
+) -> StoreResult<Vec<String>> {
+    let col = |f: fn(&DeviceRecord) -> Option<String>| -> Vec<Option<String>> {
+        devices.iter().map(f).collect()
+    };
+    let num = |f: fn(&DeviceRecord) -> Option<i64>| -> Vec<Option<i64>> {
+        devices.iter().map(f).collect()
+    };
+    let at = |f: fn(&DeviceRecord) -> Option<DateTime<Utc>>| -> Vec<Option<DateTime<Utc>>> {
+        devices.iter().map(f).collect()
+    };
+    let updates = excluded(DEVICE_COLUMNS);
+    let values = DEVICE_COLUMNS
+        .split(", ")
+        .map(|c| format!("u.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "INSERT INTO devices ({DEVICE_COLUMNS}, changed_at) SELECT {values}, \
+         CASE WHEN u.changed THEN now() ELSE '-infinity' END FROM UNNEST($1::text[], \
+         $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bool[], \
+         $9::text[], $10::int8[], $11::int8[], $12::int8[], $13::text[], $14::text[], \
+         $15::timestamptz[], $16::timestamptz[], $17::timestamptz[], $18::timestamptz[], \
+         $19::timestamptz[], $20::bool[]) AS u({DEVICE_COLUMNS}, changed) {{conflict}} \
+         RETURNING sn"
+    );
+    let conflict = match overwrite {
+        true => format!(
+            "ON CONFLICT (sn) DO UPDATE SET {updates}, \
+             changed_at = GREATEST(devices.changed_at, EXCLUDED.changed_at)"
+        ),
+        false => "ON CONFLICT (sn) DO NOTHING".to_string(),
+    };
+    let sql = sql.replace("{conflict}", &conflict);
+    sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(devices.iter().map(|d| d.sn.clone()).collect::<Vec<_>>())
+        .bind(devices.iter().map(|d| d.order.clone()).collect::<Vec<_>>())
+        .bind(col(|d| d.gateway_sn.clone()))
+        .bind(col(|d| d.child_sn.clone()))
+        .bind(col(|d| d.osd_child_sn.clone()))
+        .bind(col(|d| d.model_key.clone()))
+        .bind(col(|d| d.model.clone()))
+        .bind(devices.iter().map(|d| d.model_declared).collect::<Vec<_>>())
+        .bind(col(|d| d.firmware_version.clone()))
+        .bind(num(|d| d.compatible_status))
+        .bind(num(|d| d.firmware_upgrade_status))
+        .bind(num(|d| d.mode_code))
+        .bind(col(|d| d.thing_version.clone()))
+        .bind(col(|d| d.dialect.clone()))
+        .bind(devices.iter().map(|d| d.first_seen_at).collect::<Vec<_>>())
+        .bind(at(|d| d.last_seen_at))
+        .bind(at(|d| d.last_osd_at))
+        .bind(at(|d| d.last_state_at))
+        .bind(at(|d| d.topology_at))
+        .bind(changed.to_vec())
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)
+}
+
+#[async_trait::async_trait]
+impl DeviceStore for Postgres {
+    async fn put_devices(&self, devices: &[DeviceRecord]) -> StoreResult<()> {
+        if devices.is_empty() {
+            return Ok(());
+        }
+        // The last copy of a serial in the batch is the one written.
+        let mut latest: HashMap<&str, &DeviceRecord> = HashMap::new();
+        for d in devices {
+            latest.insert(d.sn.as_str(), d);
+        }
+        let mut sns: Vec<String> = latest.keys().map(|s| s.to_string()).collect();
+        sns.sort();
+        let mut tx = self.background.begin().await.map_err(db)?;
+        // New serials are inserted as they are (a replica inserting the same serial at once
+        // makes this wait for it, and the row is then merged below), in serial order, as every
+        // writer locks: concurrent batches cannot deadlock.
+        let fresh: Vec<DeviceRecord> = sns.iter().map(|sn| latest[sn.as_str()].clone()).collect();
+        let inserted = write_device_rows(&fresh, &vec![true; fresh.len()], false, &mut tx).await?;
+        sns.retain(|sn| !inserted.contains(sn));
+        let sql = format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices WHERE sn = ANY($1) ORDER BY sn FOR UPDATE"
+        );
+        let stored: Vec<DeviceRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(&sns)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+        let stored: HashMap<String, DeviceRecord> = stored
+            .into_iter()
+            .map(|r| (r.sn.clone(), DeviceRecord::from(r)))
+            .collect();
+        let (rows, changed): (Vec<DeviceRecord>, Vec<bool>) = sns
+            .iter()
+            .map(|sn| latest[sn.as_str()].merged_over(stored.get(sn)))
+            .unzip();
+        if !rows.is_empty() {
+            write_device_rows(&rows, &changed, true, &mut tx).await?;
+        }
+        tx.commit().await.map_err(db)?;
+        Ok(())
+    }
+
+    async fn changed_devices(&self, since: Option<DateTime<Utc>>) -> StoreResult<ChangedDevices> {
+        let sql = format!(
+            "SELECT {DEVICE_COLUMNS}, changed_at FROM devices \
+             WHERE $1::timestamptz IS NULL OR changed_at >= $1 ORDER BY changed_at"
+        );
+        #[derive(sqlx::FromRow)]
+        struct Changed {
+            #[sqlx(flatten)]
+            row: DeviceRow,
+            changed_at: DateTime<Utc>,
+        }
+        let rows: Vec<Changed> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(since)
+            .fetch_all(&self.background)
+            .await
+            .map_err(db)?;
+        let newest = rows.last().map(|r| r.changed_at);
+        Ok(ChangedDevices {
+            devices: rows
+                .into_iter()
+                .map(|r| DeviceRecord::from(r.row))
+                .collect(),
+            newest,
+        })
+    }
+
+    async fn delete_device(&self, sn: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM devices WHERE sn = $1")
+            .bind(sn)
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    async fn all_devices(&self) -> StoreResult<Vec<DeviceRecord>> {
+        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices ORDER BY sn");
+        let rows: Vec<DeviceRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        Ok(rows.into_iter().map(DeviceRecord::from).collect())
+    }
+}
