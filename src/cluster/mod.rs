@@ -124,6 +124,8 @@ pub const LEASE_EVERY: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct Lease {
     name: &'static str,
+    /// The replica that takes it (this one).
+    holder: Arc<str>,
     /// Until when this replica may act on it (its own clock, from before the last renewal).
     until: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
@@ -132,6 +134,11 @@ impl Lease {
     /// Its name.
     pub fn name(&self) -> &'static str {
         self.name
+    }
+
+    /// This replica's id: who holds it while [`Lease::held`].
+    pub fn holder(&self) -> &str {
+        &self.holder
     }
 
     /// Whether this replica holds it now.
@@ -246,6 +253,7 @@ impl Cluster {
         }
         let lease = Lease {
             name,
+            holder: self.id().into(),
             until: Arc::default(),
         };
         leases.push(lease.clone());

@@ -113,6 +113,14 @@ pub fn io_no_space(e: &std::io::Error) -> bool {
         || matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
+/// `d` scaled by a random factor in [0.5, 1): replicas and restarts that retry do not do it
+/// in step.
+pub fn jittered(d: std::time::Duration) -> std::time::Duration {
+    let mut b = [0u8; 2];
+    let r = getrandom::fill(&mut b).map_or(0, |_| u16::from_le_bytes(b));
+    d.mul_f64(0.5 + f64::from(r) / 131_072.0)
+}
+
 /// Monotonic ULID generation shared by every id type.
 pub mod ids {
     use std::sync::Mutex;

@@ -348,12 +348,7 @@ const OUTGOING_WINDOW: u16 = 10_000;
 /// How often the session reconnects while OTA messages wait, unacknowledged, for redelivery.
 const REDELIVER_EVERY: Duration = Duration::from_secs(10);
 
-/// `d` scaled by a random factor in [0.5, 1): replicas and restarts do not reconnect in step.
-fn jittered(d: Duration) -> Duration {
-    let mut b = [0u8; 2];
-    let r = getrandom::fill(&mut b).map_or(0, |_| u16::from_le_bytes(b));
-    d.mul_f64(0.5 + f64::from(r) / 131_072.0)
-}
+use crate::domain::jittered;
 
 struct Session {
     handle: MqttHandle,
@@ -377,8 +372,11 @@ impl Session {
                 _ = redeliver.tick() => {
                     // The broker sends unacknowledged messages again when the (persistent)
                     // session reconnects.
+                    // A clean session (a shared-subscription member) gets nothing again: the
+                    // OTA service retries those itself, and a reconnect would only drop the
+                    // messages in flight.
                     let withheld = self.handle.status.withheld.swap(0, Ordering::Relaxed);
-                    if withheld > 0 {
+                    if withheld > 0 && self.share_group.is_none() {
                         tracing::warn!(withheld, "reconnecting to receive the OTA messages that could not be recorded again");
                         let _ = self.handle.client.try_disconnect();
                     }

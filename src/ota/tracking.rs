@@ -28,8 +28,13 @@ struct Keys {
     bid: Option<String>,
 }
 
-/// How often a batch is applied again to fresh copies of tasks another replica changed first.
-const CONFLICT_RETRIES: usize = 3;
+/// How often a batch is applied again to fresh copies of tasks another replica changed first
+/// (replicas handling events of one gateway at the same moment), each time after a jittered
+/// pause that doubles from [`CONFLICT_PAUSE`] up to 1 s: together about 10 s at most, for
+/// contention that clears in milliseconds.
+const CONFLICT_RETRIES: u32 = 12;
+/// The first pause before a batch is applied again.
+const CONFLICT_PAUSE: Duration = Duration::from_millis(5);
 
 /// Tasks a batch changed, each once (its latest copy), and the events that changed them (to
 /// apply again to a fresh copy when another writer changed a task first).
@@ -93,6 +98,8 @@ impl OtaService {
             if stale.is_empty() || attempt == CONFLICT_RETRIES {
                 break;
             }
+            let pause = CONFLICT_PAUSE.saturating_mul(1 << attempt.min(8));
+            tokio::time::sleep(crate::domain::jittered(pause.min(Duration::from_secs(1)))).await;
             match self.replay(&changes, &stale).await {
                 Ok(fresh) => changes = fresh,
                 Err(e) => {

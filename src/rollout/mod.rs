@@ -49,7 +49,7 @@ use crate::store::{
 use machine::{Action, Input, Verdict};
 use model::{Counts, Judgement};
 pub use model::{
-    DeviceState, Member, MemberDevice, Package, Rollout, RolloutRequest, RolloutStatus,
+    DRIVEN_BY, DeviceState, Member, MemberDevice, Package, Rollout, RolloutRequest, RolloutStatus,
     TimelinePoint,
 };
 use store::RolloutStore;

@@ -6,6 +6,19 @@ use super::*;
 use storage::Facts;
 
 impl RolloutService {
+    /// On a deployment of several replicas, notes in a running rollout's events that this
+    /// replica drives it, when another one (or none) did before. Returns whether it did.
+    fn note_driver(&self, a: &mut Active, now: DateTime<Utc>) -> bool {
+        let Some(me) = self.inner.lease.get().map(|l| l.holder()) else {
+            return false;
+        };
+        if a.rollout.status() != RolloutStatus::Running || a.rollout.driver() == Some(me) {
+            return false;
+        }
+        a.rollout.event(DRIVEN_BY, Some(me.to_string()), now);
+        true
+    }
+
     /// Follows the tasks of one rollout and decides what to dispatch, from `facts` read
     /// before (no I/O here: writes are queued). Returns the dispatches to make.
     fn step(&self, a: &mut Active, facts: &Facts, now: DateTime<Utc>) -> Vec<Dispatch> {
@@ -44,6 +57,7 @@ impl RolloutService {
             }
         }
         let mut status_changed = self.check_packages(a, facts, now) || self.judge(a, now);
+        status_changed |= self.note_driver(a, now);
         let mut dispatches = Vec::new();
         if a.rollout.status() == RolloutStatus::Running {
             let mut in_flight = a

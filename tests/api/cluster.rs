@@ -263,8 +263,9 @@ impl Shared {
 }
 
 /// The broker hands each gateway message to one replica (`$share/fwrepo/…`): a task created
-/// through r1 completes, and its devices are verified, while r2 handles part of its events
-/// and of the devices' reports; each replica shows the same task.
+/// through r1 completes, and its devices are verified, while r2 and r3 handle part of its
+/// events and of the devices' reports; each replica shows the same task, and a live view
+/// (SSE) of it on r3 follows it to its end.
 #[tokio::test]
 async fn an_ota_task_created_on_one_replica_completes_through_the_others() {
     let root = tempfile::tempdir().unwrap();
@@ -278,13 +279,14 @@ async fn an_ota_task_created_on_one_replica_completes_through_the_others() {
     };
     let r1 = shared.start(root.path(), "r1", &[]);
     let r2 = shared.start(root.path(), "r2", &[]);
+    let r3 = shared.start(root.path(), "r3", &[]);
     let (dock_fw, ac_fw) = (
         upload_to(&r1, "Dock_2.0.0.zip", 1).await,
         upload_to(&r1, "M30_2.0.0.zip", 2).await,
     );
     let (prefix, sim) = fleet(&r1.mqtt, 2, &[]).await;
     let gw = format!("{prefix}0001");
-    for r in [&r1, &r2] {
+    for r in [&r1, &r2, &r3] {
         assert!(
             wait_until(Duration::from_secs(20), || async {
                 let d = get_json_at(&r.base, &format!("/api/v1/devices/{gw}")).await;
@@ -312,6 +314,14 @@ async fn an_ota_task_created_on_one_replica_completes_through_the_others() {
         .await
         .unwrap();
     let id = created["id"].as_str().expect("task created").to_string();
+    let sse = r3
+        .client()
+        .get(format!("{}/api/v1/ota/{id}/events", r3.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.status(), 200);
+    let mut stream = Box::pin(sse.bytes_stream());
     let task_on = |base: String| {
         let id = id.clone();
         async move { get_json_at(&base, &format!("/api/v1/ota/{id}")).await }
@@ -328,21 +338,23 @@ async fn an_ota_task_created_on_one_replica_completes_through_the_others() {
         "task on r2: {}",
         task_on(r2.base.clone()).await
     );
-    let (t1, t2) = (
+    let (t1, t2, t3) = (
         task_on(r1.base.clone()).await,
         task_on(r2.base.clone()).await,
+        task_on(r3.base.clone()).await,
     );
     assert_eq!(t1["status"], "ok");
-    assert_eq!(
-        t1["revision"], t2["revision"],
-        "one stored task: {t1} / {t2}"
+    assert!(
+        t1["revision"] == t2["revision"] && t2["revision"] == t3["revision"],
+        "one stored task: {t1} / {t2} / {t3}"
     );
+    read_until(&mut stream, &mut String::new(), "\"status\":\"ok\"").await;
     // Each replica handled part of the gateway traffic, none all of it.
-    let (m1, m2) = (
-        counter(&r1.base, "fwrepo_mqtt_messages_in_total").await,
-        counter(&r2.base, "fwrepo_mqtt_messages_in_total").await,
-    );
-    assert!(m1 > 0 && m2 > 0, "messages in: r1 {m1}, r2 {m2}");
+    let mut handled = Vec::new();
+    for r in [&r1, &r2, &r3] {
+        handled.push(counter(&r.base, "fwrepo_mqtt_messages_in_total").await);
+    }
+    assert!(handled.iter().all(|n| *n > 0), "messages in: {handled:?}");
     // Each ota_progress was handled by one replica: the gateway got one events_reply per
     // event, from whichever replica handled it.
     let mut replies: std::collections::HashMap<String, usize> = Default::default();
@@ -467,26 +479,22 @@ async fn holders_of(base: &str, lease: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// A rollout over 10 simulated docks behind nginx (round robin; `file_url` points at it),
-/// created and started through the replica that does not drive rollouts; the driving one is
-/// killed -9 mid-rollout and started again later. The other takes the scheduling over, the
-/// downloads cut by the kill resume through nginx on the survivor, the rollout completes, and
-/// every gateway got exactly one `ota_create`.
+/// The acceptance story of several replicas: three replicas behind nginx (round robin;
+/// `file_url` points at it), a rollout over 30 simulated docks created and started through a
+/// replica that does not drive rollouts. The driving one is killed -9 mid-rollout; another
+/// takes the scheduling over (the rollout's events show the handover), the downloads cut by
+/// the kill resume through nginx on the survivors, and the killed replica is started again
+/// while the rollout goes on. The rollout completes, every device is ok and every gateway got
+/// exactly one `ota_create`.
 #[tokio::test]
-async fn a_rollout_completes_when_the_replica_driving_it_is_killed() {
+async fn a_rollout_over_three_replicas_completes_when_the_one_driving_it_is_killed() {
+    let test = "a_rollout_over_three_replicas_completes_when_the_one_driving_it_is_killed";
     let root = tempfile::tempdir().unwrap();
-    let Some(shared) = Shared::new(
-        "a_rollout_completes_when_the_replica_driving_it_is_killed",
-        root.path(),
-    )
-    .await
-    else {
+    let Some(shared) = Shared::new(test, root.path()).await else {
         return;
     };
     if !crate::balancer::have_nginx() {
-        println!(
-            "SKIP cluster::a_rollout_completes_when_the_replica_driving_it_is_killed: no nginx on PATH"
-        );
+        println!("SKIP cluster::{test}: no nginx on PATH");
         return;
     }
     let lb_port = free_port();
@@ -494,10 +502,11 @@ async fn a_rollout_completes_when_the_replica_driving_it_is_killed() {
     // An ota_create the killed replica stored but never got out times out after 5 s and is
     // retried after 1 s (the defaults, 30 s and 60 s, would outlast the test).
     let extra = ["--public-url", &public, "--ota-reply-timeout", "5"];
-    let mut replicas = [
-        shared.start(root.path(), "r1", &extra),
-        shared.start(root.path(), "r2", &extra),
-    ];
+    let ids = ["r1", "r2", "r3"];
+    let mut replicas: Vec<ServerProcess> = ids
+        .iter()
+        .map(|id| shared.start(root.path(), id, &extra))
+        .collect();
     let upstreams: Vec<String> = replicas
         .iter()
         .map(|r| r.base.trim_start_matches("http://").to_string())
@@ -508,25 +517,18 @@ async fn a_rollout_completes_when_the_replica_driving_it_is_killed() {
         upload_to(&replicas[0], "Dock_2.0.0.zip", 1).await,
         upload_to(&replicas[0], "M30_2.0.0.zip", 2).await,
     );
-    let base = replicas[1].base.clone();
-    assert!(
-        wait_until(Duration::from_secs(20), || async {
-            holders_of(&base, "rollouts").await.len() == 1
-        })
-        .await,
-        "nobody drives the rollouts"
-    );
-    let driver = holders_of(&base, "rollouts").await.pop().unwrap();
-    let (dead, alive) = if driver == "r1" { (0, 1) } else { (1, 0) };
-    let (observer, mut creates) = mqtt_client(&replicas[0].mqtt, "creates").await;
+    let driver = lease_holder(&replicas[1].base, "rollouts", None).await;
+    let dead = ids.iter().position(|id| *id == driver).unwrap();
+    let front = (dead + 1) % 3;
+    let (observer, creates) = mqtt_client(&replicas[0].mqtt, "creates").await;
     observer.subscribe_acked("thing/product/+/services").await;
     // Downloads at 150 kB/s: each dock takes a few seconds, so the kill lands mid-rollout.
-    let (prefix, sim) = fleet(&replicas[0].mqtt, 10, &["--rate", "150000"]).await;
-    let gateways: Vec<String> = (1..=10).map(|i| format!("{prefix}{i:04}")).collect();
+    let (prefix, sim) = fleet(&replicas[0].mqtt, 30, &["--rate", "150000"]).await;
+    let gateways: Vec<String> = (1..=30).map(|i| format!("{prefix}{i:04}")).collect();
     for r in &replicas {
         for gw in &gateways {
             assert!(
-                wait_until(Duration::from_secs(20), || async {
+                wait_until(Duration::from_secs(30), || async {
                     get_json_at(&r.base, &format!("/api/v1/devices/{gw}")).await["child_sn"]
                         .is_string()
                 })
@@ -536,63 +538,125 @@ async fn a_rollout_completes_when_the_replica_driving_it_is_killed() {
             );
         }
     }
-    let survivor = &replicas[alive];
+    let front_base = replicas[front].base.clone();
     let (status, created) = post_to(
-        survivor,
+        &replicas[front],
         "/api/v1/rollouts",
         serde_json::json!({"name": "handover", "target": {"gateway_sns": gateways},
             "firmware": [{"firmware_id": dock_fw}, {"firmware_id": ac_fw}],
-            "stages": [{"percent": 50}, {"percent": 100}], "max_in_flight": 3,
+            "stages": [{"percent": 50}, {"percent": 100}], "max_in_flight": 6,
             "rate_per_minute": null, "retry_backoff_s": 1}),
     )
     .await;
     assert_eq!(status, 201, "{created}");
     let id = created["id"].as_str().unwrap().to_string();
-    // Started through the replica that does not drive: the driver picks it up.
-    let (status, started) = post_to(
-        survivor,
-        &format!("/api/v1/rollouts/{id}/start"),
-        serde_json::json!({}),
-    )
-    .await;
+    // Started through a replica that does not drive: the driver picks it up.
+    let start = format!("/api/v1/rollouts/{id}/start");
+    let (status, started) = post_to(&replicas[front], &start, serde_json::json!({})).await;
     assert_eq!(status, 200, "{started}");
-    let rollout = |base: String| {
-        let id = id.clone();
-        async move { get_json_at(&base, &format!("/api/v1/rollouts/{id}")).await }
-    };
-    let survivor_base = survivor.base.clone();
+    let rollout = || async { get_json_at(&front_base, &format!("/api/v1/rollouts/{id}")).await };
+    let ok = || async { rollout().await["counts"]["ok"].as_u64().unwrap_or(0) };
     assert!(
-        wait_until(Duration::from_secs(60), || async {
-            rollout(survivor_base.clone()).await["counts"]["ok"]
-                .as_u64()
-                .unwrap_or(0)
-                >= 3
-        })
-        .await,
+        wait_until(Duration::from_secs(60), || async { ok().await >= 6 }).await,
         "no progress: {}",
-        rollout(survivor_base.clone()).await
+        rollout().await
     );
     replicas[dead].kill9();
-    let done = wait_until(Duration::from_secs(120), || async {
-        rollout(survivor_base.clone()).await["status"] == "completed"
+    let killed = std::time::Instant::now();
+    let successor = lease_holder(&front_base, "rollouts", Some(driver.as_str())).await;
+    println!(
+        "rollouts lease handover after kill -9: {:?}",
+        killed.elapsed()
+    );
+    // The killed replica comes back while the rollout goes on, and joins as a follower.
+    let mid = ok().await;
+    let dead_log = replicas[dead].stderr();
+    replicas[dead] = shared.start(root.path(), &driver, &extra);
+    let done = wait_until(Duration::from_secs(180), || async {
+        rollout().await["status"] == "completed"
     })
     .await;
-    let last = rollout(survivor_base.clone()).await;
+    let last = rollout().await;
+    if !done {
+        let stuck = in_flight_tasks(&front_base, &id).await;
+        let gws: Vec<&str> = stuck
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|m| m["member"]["gateway_sn"].as_str())
+            .collect();
+        let mut logs = vec![dead_log];
+        logs.extend(replicas.iter().map(|r| r.stderr()));
+        for (i, log) in logs.iter().enumerate() {
+            for l in log.lines().filter(|l| {
+                l.contains("WARN") || l.contains("ERROR") || gws.iter().any(|g| l.contains(g))
+            }) {
+                println!("log{i}: {l}");
+            }
+        }
+        panic!("the rollout did not complete after the handover: {last}\nin flight: {stuck:#}");
+    }
+    assert!(mid < 60, "the restart came after the rollout's end: {last}");
+    assert_eq!(last["counts"]["ok"], 60, "{last}");
+    // The events show who drove it: the killed replica, then its successor.
+    let drivers: Vec<&str> = last["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["action"] == fwrepo::rollout::DRIVEN_BY)
+        .filter_map(|e| e["reason"].as_str())
+        .collect();
+    assert_eq!(drivers, [driver.as_str(), successor.as_str()], "{last}");
+    let again = get_json_at(&replicas[dead].base, &format!("/api/v1/rollouts/{id}")).await;
+    assert_eq!(again["status"], "completed");
+    assert_one_ota_create_each(creates, &gateways, &front_base, &last).await;
+    sim.cancel();
+}
+
+/// The members of rollout `id` in flight, each with its task (if it has one).
+async fn in_flight_tasks(base: &str, id: &str) -> Value {
+    let rows = get_json_at(
+        base,
+        &format!("/api/v1/rollouts/{id}/devices?state=in_flight"),
+    )
+    .await;
+    let mut out = Vec::new();
+    for row in rows["items"].as_array().into_iter().flatten() {
+        let task = match row["task_id"].as_str() {
+            Some(t) => get_json_at(base, &format!("/api/v1/ota/{t}")).await,
+            None => Value::Null,
+        };
+        out.push(serde_json::json!({"member": row, "task": task}));
+    }
+    Value::from(out)
+}
+
+/// The replica holding `lease` by its own latest heartbeat, as `base` reports it, once it is
+/// not `not` (a dead replica's row still lists the lease): waits up to 20 s.
+async fn lease_holder(base: &str, lease: &str, not: Option<&str>) -> String {
+    let holder = || async {
+        let mut holders = holders_of(base, lease).await;
+        holders.retain(|h| Some(h.as_str()) != not);
+        holders.pop()
+    };
     assert!(
-        done,
-        "the rollout did not complete after the handover: {last}"
+        wait_until(Duration::from_secs(20), || async {
+            holder().await.is_some()
+        })
+        .await,
+        "nobody (but {not:?}) holds {lease}"
     );
-    assert_eq!(last["counts"]["ok"], 20, "{last}");
-    assert!(
-        holders_of(&survivor_base, "rollouts")
-            .await
-            .contains(&if alive == 0 { "r1" } else { "r2" }.to_string())
-    );
-    // The killed replica comes back and joins as a follower.
-    let dead_id = if dead == 0 { "r1" } else { "r2" };
-    let back = shared.start(root.path(), dead_id, &extra);
-    assert_eq!(rollout(back.base.clone()).await["status"], "completed");
-    // Every gateway got exactly one ota_create.
+    holder().await.unwrap()
+}
+
+/// Every gateway got exactly one `ota_create` (as `creates` saw them); else the tasks of a
+/// gateway that got several are shown with their history.
+async fn assert_one_ota_create_each(
+    mut creates: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    gateways: &[String],
+    base: &str,
+    rollout: &Value,
+) {
     let mut per_gateway: std::collections::HashMap<String, usize> = Default::default();
     while let Ok((topic, payload)) = creates.try_recv() {
         let msg: Value = serde_json::from_slice(&payload).unwrap();
@@ -601,28 +665,25 @@ async fn a_rollout_completes_when_the_replica_driving_it_is_killed() {
             *per_gateway.entry(gw).or_default() += 1;
         }
     }
-    assert_eq!(per_gateway.len(), 10, "{per_gateway:?}");
-    for (gw, n) in &per_gateway {
-        if *n != 1 {
-            let tasks = get_json_at(&survivor_base, &format!("/api/v1/ota?gateway_sn={gw}")).await;
-            let brief: Vec<String> = tasks["items"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|t| {
-                    let sources: Vec<String> = t["history"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|h| format!("{}:{}", h["source"], h["status"]))
-                        .collect();
-                    format!("{} {} {:?}", t["id"], t["status"], sources)
-                })
-                .collect();
-            panic!("{gw} got {n} ota_create: {brief:#?}\nrollout: {last}");
-        }
+    assert_eq!(per_gateway.len(), gateways.len(), "{per_gateway:?}");
+    if let Some((gw, n)) = per_gateway.iter().find(|(_, n)| **n != 1) {
+        let tasks = get_json_at(base, &format!("/api/v1/ota?gateway_sn={gw}")).await;
+        let brief: Vec<String> = tasks["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| {
+                let sources: Vec<String> = t["history"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|h| format!("{}:{}", h["source"], h["status"]))
+                    .collect();
+                format!("{} {} {:?}", t["id"], t["status"], sources)
+            })
+            .collect();
+        panic!("{gw} got {n} ota_create: {brief:#?}\nrollout: {rollout}");
     }
-    sim.cancel();
 }
 
 /// Two replicas started at the same moment on an empty database: both come up, and each

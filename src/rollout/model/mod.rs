@@ -479,6 +479,10 @@ pub fn stage_sizes(stages: &[StageDef], n: usize) -> Vec<usize> {
         .collect()
 }
 
+/// The event a replica notes when it starts driving a running rollout that another replica
+/// (or none) drove before: the handover after a replica died shows in the rollout's events.
+pub const DRIVEN_BY: &str = "driven_by";
+
 /// One point of the timeline.
 #[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
 pub struct TimelinePoint {
@@ -494,9 +498,10 @@ pub struct TimelinePoint {
 pub struct RolloutEvent {
     /// When.
     pub at: DateTime<Utc>,
-    /// What (`created`, `start`, `stage_started`, `paused`, …).
+    /// What (`created`, `start`, `stage_started`, `paused`, `driven_by`, …).
     pub action: String,
-    /// Why, when it is not an operator's action.
+    /// Why, when it is not an operator's action (for `driven_by`, on a deployment of several
+    /// replicas: the replica that drives the rollout from then on).
     pub reason: Option<String>,
 }
 
@@ -559,6 +564,15 @@ impl Rollout {
             action: action.to_string(),
             reason,
         });
+    }
+
+    /// The replica that drove it last, by its `driven_by` events.
+    pub fn driver(&self) -> Option<&str> {
+        self.events
+            .iter()
+            .rev()
+            .find(|e| e.action == DRIVEN_BY)
+            .and_then(|e| e.reason.as_deref())
     }
 
     /// Adds a timeline point (at most 2,000 kept: the older half is thinned).
