@@ -268,58 +268,70 @@ async fn full_disk_refuses_writes_then_recovers_without_restart() {
     // log on the disk that fills is the usual case, and must not take the server down.
     let data_dir = mnt.join("data");
     let mut server = ServerProcess::start(&data_dir, &[]);
-    let base = server.base.clone();
-    let client = server.client();
     let t = tag();
     let mut acked = Acked::default();
+    write_while_there_is_room(&mut server, &t, &mut acked).await;
+    let fillers = [mnt.join("filler"), mnt.join("filler2")];
+    let refused = fill_the_disk(&mut server, &data_dir, &fillers, &t, &mut acked).await;
+    not_ready_while_full(&mut server, &data_dir).await;
+    // Room again: the service comes back by itself.
+    for f in &fillers {
+        std::fs::remove_file(f).unwrap();
+    }
+    let fw = recover_without_restart(&mut server, &t, &mut acked).await;
+    // A crash now loses nothing that was acknowledged, before, during or after the fault.
+    server.kill9();
+    let server = ServerProcess::start(&data_dir, &[]);
+    nothing_acknowledged_is_lost(&server, &acked, &refused, &fw).await;
+}
 
-    // Some writes while there is room: acknowledged, so they must survive everything below.
+/// Some writes while there is room: acknowledged, so they must survive everything after.
+async fn write_while_there_is_room(server: &mut ServerProcess, t: &str, acked: &mut Acked) {
     for i in 0..5 {
-        let (status, body) = create_token(&mut server, &format!("before-{i}")).await;
+        let (status, body) = create_token(server, &format!("before-{i}")).await;
         assert_eq!(status, 201, "{body}");
         acked.tokens.push(body["id"].as_str().unwrap().to_string());
         let sn = format!("FULLA{t}{i:03}");
-        let (status, body) = put_device(&mut server, &sn).await;
+        let (status, body) = put_device(server, &sn).await;
         assert_eq!(status, 200, "{body}");
         acked.devices.push(sn);
     }
-    assert_eq!(readyz(&base).await.0, 200);
+    assert_eq!(readyz(&server.base).await.0, 200);
+}
 
-    // Fill the file system the catalog and the blobs live on, but for 2 MiB.
-    let filler = mnt.join("filler");
-    let filled = fill(&filler);
+/// Fills the file system the catalog and the blobs live on: first but for 2 MiB (an upload
+/// bigger than that is refused and leaves nothing), then to the last byte, and writes on:
+/// each is acknowledged (then durable) or refused as a storage fault. Returns the refused.
+async fn fill_the_disk(
+    server: &mut ServerProcess,
+    data_dir: &std::path::Path,
+    fillers: &[std::path::PathBuf; 2],
+    t: &str,
+    acked: &mut Acked,
+) -> Vec<String> {
+    let filled = fill(&fillers[0]);
     assert!(filled > 4 << 20, "the tmpfs was nearly full from the start");
     std::fs::OpenOptions::new()
         .write(true)
-        .open(&filler)
+        .open(&fillers[0])
         .unwrap()
         .set_len(filled - (2 << 20))
         .unwrap();
     // An upload bigger than what is left: the catalog takes its pending row, the blob write
     // hits ENOSPC. 507, and nothing of it stays behind.
-    let (status, body) = raw_upload(&server, "x_1.0.zip", payload(6 << 20, 11)).await;
+    let (status, body) = raw_upload(server, "x_1.0.zip", payload(6 << 20, 11)).await;
     assert_eq!(
         (status, body["error"].as_str()),
         (507, Some("insufficient_storage")),
         "upload bigger than the free space: {body}"
     );
-    assert!(
-        wait_until(Duration::from_secs(5), || async {
-            blob_leftovers(&data_dir).is_empty()
-        })
-        .await,
-        "the failed upload left {:?}",
-        blob_leftovers(&data_dir)
-    );
+    assert_no_leftovers(data_dir, "the failed upload").await;
     // Now full to the last byte.
-    let filler2 = mnt.join("filler2");
-    let filled = filled - (2 << 20) + fill(&filler2);
-
-    // Every write is either acknowledged (and then durable) or refused as a storage fault.
+    let filled = filled - (2 << 20) + fill(&fillers[1]);
     let mut refused = Vec::new();
     for i in 0..100 {
         let name = format!("full-{i}");
-        let (status, body) = create_token(&mut server, &name).await;
+        let (status, body) = create_token(server, &name).await;
         if (200..300).contains(&status) {
             acked.tokens.push(body["id"].as_str().unwrap().to_string());
         } else {
@@ -327,7 +339,7 @@ async fn full_disk_refuses_writes_then_recovers_without_restart() {
             refused.push(name);
         }
         let sn = format!("FULLB{t}{i:03}");
-        let (status, body) = put_device(&mut server, &sn).await;
+        let (status, body) = put_device(server, &sn).await;
         if (200..300).contains(&status) {
             acked.devices.push(sn);
         } else {
@@ -339,8 +351,13 @@ async fn full_disk_refuses_writes_then_recovers_without_restart() {
         "faults::full_disk: {filled} filler bytes; {} refused of 200 writes while full",
         refused.len()
     ));
+    refused
+}
 
-    // The background watcher notices the catalog cannot write.
+/// The background watcher notices the catalog cannot write: `/readyz` 503, writes refused
+/// with the cause (507), reads go on, an upload is refused and leaves nothing.
+async fn not_ready_while_full(server: &mut ServerProcess, data_dir: &std::path::Path) {
+    let base = server.base.clone();
     assert!(
         wait_until(Duration::from_secs(10), || async {
             readyz(&base).await.0 == 503
@@ -352,8 +369,7 @@ async fn full_disk_refuses_writes_then_recovers_without_restart() {
     );
     let (_, ready) = readyz(&base).await;
     assert_eq!(ready["status"], "not_ready", "{ready}");
-    // While not ready, writes are refused, with the cause: the disk is full.
-    let (status, body) = create_token(&mut server, "while-not-ready").await;
+    let (status, body) = create_token(server, "while-not-ready").await;
     assert_storage_refusal("token while /readyz is 503", status, &body);
     assert_eq!(
         (status, body["error"].as_str()),
@@ -366,23 +382,27 @@ async fn full_disk_refuses_writes_then_recovers_without_restart() {
         page["items"].as_array().is_some_and(|i| !i.is_empty()),
         "{page}"
     );
-
-    // An upload on the full disk is refused too (by the catalog, before any blob write), and
-    // leaves nothing behind.
-    let (status, body) = raw_upload(&server, "x_1.0.zip", payload(4 << 20, 12)).await;
+    // An upload is refused too (by the catalog, before any blob write).
+    let (status, body) = raw_upload(server, "x_1.0.zip", payload(4 << 20, 12)).await;
     assert_storage_refusal("upload on a full disk", status, &body);
+    assert_no_leftovers(data_dir, "the refused upload").await;
+}
+
+async fn assert_no_leftovers(data_dir: &std::path::Path, what: &str) {
     assert!(
         wait_until(Duration::from_secs(5), || async {
-            blob_leftovers(&data_dir).is_empty()
+            blob_leftovers(data_dir).is_empty()
         })
         .await,
-        "the refused upload left {:?}",
-        blob_leftovers(&data_dir)
+        "{what} left {:?}",
+        blob_leftovers(data_dir)
     );
+}
 
-    // Room again: the service comes back by itself.
-    std::fs::remove_file(&filler).unwrap();
-    std::fs::remove_file(&filler2).unwrap();
+/// Once the disk has room, `/readyz` comes back and writes work again without a restart.
+/// Returns the firmware uploaded afterwards.
+async fn recover_without_restart(server: &mut ServerProcess, t: &str, acked: &mut Acked) -> Value {
+    let base = server.base.clone();
     assert!(
         wait_until(Duration::from_secs(15), || async {
             readyz(&base).await.0 == 200
@@ -395,14 +415,15 @@ async fn full_disk_refuses_writes_then_recovers_without_restart() {
     // The upload refused on the full disk left no record.
     let list = get_json_at(&base, "/api/v1/firmware").await;
     assert_eq!(list["items"].as_array().map(Vec::len), Some(0), "{list}");
-    let (status, body) = create_token(&mut server, "after").await;
+    let (status, body) = create_token(server, "after").await;
     assert_eq!(status, 201, "token after recovery: {body}");
     acked.tokens.push(body["id"].as_str().unwrap().to_string());
     let sn = format!("FULLC{t}000");
-    let (status, body) = put_device(&mut server, &sn).await;
+    let (status, body) = put_device(server, &sn).await;
     assert_eq!(status, 200, "device after recovery: {body}");
     acked.devices.push(sn);
-    let resp = client
+    let resp = server
+        .client()
         .post(format!("{base}/api/v1/firmware?file_name=x_1.0.zip"))
         .header("content-type", "application/octet-stream")
         .body(payload(1 << 20, 12))
@@ -411,27 +432,28 @@ async fn full_disk_refuses_writes_then_recovers_without_restart() {
         .unwrap();
     let (status, fw) = answer("upload after recovery", resp).await;
     assert_eq!(status, 201, "{fw}");
+    fw
+}
 
-    // A crash now loses nothing that was acknowledged, before, during or after the fault.
-    server.kill9();
-    let server = ServerProcess::start(&data_dir, &[]);
+/// After kill -9 and a restart, every acknowledged token, device and the firmware are there.
+async fn nothing_acknowledged_is_lost(
+    server: &ServerProcess,
+    acked: &Acked,
+    refused: &[String],
+    fw: &Value,
+) {
     let client = server.client();
+    let get = |path: String| {
+        let client = client.clone();
+        let url = format!("{}{path}", server.base);
+        async move { answer("GET", client.get(url).send().await.unwrap()).await }
+    };
     for id in &acked.tokens {
-        let resp = client
-            .get(format!("{}/api/v1/tokens/{id}", server.base))
-            .send()
-            .await
-            .unwrap();
-        let (status, body) = answer("GET token", resp).await;
+        let (status, body) = get(format!("/api/v1/tokens/{id}")).await;
         assert_eq!(status, 200, "acknowledged token {id} lost: {body}");
     }
     for sn in &acked.devices {
-        let resp = client
-            .get(format!("{}/api/v1/devices/{sn}", server.base))
-            .send()
-            .await
-            .unwrap();
-        let (status, body) = answer("GET device", resp).await;
+        let (status, body) = get(format!("/api/v1/devices/{sn}")).await;
         assert_eq!(status, 200, "acknowledged device {sn} lost: {body}");
         assert_eq!(body["model"], "Dock", "{body}");
     }
@@ -439,12 +461,7 @@ async fn full_disk_refuses_writes_then_recovers_without_restart() {
     // asserted: only what was acknowledged is promised.
     let mut resurrected = 0;
     for sn in refused.iter().filter(|r| r.starts_with("FULLB")) {
-        let resp = client
-            .get(format!("{}/api/v1/devices/{sn}", server.base))
-            .send()
-            .await
-            .unwrap();
-        resurrected += usize::from(resp.status() == 200);
+        resurrected += usize::from(get(format!("/api/v1/devices/{sn}")).await.0 == 200);
     }
     say(&format!(
         "faults::full_disk: {resurrected} refused device writes present after the restart"

@@ -275,112 +275,34 @@ async fn a_dock_downloads_reports_ok_and_is_verified() {
     let (status, task) = post_ota(&app, body, None).await;
     assert_eq!(status, 202, "{task}");
     let id = task["id"].as_str().unwrap().to_string();
-    // SSE from the start.
-    let sse = app
-        .client
-        .get(app.url(&format!("/api/v1/ota/{id}/events")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(sse.headers()["content-type"], "text/event-stream");
-    let sse_task = tokio::spawn(async move {
-        let mut body = sse.bytes_stream();
-        let mut text = String::new();
-        while let Some(chunk) = body.next().await {
-            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
-        }
-        text
-    });
-
+    let sse_task = watch_task(&app, &id).await;
     let create = next_on(&mut inbox, "/services").await;
-    let url = create["data"]["devices"][0]["file_url"].as_str().unwrap();
-    // The dock accepts, downloads in two ranges, reports progress, ends ok, reports the version.
-    let reply = json!({"tid": create["tid"], "bid": create["bid"], "timestamp": 1, "method": "ota_create",
-        "data": {"result": 0, "output": {"status": "sent", "sub_status": "", "progress": {"percent": 0, "step": 1, "step_key": ""}}}});
-    client
-        .publish(
-            format!("thing/product/{dock}/services_reply"),
-            QoS::AtLeastOnce,
-            false,
-            reply.to_string(),
-        )
+    download_and_finish(&app, &client, &dock, &create, &data).await;
+    let task_of = || async { app.get_json(&format!("/api/v1/ota/{id}")).await.1 };
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            task_of().await["status"] == "ok"
+        })
         .await
-        .unwrap();
-    let a = app
-        .get_with(url, &[("range", "bytes=0-1499999")])
-        .await
-        .bytes()
-        .await
-        .unwrap();
-    let b = app
-        .get_with(url, &[("range", "bytes=1500000-")])
-        .await
-        .bytes()
-        .await
-        .unwrap();
-    assert_eq!(md5_hex(&[a, b].concat()), md5_hex(&data));
-    for (status, sub, pct, step) in [
-        ("in_progress", "DOWNLOADING", 50, "download_firmware"),
-        ("in_progress", "DOWNLOADING", 50, "download_firmware"),
-        ("in_progress", "UPGRADING", 80, "upgrade_firmware"),
-        ("ok", "UPGRADE_SUCCESS", 100, "upgrade_firmware"),
-    ] {
-        let ev = json!({"tid": "x", "bid": create["bid"], "timestamp": "1707048089244", "method": "ota_progress",
-            "data": {"result": 0, "output": {"status": status, "sub_status": sub, "progress": {"percent": pct, "step_key": step}}}});
+    );
+    // A late event never reopens it; the version the dock reports then verifies it.
+    let late = json!({"bid": create["bid"], "method": "ota_progress", "data": {"output": {"status": "in_progress", "progress": {"percent": 10}}}});
+    let state =
+        json!({"timestamp": 5, "data": {"firmware_version": "10.01.0300", "compatible_status": 0}});
+    for (topic, msg) in [("events", late), ("state", state)] {
+        let topic = format!("thing/product/{dock}/{topic}");
         client
-            .publish(
-                format!("thing/product/{dock}/events"),
-                QoS::AtLeastOnce,
-                false,
-                ev.to_string(),
-            )
+            .publish(topic, QoS::AtLeastOnce, false, msg.to_string())
             .await
             .unwrap();
     }
-    // An events_reply acknowledges ota_progress (no need_reply field).
-    client
-        .subscribe(
-            format!("thing/product/{dock}/events_reply"),
-            QoS::AtLeastOnce,
-        )
-        .await
-        .unwrap();
     assert!(
         wait_until(Duration::from_secs(10), || async {
-            app.get_json(&format!("/api/v1/ota/{id}")).await.1["status"] == "ok"
+            task_of().await["devices"][0]["outcome"] == "verified"
         })
         .await
     );
-    // A late event never reopens it.
-    let late = json!({"bid": create["bid"], "method": "ota_progress", "data": {"output": {"status": "in_progress", "progress": {"percent": 10}}}});
-    client
-        .publish(
-            format!("thing/product/{dock}/events"),
-            QoS::AtLeastOnce,
-            false,
-            late.to_string(),
-        )
-        .await
-        .unwrap();
-    let state =
-        json!({"timestamp": 5, "data": {"firmware_version": "10.01.0300", "compatible_status": 0}});
-    client
-        .publish(
-            format!("thing/product/{dock}/state"),
-            QoS::AtLeastOnce,
-            false,
-            state.to_string(),
-        )
-        .await
-        .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || async {
-            app.get_json(&format!("/api/v1/ota/{id}")).await.1["devices"][0]["outcome"]
-                == "verified"
-        })
-        .await
-    );
-    let (_, t) = app.get_json(&format!("/api/v1/ota/{id}")).await;
+    let t = task_of().await;
     assert_eq!(t["status"], "ok");
     assert_eq!(t["progress"]["percent"], 100);
     assert_eq!(t["progress"]["sub_status"], "UPGRADE_SUCCESS");
@@ -402,6 +324,72 @@ async fn a_dock_downloads_reports_ok_and_is_verified() {
         .get_json(&format!("/api/v1/ota?gateway_sn={dock}&status=ok"))
         .await;
     assert_eq!(list["items"].as_array().unwrap().len(), 1);
+}
+
+/// The task's live view (SSE), collected from now until the stream ends.
+async fn watch_task(app: &TestApp, id: &str) -> tokio::task::JoinHandle<String> {
+    let sse = app
+        .client
+        .get(app.url(&format!("/api/v1/ota/{id}/events")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sse.headers()["content-type"], "text/event-stream");
+    tokio::spawn(async move {
+        let mut body = sse.bytes_stream();
+        let mut text = String::new();
+        while let Some(chunk) = body.next().await {
+            text.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+        text
+    })
+}
+
+/// The dock's side of `create`: it accepts, downloads its `file_url` in two ranges (the
+/// bytes are `data`), reports progress (one report twice) and ends ok; it subscribes to its
+/// `events_reply` (an events_reply acknowledges ota_progress without a need_reply field).
+async fn download_and_finish(
+    app: &TestApp,
+    client: &TestClient,
+    dock: &str,
+    create: &Value,
+    data: &[u8],
+) {
+    let url = create["data"]["devices"][0]["file_url"].as_str().unwrap();
+    let reply = json!({"tid": create["tid"], "bid": create["bid"], "timestamp": 1, "method": "ota_create",
+        "data": {"result": 0, "output": {"status": "sent", "sub_status": "", "progress": {"percent": 0, "step": 1, "step_key": ""}}}});
+    let topic = format!("thing/product/{dock}/services_reply");
+    client
+        .publish(topic, QoS::AtLeastOnce, false, reply.to_string())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    for range in ["bytes=0-1499999", "bytes=1500000-"] {
+        got.extend(
+            app.get_with(url, &[("range", range)])
+                .await
+                .bytes()
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(md5_hex(&got), md5_hex(data));
+    for (status, sub, pct, step) in [
+        ("in_progress", "DOWNLOADING", 50, "download_firmware"),
+        ("in_progress", "DOWNLOADING", 50, "download_firmware"),
+        ("in_progress", "UPGRADING", 80, "upgrade_firmware"),
+        ("ok", "UPGRADE_SUCCESS", 100, "upgrade_firmware"),
+    ] {
+        let ev = json!({"tid": "x", "bid": create["bid"], "timestamp": "1707048089244", "method": "ota_progress",
+            "data": {"result": 0, "output": {"status": status, "sub_status": sub, "progress": {"percent": pct, "step_key": step}}}});
+        let topic = format!("thing/product/{dock}/events");
+        client
+            .publish(topic, QoS::AtLeastOnce, false, ev.to_string())
+            .await
+            .unwrap();
+    }
+    let topic = format!("thing/product/{dock}/events_reply");
+    client.subscribe(topic, QoS::AtLeastOnce).await.unwrap();
 }
 
 /// A dock (running 10.01.0300 but inconsistent, so a consistency upgrade) and its aircraft
