@@ -1,15 +1,22 @@
 //! Logging: one subscriber for the process, on stderr, as text or JSON lines. `RUST_LOG`
-//! overrides the default filter (`info`).
+//! overrides the default filter ([`DEFAULT_FILTER`]).
 
 use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// The filter without `RUST_LOG`: info, with the chatty dependencies at warn. rumqttd's
+/// connection handling (`server::broker`) and router (`router::routing`) log the end of
+/// every gateway connection as an ERROR, a clean DISCONNECT included: they are off, so that a
+/// normal start and stop log no ERROR or WARN and a fleet's reconnects do not flood the log
+/// (`RUST_LOG=info,rumqttd=debug` shows them). fwrepo logs what an operator must act on.
+pub const DEFAULT_FILTER: &str = "info,sled=warn,actix_server=warn,rumqttd=warn,\
+    rumqttd::server::broker=off,rumqttd::router::routing=off,rumqttc=warn";
+
 /// Installs the global subscriber (once; later calls are no-ops).
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new("info,sled=warn,actix_server=warn,rumqttd=warn,rumqttc=warn")
-    });
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

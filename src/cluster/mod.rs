@@ -15,9 +15,10 @@ use crate::domain::Clock;
 use crate::store::StoreResult;
 
 /// How often a replica renews its heartbeat.
-pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
-/// A replica whose last heartbeat is older than this is gone.
-pub const ALIVE_WITHIN: chrono::Duration = chrono::Duration::seconds(15);
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+/// A replica whose last heartbeat is older than this (four heartbeats) is gone: its broker
+/// session is taken over by a live replica.
+pub const ALIVE_WITHIN: chrono::Duration = chrono::Duration::seconds(8);
 /// A replica silent for this long is no longer listed.
 pub const FORGET_AFTER: chrono::Duration = chrono::Duration::hours(1);
 

@@ -63,6 +63,11 @@ impl Acks {
         q.entries.clear();
     }
 
+    /// Whether every message taken in was acknowledged (none waits to be recorded).
+    pub(super) fn idle(&self) -> bool {
+        lock(&self.queue).entries.is_empty()
+    }
+
     /// Takes `p` in; the returned acknowledgement marks it done (or withheld when dropped
     /// undone). QoS 0 messages need none.
     pub(super) fn track(&self, p: &Publish) -> crate::domain::Ack {

@@ -156,10 +156,74 @@ pub fn start(
         .map_err(|source| BrokerError::Bind { addr, source })?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+        if answers(addr, credentials) {
             return Ok((addr, tls_addr));
         }
         std::thread::sleep(Duration::from_millis(20));
     }
     Err(BrokerError::NotStarted(addr))
+}
+
+/// Whether the broker at `addr` answers an MQTT 3.1.1 CONNECT with a CONNACK. The probe
+/// then says DISCONNECT, as a well-behaved client does: a bare TCP connect that goes away
+/// makes rumqttd log an ERROR on every start.
+fn answers(addr: SocketAddr, credentials: Option<&GatewayCredentials>) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(2)));
+    let mut exchange = |send: &[u8]| -> Option<[u8; 2]> {
+        stream.write_all(send).ok()?;
+        let mut head = [0u8; 2];
+        stream.read_exact(&mut head).ok()?;
+        let mut rest = vec![0u8; usize::from(head[1])];
+        stream.read_exact(&mut rest).ok()?;
+        Some([head[0], rest.get(1).copied().unwrap_or(0)])
+    };
+    // CONNACK (accepted), then a ping answered once the router knows the connection (a
+    // DISCONNECT before that makes rumqttd log an ERROR too), then goodbye; the broker closes.
+    let up = exchange(&connect_packet(credentials)) == Some([0x20, 0])
+        && exchange(&[0xC0, 0x00]).is_some_and(|[kind, _]| kind == 0xD0);
+    let _ = stream.write_all(&[0xE0, 0x00]);
+    let _ = stream.read(&mut [0u8; 1]);
+    up
+}
+
+/// A CONNECT of the readiness probe: clean session, and the probe's own credentials when
+/// the broker requires them.
+fn connect_packet(credentials: Option<&GatewayCredentials>) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+    let client_id = format!("fwrepo-probe-{}", std::process::id());
+    let mut flags = 0x02;
+    let mut body = Vec::new();
+    string(&mut body, "MQTT");
+    body.push(4);
+    let password = credentials.map(|c| c.password(&client_id));
+    if password.is_some() {
+        flags |= 0xC0;
+    }
+    body.push(flags);
+    body.extend_from_slice(&10u16.to_be_bytes());
+    string(&mut body, &client_id);
+    if let Some(password) = &password {
+        string(&mut body, &client_id);
+        string(&mut body, password);
+    }
+    let mut packet = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let byte = (len % 128) as u8;
+        len /= 128;
+        packet.push(if len > 0 { byte | 0x80 } else { byte });
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(&body);
+    packet
 }

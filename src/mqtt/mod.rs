@@ -4,6 +4,7 @@
 //! into registry updates; publishing never blocks the caller (a full queue counts as dropped).
 
 mod acks;
+mod adopt;
 pub mod broker;
 pub mod credentials;
 pub mod lenient;
@@ -11,6 +12,8 @@ mod reports;
 pub mod tls;
 pub mod topics;
 pub mod wire;
+
+pub use adopt::adopt;
 
 use reports::{osd_of, state_of, topology_of};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -228,21 +231,41 @@ pub enum MqttError {
     /// The TLS material for `mqtts://` is unusable.
     #[error("{0}")]
     Tls(String),
+    /// A session of another replica on the embedded broker was asked for.
+    #[error("the embedded broker is this process's own: no other replica has a session on it")]
+    NotExternal,
+    /// A member of a shared-subscription group has a client id of its own choosing.
+    #[error(
+        "--mqtt-client-id cannot be set on a replica of a shared-subscription group: its client \
+         id is fwrepo-<replica id>, so that another replica can take over its session when it \
+         dies (set --replica-id instead)"
+    )]
+    ClientIdInGroup,
+}
+
+/// The client id of replica `replica_id`'s session in a shared-subscription group.
+pub fn group_client_id(replica_id: &str) -> String {
+    format!("fwrepo-{replica_id}")
 }
 
 /// Starts the embedded broker if configured, and the client session with its event loop task.
 pub fn start(
     settings: &MqttSettings,
-    instance_id: &str,
+    replica_id: &str,
     registry: DeviceRegistry,
     ota: tokio::sync::mpsc::Sender<OtaMessage>,
     cancel: CancellationToken,
     credentials: Option<credentials::GatewayCredentials>,
 ) -> Result<MqttHandle, MqttError> {
+    let grouped =
+        settings.share_group.is_some() && matches!(settings.target, BrokerTarget::External { .. });
+    if grouped && settings.client_id.is_some() {
+        return Err(MqttError::ClientIdInGroup);
+    }
     let client_id = settings
         .client_id
         .clone()
-        .unwrap_or_else(|| format!("fwrepo-{instance_id}"));
+        .unwrap_or_else(|| group_client_id(replica_id));
     let mut tls_address_line = None;
     let (host, port, address_line, creds) = match &settings.target {
         BrokerTarget::Embedded(listen) => {
@@ -260,56 +283,31 @@ pub fn start(
             )
         }
         BrokerTarget::External {
-            host,
-            port,
-            tls,
-            user,
-            password,
+            host, port, tls, ..
         } => {
             let scheme = if tls.is_some() { "mqtts" } else { "mqtt" };
             (
                 host.clone(),
                 *port,
                 format!("MQTT connected to {scheme}://{host}:{port}"),
-                user.clone()
-                    .map(|u| (u, password.clone().unwrap_or_default())),
+                None,
             )
         }
     };
-    let transport = match &settings.target {
-        BrokerTarget::External { tls: Some(t), .. } => Some(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(t.client_config().map_err(MqttError::Tls)?),
-        )),
-        _ => None,
+    let mut options = match &settings.target {
+        BrokerTarget::External { .. } => external_options(settings, client_id, false)?,
+        BrokerTarget::Embedded(_) => {
+            let mut o = MqttOptions::new(client_id, host, port);
+            o.set_clean_session(false);
+            if let Some((u, p)) = creds {
+                o.set_credentials(u, p);
+            }
+            o
+        }
     };
     // Only replicas on one external broker share subscriptions.
-    let share_group = match settings.target {
-        BrokerTarget::External { .. } => settings.share_group.clone(),
-        BrokerTarget::Embedded(_) => None,
-    };
-    let mut options = MqttOptions::new(client_id, host, port);
-    options
-        // A broker keeps queueing a shared subscription's messages for a member whose
-        // persistent session outlives it (a replica killed for good would hold its share until
-        // it came back): members of a group have clean sessions, so the live ones get
-        // everything at once.
-        .set_clean_session(share_group.is_some())
-        .set_keep_alive(Duration::from_secs(30))
-        .set_max_packet_size(CLIENT_PACKET_LIMIT, CLIENT_PACKET_LIMIT)
-        // rumqttc stops taking requests (PUBACKs included) while its outgoing window is
-        // full, and a broker that holds this session's deliveries until they are acknowledged
-        // (rumqttd) would then wait on it: a window larger than any burst of ota_create keeps
-        // acknowledgements flowing.
-        .set_inflight(OUTGOING_WINDOW)
-        // A gateway's OTA message is acknowledged once recorded (ota::OtaService::on_message);
-        // one that could not be is delivered again after the next reconnect.
-        .set_manual_acks(true);
-    if let Some((u, p)) = creds {
-        options.set_credentials(u, p);
-    }
-    if let Some(t) = transport {
-        options.set_transport(t);
-    }
+    let share_group = grouped.then(|| settings.share_group.clone()).flatten();
+    session_options(&mut options);
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
     // rumqttc gives CONNECT 5 s by default; a broker busy with a reconnecting fleet may need
     // longer, and giving up early only adds to its load.
@@ -333,6 +331,53 @@ pub fn start(
     };
     tokio::spawn(session.run(eventloop, cancel));
     Ok(handle)
+}
+
+/// The options of a session with the external broker as `client_id`; `clean` or persistent.
+/// Every session is persistent, those of a shared-subscription group included: a broker
+/// keeps what it had sent but not yet seen acknowledged when a replica died, and another
+/// replica takes that session over (`adopt`).
+fn external_options(
+    settings: &MqttSettings,
+    client_id: String,
+    clean: bool,
+) -> Result<MqttOptions, MqttError> {
+    let BrokerTarget::External {
+        host,
+        port,
+        tls,
+        user,
+        password,
+    } = &settings.target
+    else {
+        return Err(MqttError::NotExternal);
+    };
+    let mut options = MqttOptions::new(client_id, host.clone(), *port);
+    options.set_clean_session(clean);
+    if let Some(u) = user {
+        options.set_credentials(u.clone(), password.clone().unwrap_or_default());
+    }
+    if let Some(t) = tls {
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(t.client_config().map_err(MqttError::Tls)?),
+        ));
+    }
+    Ok(options)
+}
+
+/// What every session fwrepo opens shares: keep-alive, packet limits, window, manual acks.
+fn session_options(options: &mut MqttOptions) {
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(CLIENT_PACKET_LIMIT, CLIENT_PACKET_LIMIT)
+        // rumqttc stops taking requests (PUBACKs included) while its outgoing window is
+        // full, and a broker that holds this session's deliveries until they are acknowledged
+        // (rumqttd) would then wait on it: a window larger than any burst of ota_create keeps
+        // acknowledgements flowing.
+        .set_inflight(OUTGOING_WINDOW)
+        // A gateway's OTA message is acknowledged once recorded (ota::OtaService::on_message);
+        // one that could not be is delivered again after the next reconnect.
+        .set_manual_acks(true);
 }
 
 /// First reconnect delay after the connection drops.
@@ -363,7 +408,12 @@ struct Session {
 impl Session {
     async fn run(self, mut eventloop: rumqttc::EventLoop, cancel: CancellationToken) {
         let mut backoff = RECONNECT_FIRST;
-        let mut redeliver = tokio::time::interval(REDELIVER_EVERY);
+        // Not at once: a poll dropped half-way through the first connect for a timer tick
+        // closes the connection before its CONNECT.
+        let mut redeliver = tokio::time::interval_at(
+            tokio::time::Instant::now() + REDELIVER_EVERY,
+            REDELIVER_EVERY,
+        );
         redeliver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let event = tokio::select! {
@@ -372,11 +422,8 @@ impl Session {
                 _ = redeliver.tick() => {
                     // The broker sends unacknowledged messages again when the (persistent)
                     // session reconnects.
-                    // A clean session (a shared-subscription member) gets nothing again: the
-                    // OTA service retries those itself, and a reconnect would only drop the
-                    // messages in flight.
                     let withheld = self.handle.status.withheld.swap(0, Ordering::Relaxed);
-                    if withheld > 0 && self.share_group.is_none() {
+                    if withheld > 0 {
                         tracing::warn!(withheld, "reconnecting to receive the OTA messages that could not be recorded again");
                         let _ = self.handle.client.try_disconnect();
                     }

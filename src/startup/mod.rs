@@ -6,7 +6,7 @@ mod listeners;
 mod replicas;
 pub use crate::http::access::Listener;
 use listeners::{bind, serve};
-use replicas::{follow_changes, join_cluster};
+use replicas::{adopt_dead_sessions, follow_changes, join_cluster};
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
@@ -212,9 +212,24 @@ impl Bound {
             share_group: settings.mqtt.share_group.clone().filter(|_| shared),
             ..settings.mqtt.clone()
         };
+        if mqtt_settings.share_group.is_some()
+            && matches!(
+                mqtt_settings.target,
+                crate::mqtt::BrokerTarget::External { .. }
+            )
+        {
+            // The sessions of replicas that die are taken over by one of the live ones.
+            adopt_dead_sessions(
+                &cluster,
+                mqtt_settings.clone(),
+                devices.clone(),
+                ota_tx.clone(),
+                &workers,
+            );
+        }
         let mqtt = crate::mqtt::start(
             &mqtt_settings,
-            &instance_id,
+            &cluster.id(),
             devices.clone(),
             ota_tx,
             workers.clone(),

@@ -1,6 +1,7 @@
 //! Joining the deployment of replicas and following what the others commit.
 
 use super::*;
+use chrono::{DateTime, Utc};
 
 /// Follows what the other replicas commit (PostgreSQL LISTEN/NOTIFY): live views (SSE) and the
 /// rollout scheduler see it within about a second.
@@ -71,4 +72,63 @@ pub(super) async fn join_cluster(
     let cluster = crate::cluster::Cluster::join(catalog.clone(), me, shared, clock.clone()).await?;
     tracing::info!(replica_id = %cluster.id(), "joined the deployment");
     Ok(cluster)
+}
+
+/// The lease whose holder takes over the broker sessions of dead replicas.
+pub const SESSIONS_LEASE: &str = "mqtt-sessions";
+
+/// How often the holder of [`SESSIONS_LEASE`] looks for dead replicas.
+const ADOPT_EVERY: Duration = Duration::from_secs(2);
+
+/// Takes over the broker session of each replica whose heartbeat stopped (see
+/// [`crate::mqtt::adopt`]), while this replica holds [`SESSIONS_LEASE`]: the messages a
+/// replica killed -9 had received but not acknowledged, and its share of those sent since,
+/// are handled here instead of being lost.
+pub(super) fn adopt_dead_sessions(
+    cluster: &crate::cluster::Cluster,
+    mqtt: crate::mqtt::MqttSettings,
+    devices: DeviceRegistry,
+    ota: tokio::sync::mpsc::Sender<crate::ota::OtaMessage>,
+    stop: &CancellationToken,
+) {
+    let (cluster, stop) = (cluster.clone(), stop.clone());
+    let lease = cluster.lease(SESSIONS_LEASE);
+    tokio::spawn(async move {
+        let mut adopted: std::collections::HashSet<(String, DateTime<Utc>)> = Default::default();
+        let mut tick = tokio::time::interval(ADOPT_EVERY);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if !lease.held() {
+                continue;
+            }
+            let Ok(view) = cluster.view().await else {
+                continue;
+            };
+            for r in view.replicas.into_iter().filter(|r| !r.alive) {
+                // Once per death (a replica that came back and died again is adopted again).
+                let death = (r.record.id.clone(), r.record.last_heartbeat);
+                if r.record.id == view.replica_id
+                    || r.record.broker != "external"
+                    || adopted.contains(&death)
+                {
+                    continue;
+                }
+                let id = &r.record.id;
+                match crate::mqtt::adopt(&mqtt, id, devices.clone(), ota.clone(), stop.clone())
+                    .await
+                {
+                    Ok(held) => {
+                        tracing::info!(replica_id = %id, messages = held, "took over the MQTT session of a replica that died");
+                        adopted.insert(death);
+                    }
+                    Err(e) => {
+                        tracing::warn!(replica_id = %id, error = %e, "taking over the MQTT session of a dead replica failed; trying again")
+                    }
+                }
+            }
+        }
+    });
 }

@@ -349,3 +349,46 @@ async fn configuration_layering_and_validation() {
     .await;
     assert!(out.status.success());
 }
+
+/// A newcomer's first start: `serve` with no configuration, a gateway that connects to the
+/// embedded broker, publishes and goes away (one cleanly, one by dropping its socket), then
+/// SIGTERM. Nothing on stderr is an ERROR or a WARN.
+#[tokio::test]
+async fn a_normal_start_and_stop_logs_no_error_or_warning() {
+    if std::env::var_os("RUST_LOG").is_some() {
+        println!("SKIP cli::a_normal_start_and_stop_logs_no_error_or_warning: RUST_LOG is set");
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let mut server = ServerProcess::start(&root.path().join("storage"), &[]);
+    let gw = sn("CLEAN");
+    for clean in [true, false] {
+        let (client, _inbox) = mqtt_client(&server.mqtt, &gw).await;
+        client
+            .subscribe_acked(format!("thing/product/{gw}/services"))
+            .await;
+        if clean {
+            client.disconnect().await.unwrap();
+        }
+    }
+    assert_eq!(
+        get_json_at(&server.base, "/readyz").await["status"],
+        "ready"
+    );
+    let status = tokio::task::spawn_blocking(move || {
+        let status = server.sigterm();
+        (status, server.stderr())
+    })
+    .await
+    .unwrap();
+    assert!(status.0.success(), "{}", status.1);
+    let noisy: Vec<&str> = status
+        .1
+        .lines()
+        .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+        .collect();
+    assert!(
+        noisy.is_empty(),
+        "a normal start and stop logged: {noisy:#?}"
+    );
+}

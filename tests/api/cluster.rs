@@ -499,9 +499,11 @@ async fn a_rollout_over_three_replicas_completes_when_the_one_driving_it_is_kill
     }
     let lb_port = free_port();
     let public = format!("http://127.0.0.1:{lb_port}");
-    // An ota_create the killed replica stored but never got out times out after 5 s and is
-    // retried after 1 s (the defaults, 30 s and 60 s, would outlast the test).
-    let extra = ["--public-url", &public, "--ota-reply-timeout", "5"];
+    // An ota_create the killed replica stored but never got out times out after 20 s and is
+    // retried after 1 s (the defaults, 30 s and 60 s, would outlast the test); a reply the
+    // broker had routed to the killed replica arrives well within it (its session is taken
+    // over, or it comes back).
+    let extra = ["--public-url", &public, "--ota-reply-timeout", "20"];
     let ids = ["r1", "r2", "r3"];
     let mut replicas: Vec<ServerProcess> = ids
         .iter()
@@ -902,4 +904,92 @@ async fn a_segmented_download_through_the_balancer_is_one_session_at_100_percent
         let served = counter(&r.base, "fwrepo_download_requests_total").await;
         assert!(served > 0, "{} served nothing", r.base);
     }
+}
+
+/// A replica dies (kill -9) while the broker had sent it messages it had not acknowledged —
+/// it was frozen (SIGSTOP) while the gateways sent them — and the broker goes on routing its
+/// share of the group's messages to its session: the live replica takes that session over and
+/// handles every one of them. Nothing a gateway sent is lost.
+#[tokio::test]
+async fn messages_sent_to_a_replica_that_dies_are_handled_by_another() {
+    let test = "messages_sent_to_a_replica_that_dies_are_handled_by_another";
+    let root = tempfile::tempdir().unwrap();
+    let Some(shared) = Shared::new(test, root.path()).await else {
+        return;
+    };
+    let r1 = shared.start(root.path(), "r1", &[]);
+    let mut r2 = shared.start(root.path(), "r2", &[]);
+    for r in [&r1, &r2] {
+        let base = r.base.clone();
+        assert!(
+            wait_until(Duration::from_secs(20), || async {
+                get_json_at(&base, "/readyz").await["mqtt"] == "connected"
+            })
+            .await,
+            "{base} never subscribed"
+        );
+    }
+    let (gateways, _inbox) = mqtt_client(&r1.mqtt, "gateways").await;
+    let prefix = sn("ADOPT");
+    let announce = |i: usize| {
+        let gw = format!("{prefix}{i:03}");
+        let topo = serde_json::json!({"tid": "t", "bid": "b", "timestamp": 1, "method": "update_topo",
+            "gateway": gw, "data": {"domain": "3", "type": 1, "sub_type": 0, "sub_devices": []}});
+        (format!("sys/product/{gw}/status"), topo.to_string())
+    };
+    let known_on_r1 = |n: usize| {
+        let (base, prefix) = (r1.base.clone(), prefix.clone());
+        async move {
+            let mut known = 0;
+            for i in 0..n {
+                let d = get_json_at(&base, &format!("/api/v1/devices/{prefix}{i:03}")).await;
+                known += usize::from(d["sn"].is_string());
+            }
+            known
+        }
+    };
+    // r2 stops reading: the broker's deliveries to it wait unacknowledged.
+    r2.signal("STOP");
+    for i in 0..40 {
+        let (topic, msg) = announce(i);
+        gateways
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, msg)
+            .await
+            .unwrap();
+    }
+    // r1 handled its share: the rest went to r2.
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            known_on_r1(40).await >= 10
+        })
+        .await,
+        "r1 handled {} of 40",
+        known_on_r1(40).await
+    );
+    let on_r1_before = known_on_r1(40).await;
+    assert!(on_r1_before < 40, "the broker sent r2 nothing");
+    r2.kill9();
+    let killed = std::time::Instant::now();
+    // Sent after the death: the broker still routes part of them to r2's session.
+    for i in 40..60 {
+        let (topic, msg) = announce(i);
+        gateways
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, msg)
+            .await
+            .unwrap();
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || async {
+            known_on_r1(60).await == 60
+        })
+        .await,
+        "r1 knows {} of 60 gateways after r2 died ({on_r1_before} of the first 40 before); \
+         stderr of r1: {}",
+        known_on_r1(60).await,
+        r1.stderr()
+    );
+    println!(
+        "the dead replica's messages were handled {:?} after the kill",
+        killed.elapsed()
+    );
 }

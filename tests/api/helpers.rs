@@ -479,6 +479,15 @@ impl ServerProcess {
         self.child.wait().unwrap();
     }
 
+    /// Sends `signal` (a name `kill` knows: STOP, CONT, …) to the server process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal}");
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
