@@ -29,7 +29,7 @@ pub async fn adopt(
     let mut options =
         external_options(settings, client_id.clone(), false).map_err(|e| e.to_string())?;
     session_options(&mut options);
-    let (client, eventloop) = AsyncClient::new(options, 1024);
+    let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
     let status = Arc::new(MqttStatus::default());
     let session = Session {
         acks: acks::Acks::new(client.clone(), Arc::clone(&status)),
@@ -119,10 +119,7 @@ impl Session {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     held += 1;
-                    let ack = self.acks.track(&p);
-                    if let Some(ack) = self.on_publish(&p, ack) {
-                        ack.done();
-                    }
+                    self.take(&p).await;
                     quiet.as_mut().reset(tokio::time::Instant::now() + QUIET);
                 }
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return Ok(held),

@@ -9,13 +9,13 @@ pub mod broker;
 pub mod credentials;
 pub mod lenient;
 mod reports;
+mod session;
 pub mod tls;
 pub mod topics;
 pub mod wire;
 
 pub use adopt::adopt;
 
-use reports::{osd_of, state_of, topology_of};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -26,8 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::devices::{DeviceRegistry, OsdReport, StateReport, SubDeviceReport, TopologyReport};
 use crate::ota::OtaMessage;
-use topics::Inbound;
-use wire::{Envelope, int_of, str_of};
+use session::Session;
+use wire::{int_of, str_of};
 
 /// Payloads above this are dropped unparsed (contract §5 accepts up to 1 MiB).
 pub const MAX_ACCEPTED_PAYLOAD: usize = 1 << 20;
@@ -94,6 +94,8 @@ pub struct MqttStatus {
     pub withheld: AtomicU64,
     /// OTA messages left unacknowledged, in all.
     pub withheld_total: AtomicU64,
+    /// When (Unix seconds) a dropped publish was last logged.
+    pub dropped_warned_at: AtomicU64,
     /// Connection attempts that failed.
     pub connect_errors: AtomicU64,
     /// The last connection error.
@@ -214,8 +216,19 @@ impl MqttHandle {
                 true
             }
             Err(e) => {
-                self.status.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(error = %e, "MQTT publish not queued");
+                let dropped = self.status.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                // At most one line every 10 s: a burst would otherwise write one per message.
+                let now = std::time::UNIX_EPOCH.elapsed().map_or(0, |d| d.as_secs());
+                let last = self.status.dropped_warned_at.load(Ordering::Relaxed);
+                if now >= last + 10
+                    && self
+                        .status
+                        .dropped_warned_at
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    tracing::warn!(error = %e, dropped_total = dropped, "MQTT publish not queued");
+                }
                 false
             }
         }
@@ -308,7 +321,7 @@ pub fn start(
     // Only replicas on one external broker share subscriptions.
     let share_group = grouped.then(|| settings.share_group.clone()).flatten();
     session_options(&mut options);
-    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
     // rumqttc gives CONNECT 5 s by default; a broker busy with a reconnecting fleet may need
     // longer, and giving up early only adds to its load.
     let mut net = rumqttc::NetworkOptions::new();
@@ -380,243 +393,9 @@ fn session_options(options: &mut MqttOptions) {
         .set_manual_acks(true);
 }
 
-/// First reconnect delay after the connection drops.
-const RECONNECT_FIRST: Duration = Duration::from_millis(100);
-/// Longest reconnect delay: a broker that restarts is back within a second or two, and the
-/// docks reconnect that fast too; messages published meanwhile are lost on a broker without
-/// persistence, so the gap must stay short.
-const RECONNECT_MAX: Duration = Duration::from_secs(1);
+/// Requests (publishes, acknowledgements) queued for the event loop: a fleet's burst of
+/// replies and `ota_create` fits while the loop waits for the OTA service (backpressure).
+const REQUEST_QUEUE: usize = 16_384;
 
 /// Outgoing QoS 1 messages in flight at once.
 const OUTGOING_WINDOW: u16 = 10_000;
-
-/// How often the session reconnects while OTA messages wait, unacknowledged, for redelivery.
-const REDELIVER_EVERY: Duration = Duration::from_secs(10);
-
-use crate::domain::jittered;
-
-struct Session {
-    handle: MqttHandle,
-    registry: DeviceRegistry,
-    ota: tokio::sync::mpsc::Sender<OtaMessage>,
-    replies: bool,
-    /// Shared-subscription group, if the up topics are shared.
-    share_group: Option<String>,
-    acks: acks::Acks,
-}
-
-impl Session {
-    async fn run(self, mut eventloop: rumqttc::EventLoop, cancel: CancellationToken) {
-        let mut backoff = RECONNECT_FIRST;
-        // Not at once: a poll dropped half-way through the first connect for a timer tick
-        // closes the connection before its CONNECT.
-        let mut redeliver = tokio::time::interval_at(
-            tokio::time::Instant::now() + REDELIVER_EVERY,
-            REDELIVER_EVERY,
-        );
-        redeliver.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let event = tokio::select! {
-                _ = cancel.cancelled() => break,
-                ev = eventloop.poll() => ev,
-                _ = redeliver.tick() => {
-                    // The broker sends unacknowledged messages again when the (persistent)
-                    // session reconnects.
-                    let withheld = self.handle.status.withheld.swap(0, Ordering::Relaxed);
-                    if withheld > 0 {
-                        tracing::warn!(withheld, "reconnecting to receive the OTA messages that could not be recorded again");
-                        let _ = self.handle.client.try_disconnect();
-                    }
-                    continue;
-                }
-            };
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    backoff = RECONNECT_FIRST;
-                    self.acks.reset();
-                    let status = &self.handle.status;
-                    status.subscribed.store(false, Ordering::Relaxed);
-                    status.pending_subacks.store(
-                        (topics::QOS1_FILTERS.len() + topics::QOS0_FILTERS.len()) as u64,
-                        Ordering::Relaxed,
-                    );
-                    status.connected.store(true, Ordering::Relaxed);
-                    tracing::info!("MQTT session up; subscribing");
-                    self.subscribe();
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let status = &self.handle.status;
-                    let left = status
-                        .pending_subacks
-                        .fetch_sub(1, Ordering::Relaxed)
-                        .saturating_sub(1);
-                    if left == 0 {
-                        status.subscribed.store(true, Ordering::Relaxed);
-                        tracing::debug!("MQTT subscriptions acknowledged");
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    let ack = self.acks.track(&p);
-                    // An OTA message carries its acknowledgement to the OTA service; any
-                    // other is done here.
-                    if let Some(ack) = self.on_publish(&p, ack) {
-                        ack.done();
-                    }
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let status = &self.handle.status;
-                    status.subscribed.store(false, Ordering::Relaxed);
-                    if status.connected.swap(false, Ordering::Relaxed) {
-                        tracing::warn!(error = %e, "MQTT connection lost; reconnecting");
-                    }
-                    status.connect_errors.fetch_add(1, Ordering::Relaxed);
-                    if let Ok(mut g) = status.last_error.lock() {
-                        *g = Some(e.to_string());
-                    }
-                    tokio::select! {
-                        _ = cancel.cancelled() => break,
-                        _ = tokio::time::sleep(jittered(backoff)) => {}
-                    }
-                    backoff = (backoff * 2).min(RECONNECT_MAX);
-                }
-            }
-        }
-        let _ = self.handle.client.try_disconnect();
-    }
-
-    fn subscribe(&self) {
-        for (filters, qos) in [
-            (&topics::QOS1_FILTERS[..], QoS::AtLeastOnce),
-            (&topics::QOS0_FILTERS[..], QoS::AtMostOnce),
-        ] {
-            for f in filters {
-                let f = topics::shared(self.share_group.as_deref(), f);
-                if let Err(e) = self.handle.client.try_subscribe(&f, qos) {
-                    tracing::error!(filter = f, error = %e, "MQTT subscribe not queued");
-                }
-            }
-        }
-    }
-
-    /// Handles one message; gives its acknowledgement back unless the message went to the
-    /// OTA service, which acknowledges it once recorded.
-    fn on_publish(
-        &self,
-        p: &rumqttc::Publish,
-        ack: crate::domain::Ack,
-    ) -> Option<crate::domain::Ack> {
-        let (topic, payload) = (p.topic.as_str(), p.payload.as_ref());
-        let status = &self.handle.status;
-        status.messages_in.fetch_add(1, Ordering::Relaxed);
-        if payload.len() > MAX_ACCEPTED_PAYLOAD {
-            status.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
-                topic,
-                bytes = payload.len(),
-                "oversized MQTT payload dropped"
-            );
-            return Some(ack);
-        }
-        let Some(inbound) = topics::parse(topic) else {
-            status.malformed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(topic, "message on an unexpected topic");
-            return Some(ack);
-        };
-        let env = match Envelope::parse(payload) {
-            Ok(env) => env,
-            Err(e) => {
-                status.malformed.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(topic, error = %e, "malformed MQTT payload");
-                return Some(ack);
-            }
-        };
-        let dialect = if env.gateway.is_some() {
-            "dji"
-        } else {
-            "autel"
-        };
-        match inbound {
-            Inbound::Status(sn) => {
-                if env.method.as_deref() == Some("update_topo") {
-                    self.registry
-                        .on_topology(&sn, &topology_of(&env.data), dialect);
-                    if self.replies {
-                        self.handle
-                            .publish(topics::status_reply(&sn), wire::reply(&env, "update_topo"));
-                    }
-                } else {
-                    self.registry.on_seen(&sn);
-                }
-            }
-            Inbound::State(sn) => match state_of(&env.data) {
-                Ok(report) => self.registry.on_state(&sn, env.gateway.as_deref(), &report),
-                Err(field) => {
-                    status.malformed.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        topic,
-                        field,
-                        "malformed state report: not an integer; ignored"
-                    );
-                }
-            },
-            Inbound::Osd(sn) => {
-                self.registry
-                    .on_osd(&sn, env.gateway.as_deref(), &osd_of(&env.data));
-            }
-            Inbound::Events(sn) => {
-                self.registry.on_seen(&sn);
-                let method = env.method.clone().unwrap_or_default();
-                let reply = env.need_reply == Some(1)
-                    || (method == "ota_progress" && env.need_reply.is_none());
-                if reply && self.replies {
-                    self.handle
-                        .publish(topics::events_reply(&sn), wire::reply(&env, &method));
-                }
-                if method == "ota_progress" {
-                    self.forward(false, sn, env, p, ack);
-                    return None;
-                }
-            }
-            Inbound::ServicesReply(sn) => {
-                self.registry.on_seen(&sn);
-                if env.method.as_deref().is_none_or(|m| m == "ota_create") {
-                    self.forward(true, sn, env, p, ack);
-                    return None;
-                }
-            }
-        }
-        Some(ack)
-    }
-}
-
-impl Session {
-    fn forward(
-        &self,
-        is_reply: bool,
-        topic_sn: String,
-        env: Envelope,
-        p: &rumqttc::Publish,
-        ack: crate::domain::Ack,
-    ) {
-        // The envelope parsed, so the payload is JSON text.
-        let raw = std::str::from_utf8(&p.payload)
-            .ok()
-            .and_then(|text| serde_json::value::RawValue::from_string(text.to_string()).ok())
-            .unwrap_or_default();
-        let msg = OtaMessage {
-            is_reply,
-            topic_sn,
-            tid: env.tid,
-            bid: env.bid,
-            method: env.method,
-            report: wire::report_of(&env.data),
-            raw,
-            ack,
-        };
-        if self.ota.try_send(msg).is_err() {
-            // Dropped unacknowledged: delivered again after the next reconnect.
-            tracing::warn!("OTA message queue full; message left for redelivery");
-        }
-    }
-}
