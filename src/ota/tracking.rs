@@ -28,6 +28,17 @@ struct Keys {
     bid: Option<String>,
 }
 
+/// Messages waiting for their task to be stored, with the task's id.
+type Waiting = Vec<(String, crate::domain::Ack)>;
+
+/// A batch's changes not stored yet: the tasks, the messages behind them, and the tasks
+/// another replica changed first.
+struct Unsettled {
+    changes: Changes,
+    waiting: Waiting,
+    stale: Vec<String>,
+}
+
 /// How often a batch is applied again to fresh copies of tasks another replica changed first
 /// (replicas handling events of one gateway at the same moment), each time after a jittered
 /// pause that doubles from [`CONFLICT_PAUSE`] up to 1 s: together about 10 s at most, for
@@ -75,7 +86,7 @@ impl OtaService {
     /// stays as it was.
     pub async fn on_messages(&self, batch: Vec<OtaMessage>) {
         let mut changes = Changes::default();
-        let mut waiting: Vec<(String, crate::domain::Ack)> = Vec::new();
+        let mut waiting: Waiting = Vec::new();
         for mut msg in batch {
             let ack = std::mem::take(&mut msg.ack);
             match self.stage(msg, &mut changes).await {
@@ -86,34 +97,66 @@ impl OtaService {
                 }
             }
         }
-        for attempt in 0..=CONFLICT_RETRIES {
-            let stale = match self.save_all(&changes.all()).await {
-                Ok(stale) => stale,
-                Err(()) => break,
-            };
-            let (done, rest): (Vec<_>, Vec<_>) =
-                waiting.into_iter().partition(|(id, _)| !stale.contains(id));
-            done.into_iter().for_each(|(_, ack)| ack.done());
-            waiting = rest;
-            if stale.is_empty() || attempt == CONFLICT_RETRIES {
-                break;
-            }
-            let pause = CONFLICT_PAUSE.saturating_mul(1 << attempt.min(8));
-            tokio::time::sleep(crate::domain::jittered(pause.min(Duration::from_secs(1)))).await;
-            match self.replay(&changes, &stale).await {
-                Ok(fresh) => changes = fresh,
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading tasks changed elsewhere failed");
-                    break;
+        let unsettled = Unsettled {
+            changes,
+            waiting,
+            stale: Vec::new(),
+        };
+        // The first write and one immediate retry here; a task still contended (replicas
+        // handling one gateway's burst of events) is retried in the background with pauses,
+        // so that the messages after this batch are not held up by it.
+        if let Some(unsettled) = self.settle(unsettled, 2, false).await {
+            let this = self.clone();
+            tokio::spawn(async move {
+                this.settle(unsettled, CONFLICT_RETRIES, true).await;
+            });
+        }
+    }
+
+    /// Stores `u`'s tasks and acknowledges the messages behind them, reading again each task
+    /// another replica changed first and applying its events to the fresh copy, `attempts`
+    /// times at most (after a jittered pause doubling from [`CONFLICT_PAUSE`] when `pause`).
+    /// Returns what is still not stored; what cannot be stored stays unacknowledged.
+    async fn settle(&self, mut u: Unsettled, attempts: u32, pause: bool) -> Option<Unsettled> {
+        for attempt in 0..attempts {
+            if !u.stale.is_empty() {
+                if pause {
+                    let pause = CONFLICT_PAUSE.saturating_mul(1 << attempt.min(8));
+                    tokio::time::sleep(crate::domain::jittered(pause.min(Duration::from_secs(1))))
+                        .await;
+                }
+                match self.replay(&u.changes, &u.stale).await {
+                    Ok(fresh) => u.changes = fresh,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading tasks changed elsewhere failed");
+                        break;
+                    }
                 }
             }
+            let Ok(stale) = self.save_all(&u.changes.all()).await else {
+                break;
+            };
+            let (done, rest): (Vec<_>, Vec<_>) = u
+                .waiting
+                .into_iter()
+                .partition(|(id, _)| !stale.contains(id));
+            done.into_iter().for_each(|(_, ack)| ack.done());
+            u.waiting = rest;
+            u.stale = stale;
+            if u.stale.is_empty() {
+                return None;
+            }
+            if attempt + 1 == attempts && !pause {
+                return Some(u);
+            }
         }
-        if !waiting.is_empty() {
+        if !u.waiting.is_empty() {
             tracing::warn!(
-                messages = waiting.len(),
+                messages = u.waiting.len(),
                 "OTA messages not recorded; left unacknowledged for redelivery"
             );
         }
+        None
     }
 
     /// Fresh copies of the `stale` tasks with the batch's events for them applied again.

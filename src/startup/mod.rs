@@ -380,6 +380,16 @@ impl Bound {
             listeners.push((listener.try_clone().map_err(io)?, None));
         }
         let (reason, waiting) = tokio::sync::watch::channel("the first attempt".to_string());
+        let note = |why: &str| {
+            reason.send_replace(why.to_string());
+        };
+        let opening = crate::catalog::open(&settings.catalog, &settings.data_dir, &note);
+        tokio::pin!(opening);
+        // Usually open at once; the 503 server only for a database that keeps us waiting
+        // (stopping an actix server right after starting it can hang).
+        if let Ok(opened) = tokio::time::timeout(ANSWER_503_AFTER, &mut opening).await {
+            return opened.map_err(failed);
+        }
         let server = http::starting::serve(listeners, waiting).map_err(io)?;
         let scheme = if self.tls.is_some() { "https" } else { "http" };
         tracing::info!(
@@ -388,15 +398,15 @@ impl Bound {
         );
         let handle = server.handle();
         let running = tokio::spawn(server);
-        let opened = crate::catalog::open(&settings.catalog, &settings.data_dir, &|why| {
-            reason.send_replace(why.to_string());
-        })
-        .await;
+        let opened = opening.await;
         handle.stop(true).await;
         let _ = running.await;
         opened.map_err(failed)
     }
 }
+
+/// How long a PostgreSQL catalog may take to open before every port answers 503 meanwhile.
+const ANSWER_503_AFTER: Duration = Duration::from_secs(2);
 
 impl Application {
     /// The bound HTTP address.
