@@ -280,42 +280,27 @@ pub fn start(
         .clone()
         .unwrap_or_else(|| group_client_id(replica_id));
     let mut tls_address_line = None;
-    let (host, port, address_line, creds) = match &settings.target {
+    let (address_line, mut options) = match &settings.target {
         BrokerTarget::Embedded(listen) => {
             let (addr, tls_addr) =
                 broker::start(*listen, &settings.embedded, credentials.as_ref())?;
             tls_address_line = tls_addr.map(|a| format!("MQTT listening on mqtts://{a}"));
-            (
-                addr.ip().to_string(),
-                addr.port(),
-                format!("MQTT listening on mqtt://{addr}"),
-                // fwrepo's own session carries credentials like any other client.
-                credentials
-                    .as_ref()
-                    .map(|c| (client_id.clone(), c.password(&client_id))),
-            )
+            let mut o = MqttOptions::new(client_id.clone(), addr.ip().to_string(), addr.port());
+            o.set_clean_session(false);
+            // fwrepo's own session carries credentials like any other client.
+            if let Some(c) = &credentials {
+                o.set_credentials(client_id.clone(), c.password(&client_id));
+            }
+            (format!("MQTT listening on mqtt://{addr}"), o)
         }
         BrokerTarget::External {
             host, port, tls, ..
         } => {
             let scheme = if tls.is_some() { "mqtts" } else { "mqtt" };
             (
-                host.clone(),
-                *port,
                 format!("MQTT connected to {scheme}://{host}:{port}"),
-                None,
+                external_options(settings, client_id, false)?,
             )
-        }
-    };
-    let mut options = match &settings.target {
-        BrokerTarget::External { .. } => external_options(settings, client_id, false)?,
-        BrokerTarget::Embedded(_) => {
-            let mut o = MqttOptions::new(client_id, host, port);
-            o.set_clean_session(false);
-            if let Some((u, p)) = creds {
-                o.set_credentials(u, p);
-            }
-            o
         }
     };
     // Only replicas on one external broker share subscriptions.

@@ -931,11 +931,22 @@ async fn messages_sent_to_a_replica_that_dies_are_handled_by_another() {
     }
     let (gateways, _inbox) = mqtt_client(&r1.mqtt, "gateways").await;
     let prefix = sn("ADOPT");
-    let announce = |i: usize| {
-        let gw = format!("{prefix}{i:03}");
-        let topo = serde_json::json!({"tid": "t", "bid": "b", "timestamp": 1, "method": "update_topo",
-            "gateway": gw, "data": {"domain": "3", "type": 1, "sub_type": 0, "sub_devices": []}});
-        (format!("sys/product/{gw}/status"), topo.to_string())
+    // Gateways `range` announce themselves (update_topo, QoS 1).
+    let announce = |range: std::ops::Range<usize>| {
+        let (gateways, prefix) = (&gateways, &prefix);
+        async move {
+            for i in range {
+                let gw = format!("{prefix}{i:03}");
+                let topo = serde_json::json!({"tid": "t", "bid": "b", "timestamp": 1,
+                    "method": "update_topo", "gateway": gw,
+                    "data": {"domain": "3", "type": 1, "sub_type": 0, "sub_devices": []}});
+                let topic = format!("sys/product/{gw}/status");
+                gateways
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, false, topo.to_string())
+                    .await
+                    .unwrap();
+            }
+        }
     };
     let known_on_r1 = |n: usize| {
         let (base, prefix) = (r1.base.clone(), prefix.clone());
@@ -950,13 +961,7 @@ async fn messages_sent_to_a_replica_that_dies_are_handled_by_another() {
     };
     // r2 stops reading: the broker's deliveries to it wait unacknowledged.
     r2.signal("STOP");
-    for i in 0..40 {
-        let (topic, msg) = announce(i);
-        gateways
-            .publish(topic, rumqttc::QoS::AtLeastOnce, false, msg)
-            .await
-            .unwrap();
-    }
+    announce(0..40).await;
     // r1 handled its share: the rest went to r2.
     assert!(
         wait_until(Duration::from_secs(20), || async {
@@ -971,13 +976,7 @@ async fn messages_sent_to_a_replica_that_dies_are_handled_by_another() {
     r2.kill9();
     let killed = std::time::Instant::now();
     // Sent after the death: the broker still routes part of them to r2's session.
-    for i in 40..60 {
-        let (topic, msg) = announce(i);
-        gateways
-            .publish(topic, rumqttc::QoS::AtLeastOnce, false, msg)
-            .await
-            .unwrap();
-    }
+    announce(40..60).await;
     assert!(
         wait_until(Duration::from_secs(60), || async {
             known_on_r1(60).await == 60
