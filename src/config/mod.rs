@@ -291,6 +291,11 @@ impl Settings {
         };
         let models = crate::devices::ModelMap::from_table(o.models.as_ref()).map_err(invalid)?;
         let embedded = crate::mqtt::broker::EmbeddedOptions {
+            max_connections: match o.mqtt_max_connections {
+                Some(0) => return Err(invalid("mqtt_max_connections must be at least 1")),
+                Some(n) => n,
+                None => crate::mqtt::broker::DEFAULT_MAX_CONNECTIONS,
+            },
             auth: match o.mqtt_auth.as_deref().map(str::trim) {
                 None | Some("off") => false,
                 Some("on") => true,
@@ -314,10 +319,11 @@ impl Settings {
                 }
             },
         };
-        let embedded_only = embedded.auth || embedded.tls.is_some();
+        let embedded_only =
+            embedded.auth || embedded.tls.is_some() || o.mqtt_max_connections.is_some();
         if embedded_only && !matches!(target, crate::mqtt::BrokerTarget::Embedded(_)) {
             return Err(invalid(
-                "mqtt_auth and mqtt_tls_* configure the embedded broker; an external broker has its own (see deploy/mosquitto)",
+                "mqtt_auth, mqtt_tls_* and mqtt_max_connections configure the embedded broker; an external broker has its own (see deploy/mosquitto)",
             ));
         }
         Ok(Settings {

@@ -158,6 +158,10 @@ pub struct ServeOptions {
     /// PEM private key of --mqtt-tls-listen.
     #[arg(long, env = "FWREPO_MQTT_TLS_KEY")]
     pub mqtt_tls_key: Option<PathBuf>,
+    /// Embedded broker: gateway connections accepted at once; more are refused with a CONNACK
+    /// "server unavailable" [default: 50000].
+    #[arg(long, env = "FWREPO_MQTT_MAX_CONNECTIONS")]
+    pub mqtt_max_connections: Option<u64>,
     /// Reply to update_topo and events: all or none [default: all].
     #[arg(long, env = "FWREPO_MQTT_REPLIES")]
     pub mqtt_replies: Option<String>,
@@ -245,6 +249,7 @@ impl ServeOptions {
             mqtt_tls_listen,
             mqtt_tls_cert,
             mqtt_tls_key,
+            mqtt_max_connections,
             mqtt_replies,
             mqtt_share_group,
             online_window,

@@ -46,6 +46,21 @@ pub(super) struct DeviceQuery {
     version: Option<String>,
     /// Seen within this many seconds (any u64; a huge window means "ever").
     seen_within_s: Option<u64>,
+    /// Serial numbers containing this text (case-insensitive).
+    sn_contains: Option<String>,
+    /// Only gateways (docks, remote controllers) or only their sub-devices (aircraft).
+    #[param(inline)]
+    kind: Option<DeviceKind>,
+}
+
+/// A device's place in its gateway.
+#[derive(Debug, Clone, Copy, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum DeviceKind {
+    /// A gateway: a dock or a remote controller.
+    Gateway,
+    /// A gateway's sub-device: its aircraft.
+    SubDevice,
 }
 
 /// A page of devices.
@@ -71,6 +86,8 @@ pub(super) async fn list(
         model: q.model,
         version: q.version,
         seen_within_s: q.seen_within_s,
+        sn_contains: q.sn_contains.filter(|t| !t.is_empty()),
+        gateways: q.kind.map(|k| matches!(k, DeviceKind::Gateway)),
     };
     let p = state.devices.list(&filter, &page.to_request())?;
     Ok(HttpResponse::Ok().json(DevicePage {

@@ -22,7 +22,7 @@ pub async fn adopt(
     settings: &MqttSettings,
     replica_id: &str,
     registry: DeviceRegistry,
-    ota: tokio::sync::mpsc::Sender<OtaMessage>,
+    ota: OtaSender,
     cancel: CancellationToken,
 ) -> Result<u64, String> {
     let client_id = group_client_id(replica_id);
@@ -119,7 +119,7 @@ impl Session {
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     held += 1;
-                    self.take(&p).await;
+                    self.take(&p);
                     quiet.as_mut().reset(tokio::time::Instant::now() + QUIET);
                 }
                 Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return Ok(held),

@@ -13,8 +13,13 @@ use super::credentials::GatewayCredentials;
 
 /// Largest publish payload the embedded broker accepts (contract §5: up to 1 MiB).
 pub const MAX_PAYLOAD: usize = 1 << 20;
-/// Connections the embedded broker accepts.
-pub const MAX_CONNECTIONS: usize = 10_000;
+/// Gateway connections the embedded broker accepts by default (`--mqtt-max-connections`):
+/// a fleet of 25,000 docks with their remote controllers, or 50,000 gateways.
+pub const DEFAULT_MAX_CONNECTIONS: u64 = 50_000;
+/// Connections the broker's router takes beyond the gateways' limit: fwrepo's own session,
+/// the readiness probe, and the TLS listener's clients that arrive while the plain
+/// listener is full (they are counted by rumqttd alone).
+const ROUTER_SLACK: u64 = 64;
 /// Router log segment size per topic filter, and segments kept (8 MiB × 4 = 32 MiB at most).
 pub const SEGMENT_SIZE: usize = 8 << 20;
 /// See [`SEGMENT_SIZE`].
@@ -40,8 +45,10 @@ pub enum BrokerError {
 }
 
 /// The embedded broker's options beyond its plain listener.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct EmbeddedOptions {
+    /// Gateway connections accepted at once; more are refused with a CONNACK.
+    pub max_connections: u64,
     /// `--mqtt-auth on`: per-gateway credentials (user name = client id) are required.
     pub auth: bool,
     /// A TLS listener next to the plain one: (address, certificate chain, key) PEM files.
@@ -80,10 +87,34 @@ fn server(
     }
 }
 
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        EmbeddedOptions {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            auth: false,
+            tls: None,
+        }
+    }
+}
+
+/// A running embedded broker.
+pub struct Embedded {
+    /// Where gateways connect (fwrepo's front door: [`super::front`]).
+    pub addr: SocketAddr,
+    /// The TLS listener (rumqttd's own).
+    pub tls_addr: Option<SocketAddr>,
+    /// rumqttd's plain listener on loopback, behind the front door: fwrepo's own session
+    /// connects here, so it never takes a gateway's place.
+    pub inner_addr: SocketAddr,
+    /// The front door's counters.
+    pub front: std::sync::Arc<super::front::FrontStats>,
+}
+
 fn config(
     addr: SocketAddr,
     tls: Option<(SocketAddr, &std::path::Path, &std::path::Path)>,
     credentials: Option<&GatewayCredentials>,
+    max_connections: u64,
 ) -> Config {
     let mut servers = HashMap::from([(
         "1".to_string(),
@@ -103,7 +134,8 @@ fn config(
     Config {
         id: 0,
         router: RouterConfig {
-            max_connections: MAX_CONNECTIONS,
+            max_connections: usize::try_from(max_connections.saturating_add(ROUTER_SLACK))
+                .unwrap_or(usize::MAX),
             max_outgoing_packet_count: 200,
             max_segment_size: SEGMENT_SIZE,
             max_segment_count: SEGMENT_COUNT,
@@ -128,24 +160,40 @@ fn pick(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
     })
 }
 
-/// Starts the broker on `listen` (port 0: a free port), plus its TLS listener if configured,
-/// and waits until it accepts connections. Returns the bound addresses (plain, TLS).
+/// Starts the broker: its front door on `listen` (port 0: a free port), rumqttd behind it
+/// on a loopback port, plus its TLS listener if configured, and waits until it answers
+/// through the front door. Needs a Tokio runtime (the front door is a task of it).
 pub fn start(
     listen: SocketAddr,
     options: &EmbeddedOptions,
     credentials: Option<&GatewayCredentials>,
-) -> Result<(SocketAddr, Option<SocketAddr>), BrokerError> {
+) -> Result<Embedded, BrokerError> {
     if let Some((_, cert, key)) = &options.tls {
         // rumqttd reads these only when a client connects: prove them now.
         crate::tls::server_config(cert, key).map_err(BrokerError::Tls)?;
     }
-    let addr = pick(listen)?;
+    let front_listener = TcpListener::bind(listen).map_err(|source| BrokerError::Bind {
+        addr: listen,
+        source,
+    })?;
+    let addr = front_listener
+        .local_addr()
+        .map_err(|source| BrokerError::Bind {
+            addr: listen,
+            source,
+        })?;
+    let inner_addr = pick(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let tls = match &options.tls {
         Some((tls_listen, cert, key)) => Some((pick(*tls_listen)?, cert.as_path(), key.as_path())),
         None => None,
     };
     let tls_addr = tls.map(|(a, _, _)| a);
-    let mut broker = Broker::new(config(addr, tls, credentials));
+    let mut broker = Broker::new(config(
+        inner_addr,
+        tls,
+        credentials,
+        options.max_connections,
+    ));
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
@@ -154,10 +202,16 @@ pub fn start(
             }
         })
         .map_err(|source| BrokerError::Bind { addr, source })?;
+    let front = super::front::spawn(front_listener, inner_addr, options.max_connections);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if answers(addr, credentials) {
-            return Ok((addr, tls_addr));
+        if answers(inner_addr, credentials) {
+            return Ok(Embedded {
+                addr,
+                tls_addr,
+                inner_addr,
+                front,
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -7,6 +7,7 @@ mod acks;
 mod adopt;
 pub mod broker;
 pub mod credentials;
+pub mod front;
 pub mod lenient;
 mod reports;
 mod session;
@@ -25,7 +26,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::devices::{DeviceRegistry, OsdReport, StateReport, SubDeviceReport, TopologyReport};
-use crate::ota::OtaMessage;
+use crate::ota::{OtaMessage, OtaSender};
 use session::Session;
 use wire::{int_of, str_of};
 
@@ -100,6 +101,8 @@ pub struct MqttStatus {
     pub connect_errors: AtomicU64,
     /// The last connection error.
     pub last_error: Mutex<Option<String>>,
+    /// The embedded broker's front door (none with an external broker).
+    pub front: Option<Arc<front::FrontStats>>,
 }
 
 impl MqttStatus {
@@ -117,6 +120,14 @@ impl MqttStatus {
             out,
             "# HELP fwrepo_mqtt_subscribed 1 once the broker acknowledged every subscription of the session.\n# TYPE fwrepo_mqtt_subscribed gauge\nfwrepo_mqtt_subscribed {subscribed}"
         );
+        if let Some(front) = &self.front {
+            let _ = writeln!(
+                out,
+                "# HELP fwrepo_mqtt_broker_connections Gateway connections to the embedded broker.\n# TYPE fwrepo_mqtt_broker_connections gauge\nfwrepo_mqtt_broker_connections {}\n# HELP fwrepo_mqtt_broker_refused_total Connections the embedded broker refused at --mqtt-max-connections.\n# TYPE fwrepo_mqtt_broker_refused_total counter\nfwrepo_mqtt_broker_refused_total {}",
+                front.connections.load(Ordering::Relaxed),
+                front.refused.load(Ordering::Relaxed)
+            );
+        }
         for (name, help, v) in [
             (
                 "fwrepo_mqtt_messages_in_total",
@@ -140,7 +151,7 @@ impl MqttStatus {
             ),
             (
                 "fwrepo_mqtt_unacknowledged_total",
-                "OTA messages left unacknowledged for redelivery (not recorded: the catalog failed, or the queue was full).",
+                "OTA messages left unacknowledged for redelivery (not recorded: the catalog failed).",
                 &self.withheld_total,
             ),
             (
@@ -266,7 +277,7 @@ pub fn start(
     settings: &MqttSettings,
     replica_id: &str,
     registry: DeviceRegistry,
-    ota: tokio::sync::mpsc::Sender<OtaMessage>,
+    ota: OtaSender,
     cancel: CancellationToken,
     credentials: Option<credentials::GatewayCredentials>,
 ) -> Result<MqttHandle, MqttError> {
@@ -280,12 +291,16 @@ pub fn start(
         .clone()
         .unwrap_or_else(|| group_client_id(replica_id));
     let mut tls_address_line = None;
+    let mut front = None;
     let (address_line, mut options) = match &settings.target {
         BrokerTarget::Embedded(listen) => {
-            let (addr, tls_addr) =
-                broker::start(*listen, &settings.embedded, credentials.as_ref())?;
-            tls_address_line = tls_addr.map(|a| format!("MQTT listening on mqtts://{a}"));
-            let mut o = MqttOptions::new(client_id.clone(), addr.ip().to_string(), addr.port());
+            let embedded = broker::start(*listen, &settings.embedded, credentials.as_ref())?;
+            tls_address_line = embedded
+                .tls_addr
+                .map(|a| format!("MQTT listening on mqtts://{a}"));
+            front = Some(embedded.front);
+            let (addr, inner) = (embedded.addr, embedded.inner_addr);
+            let mut o = MqttOptions::new(client_id.clone(), inner.ip().to_string(), inner.port());
             o.set_clean_session(false);
             // fwrepo's own session carries credentials like any other client.
             if let Some(c) = &credentials {
@@ -312,7 +327,10 @@ pub fn start(
     let mut net = rumqttc::NetworkOptions::new();
     net.set_connection_timeout(20);
     eventloop.set_network_options(net);
-    let status = Arc::new(MqttStatus::default());
+    let status = Arc::new(MqttStatus {
+        front,
+        ..MqttStatus::default()
+    });
     let handle = MqttHandle {
         client: client.clone(),
         status: Arc::clone(&status),
@@ -379,7 +397,7 @@ fn session_options(options: &mut MqttOptions) {
 }
 
 /// Requests (publishes, acknowledgements) queued for the event loop: a fleet's burst of
-/// replies and `ota_create` fits while the loop waits for the OTA service (backpressure).
+/// replies and `ota_create` fits (the loop never waits for the OTA service).
 const REQUEST_QUEUE: usize = 16_384;
 
 /// Outgoing QoS 1 messages in flight at once.

@@ -21,7 +21,7 @@ const REDELIVER_EVERY: Duration = Duration::from_secs(10);
 pub(super) struct Session {
     pub(super) handle: MqttHandle,
     pub(super) registry: DeviceRegistry,
-    pub(super) ota: tokio::sync::mpsc::Sender<OtaMessage>,
+    pub(super) ota: OtaSender,
     pub(super) replies: bool,
     /// Shared-subscription group, if the up topics are shared.
     pub(super) share_group: Option<String>,
@@ -80,7 +80,7 @@ impl Session {
                 }
                 // An OTA message carries its acknowledgement to the OTA service; any other
                 // is done here.
-                Ok(Event::Incoming(Packet::Publish(p))) => self.take(&p).await,
+                Ok(Event::Incoming(Packet::Publish(p))) => self.take(&p),
                 Ok(_) => {}
                 Err(e) => {
                     let status = &self.handle.status;
@@ -208,23 +208,17 @@ enum Handled {
     Done(crate::domain::Ack),
     /// Handed to the OTA service, which acknowledges it once recorded.
     Forwarded,
-    /// For the OTA service, whose queue is full.
-    Waiting(Box<OtaMessage>),
 }
 
 impl Session {
-    /// Takes one message in. When the OTA service's queue is full the session waits for
-    /// room: the event loop is not polled meanwhile, so the broker holds what comes next
-    /// (backpressure) instead of fwrepo dropping messages it must then get delivered again.
-    pub(super) async fn take(&self, p: &rumqttc::Publish) {
+    /// Takes one message in without waiting: the event loop must keep being polled, since it
+    /// also carries fwrepo's own publishes, acknowledgements and pings. What waits for the
+    /// OTA service is bounded by the broker's in-flight window (see [`OtaSender`]).
+    pub(super) fn take(&self, p: &rumqttc::Publish) {
         let ack = self.acks.track(p);
         match self.on_publish(p, ack) {
             Handled::Done(ack) => ack.done(),
             Handled::Forwarded => {}
-            Handled::Waiting(msg) => {
-                // An error means the service stopped: the message stays unacknowledged.
-                let _ = self.ota.send(*msg).await;
-            }
         }
     }
 
@@ -251,13 +245,8 @@ impl Session {
             raw,
             ack,
         };
-        match self.ota.try_send(msg) {
-            Ok(()) => Handled::Forwarded,
-            Err(tokio::sync::mpsc::error::TrySendError::Full(msg)) => {
-                Handled::Waiting(Box::new(msg))
-            }
-            // The service stopped: left unacknowledged.
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Handled::Forwarded,
-        }
+        // An error means the service stopped: the message stays unacknowledged.
+        let _ = self.ota.send(msg);
+        Handled::Forwarded
     }
 }

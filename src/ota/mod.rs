@@ -21,7 +21,7 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::Digest;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::devices::DeviceRegistry;
@@ -183,6 +183,21 @@ pub struct OtaMessage {
     pub raw: task::RawJson,
     /// Acknowledged once the message is recorded (never when storing it failed).
     pub ack: crate::domain::Ack,
+}
+
+/// Where the MQTT adapter hands gateway messages to the OTA service. Unbounded so that the
+/// session never stops polling its connection (which also carries fwrepo's own publishes,
+/// acknowledgements and pings); bounded in practice by the broker's in-flight window: a
+/// message is acknowledged only once recorded, and acknowledgements go in order, so no more
+/// than the window's worth of unrecorded QoS 1 messages can wait here per session.
+pub type OtaSender = tokio::sync::mpsc::UnboundedSender<OtaMessage>;
+
+/// The OTA service's end of [`OtaSender`].
+pub type OtaInbox = tokio::sync::mpsc::UnboundedReceiver<OtaMessage>;
+
+/// A new hand-off between the MQTT adapter and the OTA service.
+pub fn inbox() -> (OtaSender, OtaInbox) {
+    tokio::sync::mpsc::unbounded_channel()
 }
 
 /// Timeouts and modes.

@@ -125,6 +125,10 @@ impl OtaService {
                     tokio::time::sleep(crate::domain::jittered(pause.min(Duration::from_secs(1))))
                         .await;
                 }
+                if pause {
+                    // The copies read when the write was refused may be old by now.
+                    self.refresh(&u.stale).await;
+                }
                 match self.replay(&u.changes, &u.stale).await {
                     Ok(fresh) => u.changes = fresh,
                     Err(e) => {
@@ -159,11 +163,18 @@ impl OtaService {
         None
     }
 
-    /// Fresh copies of the `stale` tasks with the batch's events for them applied again.
+    /// Fresh copies of the `stale` tasks (memory's: the refused write read them again) with
+    /// the batch's events for them applied again.
     async fn replay(&self, batch: &Changes, stale: &[String]) -> Result<Changes, CatalogError> {
         let mut fresh = Changes::default();
         for id in stale {
-            let Some(mut task) = self.inner.stores.tasks.task(id).await? else {
+            let in_memory = lock(&self.inner.open).tasks.get(id).cloned();
+            // A task that settled is no longer in memory.
+            let task = match in_memory {
+                Some(task) => Some(task),
+                None => self.inner.stores.tasks.task(id).await?,
+            };
+            let Some(mut task) = task else {
                 continue;
             };
             let mut changed = false;
@@ -521,7 +532,7 @@ impl OtaService {
     }
 
     /// Runs the timers and consumes gateway messages until `cancel`.
-    pub async fn run(self, mut inbox: mpsc::Receiver<OtaMessage>, cancel: CancellationToken) {
+    pub async fn run(self, mut inbox: super::OtaInbox, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut prune = tokio::time::interval(Duration::from_secs(3600));

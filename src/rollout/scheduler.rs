@@ -461,8 +461,12 @@ impl RolloutService {
             ) => {
                 retry_later(m, e.to_string());
             }
-            Err(OtaError::BrokerUnavailable) => {
-                retry_later(m, OtaError::BrokerUnavailable.to_string());
+            // Not the device's fault either: the broker, or the catalog (a pool exhausted by a
+            // new driver catching up, a statement cancelled). The next attempt has the same
+            // dispatch key (the attempt count is given back), so it replays this one if it
+            // was stored after all.
+            Err(e @ (OtaError::BrokerUnavailable | OtaError::Catalog(_))) => {
+                retry_later(m, e.to_string());
             }
             Err(e) => {
                 m.last_error = Some(e.to_string());

@@ -196,7 +196,7 @@ impl Bound {
             Duration::from_secs(settings.online_window_secs),
         )
         .await?;
-        let (ota_tx, ota_rx) = tokio::sync::mpsc::channel(4096);
+        let (ota_tx, ota_rx) = crate::ota::inbox();
         let credentials = match (&settings.mqtt.target, settings.mqtt.embedded.auth) {
             (crate::mqtt::BrokerTarget::Embedded(_), true) => Some(
                 crate::mqtt::credentials::GatewayCredentials::load_or_create(&settings.data_dir)

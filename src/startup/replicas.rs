@@ -88,7 +88,7 @@ pub(super) fn adopt_dead_sessions(
     cluster: &crate::cluster::Cluster,
     mqtt: crate::mqtt::MqttSettings,
     devices: DeviceRegistry,
-    ota: tokio::sync::mpsc::Sender<crate::ota::OtaMessage>,
+    ota: crate::ota::OtaSender,
     stop: &CancellationToken,
 ) {
     let (cluster, stop) = (cluster.clone(), stop.clone());

@@ -174,6 +174,72 @@ async fn devices_are_listed_by_gateway_and_filtered_by_model_alias_and_version()
 }
 
 #[tokio::test]
+async fn devices_are_filtered_by_serial_and_kind_and_paged() {
+    let LearnedPair {
+        app,
+        dock,
+        aircraft,
+        client: _client,
+        ..
+    } = learned_pair().await;
+    let ids = |list: &Value| -> Vec<String> {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["sn"].as_str().unwrap().to_string())
+            .collect()
+    };
+    // A part of the serial, in any case (the dock's serial differs only at its ends).
+    let part = aircraft[1..].to_ascii_lowercase();
+    let (_, list) = app
+        .get_json(&format!("/api/v1/devices?sn_contains={part}"))
+        .await;
+    assert_eq!(ids(&list), std::slice::from_ref(&aircraft), "{list}");
+    for (kind, expected) in [("gateway", &dock), ("sub_device", &aircraft)] {
+        let (status, list) = app
+            .get_json(&format!("/api/v1/devices?gateway_sn={dock}&kind={kind}"))
+            .await;
+        assert_eq!(status, 200, "{list}");
+        assert_eq!(ids(&list), std::slice::from_ref(expected), "{kind}: {list}");
+    }
+    let (status, body) = app.get_json("/api/v1/devices?kind=drone").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request"))
+    );
+    // Pages of a filtered list: every device once, newest first, then the end.
+    let prefix = sn("PAGE");
+    let made: Vec<String> = (0..5).map(|i| format!("{prefix}-{i}")).collect();
+    for d in &made {
+        let resp = app
+            .client
+            .put(app.url(&format!("/api/v1/devices/{d}")))
+            .json(&json!({"model": "Dock"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let (mut seen, mut cursor) = (Vec::new(), String::new());
+    for _ in 0..3 {
+        let (_, page) = app
+            .get_json(&format!(
+                "/api/v1/devices?sn_contains={prefix}&kind=gateway&limit=2{cursor}"
+            ))
+            .await;
+        seen.extend(ids(&page));
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => cursor.clear(),
+        }
+    }
+    assert!(cursor.is_empty(), "a fourth page was announced");
+    let newest_first: Vec<String> = made.iter().rev().cloned().collect();
+    assert_eq!(seen, newest_first);
+}
+
+#[tokio::test]
 async fn a_seen_within_window_beyond_i64_means_ever_seen() {
     let LearnedPair {
         app,

@@ -162,3 +162,58 @@ async fn embedded_broker_credentials_bind_the_client_id_and_tls_listener_works()
     );
     cancel.cancel();
 }
+
+/// A raw MQTT 3.1.1 connection as `client_id` (keep-alive 60 s): the stream, held open, and
+/// the CONNACK's return code.
+async fn raw_connect(addr: &str, client_id: &str) -> (tokio::net::TcpStream, u8) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60];
+    body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    let mut packet = vec![0x10, body.len() as u8];
+    packet.extend_from_slice(&body);
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(&packet).await.unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), stream.read_exact(&mut connack))
+        .await
+        .expect("no CONNACK within 10 s")
+        .unwrap();
+    assert_eq!(connack[..2], [0x20, 0x02], "not a CONNACK: {connack:?}");
+    (stream, connack[3])
+}
+
+#[tokio::test]
+async fn the_embedded_broker_refuses_connections_beyond_its_limit_with_a_connack() {
+    let app = spawn_with(|s| s.mqtt.embedded.max_connections = 2).await;
+    // fwrepo's own session does not take a gateway's place.
+    app.wait_mqtt_subscribed().await;
+    let addr = app.mqtt_addr();
+    let id = |n: &str| format!("limit-{n}-{}", sn(""));
+    let (first, code) = raw_connect(&addr, &id("a")).await;
+    assert_eq!(code, 0);
+    let (_second, code) = raw_connect(&addr, &id("b")).await;
+    assert_eq!(code, 0);
+    // The third: "server unavailable", which clients report as such.
+    let (_, code) = raw_connect(&addr, &id("c")).await;
+    assert_eq!(code, 3);
+    let refused = connect(&addr, &id("d"), None, None).await.unwrap_err();
+    assert!(refused.contains("ServiceUnavailable"), "{refused}");
+    let metrics = app.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "fwrepo_mqtt_broker_refused_total"),
+        2
+    );
+    assert_eq!(metric_value(&metrics, "fwrepo_mqtt_broker_connections"), 2);
+    // A place that frees up is taken again.
+    drop(first);
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            metric_value(&app.metrics().await, "fwrepo_mqtt_broker_connections") == 1
+        })
+        .await,
+        "the closed connection was never counted out"
+    );
+    let (_third, code) = raw_connect(&addr, &id("e")).await;
+    assert_eq!(code, 0);
+}

@@ -74,6 +74,9 @@ impl Postgres {
         rows: Vec<TaskRow>,
         conn: &mut sqlx::PgConnection,
     ) -> StoreResult<Vec<OtaTask>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
         let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
         let devices: Vec<TaskDeviceRow> = sqlx::query_as(
             "SELECT task_id, sn, firmware_id, product_version, upgrade_type, policy_rule, \

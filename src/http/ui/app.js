@@ -296,26 +296,67 @@ function viewDownloads() {
 
 // ------------------------------------------------------------------ devices
 
+// Docks a page at a time (fleets run to tens of thousands), filtered by serial; the aircraft
+// of a dock is read when its upgrade panel opens.
+const DEVICE_PAGE = 100;
+
 async function viewDevices() {
-  main.innerHTML = `<h1>Devices</h1><div id="upgrade-panel"></div><table id="dev-table"><thead><tr><th>Dock</th><th>Model</th><th>Firmware</th><th>Compatible</th><th>Last seen</th><th>Aircraft</th><th></th></tr></thead><tbody></tbody></table>`;
+  main.innerHTML = `<h1>Devices</h1><div class="row"><input id="dev-filter" placeholder="Filter by serial" autocomplete="off">
+    <button id="dev-prev" disabled>← Newer</button><button id="dev-next" disabled>Older →</button><span id="dev-where" class="muted"></span></div>
+    <div id="upgrade-panel"></div><table id="dev-table"><thead><tr><th>Dock</th><th>Model</th><th>Firmware</th><th>Compatible</th><th>Last seen</th><th>Aircraft</th><th></th></tr></thead><tbody></tbody></table>`;
+  // Cursors of the pages before the one shown ("" = the first page).
+  const back = [];
+  let cursor = "", next = null, shown = {};
   const load = async () => {
-    const page = await api("GET", "/api/v1/devices?limit=500").catch(() => null);
+    const filter = $("#dev-filter") ? $("#dev-filter").value.trim() : "";
+    const query = new URLSearchParams({ kind: "gateway", limit: String(DEVICE_PAGE) });
+    if (filter) query.set("sn_contains", filter);
+    if (cursor) query.set("cursor", cursor);
+    const page = await api("GET", "/api/v1/devices?" + query).catch(() => null);
     const body = $("#dev-table tbody");
     if (!page || !body) return;
-    const by = Object.fromEntries(page.items.map((d) => [d.sn, d]));
-    const docks = page.items.filter((d) => !d.gateway_sn);
-    body.innerHTML = docks.map((d) => {
-      const ac = d.child_sn ? by[d.child_sn] : null;
-      const acText = ac ? `${esc(ac.sn)} · ${esc(ac.model || ac.model_key || "?")} · ${esc(ac.firmware_version || "?")}` : `<span class="muted">none</span>`;
+    next = page.next_cursor;
+    $("#dev-next").disabled = !next;
+    $("#dev-prev").disabled = back.length === 0;
+    $("#dev-where").textContent = `page ${back.length + 1} · ${page.items.length} docks`;
+    shown = Object.fromEntries(page.items.map((d) => [d.sn, d]));
+    body.innerHTML = page.items.map((d) => {
+      const acText = d.child_sn ? esc(d.child_sn) : `<span class="muted">none</span>`;
       return `<tr data-sn="${esc(d.sn)}"><td><b>${esc(d.sn)}</b> ${d.online ? badge("online") : `<span class="badge">offline</span>`}</td>
         <td>${esc(d.model || d.model_key || "?")}</td><td>${esc(d.firmware_version || "?")}</td>
         <td>${d.compatible_status == null ? "" : d.compatible_status === 0 ? "consistent" : "needs consistency upgrade"}</td>
         <td>${ago(d.last_seen_at)}</td><td>${acText}</td>
         <td><button class="upgrade" data-sn="${esc(d.sn)}">Upgrade…</button></td></tr>`;
-    }).join("") || `<tr><td colspan="7" class="muted">No dock has connected yet.</td></tr>`;
-    body.querySelectorAll("button.upgrade").forEach((b) => b.onclick = () => upgradePanel(by[b.dataset.sn], by));
+    }).join("") || `<tr><td colspan="7" class="muted">${filter ? "No dock matches." : "No dock has connected yet."}</td></tr>`;
+    body.querySelectorAll("button.upgrade").forEach((b) => b.onclick = async () => {
+      const dock = shown[b.dataset.sn];
+      const by = { [dock.sn]: dock };
+      if (dock.child_sn) by[dock.child_sn] = await api("GET", "/api/v1/devices/" + encodeURIComponent(dock.child_sn)).catch(() => null);
+      upgradePanel(dock, by);
+    });
+  };
+  $("#dev-next").onclick = () => { if (next) { back.push(cursor); cursor = next; load(); } };
+  $("#dev-prev").onclick = () => { if (back.length) { cursor = back.pop(); load(); } };
+  let typing = null;
+  $("#dev-filter").oninput = () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => { back.length = 0; cursor = ""; load(); }, 250);
   };
   every(5000, load);
+}
+
+// Every gateway the filter selects, page by page.
+async function allGateways(extra) {
+  const out = [];
+  let cursor = "";
+  for (;;) {
+    const query = new URLSearchParams(Object.assign({ kind: "gateway", limit: "500" }, extra));
+    if (cursor) query.set("cursor", cursor);
+    const page = await api("GET", "/api/v1/devices?" + query);
+    out.push(...page.items);
+    if (!page.next_cursor) return out;
+    cursor = page.next_cursor;
+  }
 }
 
 async function upgradePanel(dock, by) {
@@ -453,8 +494,8 @@ async function viewRolloutNew() {
       <label>Advance stages by itself</label><input id="r-auto" type="checkbox">
     </div><div class="row" style="margin-top:1rem"><button class="primary" id="r-create" type="submit">Create</button><span id="r-error-msg" class="error"></span></div></form>`;
   $("#r-all-online").onclick = async () => {
-    const page = await api("GET", "/api/v1/devices?limit=500").catch(() => ({ items: [] }));
-    $("#r-sns").value = page.items.filter((d) => !d.gateway_sn && d.online).map((d) => d.sn).join("\n");
+    const docks = await allGateways({}).catch(() => []);
+    $("#r-sns").value = docks.filter((d) => d.online).map((d) => d.sn).join("\n");
   };
   $("#rollout-form").onsubmit = async (ev) => {
     ev.preventDefault();
