@@ -53,12 +53,12 @@ impl OtaService {
     /// Replaces memory's copies of `ids` with the stored ones (announcing those that
     /// changed).
     pub(super) async fn refresh(&self, ids: &[String]) {
-        for id in ids {
-            match self.inner.stores.tasks.task(id).await {
-                Ok(Some(task)) => self.learn(&task),
-                Ok(None) => {}
-                Err(e) => tracing::warn!(task_id = %id, error = %e, "reading a task failed"),
-            }
+        if ids.is_empty() {
+            return;
+        }
+        match self.inner.stores.tasks.tasks_by_id(ids).await {
+            Ok(stored) => stored.iter().for_each(|task| self.learn(task)),
+            Err(e) => tracing::warn!(tasks = ids.len(), error = %e, "reading tasks failed"),
         }
     }
 

@@ -97,6 +97,25 @@ pub trait TaskStore: Send + Sync {
     async fn task(&self, id: &str) -> StoreResult<Option<OtaTask>>;
     /// Tasks not finished, or finished at or after `since` (start-up).
     async fn recent_tasks(&self, since: DateTime<Utc>) -> StoreResult<Vec<OtaTask>>;
+    /// The ids of the tasks not final (a shared catalog's replicas compare them with memory).
+    async fn open_task_ids(&self) -> StoreResult<Vec<String>> {
+        let far = DateTime::<Utc>::MAX_UTC;
+        Ok(self
+            .recent_tasks(far)
+            .await?
+            .into_iter()
+            .filter(|t| !t.status.is_final())
+            .map(|t| t.id)
+            .collect())
+    }
+    /// The tasks of `ids` that exist, in no particular order.
+    async fn tasks_by_id(&self, ids: &[String]) -> StoreResult<Vec<OtaTask>> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            found.extend(self.task(id).await?);
+        }
+        Ok(found)
+    }
     /// The task a gateway message names (see [`TaskKey`]).
     async fn find_task(&self, key: TaskKey<'_>) -> StoreResult<Option<OtaTask>>;
     /// Newest-first page of the tasks `query` wants.

@@ -503,30 +503,37 @@ impl OtaService {
         }
     }
 
-    /// Takes into memory the open tasks other replicas created or changed, and the stored
-    /// copies of tasks memory holds open that are final in the catalog (a shared catalog).
+    /// Takes into memory the open tasks other replicas created, and the stored copies of
+    /// tasks memory holds open that ended (or went) in the catalog (a shared catalog). Only
+    /// those are read whole: a copy another replica changed is read when this replica next
+    /// writes it (the write is refused), and reads of the API go to the catalog.
     async fn sync_open(&self) {
-        let now = self.inner.clock.now();
-        let stored = match self.inner.stores.tasks.recent_tasks(now).await {
-            Ok(stored) => stored,
+        let ids = match self.inner.stores.tasks.open_task_ids().await {
+            Ok(ids) => ids,
             Err(e) => {
                 tracing::warn!(error = %e, "reading open OTA tasks failed");
                 return;
             }
         };
-        let open: std::collections::HashSet<&str> = stored
-            .iter()
-            .filter(|t| !t.status.is_final())
-            .map(|t| t.id.as_str())
-            .collect();
-        let gone: Vec<String> = lock(&self.inner.open)
-            .tasks
-            .values()
-            .filter(|t| !t.status.is_final() && !open.contains(t.id.as_str()))
-            .map(|t| t.id.clone())
-            .collect();
-        for task in &stored {
-            self.learn(task);
+        let open: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let (unknown, gone) = {
+            let memory = lock(&self.inner.open);
+            let unknown: Vec<String> = ids
+                .iter()
+                .filter(|id| !memory.tasks.contains_key(id.as_str()))
+                .cloned()
+                .collect();
+            let gone: Vec<String> = memory
+                .tasks
+                .values()
+                .filter(|t| !t.status.is_final() && !open.contains(t.id.as_str()))
+                .map(|t| t.id.clone())
+                .collect();
+            (unknown, gone)
+        };
+        match self.inner.stores.tasks.tasks_by_id(&unknown).await {
+            Ok(stored) => stored.iter().for_each(|task| self.learn(task)),
+            Err(e) => tracing::warn!(error = %e, "reading new OTA tasks failed"),
         }
         self.refresh(&gone).await;
     }

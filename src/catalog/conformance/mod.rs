@@ -406,6 +406,14 @@ pub(crate) async fn retention_prunes_only_the_old(make: Make) {
     let kept = cat.recent_tasks(now - day * 7).await.unwrap();
     let kept: HashSet<String> = kept.into_iter().map(|t| t.id).collect();
     assert_eq!(kept, HashSet::from([recent.id.clone(), open.id.clone()]));
+    // What a replica compares with memory: the open ids, then whole tasks by id.
+    let open_ids = cat.open_task_ids().await.unwrap();
+    assert!(open_ids.contains(&open.id) && !open_ids.contains(&recent.id));
+    let wanted = [open.id.clone(), recent.id.clone(), old.id.clone()];
+    let read = cat.tasks_by_id(&wanted).await.unwrap();
+    let read: HashSet<String> = read.into_iter().map(|t| t.id).collect();
+    assert_eq!(read, HashSet::from([recent.id.clone(), open.id.clone()]));
+    assert!(cat.tasks_by_id(&[]).await.unwrap().is_empty());
 
     // Ids are monotonic: old < cut < new.
     let (old_audit, cut, new_audit) = (id(), id(), id());

@@ -332,6 +332,21 @@ impl TaskStore for Postgres {
         self.tasks_where(&sql, |q| q.bind(since)).await
     }
 
+    async fn open_task_ids(&self) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar("SELECT id FROM ota_tasks WHERE NOT final")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)
+    }
+
+    async fn tasks_by_id(&self, ids: &[String]) -> StoreResult<Vec<OtaTask>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!("SELECT {TASK_COLUMNS} FROM ota_tasks WHERE id = ANY($1)");
+        self.tasks_where(&sql, |q| q.bind(ids.to_vec())).await
+    }
+
     async fn find_task(&self, key: TaskKey<'_>) -> StoreResult<Option<OtaTask>> {
         let (sql, value) = match key {
             TaskKey::Tid(tid) => ("tid = $1 ORDER BY id DESC LIMIT 1", tid),
