@@ -58,12 +58,15 @@ def metrics(h):
     return out, t
 
 
-def safe_metrics(h):
+def safe_metrics(h, errors=None):
+    """metrics(h), or ({}, now) when GET /metrics fails (the error goes to `errors`)."""
     try:
         return bounded(lambda: metrics(h), GET_TIMEOUT + 1)
     except Exception as e:  # noqa: BLE001 - a missing reading is reported as such
         log(f"  GET /metrics failed: {e!r}")
         h.close()
+        if errors is not None:
+            errors.append(repr(e))
         return {}, time.time()
 
 
@@ -235,22 +238,23 @@ def run(kind, _fw_files):
     if mosq:
         procs["mosquitto"] = mosq
     log(f"[{name}] steady-state window of {WINDOW_SECS:.0f} s")
-    m0, tm0 = safe_metrics(h)
+    res["metrics_errors"] = []
+    m0, tm0 = safe_metrics(h, res["metrics_errors"])
     t0, c0 = time.time(), cpu_of(procs)
     time.sleep(WINDOW_SECS)
     t1, c1 = time.time(), cpu_of(procs)
-    m1, tm1 = safe_metrics(h)
-    res["cores"] = {k: None if None in (c0[k], c1[k]) else (c1[k] - c0[k]) / (t1 - t0) for k in procs}
     res["rss"] = {k: (status_kib(p.pid, "VmRSS"), status_kib(p.pid, "VmHWM"))
                   for k, p in procs.items() if k != "simulators"}
     res["sim_hwm"] = max((status_kib(p.pid, "VmHWM") or 0) for p in sims)
     res["fds"] = {k: open_files(p.pid) for k, p in procs.items() if k != "simulators"}
+    m1, tm1 = safe_metrics(h, res["metrics_errors"])
+    res["cores"] = {k: None if None in (c0[k], c1[k]) else (c1[k] - c0[k]) / (t1 - t0) for k in procs}
     key = "fwrepo_mqtt_messages_in_total"
     res["msg_rate"] = (m1[key] - m0[key]) / (tm1 - tm0) if key in m0 and key in m1 else None
     res["broker_m"] = {k: m1.get(f"fwrepo_mqtt_broker_{k}") for k in ("connections", "refused_total")}
     res["dropped"] = {k: m1.get(f"fwrepo_mqtt_{k}_total") for k in ("dropped", "malformed", "connect_errors")}
     res["missing_metrics"] = sorted(k for k in (key, "fwrepo_mqtt_broker_connections", "fwrepo_mqtt_broker_refused_total")
-                                    if k not in m1 and (broker == "embedded" or "broker" not in k))
+                                    if m1 and k not in m1 and (broker == "embedded" or "broker" not in k))
     t_end = time.time()
 
     log(f"[{name}] device list latency")
@@ -370,7 +374,7 @@ def report(results, started, took):
     row("fwrepo CPU; RSS at the end / peak (VmHWM)", proc("fwrepo"))
     row("Mosquitto CPU; RSS at the end / peak", proc("mosquitto"))
     row("Open files at the end: fwrepo; Mosquitto",
-        lambda r: "; ".join(num(r["fds"].get(k)) for k in ("fwrepo", "mosquitto") if k in r["fds"]))
+        lambda r: "; ".join(num(r["fds"].get(k)) for k in ("fwrepo", "mosquitto")))
     row("Simulators CPU (largest peak RSS)", lambda r: f"{cores(r['cores']['simulators'])} cores ({mib(r['sim_hwm'])})")
     row("fwrepo MQTT messages in (`fwrepo_mqtt_messages_in_total`)", msgs)
     row("Embedded broker connections / refused (at the end)", embedded)
@@ -392,12 +396,16 @@ def report(results, started, took):
       "Messages per second are the delta of `fwrepo_mqtt_messages_in_total` (GET /metrics) over the "
       "window. The broker gauges are read at the end of the window. The device list walk follows "
       "`next_cursor` over every device right after the window, simulators still running, on one "
-      "keep-alive connection; each page's time is the request's wall time in the driver.")
+      "keep-alive connection; each page's time is the request's wall time in the driver. The "
+      f"filtered gateway list (`sn_contains={SN_FILTER}`) is requested {FILTER_ROUNDS} times after the walk.")
     extra = []
     for r, c in zip(results, cols):
         if r["broker"] == "embedded" and 3 * r["n"] + 256 > nofile:
             extra.append(f"{c}: the open files limit ({nofile}) is below the about 3 descriptors per dock "
                          "the embedded broker holds (accepted, relayed, rumqttd's end)")
+        if r["metrics_errors"]:
+            extra.append(f"{c}: **GET /metrics failed** at the start and/or end of the window: "
+                         + "; ".join(e[:100] for e in r["metrics_errors"]))
         if r.get("missing_metrics"):
             extra.append(f"{c}: **not in /metrics**: {', '.join(r['missing_metrics'])}")
         extra += [f"{c}: {v} × fwrepo log `{k.strip()}`"

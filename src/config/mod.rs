@@ -293,8 +293,7 @@ impl Settings {
         let embedded = crate::mqtt::broker::EmbeddedOptions {
             max_connections: match o.mqtt_max_connections {
                 Some(0) => return Err(invalid("mqtt_max_connections must be at least 1")),
-                Some(n) => n,
-                None => crate::mqtt::broker::DEFAULT_MAX_CONNECTIONS,
+                n => n,
             },
             auth: match o.mqtt_auth.as_deref().map(str::trim) {
                 None | Some("off") => false,

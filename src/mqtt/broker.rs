@@ -16,6 +16,11 @@ pub const MAX_PAYLOAD: usize = 1 << 20;
 /// Gateway connections the embedded broker accepts by default (`--mqtt-max-connections`):
 /// a fleet of 25,000 docks with their remote controllers, or 50,000 gateways.
 pub const DEFAULT_MAX_CONNECTIONS: u64 = 50_000;
+/// Open files a relayed gateway connection takes: the client's socket and the relay's to
+/// rumqttd in fwrepo's front door, and rumqttd's end of that.
+const FILES_PER_CONNECTION: u64 = 3;
+/// Open files kept for everything else: HTTP clients, downloads, the catalog, the logs.
+const FILES_RESERVED: u64 = 1024;
 /// Connections the broker's router takes beyond the gateways' limit: fwrepo's own session,
 /// the readiness probe, and the TLS listener's clients that arrive while the plain
 /// listener is full (they are counted by rumqttd alone).
@@ -47,8 +52,9 @@ pub enum BrokerError {
 /// The embedded broker's options beyond its plain listener.
 #[derive(Clone, Debug)]
 pub struct EmbeddedOptions {
-    /// Gateway connections accepted at once; more are refused with a CONNACK.
-    pub max_connections: u64,
+    /// Gateway connections accepted at once; more are refused with a CONNACK. `None`: the
+    /// default, [`DEFAULT_MAX_CONNECTIONS`] or what the open-files limit allows if less.
+    pub max_connections: Option<u64>,
     /// `--mqtt-auth on`: per-gateway credentials (user name = client id) are required.
     pub auth: bool,
     /// A TLS listener next to the plain one: (address, certificate chain, key) PEM files.
@@ -90,7 +96,7 @@ fn server(
 impl Default for EmbeddedOptions {
     fn default() -> Self {
         EmbeddedOptions {
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections: None,
             auth: false,
             tls: None,
         }
@@ -188,12 +194,8 @@ pub fn start(
         None => None,
     };
     let tls_addr = tls.map(|(a, _, _)| a);
-    let mut broker = Broker::new(config(
-        inner_addr,
-        tls,
-        credentials,
-        options.max_connections,
-    ));
+    let max_connections = connection_limit(options.max_connections, open_files_limit());
+    let mut broker = Broker::new(config(inner_addr, tls, credentials, max_connections));
     std::thread::Builder::new()
         .name("mqtt-broker".into())
         .spawn(move || {
@@ -202,7 +204,7 @@ pub fn start(
             }
         })
         .map_err(|source| BrokerError::Bind { addr, source })?;
-    let front = super::front::spawn(front_listener, inner_addr, options.max_connections);
+    let front = super::front::spawn(front_listener, inner_addr, max_connections);
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         if answers(inner_addr, credentials) {
@@ -216,6 +218,71 @@ pub fn start(
         std::thread::sleep(Duration::from_millis(20));
     }
     Err(BrokerError::NotStarted(addr))
+}
+
+/// The open-files limit of this process, raised first to the hard limit (a soft limit of
+/// 1,024 is common and would hold about 300 gateways).
+fn open_files_limit() -> u64 {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return FILES_RESERVED;
+            }
+            if limit.rlim_cur < limit.rlim_max {
+                let raised = libc::rlimit {
+                    rlim_cur: limit.rlim_max,
+                    rlim_max: limit.rlim_max,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                    limit = raised;
+                }
+            }
+        }
+        limit.rlim_cur as u64
+    }
+    #[cfg(not(unix))]
+    {
+        u64::MAX
+    }
+}
+
+/// Gateway connections the broker takes: `configured`, else the default or as many as
+/// `open_files` allows if fewer. A configured limit beyond what the open files allow is kept
+/// (the operator may know better) but warned about.
+fn connection_limit(configured: Option<u64>, open_files: u64) -> u64 {
+    let allowed = open_files.saturating_sub(FILES_RESERVED) / FILES_PER_CONNECTION;
+    match configured {
+        Some(n) => {
+            if n > allowed {
+                tracing::warn!(
+                    max_connections = n,
+                    open_files,
+                    allowed,
+                    "--mqtt-max-connections is beyond what the open-files limit allows (3 files \
+                     a connection, 1,024 kept): raise it (ulimit -n, LimitNOFILE) or lower the setting"
+                );
+            }
+            n
+        }
+        None => {
+            let n = DEFAULT_MAX_CONNECTIONS.min(allowed.max(1));
+            if n < DEFAULT_MAX_CONNECTIONS {
+                tracing::info!(
+                    max_connections = n,
+                    open_files,
+                    "the embedded broker takes as many gateways as the open-files limit allows \
+                     (3 files a connection); raise the limit for more"
+                );
+            }
+            n
+        }
+    }
 }
 
 /// Whether the broker at `addr` answers an MQTT 3.1.1 CONNECT with a CONNACK. The probe
@@ -280,4 +347,18 @@ fn connect_packet(credentials: Option<&GatewayCredentials>) -> Vec<u8> {
     }
     packet.extend_from_slice(&body);
     packet
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_limit_fits_the_open_files_and_a_setting_is_kept() {
+        assert_eq!(connection_limit(None, 1 << 20), DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(connection_limit(None, 20_000), (20_000 - 1024) / 3);
+        assert_eq!(connection_limit(None, 100), 1);
+        assert_eq!(connection_limit(Some(7), 100), 7);
+        assert_eq!(connection_limit(Some(100_000), 1 << 20), 100_000);
+    }
 }

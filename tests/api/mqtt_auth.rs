@@ -185,7 +185,7 @@ async fn raw_connect(addr: &str, client_id: &str) -> (tokio::net::TcpStream, u8)
 
 #[tokio::test]
 async fn the_embedded_broker_refuses_connections_beyond_its_limit_with_a_connack() {
-    let app = spawn_with(|s| s.mqtt.embedded.max_connections = 2).await;
+    let app = spawn_with(|s| s.mqtt.embedded.max_connections = Some(2)).await;
     // fwrepo's own session does not take a gateway's place.
     app.wait_mqtt_subscribed().await;
     let addr = app.mqtt_addr();
