@@ -50,7 +50,7 @@ pub enum BrokerError {
 }
 
 /// The embedded broker's options beyond its plain listener.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct EmbeddedOptions {
     /// Gateway connections accepted at once; more are refused with a CONNACK. `None`: the
     /// default, [`DEFAULT_MAX_CONNECTIONS`] or what the open-files limit allows if less.
@@ -90,16 +90,6 @@ fn server(
         tls,
         next_connection_delay_ms: 1,
         connections,
-    }
-}
-
-impl Default for EmbeddedOptions {
-    fn default() -> Self {
-        EmbeddedOptions {
-            max_connections: None,
-            auth: false,
-            tls: None,
-        }
     }
 }
 
@@ -244,7 +234,7 @@ fn open_files_limit() -> u64 {
                 }
             }
         }
-        limit.rlim_cur as u64
+        limit.rlim_cur
     }
     #[cfg(not(unix))]
     {
