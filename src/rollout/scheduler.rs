@@ -406,73 +406,10 @@ impl RolloutService {
         result: Result<Created, OtaError>,
         holder: Option<OtaTask>,
     ) {
-        let now = Utc::now();
         let Some(m) = a.members.get_mut(i) else {
             return;
         };
-        let retry_later = |m: &mut Member, why: String| {
-            // Not an attempt: the gateway was not asked. Look again in a few seconds.
-            m.attempts = m.attempts.saturating_sub(1);
-            m.dispatch_key = None;
-            m.last_error = Some(why);
-            m.waiting_since.get_or_insert(now);
-            m.next_attempt_at = Some(now + RECHECK);
-            m.set_state(DeviceState::WaitingEligible, now);
-        };
-        match result {
-            Ok(Created::Task(t)) => {
-                m.task_id = Some(t.id.clone());
-                m.waiting_since = None;
-                for d in &mut m.devices {
-                    if t.devices
-                        .iter()
-                        .any(|x| x.sn == d.sn && x.outcome == Outcome::SkippedUpToDate)
-                    {
-                        d.state = DeviceState::SkippedUpToDate;
-                    }
-                }
-            }
-            Ok(Created::Replay(answer)) => {
-                m.task_id = answer["id"].as_str().map(str::to_string);
-            }
-            Ok(Created::DryRun(_)) => {}
-            Err(OtaError::AlreadyUpToDate) => {
-                m.attempts = m.attempts.saturating_sub(1);
-                m.set_state(DeviceState::SkippedUpToDate, now);
-            }
-            Err(OtaError::DowngradeRefused(why)) => {
-                m.attempts = m.attempts.saturating_sub(1);
-                m.last_error = Some(why);
-                m.set_state(DeviceState::SkippedNewer, now);
-            }
-            // Restarted after storing the attempt: the task of this attempt already exists
-            // (made at or after the attempt was stored).
-            Err(OtaError::GatewayBusy(task_id) | OtaError::DeviceBusy(task_id))
-                if holder.as_ref().is_some_and(|t| {
-                    t.id == task_id && m.dispatched_at.is_some_and(|d| t.created_at >= d)
-                }) =>
-            {
-                m.task_id = Some(task_id);
-            }
-            Err(
-                e @ (OtaError::Preflight { .. }
-                | OtaError::GatewayBusy(_)
-                | OtaError::DeviceBusy(_)),
-            ) => {
-                retry_later(m, e.to_string());
-            }
-            // Not the device's fault either: the broker, or the catalog (a pool exhausted by a
-            // new driver catching up, a statement cancelled). The next attempt has the same
-            // dispatch key (the attempt count is given back), so it replays this one if it
-            // was stored after all.
-            Err(e @ (OtaError::BrokerUnavailable | OtaError::Catalog(_))) => {
-                retry_later(m, e.to_string());
-            }
-            Err(e) => {
-                m.last_error = Some(e.to_string());
-                m.set_state(DeviceState::Failed, now);
-            }
-        }
+        answered(m, result, holder, Utc::now());
         let row = a.members[i].clone();
         self.persist(&a.rollout, &[&row], false);
     }
@@ -542,6 +479,77 @@ impl RolloutService {
     }
 }
 
+/// What the answer of one dispatch makes of its member (`holder`: the task named by a busy
+/// answer, read before).
+fn answered(
+    m: &mut Member,
+    result: Result<Created, OtaError>,
+    holder: Option<OtaTask>,
+    now: DateTime<Utc>,
+) {
+    let retry_later = |m: &mut Member, why: String| {
+        // Not an attempt: the gateway was not asked. Look again in a few seconds.
+        m.attempts = m.attempts.saturating_sub(1);
+        m.dispatch_key = None;
+        m.last_error = Some(why);
+        m.waiting_since.get_or_insert(now);
+        m.next_attempt_at = Some(now + RECHECK);
+        m.set_state(DeviceState::WaitingEligible, now);
+    };
+    match result {
+        Ok(Created::Task(t)) => {
+            m.task_id = Some(t.id.clone());
+            m.waiting_since = None;
+            for d in &mut m.devices {
+                if t.devices
+                    .iter()
+                    .any(|x| x.sn == d.sn && x.outcome == Outcome::SkippedUpToDate)
+                {
+                    d.state = DeviceState::SkippedUpToDate;
+                }
+            }
+        }
+        Ok(Created::Replay(answer)) => {
+            m.task_id = answer["id"].as_str().map(str::to_string);
+        }
+        Ok(Created::DryRun(_)) => {}
+        Err(OtaError::AlreadyUpToDate) => {
+            m.attempts = m.attempts.saturating_sub(1);
+            m.set_state(DeviceState::SkippedUpToDate, now);
+        }
+        Err(OtaError::DowngradeRefused(why)) => {
+            m.attempts = m.attempts.saturating_sub(1);
+            m.last_error = Some(why);
+            m.set_state(DeviceState::SkippedNewer, now);
+        }
+        // Restarted after storing the attempt: the task of this attempt already exists
+        // (made at or after the attempt was stored).
+        Err(OtaError::GatewayBusy(task_id) | OtaError::DeviceBusy(task_id))
+            if holder.as_ref().is_some_and(|t| {
+                t.id == task_id && m.dispatched_at.is_some_and(|d| t.created_at >= d)
+            }) =>
+        {
+            m.task_id = Some(task_id);
+        }
+        Err(
+            e @ (OtaError::Preflight { .. } | OtaError::GatewayBusy(_) | OtaError::DeviceBusy(_)),
+        ) => {
+            retry_later(m, e.to_string());
+        }
+        // Not the device's fault either: the broker, or the catalog (a pool exhausted by a
+        // new driver catching up, a statement cancelled). The next attempt has the same
+        // dispatch key (the attempt count is given back), so it replays this one if it
+        // was stored after all.
+        Err(e @ (OtaError::BrokerUnavailable | OtaError::Catalog(_))) => {
+            retry_later(m, e.to_string());
+        }
+        Err(e) => {
+            m.last_error = Some(e.to_string());
+            m.set_state(DeviceState::Failed, now);
+        }
+    }
+}
+
 /// A member's backoff before attempt `attempts + 1`: `base × 2^(attempts-1)`, ±10 % jitter
 /// from the serial (so a fleet does not come back at once).
 pub(super) fn backoff(base_s: u64, attempts: u32, sn: &str) -> chrono::Duration {
@@ -561,6 +569,64 @@ pub(super) fn spacing(rate: f64, salt: &str) -> chrono::Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn in_flight(attempts: u32) -> Member {
+        Member {
+            order: "0".into(),
+            gateway_sn: "G".into(),
+            stage: 0,
+            devices: vec![MemberDevice {
+                sn: "G".into(),
+                model: "Dock".into(),
+                firmware_id: "f".into(),
+                product_version: "2.0.0".into(),
+                state: DeviceState::InFlight,
+            }],
+            state: DeviceState::InFlight,
+            attempts,
+            task_id: None,
+            dispatch_key: Some(format!("rollout:r:G:{attempts}")),
+            last_error: None,
+            waiting_since: None,
+            first_dispatch_at: None,
+            dispatched_at: None,
+            next_attempt_at: None,
+            finished_at: None,
+        }
+    }
+
+    /// Answers that did not ask the gateway give the attempt back (the next one has the same
+    /// dispatch key, so it replays this one if it was stored after all) and look again soon;
+    /// an answer about the request itself fails the member.
+    #[test]
+    fn answers_that_did_not_ask_the_gateway_are_tried_again_not_failed() {
+        let now = Utc::now();
+        let cases: Vec<(OtaError, DeviceState, u32)> = vec![
+            (
+                OtaError::Catalog(crate::store::CatalogError::Storage("pool timed out".into())),
+                DeviceState::WaitingEligible,
+                0,
+            ),
+            (OtaError::BrokerUnavailable, DeviceState::WaitingEligible, 0),
+            (
+                OtaError::GatewayBusy("t".into()),
+                DeviceState::WaitingEligible,
+                0,
+            ),
+            (OtaError::AlreadyUpToDate, DeviceState::SkippedUpToDate, 0),
+            (OtaError::Validation("bad".into()), DeviceState::Failed, 1),
+        ];
+        for (error, state, attempts) in cases {
+            let what = error.to_string();
+            let mut m = in_flight(1);
+            answered(&mut m, Err(error), None, now);
+            assert_eq!((m.state, m.attempts), (state, attempts), "{what}");
+            if state == DeviceState::WaitingEligible {
+                assert_eq!(m.next_attempt_at, Some(now + RECHECK), "{what}");
+                assert_eq!(m.last_error.as_deref(), Some(what.as_str()));
+            }
+        }
+    }
 
     #[test]
     fn backoff_doubles_with_bounded_jitter() {
