@@ -17,6 +17,10 @@ use serde_json::{Value, json};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+/// A simulated dock's first reconnect delay after losing its connection.
+const RECONNECT_FIRST: Duration = Duration::from_millis(500);
+/// Its longest reconnect delay.
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
 /// Where a simulated job fails.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum FailMode {
@@ -268,11 +272,15 @@ impl Dock {
                 }
             }
         });
+        // Reconnects back off (jittered, doubling to 30 s) as a fleet must: a broker that
+        // refuses connections (at its limit) is not hammered by the docks it refused.
+        let mut backoff = RECONNECT_FIRST;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 ev = eventloop.poll() => match ev {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        backoff = RECONNECT_FIRST;
                         let c = client.clone();
                         let me = Arc::clone(&self);
                         tokio::spawn(async move {
@@ -291,7 +299,8 @@ impl Dock {
                     Err(e) => {
                         self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                         tracing::debug!(sn = %self.sn, error = %e, "simulated dock lost its MQTT connection");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        tokio::time::sleep(crate::domain::jittered(backoff)).await;
+                        backoff = (backoff * 2).min(RECONNECT_MAX);
                     }
                 }
             }

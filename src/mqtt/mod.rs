@@ -397,8 +397,9 @@ fn session_options(options: &mut MqttOptions) {
 }
 
 /// Requests (publishes, acknowledgements) queued for the event loop: a fleet's burst of
-/// replies and `ota_create` fits (the loop never waits for the OTA service).
-const REQUEST_QUEUE: usize = 16_384;
+/// replies and `ota_create` fits (the loop never waits for the OTA service). 16,384 dropped
+/// 2,770 `status_reply` when 10,000 docks came online at once (fleet benchmark).
+const REQUEST_QUEUE: usize = 65_536;
 
 /// Outgoing QoS 1 messages in flight at once.
 const OUTGOING_WINDOW: u16 = 10_000;
