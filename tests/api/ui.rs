@@ -213,6 +213,14 @@ async fn dashboard_login_upload_upgrade_and_rollout_in_a_browser() {
         (1..=3).all(|i| t.contains(&format!("{prefix}{i:04}")))
     })
     .await;
+    // Filtered by serial: one dock left; then every dock again.
+    fill(&c, "#dev-filter", &format!("{prefix}0002")).await;
+    wait_text(&c, "#dev-table", 10, |t| {
+        t.contains(&format!("{prefix}0002")) && !t.contains(&dock)
+    })
+    .await;
+    fill(&c, "#dev-filter", "").await;
+    wait_text(&c, "#dev-table", 10, |t| t.contains(&dock)).await;
     click(&c, &format!("button.upgrade[data-sn='{dock}']")).await;
     click(&c, &format!("#fw-dock option[value='{dock_fw}']")).await;
     click(&c, "#dry-run").await;

@@ -338,7 +338,8 @@ async function viewDevices() {
   $("#dev-next").onclick = () => { if (next) { back.push(cursor); cursor = next; load(); } };
   $("#dev-prev").onclick = () => { if (back.length) { cursor = back.pop(); load(); } };
   let typing = null;
-  $("#dev-filter").oninput = () => {
+  // Typing, or a value set at once (pasted, cleared).
+  $("#dev-filter").oninput = $("#dev-filter").onchange = () => {
     clearTimeout(typing);
     typing = setTimeout(() => { back.length = 0; cursor = ""; load(); }, 250);
   };
