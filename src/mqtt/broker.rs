@@ -157,8 +157,9 @@ fn pick(listen: SocketAddr) -> Result<SocketAddr, BrokerError> {
 }
 
 /// Starts the broker: its front door on `listen` (port 0: a free port), rumqttd behind it
-/// on a loopback port, plus its TLS listener if configured, and waits until it answers
-/// through the front door. Needs a Tokio runtime (the front door is a task of it).
+/// on a loopback port, plus its TLS listener if configured, and waits until rumqttd answers
+/// (probed directly: this thread may be the one the front door's task would run on). Needs a
+/// Tokio runtime (the front door is a task of it).
 pub fn start(
     listen: SocketAddr,
     options: &EmbeddedOptions,
