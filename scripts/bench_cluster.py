@@ -35,7 +35,7 @@ BUCKET = "fwrepo-bench"
 sys.path.insert(0, SCRIPTS)
 import benchlib  # noqa: E402
 from benchlib import (  # noqa: E402
-    GET_TIMEOUT, Http, bounded, cpu_secs, fmt_ms, fmt_s, free_port, log, pct, spawn, status_kib,
+    GET_TIMEOUT, Http, bounded, cpu_secs, fmt_ms, fmt_s, free_port, log, pct, spawn, start_mosquitto, status_kib,
     stop, ts, wait_line, wait_port,
 )
 
@@ -172,15 +172,9 @@ def start_stack(ctx, n_replicas):
     import boto3
     name = ctx["name"]
     ctx["pg"] = start_postgres(name)
-    ctx["mqtt_port"], s3_port, ctx["lb_port"] = free_port(), free_port(), free_port()
-    conf = os.path.join(WORK, f"{name}-mosquitto.conf")
-    with open(conf, "w") as f:
-        f.write(f"listener {ctx['mqtt_port']} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                # as deploy/README.md asks for fwrepo's sessions
-                "max_queued_messages 100000\nmax_inflight_messages 100\n")
-    ctx["mosquitto"] = spawn(f"{name}-mosquitto", ["mosquitto", "-c", conf])
+    s3_port, ctx["lb_port"] = free_port(), free_port()
+    ctx["mosquitto"], ctx["mqtt_port"] = start_mosquitto(name)
     ctx["moto"] = spawn(f"{name}-moto", ["moto_server", "-H", "127.0.0.1", "-p", str(s3_port)])
-    wait_port(ctx["mqtt_port"], 10)
     wait_port(s3_port, 60)
     ctx["s3"] = f"http://127.0.0.1:{s3_port}"
     boto3.client("s3", endpoint_url=ctx["s3"]).create_bucket(Bucket=BUCKET)

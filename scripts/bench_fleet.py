@@ -26,8 +26,8 @@ KNOWN_BROKERS = ("embedded", "mosquitto")
 sys.path.insert(0, os.environ["SCRIPTS"])
 import benchlib  # noqa: E402
 from benchlib import (  # noqa: E402
-    GET_TIMEOUT, Http, bounded, cpu_secs, free_port, log, pct, spawn, status_kib, stop, wait_line,
-    wait_port,
+    GET_TIMEOUT, Http, bounded, cpu_secs, log, pct, spawn, start_mosquitto, status_kib, stop,
+    wait_line,
 )
 
 benchlib.NAME = "bench_fleet"
@@ -174,19 +174,6 @@ def log_lines(name):
 
 # ---------------------------------------------------------------- one run
 
-def start_mosquitto(name):
-    port = free_port()
-    conf = os.path.join(WORK, f"{name}-mosquitto.conf")
-    with open(conf, "w") as f:
-        f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                # as deploy/README.md asks for fwrepo's sessions
-                "max_connections -1\nmax_queued_messages 100000\nmax_inflight_messages 100\n"
-                "log_dest stderr\nlog_type error\nlog_type warning\n")
-    p = spawn(f"{name}-mosquitto", [MOSQ, "-c", conf])
-    wait_port(port)
-    return p, port
-
-
 def start_server(name, broker, mport):
     data_dir = os.path.join(WORK, f"{name}-data")
     os.makedirs(data_dir)
@@ -220,7 +207,7 @@ def run(kind, _fw_files):
     mosq = None
     mport = None
     if broker == "mosquitto":
-        mosq, mport = start_mosquitto(name)
+        mosq, mport = start_mosquitto(name, MOSQ)
         res["mosquitto_version"] = subprocess.run([MOSQ, "-h"], capture_output=True, text=True).stdout.split("\n")[0].strip()
     server, h, mport = start_server(name, broker, mport)
     log(f"[{name}] fwrepo pid {server.pid}, HTTP :{h.port}, MQTT :{mport}"

@@ -64,15 +64,8 @@ set -euo pipefail
 # shellcheck source=scripts/benchlib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/benchlib.sh"
 bench_setup bench_fleet
-MOSQ=${MOSQUITTO_BIN:-}
-if [[ -z $MOSQ ]]; then
-    if [[ -x /usr/sbin/mosquitto ]]; then MOSQ=/usr/sbin/mosquitto; else MOSQ=$(command -v mosquitto || true); fi
-fi
-case ${BENCH_BROKERS:-embedded,mosquitto} in
-    *mosquitto*) [[ -n $MOSQ && -x $MOSQ ]] || die "mosquitto not found (set MOSQUITTO_BIN or BENCH_BROKERS=embedded)" ;;
-esac
+bench_find_mosquitto
 
 cp "$ROOT/scripts/bench_fleet.py" "$WORK/driver.py"
 
-export MOSQ
 bench_run_driver

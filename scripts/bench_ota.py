@@ -34,7 +34,7 @@ sys.path.insert(0, os.environ["SCRIPTS"])
 import benchlib  # noqa: E402
 from benchlib import (  # noqa: E402,F401
     GET_TIMEOUT, Http, bounded, cpu_secs, disk_usage, fmt_ms, fmt_s, free_port, log, own_cpu,
-    pct, spawn, status_kib, stop, stop_all, threads_of, ts, wait_line, wait_port,
+    pct, spawn, start_mosquitto, status_kib, stop, stop_all, threads_of, ts, wait_line, wait_port,
 )
 
 benchlib.NAME = "bench_ota"
@@ -157,14 +157,7 @@ def run(broker, fw_files):
     if broker == "embedded":
         args += ["--mqtt-listen", "127.0.0.1:0"]
     else:
-        mport = free_port()
-        mconf = os.path.join(WORK, f"mosquitto-{broker}.conf")
-        with open(mconf, "w") as f:
-            f.write(f"listener {mport} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    "max_connections -1\nmax_queued_messages 100000\nmax_inflight_messages 100\n"
-                    "log_dest stderr\nlog_type error\nlog_type warning\n")
-        mosq = spawn(f"mosquitto-{broker}", [MOSQ, "-c", mconf])
-        wait_port(mport)
+        mosq, mport = start_mosquitto(broker, MOSQ)
         res["mosquitto_version"] = subprocess.run([MOSQ, "-h"], capture_output=True, text=True).stdout.split("\n")[0].strip()
         args += ["--mqtt-url", f"mqtt://127.0.0.1:{mport}"]
 

@@ -47,16 +47,9 @@ set -euo pipefail
 # shellcheck source=scripts/benchlib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/benchlib.sh"
 bench_setup bench_ota
-MOSQ=${MOSQUITTO_BIN:-}
-if [[ -z $MOSQ ]]; then
-    if [[ -x /usr/sbin/mosquitto ]]; then MOSQ=/usr/sbin/mosquitto; else MOSQ=$(command -v mosquitto || true); fi
-fi
-case ${BENCH_BROKERS:-embedded,mosquitto} in
-    *mosquitto*) [[ -n $MOSQ && -x $MOSQ ]] || die "mosquitto not found (set MOSQUITTO_BIN or BENCH_BROKERS=embedded)" ;;
-esac
+bench_find_mosquitto
 
 
 cp "$ROOT/scripts/bench_ota.py" "$WORK/driver.py"
 
-export MOSQ
 bench_run_driver

@@ -130,6 +130,20 @@ def free_port():
             return port
 
 
+def start_mosquitto(name, binary="mosquitto"):
+    """A Mosquitto on a free loopback port, configured as deploy/README.md asks for fwrepo's
+    sessions (queues a fleet's messages, no persistence); returns (process, port)."""
+    port = free_port()
+    conf = os.path.join(WORK, f"{name}-mosquitto.conf")
+    with open(conf, "w") as f:
+        f.write(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                "max_connections -1\nmax_queued_messages 100000\nmax_inflight_messages 100\n"
+                "log_dest stderr\nlog_type error\nlog_type warning\n")
+    p = spawn(f"{name}-mosquitto", [binary, "-c", conf])
+    wait_port(port)
+    return p, port
+
+
 def wait_port(port, timeout=10):
     deadline = time.time() + timeout
     while time.time() < deadline:

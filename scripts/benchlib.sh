@@ -46,6 +46,19 @@ bench_setup() {
     DIRTY=$(git -C "$ROOT" status --porcelain --untracked-files=no -- src Cargo.toml Cargo.lock 2>/dev/null | wc -l)
 }
 
+# Sets and exports MOSQ (MOSQUITTO_BIN, else /usr/sbin/mosquitto, else PATH); dies if the
+# brokers asked for (BENCH_BROKERS) include Mosquitto and there is none.
+bench_find_mosquitto() {
+    MOSQ=${MOSQUITTO_BIN:-}
+    if [[ -z $MOSQ ]]; then
+        if [[ -x /usr/sbin/mosquitto ]]; then MOSQ=/usr/sbin/mosquitto; else MOSQ=$(command -v mosquitto || true); fi
+    fi
+    case ${BENCH_BROKERS:-embedded,mosquitto} in
+        *mosquitto*) [[ -n $MOSQ && -x $MOSQ ]] || die "mosquitto not found (set MOSQUITTO_BIN or BENCH_BROKERS=embedded)" ;;
+    esac
+    export MOSQ
+}
+
 bench_run_driver() {
     log "binary $BIN (built $BIN_BUILT, HEAD $REV), temp dir $WORK"
     export WORK REV BIN_BUILT DIRTY
