@@ -35,7 +35,7 @@ BUCKET = "fwrepo-bench"
 sys.path.insert(0, SCRIPTS)
 import benchlib  # noqa: E402
 from benchlib import (  # noqa: E402
-    GET_TIMEOUT, Http, bounded, cpu_secs, fmt_ms, fmt_s, free_port, log, pct, spawn, start_mosquitto, status_kib,
+    GET_TIMEOUT, Http, bounded, cpu_secs, fmt_ms, fmt_s, free_port, log, pct, report_notes, spawn, start_mosquitto, status_kib,
     stop, ts, wait_line, wait_port,
 )
 
@@ -591,11 +591,9 @@ def report(results, started, took):
     for r, c in zip(results, cols):
         extra += [f"{c}: first tasks not ok: {'; '.join(r['others'])}"] if r["others"] else []
         extra += [f"{c}: statement run {n} × ({per_dev(int(n))} per device): `{q}`" for n, q in r["top_statements"]]
-        extra += [f"{c}: {v} × replica log `{k.strip()}`"
-                  for k, v in sorted(r["log_kinds"].items(), key=lambda kv: -kv[1])[:4]]
-    if extra:
-        w("")
-        w("\n".join(f"- {e}" for e in extra))
+    notes = report_notes(extra, "replica", results, cols)
+    if notes:
+        w(notes)
     return "\n".join(out) + "\n"
 
 

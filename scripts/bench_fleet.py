@@ -26,7 +26,7 @@ KNOWN_BROKERS = ("embedded", "mosquitto")
 sys.path.insert(0, os.environ["SCRIPTS"])
 import benchlib  # noqa: E402
 from benchlib import (  # noqa: E402
-    GET_TIMEOUT, Http, bounded, cpu_secs, log, pct, spawn, start_mosquitto, status_kib, stop,
+    GET_TIMEOUT, Http, bounded, cpu_secs, log, pct, report_notes, server_ports, spawn, start_mosquitto, status_kib, stop,
     wait_line,
 )
 
@@ -181,15 +181,9 @@ def start_server(name, broker, mport):
             "--config", os.path.join(WORK, "fwrepo.toml"), "--shutdown-grace", "5"]
     args += ["--mqtt-listen", "127.0.0.1:0"] if broker == "embedded" else ["--mqtt-url", f"mqtt://127.0.0.1:{mport}"]
     server = spawn(name, args + SERVE_ARGS)
-    hport = int(wait_line(server, name, r"HTTP listening on http://127\.0\.0\.1:(\d+)", 60).group(1))
+    hport, embedded_port = server_ports(server, name, broker == "embedded", 60)
+    mport = embedded_port or mport
     benchlib.read_token(data_dir)
-    if broker == "embedded":
-        mport = int(wait_line(server, name, r"MQTT listening on mqtt://127\.0\.0\.1:(\d+)", 30).group(1))
-    else:
-        wait_line(server, name, r"MQTT connected to mqtt://", 30)
-    for port in (hport, mport):
-        if port in (1883, 5432, 8080):
-            raise RuntimeError(f"refusing to use port {port}")
     h = Http(hport)
     deadline = time.time() + 30
     while safe_metrics(h)[0].get("fwrepo_mqtt_subscribed") != 1:
@@ -395,11 +389,9 @@ def report(results, started, took):
                          + "; ".join(e[:100] for e in r["metrics_errors"]))
         if r.get("missing_metrics"):
             extra.append(f"{c}: **not in /metrics**: {', '.join(r['missing_metrics'])}")
-        extra += [f"{c}: {v} × fwrepo log `{k.strip()}`"
-                  for k, v in sorted(r["log_kinds"].items(), key=lambda kv: -kv[1])[:4]]
-    if extra:
-        w("")
-        w("\n".join(f"- {e}" for e in extra))
+    notes = report_notes(extra, "fwrepo", results, cols)
+    if notes:
+        w(notes)
     return "\n".join(out) + "\n"
 
 

@@ -34,7 +34,7 @@ sys.path.insert(0, os.environ["SCRIPTS"])
 import benchlib  # noqa: E402
 from benchlib import (  # noqa: E402,F401
     GET_TIMEOUT, Http, bounded, cpu_secs, disk_usage, fmt_ms, fmt_s, free_port, log, own_cpu,
-    pct, spawn, start_mosquitto, status_kib, stop, stop_all, threads_of, ts, wait_line, wait_port,
+    pct, server_ports, spawn, start_mosquitto, status_kib, stop, stop_all, threads_of, ts, wait_line, wait_port,
 )
 
 benchlib.NAME = "bench_ota"
@@ -163,15 +163,9 @@ def run(broker, fw_files):
 
     name = f"server-{broker}"
     server = spawn(name, args)
-    hport = int(wait_line(server, name, r"HTTP listening on http://127\.0\.0\.1:(\d+)", 30).group(1))
+    hport, embedded_port = server_ports(server, name, broker == "embedded")
+    mport = embedded_port or mport
     benchlib.read_token(data_dir)
-    if broker == "embedded":
-        mport = int(wait_line(server, name, r"MQTT listening on mqtt://127\.0\.0\.1:(\d+)", 30).group(1))
-    else:
-        wait_line(server, name, r"MQTT connected to mqtt://", 30)
-    for port in (hport, mport):
-        if port in (1883, 8080):
-            raise RuntimeError(f"refusing to use port {port}")
     log(f"[{broker}] server pid {server.pid}, HTTP :{hport}, MQTT :{mport}")
     h = Http(hport)
     fw_dock = upload(h, fw_files["Dock"], "Dock_2.0.0.zip")

@@ -144,6 +144,30 @@ def start_mosquitto(name, binary="mosquitto"):
     return p, port
 
 
+def server_ports(server, name, embedded, timeout=30):
+    """The HTTP and (embedded broker) MQTT ports a `fwrepo serve` just started prints; waits
+    for its external broker's session otherwise (MQTT port None). Never a reserved port."""
+    hport = int(wait_line(server, name, r"HTTP listening on http://127\.0\.0\.1:(\d+)", timeout).group(1))
+    mport = None
+    if embedded:
+        mport = int(wait_line(server, name, r"MQTT listening on mqtt://127\.0\.0\.1:(\d+)", timeout).group(1))
+    else:
+        wait_line(server, name, r"MQTT connected to mqtt://", timeout)
+    for port in (hport, mport):
+        if port in (1883, 5432, 8080):
+            raise RuntimeError(f"refusing to use port {port}")
+    return hport, mport
+
+
+def report_notes(extra, label, results, cols):
+    """The report's closing list: `extra` lines, then each column's most frequent log lines
+    (`label`: whose log); as markdown, or "" when there is nothing to say."""
+    for r, c in zip(results, cols):
+        extra = extra + [f"{c}: {v} × {label} log `{k.strip()}`"
+                         for k, v in sorted(r["log_kinds"].items(), key=lambda kv: -kv[1])[:4]]
+    return "\n" + "\n".join(f"- {e}" for e in extra) if extra else ""
+
+
 def wait_port(port, timeout=10):
     deadline = time.time() + timeout
     while time.time() < deadline:
