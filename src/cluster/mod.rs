@@ -14,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::Clock;
 use crate::store::StoreResult;
 
+mod peers;
+pub use peers::{Peers, ROUTE_WITHIN, route_tag};
+
 /// How often a replica renews its heartbeat.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
 /// A replica whose last heartbeat is older than this (four heartbeats) is gone: its broker
@@ -177,6 +180,7 @@ pub enum ClusterError {
 pub struct Cluster {
     store: Arc<dyn ClusterStore>,
     me: Arc<std::sync::Mutex<ReplicaRecord>>,
+    peers: Peers,
     clock: Clock,
     leases: Arc<std::sync::Mutex<Vec<Lease>>>,
 }
@@ -234,6 +238,7 @@ impl Cluster {
         store.heartbeat(&me, now - FORGET_AFTER).await?;
         Ok(Cluster {
             store,
+            peers: Peers::new(&me.id),
             me: Arc::new(std::sync::Mutex::new(me)),
             clock,
             leases: Arc::default(),
@@ -243,6 +248,11 @@ impl Cluster {
     /// This replica's id.
     pub fn id(&self) -> String {
         crate::lock(&self.me).id.clone()
+    }
+
+    /// The other live replicas, by route tag (renewed with the heartbeat).
+    pub fn peers(&self) -> Peers {
+        self.peers.clone()
     }
 
     /// The lease `name`, which this replica tries to take and renews from now on (see
@@ -334,6 +344,10 @@ impl Cluster {
             };
             if let Err(e) = self.store.heartbeat(&me, now - FORGET_AFTER).await {
                 tracing::warn!(error = %e, "cannot renew this replica's heartbeat");
+            }
+            match self.store.replicas().await {
+                Ok(replicas) => self.peers.update(&replicas, self.clock.now()),
+                Err(e) => tracing::warn!(error = %e, "cannot read the other replicas"),
             }
         }
         let id = self.id();

@@ -175,6 +175,7 @@ impl Default for Settings {
                 online_window: std::time::Duration::from_secs(60),
                 retention: std::time::Duration::from_secs(180 * 86_400),
                 shared: false,
+                route_tag: None,
             },
         }
     }
@@ -427,6 +428,7 @@ impl Settings {
                     o.retention_days.unwrap_or(d.retention_days) * 86_400,
                 ),
                 shared: false,
+                route_tag: None,
             },
             models,
             data_dir,

@@ -35,6 +35,7 @@ pub async fn adopt(
         acks: acks::Acks::new(client.clone(), Arc::clone(&status)),
         handle: MqttHandle {
             client,
+            confirms: Arc::default(),
             status,
             address_line: String::new(),
             tls_address_line: None,
@@ -43,6 +44,7 @@ pub async fn adopt(
         ota,
         replies: settings.replies,
         share_group: settings.share_group.clone(),
+        peers: None,
     };
     let held = tokio::time::timeout(LONGEST, session.drain(eventloop, &cancel))
         .await

@@ -6,6 +6,7 @@
 mod acks;
 mod adopt;
 pub mod broker;
+mod confirms;
 pub mod credentials;
 pub mod front;
 pub mod lenient;
@@ -90,6 +91,13 @@ pub struct MqttStatus {
     pub malformed: AtomicU64,
     /// Messages dropped (oversized inbound, or a full outbound queue).
     pub dropped: AtomicU64,
+    /// The broker passed this replica's probe of the handed topic: task messages go to the
+    /// replica holding the task.
+    pub handing_over: AtomicBool,
+    /// Task messages handed to the replica holding the task.
+    pub handed_over: AtomicU64,
+    /// Task messages other replicas handed to this one.
+    pub handed_in: AtomicU64,
     /// OTA messages left unacknowledged because they could not be recorded (or queued) since
     /// the session last reconnected to have them delivered again.
     pub withheld: AtomicU64,
@@ -155,6 +163,16 @@ impl MqttStatus {
                 &self.withheld_total,
             ),
             (
+                "fwrepo_mqtt_handed_over_total",
+                "Task messages handed to the replica holding the task (several replicas).",
+                &self.handed_over,
+            ),
+            (
+                "fwrepo_mqtt_handed_in_total",
+                "Task messages other replicas handed to this one (several replicas).",
+                &self.handed_in,
+            ),
+            (
                 "fwrepo_mqtt_connect_errors_total",
                 "Failed MQTT connection attempts.",
                 &self.connect_errors,
@@ -193,6 +211,8 @@ impl MqttStatus {
 #[derive(Clone)]
 pub struct MqttHandle {
     client: AsyncClient,
+    /// Which publishes the broker acknowledged (see [`confirms`]).
+    confirms: Arc<Mutex<confirms::Confirms<crate::domain::Ack>>>,
     /// State and counters.
     pub status: Arc<MqttStatus>,
     /// What to print on stdout once up (`MQTT listening on …` / `MQTT connected to …`).
@@ -218,10 +238,38 @@ impl crate::ota::Publisher for MqttHandle {
 impl MqttHandle {
     /// Queues a QoS 1, non-retained publish without waiting. False when it could not be queued.
     pub fn publish(&self, topic: String, payload: Vec<u8>) -> bool {
-        match self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, false, payload)
-        {
+        self.publish_with(topic, payload, None)
+    }
+
+    /// Queues a QoS 1 publish whose PUBACK completes `confirm` (dropped undone when the
+    /// publish is lost: not queued, or forgotten by a new broker session).
+    pub(crate) fn publish_confirmed(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        confirm: crate::domain::Ack,
+    ) -> bool {
+        self.publish_with(topic, payload, Some(confirm))
+    }
+
+    fn publish_with(
+        &self,
+        topic: String,
+        payload: Vec<u8>,
+        confirm: Option<crate::domain::Ack>,
+    ) -> bool {
+        // Queued and entered together: the entries take packet ids in the queue's order.
+        let queued = {
+            let mut confirms = crate::lock(&self.confirms);
+            let queued = self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, false, payload);
+            if queued.is_ok() {
+                confirms.queued(confirm);
+            }
+            queued
+        };
+        match queued {
             Ok(()) => {
                 self.status.messages_out.fetch_add(1, Ordering::Relaxed);
                 true
@@ -275,7 +323,7 @@ pub fn group_client_id(replica_id: &str) -> String {
 /// Starts the embedded broker if configured, and the client session with its event loop task.
 pub fn start(
     settings: &MqttSettings,
-    replica_id: &str,
+    peers: &crate::cluster::Peers,
     registry: DeviceRegistry,
     ota: OtaSender,
     cancel: CancellationToken,
@@ -289,7 +337,7 @@ pub fn start(
     let client_id = settings
         .client_id
         .clone()
-        .unwrap_or_else(|| group_client_id(replica_id));
+        .unwrap_or_else(|| group_client_id(peers.me()));
     let mut tls_address_line = None;
     let mut front = None;
     let (address_line, mut options) = match &settings.target {
@@ -333,6 +381,7 @@ pub fn start(
     });
     let handle = MqttHandle {
         client: client.clone(),
+        confirms: Arc::default(),
         status: Arc::clone(&status),
         address_line,
         tls_address_line,
@@ -344,6 +393,7 @@ pub fn start(
         ota,
         replies: settings.replies,
         share_group,
+        peers: Some(peers.clone()),
     };
     tokio::spawn(session.run(eventloop, cancel));
     Ok(handle)

@@ -4,7 +4,9 @@
 
 use super::*;
 use crate::domain::jittered;
+use crate::lock;
 use reports::{osd_of, state_of, topology_of};
+use rumqttc::Outgoing;
 use topics::Inbound;
 use wire::Envelope;
 
@@ -14,6 +16,9 @@ const RECONNECT_FIRST: Duration = Duration::from_millis(100);
 /// docks reconnect that fast too; messages published meanwhile are lost on a broker without
 /// persistence, so the gap must stay short.
 const RECONNECT_MAX: Duration = Duration::from_secs(1);
+
+/// The topic (after the handed prefix) of the probe a replica sends itself.
+const PROBE: &str = "probe";
 
 /// How often the session reconnects while OTA messages wait, unacknowledged, for redelivery.
 const REDELIVER_EVERY: Duration = Duration::from_secs(10);
@@ -25,6 +30,9 @@ pub(super) struct Session {
     pub(super) replies: bool,
     /// Shared-subscription group, if the up topics are shared.
     pub(super) share_group: Option<String>,
+    /// The other replicas of the group, to hand each a task's messages it holds (the main
+    /// session of a replica in a group; none for an adopted session).
+    pub(super) peers: Option<crate::cluster::Peers>,
     pub(super) acks: acks::Acks,
 }
 
@@ -54,13 +62,18 @@ impl Session {
                 }
             };
             match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                Ok(Event::Incoming(Packet::ConnAck(c))) => {
                     backoff = RECONNECT_FIRST;
                     self.acks.reset();
+                    // Dropped undone: what waited on them is done again.
+                    drop(lock(&self.handle.confirms).connected(c.session_present));
                     let status = &self.handle.status;
                     status.subscribed.store(false, Ordering::Relaxed);
                     status.pending_subacks.store(
-                        (topics::QOS1_FILTERS.len() + topics::QOS0_FILTERS.len()) as u64,
+                        (topics::QOS1_FILTERS.len()
+                            + topics::QOS0_FILTERS.len()
+                            + usize::from(self.handed_filter().is_some()))
+                            as u64,
                         Ordering::Relaxed,
                     );
                     status.connected.store(true, Ordering::Relaxed);
@@ -81,8 +94,27 @@ impl Session {
                 // An OTA message carries its acknowledgement to the OTA service; any other
                 // is done here.
                 Ok(Event::Incoming(Packet::Publish(p))) => self.take(&p),
+                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                    lock(&self.handle.confirms).sent(pkid);
+                }
+                Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
+                    lock(&self.handle.confirms).collided(pkid);
+                }
+                Ok(Event::Incoming(Packet::PubAck(a))) => {
+                    let done = lock(&self.handle.confirms).acked(a.pkid);
+                    if let Some(ack) = done {
+                        ack.done();
+                    }
+                }
                 Ok(_) => {}
                 Err(e) => {
+                    // rumqttc moved what it had not sent into its own queue.
+                    let unsent = eventloop
+                        .pending
+                        .iter()
+                        .filter(|r| matches!(r, rumqttc::Request::Publish(p) if p.pkid == 0))
+                        .count();
+                    lock(&self.handle.confirms).failed(unsent);
                     let status = &self.handle.status;
                     status.subscribed.store(false, Ordering::Relaxed);
                     if status.connected.swap(false, Ordering::Relaxed) {
@@ -103,7 +135,24 @@ impl Session {
         let _ = self.handle.client.try_disconnect();
     }
 
+    /// The subscription to the messages other replicas hand this one, in a group.
+    fn handed_filter(&self) -> Option<String> {
+        let (group, peers) = (self.share_group.as_deref()?, self.peers.as_ref()?);
+        Some(topics::handed_filter(group, peers.me()))
+    }
+
     fn subscribe(&self) {
+        if let Some(f) = self.handed_filter() {
+            match self.handle.client.try_subscribe(&f, QoS::AtLeastOnce) {
+                // Handing over starts once the broker passes a probe to this replica: an ACL
+                // that denies the topics would drop handed messages silently.
+                Ok(()) => {
+                    let probe = f.replace('#', PROBE);
+                    self.handle.publish(probe, b"{}".to_vec());
+                }
+                Err(e) => tracing::error!(filter = f, error = %e, "MQTT subscribe not queued"),
+            }
+        }
         for (filters, qos) in [
             (&topics::QOS1_FILTERS[..], QoS::AtLeastOnce),
             (&topics::QOS0_FILTERS[..], QoS::AtMostOnce),
@@ -120,7 +169,12 @@ impl Session {
     /// Handles one message; gives its acknowledgement back unless the message went to the
     /// OTA service, which acknowledges it once recorded.
     fn on_publish(&self, p: &rumqttc::Publish, ack: crate::domain::Ack) -> Handled {
-        let (topic, payload) = (p.topic.as_str(), p.payload.as_ref());
+        // A message another replica handed over: it answered and noted the gateway already.
+        let (topic, handed) = match topics::unhand(&p.topic) {
+            Some(inner) => (inner, true),
+            None => (p.topic.as_str(), false),
+        };
+        let payload = p.payload.as_ref();
         let status = &self.handle.status;
         status.messages_in.fetch_add(1, Ordering::Relaxed);
         if payload.len() > MAX_ACCEPTED_PAYLOAD {
@@ -145,6 +199,29 @@ impl Session {
                 return Handled::Done(ack);
             }
         };
+        if handed && topic == PROBE {
+            if !status.handing_over.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    "the broker passes messages between replicas: each task's messages go to the replica holding it"
+                );
+            }
+            return Handled::Done(ack);
+        }
+        if handed {
+            status.handed_in.fetch_add(1, Ordering::Relaxed);
+            return match inbound {
+                // The gateway is online here too (the replica driving a rollout checks it).
+                Inbound::Events(sn) if env.method.as_deref() == Some("ota_progress") => {
+                    self.registry.on_seen(&sn);
+                    self.forward(false, sn, env, p, ack)
+                }
+                Inbound::ServicesReply(sn) => {
+                    self.registry.on_seen(&sn);
+                    self.forward(true, sn, env, p, ack)
+                }
+                _ => Handled::Done(ack),
+            };
+        }
         let dialect = if env.gateway.is_some() {
             "dji"
         } else {
@@ -188,13 +265,19 @@ impl Session {
                         .publish(topics::events_reply(&sn), wire::reply(&env, &method));
                 }
                 if method == "ota_progress" {
-                    return self.forward(false, sn, env, p, ack);
+                    return match self.holder(env.bid.as_deref()) {
+                        Some(holder) => self.hand_over(&holder, topic, p, ack),
+                        None => self.forward(false, sn, env, p, ack),
+                    };
                 }
             }
             Inbound::ServicesReply(sn) => {
                 self.registry.on_seen(&sn);
                 if env.method.as_deref().is_none_or(|m| m == "ota_create") {
-                    return self.forward(true, sn, env, p, ack);
+                    return match self.holder(env.tid.as_deref()) {
+                        Some(holder) => self.hand_over(&holder, topic, p, ack),
+                        None => self.forward(true, sn, env, p, ack),
+                    };
                 }
             }
         }
@@ -220,6 +303,37 @@ impl Session {
             Handled::Done(ack) => ack.done(),
             Handled::Forwarded => {}
         }
+    }
+
+    /// The live replica other than this one that holds the task `key` (a tid or bid) names.
+    fn holder(&self, key: Option<&str>) -> Option<String> {
+        self.share_group.as_ref()?;
+        if !self.handle.status.handing_over.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.peers.as_ref()?.holder(key?)
+    }
+
+    /// Hands a task's message to the replica holding the task; the gateway's message is
+    /// acknowledged once the broker has taken the handed copy (PUBACK).
+    fn hand_over(
+        &self,
+        holder: &str,
+        topic: &str,
+        p: &rumqttc::Publish,
+        ack: crate::domain::Ack,
+    ) -> Handled {
+        let Some(group) = self.share_group.as_deref() else {
+            return Handled::Done(ack);
+        };
+        let to = topics::handed(group, holder, topic);
+        if self.handle.publish_confirmed(to, p.payload.to_vec(), ack) {
+            self.handle
+                .status
+                .handed_over
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        Handled::Forwarded
     }
 
     fn forward(

@@ -56,6 +56,28 @@ pub fn shared(group: Option<&str>, filter: &str) -> String {
     }
 }
 
+/// Where replica `replica` of shared-subscription group `group` is handed gateway messages
+/// that another replica received for a task it holds: `fwrepo/<group>/to/<replica>/` and
+/// the message's own topic.
+pub fn handed(group: &str, replica: &str, topic: &str) -> String {
+    format!("fwrepo/{group}/to/{replica}/{topic}")
+}
+
+/// The subscription of replica `replica` to what is handed to it (QoS 1, not shared).
+pub fn handed_filter(group: &str, replica: &str) -> String {
+    handed(group, replica, "#")
+}
+
+/// The gateway topic of a message handed to a replica (any replica of any group: a replica
+/// that adopts a dead one's session takes in what was handed to it).
+pub fn unhand(topic: &str) -> Option<&str> {
+    let rest = topic.strip_prefix("fwrepo/")?;
+    let mut parts = rest.splitn(4, '/');
+    let (_group, to, _replica, inner) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    (to == "to").then_some(inner)
+}
+
 /// `sys/product/{gateway_sn}/status` (a gateway's topology; up).
 pub fn status(gateway_sn: &str) -> String {
     format!("sys/product/{gateway_sn}/status")
@@ -99,6 +121,16 @@ pub fn status_reply(gateway_sn: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_handed_message_keeps_its_gateway_topic() {
+        let t = handed("fwrepo", "r2", "thing/product/D1/events");
+        assert_eq!(t, "fwrepo/fwrepo/to/r2/thing/product/D1/events");
+        assert_eq!(unhand(&t), Some("thing/product/D1/events"));
+        assert_eq!(handed_filter("g", "r1"), "fwrepo/g/to/r1/#");
+        assert_eq!(unhand("thing/product/D1/events"), None);
+        assert_eq!(unhand("fwrepo/g/from/r1/thing/product/D1/events"), None);
+    }
 
     #[test]
     fn parses_known_topics_only() {

@@ -299,8 +299,8 @@ impl OtaService {
         let mut task = OtaTask {
             id: id.clone(),
             gateway_sn: req.gateway_sn.clone(),
-            tid: uuid_like(),
-            bid: uuid_like(),
+            tid: uuid_like(self.inner.settings.route_tag.as_deref()),
+            bid: uuid_like(self.inner.settings.route_tag.as_deref()),
             status: TaskStatus::Pending,
             created_at: now,
             updated_at: now,

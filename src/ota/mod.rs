@@ -220,6 +220,9 @@ pub struct OtaSettings {
     /// The catalog is shared with other replicas (PostgreSQL): tasks another replica created
     /// or changed are read from it, and memory's copies are synchronized every few seconds.
     pub shared: bool,
+    /// This replica's route tag (see [`crate::cluster::route_tag`]), which the tid and bid of
+    /// each `ota_create` it sends begin with; none for a single process.
+    pub route_tag: Option<String>,
 }
 
 /// One device of a request.
@@ -358,6 +361,8 @@ struct Inner {
     /// The deployment's lease on the timers (timeouts, reconciliation, verification): they
     /// run on the replica holding it; without one (a single process), here.
     timers: std::sync::OnceLock<crate::cluster::Lease>,
+    /// The deployment's replicas: whether the sender of an unanswered `ota_create` is gone.
+    peers: std::sync::OnceLock<crate::cluster::Peers>,
 }
 
 /// What the OTA service stores and reads, whichever backend.
@@ -381,9 +386,13 @@ pub struct OtaService {
 
 use crate::lock;
 
-fn uuid_like() -> String {
+/// A UUID v4 text; its first 8 hex digits are `tag` if given (a replica's route tag).
+fn uuid_like(tag: Option<&str>) -> String {
     let h = sha2::Sha256::digest(crate::domain::ids::next().as_bytes());
-    let x = hex::encode(&h[..16]);
+    let mut x = hex::encode(&h[..16]);
+    if let Some(tag) = tag.filter(|t| t.len() == 8 && t.bytes().all(|b| b.is_ascii_hexdigit())) {
+        x.replace_range(..8, &tag.to_ascii_lowercase());
+    }
     format!(
         "{}-{}-4{}-a{}-{}",
         &x[0..8],
@@ -440,6 +449,7 @@ impl OtaService {
                 open: Mutex::new(open),
                 changes,
                 timers: std::sync::OnceLock::new(),
+                peers: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -501,6 +511,12 @@ impl OtaService {
     /// catalog: one of them times out and verifies tasks).
     pub fn time_under(&self, lease: crate::cluster::Lease) {
         let _ = self.inner.timers.set(lease);
+    }
+
+    /// The replicas of the deployment: the timers send again the `ota_create` of a task no
+    /// gateway answered when the replica that sent it is gone (see [`OtaService::tick`]).
+    pub fn resend_for(&self, peers: crate::cluster::Peers) {
+        let _ = self.inner.peers.set(peers);
     }
 
     /// Whether this replica runs the timers now.

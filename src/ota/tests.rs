@@ -226,6 +226,7 @@ async fn run_one(
         online_window: Duration::from_secs(60),
         retention: Duration::from_secs(86_400),
         shared: false,
+        route_tag: None,
     };
     let signer =
         crate::download::signing::UrlSigner::new(vec![vec![7; 32]], Duration::from_secs(3600));

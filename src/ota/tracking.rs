@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// The history source of an `ota_create` sent again.
+const RESENT: &str = "publish_again";
+
 /// The most gateway messages recorded together (one catalog transaction).
 const BATCH: usize = 256;
 /// How often memory takes in the open tasks of a shared catalog.
@@ -399,13 +402,23 @@ impl OtaService {
         changed
     }
 
-    /// One pass of the timers: reply and progress timeouts, device verification.
+    /// One pass of the timers: reply and progress timeouts, device verification, and the
+    /// `ota_create` of tasks whose sender is gone sent again.
     pub async fn tick(&self) {
         let now = self.inner.clock.now();
         let tasks: Vec<OtaTask> = lock(&self.inner.open).tasks.values().cloned().collect();
         let s = &self.inner.settings;
         let mut changes = Changes::default();
+        let mut resend = Vec::new();
         for mut t in tasks {
+            if self.resend_due(&t, now) {
+                // Noted first: sent again once, and only if no reply was stored meanwhile.
+                t.note(RESENT, None, now);
+                t.last_event_at = Some(now);
+                resend.push(t.id.clone());
+                changes.keep(t);
+                continue;
+            }
             let due = machine::due(&t, now, s.reply_timeout, s.progress_timeout);
             let event = if self.devices_on_target(&t, now, due.is_some()) {
                 tracing::info!(task_id = %t.id, gateway_sn = %t.gateway_sn, "OTA task closed from device reports (its final ota_progress never arrived)");
@@ -430,7 +443,34 @@ impl OtaService {
                 changes.keep(t);
             }
         }
-        let _ = self.save_all(&changes.all()).await;
+        let Ok(stale) = self.save_all(&changes.all()).await else {
+            return;
+        };
+        for t in changes.tasks.iter().filter(|t| resend.contains(&t.id)) {
+            if stale.contains(&t.id) {
+                continue;
+            }
+            let (topic, message) = self.inner.publisher.render(&OtaCreate::for_task(t));
+            let sent = self
+                .inner
+                .publisher
+                .publish(topic, serde_json::to_vec(&message).unwrap_or_default());
+            tracing::warn!(task_id = %t.id, gateway_sn = %t.gateway_sn, tid = %t.tid, sent, "ota_create sent again (same tid and bid): the replica that sent it is gone and the gateway never answered");
+        }
+    }
+
+    /// Whether `t`'s `ota_create` is to be sent again: no gateway answered it, the process
+    /// that sent it is gone (killed before the broker took the message, perhaps), and it was
+    /// not sent again already.
+    fn resend_due(&self, t: &OtaTask, now: DateTime<Utc>) -> bool {
+        t.status == TaskStatus::Sent
+            && t.replied_at.is_none()
+            && !t.history.iter().any(|h| h.source == RESENT)
+            && self
+                .inner
+                .peers
+                .get()
+                .is_some_and(|p| p.sender_gone(&t.tid, t.created_at, now))
     }
 
     /// Whether an open task's final `ota_progress` was lost (published while the broker was

@@ -229,7 +229,7 @@ impl Bound {
         }
         let mqtt = crate::mqtt::start(
             &mqtt_settings,
-            &cluster.id(),
+            &cluster.peers(),
             devices.clone(),
             ota_tx,
             workers.clone(),
@@ -255,6 +255,7 @@ impl Bound {
             AppState::base_url(&public_url),
             crate::ota::OtaSettings {
                 shared,
+                route_tag: shared.then(|| crate::cluster::route_tag(&cluster.id())),
                 ..settings.ota.clone()
             },
             signer.clone(),
@@ -264,6 +265,7 @@ impl Bound {
         if shared {
             // One replica of the deployment times out and verifies tasks.
             ota.time_under(cluster.lease(crate::ota::TIMERS_LEASE));
+            ota.resend_for(cluster.peers());
         }
         tokio::spawn(ota.clone().run(ota_rx, workers.clone()));
         let rollouts = crate::rollout::RolloutService::load(

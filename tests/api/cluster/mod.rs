@@ -355,6 +355,18 @@ async fn an_ota_task_created_on_one_replica_completes_through_the_others() {
         handled.push(counter(&r.base, "fwrepo_mqtt_messages_in_total").await);
     }
     assert!(handled.iter().all(|n| *n > 0), "messages in: {handled:?}");
+    // r2 and r3 handed the task's messages they received to r1, which holds the task (its
+    // tid and bid carry r1's route tag), instead of writing the task themselves.
+    let handed_over = [
+        counter(&r2.base, "fwrepo_mqtt_handed_over_total").await,
+        counter(&r3.base, "fwrepo_mqtt_handed_over_total").await,
+    ];
+    let handed_in = counter(&r1.base, "fwrepo_mqtt_handed_in_total").await;
+    assert!(
+        handed_over.iter().sum::<u64>() > 0 && handed_in > 0,
+        "handed over by r2, r3: {handed_over:?}; handed in to r1: {handed_in}"
+    );
+    assert_eq!(counter(&r1.base, "fwrepo_mqtt_handed_over_total").await, 0);
     // Each ota_progress was handled by one replica: the gateway got one events_reply per
     // event, from whichever replica handled it.
     let mut replies: std::collections::HashMap<String, usize> = Default::default();
@@ -992,3 +1004,5 @@ async fn messages_sent_to_a_replica_that_dies_are_handled_by_another() {
         killed.elapsed()
     );
 }
+
+mod resend;

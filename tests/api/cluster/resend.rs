@@ -1,0 +1,97 @@
+//! An `ota_create` that never left the replica that stored it (killed -9 first) is sent again
+//! by the replica running the OTA timers, with the same tid and bid, once that replica sees
+//! the sender gone.
+
+use super::*;
+
+/// The gateway is not listening when replica 1 sends its `ota_create` (the broker drops it, as
+/// if it had never left r1), then r1 is killed -9: r2 sends the same message again, and the
+/// task goes on when the gateway answers it.
+#[tokio::test]
+async fn an_ota_create_lost_with_its_sender_is_sent_again_by_another_replica() {
+    let root = tempfile::tempdir().unwrap();
+    let Some(shared) = Shared::new(
+        "an_ota_create_lost_with_its_sender_is_sent_again_by_another_replica",
+        root.path(),
+    )
+    .await
+    else {
+        return;
+    };
+    let reply_timeout = ["--ota-reply-timeout", "60"];
+    let mut r1 = shared.start(root.path(), "r1", &reply_timeout);
+    let r2 = shared.start(root.path(), "r2", &reply_timeout);
+    let gw = sn("LOST");
+    let fw = upload_to(&r1, "Dock_3.0.0.zip", 4).await;
+    let (status, task) = post_to(
+        &r1,
+        "/api/v1/ota",
+        serde_json::json!({"gateway_sn": gw, "devices": [{"sn": gw, "firmware_id": fw}]}),
+    )
+    .await;
+    assert_eq!(status, 202, "{task}");
+    let id = task["id"].as_str().unwrap().to_string();
+    // r2 knows the task before r1 goes (it reads the open tasks every 5 s).
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            get_json_at(&r2.base, &format!("/api/v1/ota/{id}")).await["status"] == "sent"
+        })
+        .await
+    );
+    let (gateway, mut inbox) = mqtt_client(&r1.mqtt, "lost-gateway").await;
+    gateway
+        .subscribe_acked(format!("thing/product/{gw}/services"))
+        .await;
+    r1.kill9();
+    let resent = tokio::time::timeout(Duration::from_secs(40), async {
+        loop {
+            let (topic, payload) = inbox.recv().await.expect("gateway client alive");
+            let msg: Value = serde_json::from_slice(&payload).unwrap();
+            if topic.ends_with("/services") && msg["method"] == "ota_create" {
+                return msg;
+            }
+        }
+    })
+    .await
+    .expect("no replica sent the lost ota_create again");
+    assert_eq!(resent["tid"], task["tid"], "{resent}");
+    assert_eq!(resent["bid"], task["bid"], "{resent}");
+    let stored = get_json_at(&r2.base, &format!("/api/v1/ota/{id}")).await;
+    let sources: Vec<&str> = stored["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|h| h["source"].as_str())
+        .collect();
+    assert!(sources.contains(&"publish_again"), "{stored}");
+    let reply = serde_json::json!({"tid": task["tid"], "bid": task["bid"], "timestamp": 1,
+        "method": "ota_create", "data": {"result": 0}});
+    gateway
+        .publish(
+            format!("thing/product/{gw}/services_reply"),
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            reply.to_string(),
+        )
+        .await
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            get_json_at(&r2.base, &format!("/api/v1/ota/{id}")).await["replied_at"].is_string()
+        })
+        .await,
+        "the gateway's answer to the message sent again was not recorded: {}",
+        get_json_at(&r2.base, &format!("/api/v1/ota/{id}")).await
+    );
+    // Sent again once.
+    let again = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Some((topic, _)) = inbox.recv().await {
+            if topic.ends_with("/services") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(again.is_err() || again == Ok(false), "sent a third time");
+}
