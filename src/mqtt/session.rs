@@ -186,6 +186,14 @@ impl Session {
             );
             return Handled::Done(ack);
         }
+        if handed && topic == PROBE {
+            if !status.handing_over.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    "the broker passes messages between replicas: each task's messages go to the replica holding it"
+                );
+            }
+            return Handled::Done(ack);
+        }
         let Some(inbound) = topics::parse(topic) else {
             status.malformed.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(topic, "message on an unexpected topic");
@@ -199,14 +207,6 @@ impl Session {
                 return Handled::Done(ack);
             }
         };
-        if handed && topic == PROBE {
-            if !status.handing_over.swap(true, Ordering::Relaxed) {
-                tracing::info!(
-                    "the broker passes messages between replicas: each task's messages go to the replica holding it"
-                );
-            }
-            return Handled::Done(ack);
-        }
         if handed {
             status.handed_in.fetch_add(1, Ordering::Relaxed);
             return match inbound {

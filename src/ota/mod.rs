@@ -558,6 +558,35 @@ impl OtaService {
         stored.ok().flatten().map(|t| t.status)
     }
 
+    /// The status of each task of `ids` that exists, in one read (open tasks from memory
+    /// when the catalog is this process's own).
+    pub async fn statuses(&self, ids: &[String]) -> HashMap<String, TaskStatus> {
+        let mut found = HashMap::new();
+        let mut rest = Vec::new();
+        {
+            let open = lock(&self.inner.open);
+            for id in ids {
+                match open.tasks.get(id).filter(|_| !self.inner.settings.shared) {
+                    Some(t) => {
+                        found.insert(id.clone(), t.status);
+                    }
+                    None => rest.push(id.clone()),
+                }
+            }
+        }
+        match self.inner.stores.tasks.task_statuses(&rest).await {
+            Ok(stored) => found.extend(stored),
+            Err(e) => tracing::warn!(error = %e, "reading task statuses failed"),
+        }
+        found
+    }
+
+    /// The tasks of `ids` that exist, whole, in one read (their devices' `download_session`
+    /// is for the caller to fill).
+    pub async fn tasks(&self, ids: &[String]) -> Result<Vec<OtaTask>, OtaError> {
+        Ok(self.inner.stores.tasks.tasks_by_id(ids).await?)
+    }
+
     /// Newest-first page of tasks.
     pub async fn list(
         &self,

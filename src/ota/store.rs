@@ -116,6 +116,14 @@ pub trait TaskStore: Send + Sync {
         }
         Ok(found)
     }
+    /// The status of each task of `ids` that exists, in no particular order.
+    async fn task_statuses(&self, ids: &[String]) -> StoreResult<Vec<(String, TaskStatus)>> {
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            found.extend(self.task(id).await?.map(|t| (t.id, t.status)));
+        }
+        Ok(found)
+    }
     /// The task a gateway message names (see [`TaskKey`]).
     async fn find_task(&self, key: TaskKey<'_>) -> StoreResult<Option<OtaTask>>;
     /// Newest-first page of the tasks `query` wants.

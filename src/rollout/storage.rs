@@ -51,19 +51,17 @@ impl RolloutService {
             (tasks, packages)
         };
         let mut facts = Facts::default();
-        for id in tasks {
-            if !self
-                .inner
-                .ota
-                .status(&id)
-                .await
-                .is_some_and(TaskStatus::is_final)
-            {
-                continue;
-            }
-            if let Ok(task) = self.inner.ota.get(&id).await {
-                facts.finished.insert(id, task);
-            }
+        // One read for every in-flight task's status, one for the final ones whole.
+        let statuses = self.inner.ota.statuses(&tasks).await;
+        let finished: Vec<String> = tasks
+            .into_iter()
+            .filter(|id| statuses.get(id).is_some_and(|s| s.is_final()))
+            .collect();
+        match self.inner.ota.tasks(&finished).await {
+            Ok(found) => facts
+                .finished
+                .extend(found.into_iter().map(|t| (t.id.clone(), t))),
+            Err(e) => tracing::warn!(error = %e, "reading finished tasks failed"),
         }
         for id in packages {
             let Some(fid) = crate::domain::FirmwareId::parse(&id) else {

@@ -414,6 +414,16 @@ pub(crate) async fn retention_prunes_only_the_old(make: Make) {
     let read: HashSet<String> = read.into_iter().map(|t| t.id).collect();
     assert_eq!(read, HashSet::from([recent.id.clone(), open.id.clone()]));
     assert!(cat.tasks_by_id(&[]).await.unwrap().is_empty());
+    // What a rollout's driver follows: the status of each task by id, in one read.
+    let mut statuses = cat.task_statuses(&wanted).await.unwrap();
+    statuses.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut expected = vec![
+        (open.id.clone(), TaskStatus::Pending),
+        (recent.id.clone(), TaskStatus::Ok),
+    ];
+    expected.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(statuses, expected);
+    assert!(cat.task_statuses(&[]).await.unwrap().is_empty());
 
     // Ids are monotonic: old < cut < new.
     let (old_audit, cut, new_audit) = (id(), id(), id());

@@ -8,7 +8,7 @@ use serde_json::value::RawValue;
 use super::*;
 use crate::ota::store::{Claimed, Stored, TaskKey, TaskQuery, TaskStore, held_serials};
 use crate::ota::task::HistoryEntry;
-use crate::ota::{OtaTask, Progress, TaskDevice};
+use crate::ota::{OtaTask, Progress, TaskDevice, TaskStatus};
 
 const TASK_COLUMNS: &str = "id, gateway_sn, tid, bid, status, created_at, updated_at, percent, \
     step_key, sub_status, rate, result_code, result_reason, retryable, replied_at, \
@@ -345,6 +345,21 @@ impl TaskStore for Postgres {
         }
         let sql = format!("SELECT {TASK_COLUMNS} FROM ota_tasks WHERE id = ANY($1)");
         self.tasks_where(&sql, |q| q.bind(ids.to_vec())).await
+    }
+
+    async fn task_statuses(&self, ids: &[String]) -> StoreResult<Vec<(String, TaskStatus)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT id, status FROM ota_tasks WHERE id = ANY($1)")
+                .bind(ids)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db)?;
+        rows.into_iter()
+            .map(|(id, status)| Ok((id, parse(&status)?)))
+            .collect()
     }
 
     async fn find_task(&self, key: TaskKey<'_>) -> StoreResult<Option<OtaTask>> {
