@@ -447,8 +447,24 @@ impl DeviceRegistry {
         since: Option<DateTime<Utc>>,
     ) -> Result<Option<DateTime<Utc>>, CatalogError> {
         let changed = self.inner.store.changed_devices(since).await?;
+        self.take_in(changed.devices);
+        // Writes that began before the newest change may commit after it.
+        Ok(changed.newest.map(|n| n - PULL_MARGIN).or(since))
+    }
+
+    /// Takes in what the catalog holds of `sns`, last-seen times included: on a shared
+    /// catalog each replica hears only its share of a gateway's messages, and the others
+    /// flush when they last heard it every [`FLUSH_EVERY`].
+    pub async fn recheck(&self, sns: &[String]) -> Result<(), CatalogError> {
+        let stored = self.inner.store.devices_by_sn(sns).await?;
+        self.take_in(stored);
+        Ok(())
+    }
+
+    /// Merges stored copies into memory (each field group from the copy that saw it last).
+    fn take_in(&self, stored: Vec<DeviceRecord>) {
         let mut devices = lock(&self.inner.devices);
-        for d in changed.devices {
+        for d in stored {
             match devices.get_mut(&d.sn) {
                 Some(mine) => {
                     mine.merge_from(&d);
@@ -458,8 +474,6 @@ impl DeviceRegistry {
                 }
             }
         }
-        // Writes that began before the newest change may commit after it.
-        Ok(changed.newest.map(|n| n - PULL_MARGIN).or(since))
     }
 
     /// Runs the flusher until `cancel`, then flushes once more. With `pull_every` (replicas

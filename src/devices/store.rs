@@ -30,4 +30,14 @@ pub trait DeviceStore: Send + Sync {
     /// times) at or after `since` (every device for `None`): replicas take in each other's
     /// reports. A backend without change times may return every device.
     async fn changed_devices(&self, since: Option<DateTime<Utc>>) -> StoreResult<ChangedDevices>;
+    /// The stored devices of `sns` (those that exist, in no particular order), last-seen
+    /// times included: what other replicas saw of them.
+    async fn devices_by_sn(&self, sns: &[String]) -> StoreResult<Vec<DeviceRecord>> {
+        let wanted: std::collections::HashSet<&str> = sns.iter().map(String::as_str).collect();
+        let all = self.all_devices().await?;
+        Ok(all
+            .into_iter()
+            .filter(|d| wanted.contains(d.sn.as_str()))
+            .collect())
+    }
 }

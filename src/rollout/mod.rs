@@ -152,6 +152,8 @@ struct Inner {
     /// One operator action at a time on a replica that does not drive rollouts (each loads
     /// the active rollouts for its checks).
     acting: tokio::sync::Mutex<()>,
+    /// When gateways waiting to be dispatched were last looked up in the catalog.
+    rechecked: Mutex<Option<DateTime<Utc>>>,
 }
 
 /// The rollout service. Cheap to clone.
@@ -186,6 +188,7 @@ impl RolloutService {
                 packages_in_use: Mutex::default(),
                 lease: std::sync::OnceLock::new(),
                 acting: tokio::sync::Mutex::new(()),
+                rechecked: Mutex::default(),
             }),
         })
     }

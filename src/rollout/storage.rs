@@ -22,6 +22,9 @@ pub struct RolloutStores {
     pub idempotency: Arc<dyn IdempotencyStore>,
 }
 
+/// The most waiting gateways looked up in the catalog at once.
+const RECHECK_AT_ONCE: usize = 5_000;
+
 /// What a round read before it decides (the decisions themselves take no I/O).
 #[derive(Default)]
 pub(super) struct Facts {
@@ -35,6 +38,9 @@ impl RolloutService {
     /// What the next round needs to know: the final tasks of in-flight members and the
     /// status of every package's firmware.
     pub(super) async fn facts(&self) -> Facts {
+        if self.inner.lease.get().is_some() {
+            self.recheck_presence().await;
+        }
         let (tasks, packages): (Vec<String>, HashSet<String>) = {
             let active = lock(&self.inner.active);
             let tasks = active
@@ -72,6 +78,50 @@ impl RolloutService {
             }
         }
         facts
+    }
+
+    /// On a deployment of several replicas each hears only its share of a gateway's messages:
+    /// the gateways running rollouts wait to dispatch that look offline here are looked up in
+    /// the catalog (when the others last heard them), every [`RECHECK`] at most.
+    async fn recheck_presence(&self) {
+        let now = Utc::now();
+        {
+            let mut last = lock(&self.inner.rechecked);
+            if last.is_some_and(|t| now - t < RECHECK) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let waiting: Vec<String> = {
+            let active = lock(&self.inner.active);
+            active
+                .values()
+                .filter(|a| a.rollout.status() == RolloutStatus::Running)
+                .flat_map(|a| {
+                    let stage = a.rollout.current_stage;
+                    a.members.iter().filter(move |m| match m.state {
+                        DeviceState::Pending => m.stage <= stage,
+                        DeviceState::WaitingEligible => true,
+                        _ => false,
+                    })
+                })
+                .filter(|m| {
+                    !self
+                        .inner
+                        .devices
+                        .get(&m.gateway_sn)
+                        .is_ok_and(|g| g.online)
+                })
+                .map(|m| m.gateway_sn.clone())
+                .take(RECHECK_AT_ONCE)
+                .collect()
+        };
+        if waiting.is_empty() {
+            return;
+        }
+        if let Err(e) = self.inner.devices.recheck(&waiting).await {
+            tracing::warn!(error = %e, "looking up waiting gateways in the catalog failed");
+        }
     }
 
     /// Queues member rows, and the rollout record itself when `with_rollout` (its status,

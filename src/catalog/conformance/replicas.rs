@@ -113,6 +113,19 @@ pub(crate) async fn device_writes_merge_and_changes_are_found(make: Make) {
         Some("AC"),
         "{changed:?}"
     );
+    // Read by serial: what the others saw of it, last seen included.
+    let mut seen = device(&sn);
+    let at = t(30);
+    seen.last_seen_at = at;
+    cat.put_devices(&[seen]).await.unwrap();
+    let read = cat
+        .devices_by_sn(&[sn.clone(), "NO-SUCH-DEVICE".into()])
+        .await
+        .unwrap();
+    assert_eq!(read.len(), 1, "{read:?}");
+    assert_eq!(read[0].last_seen_at, at);
+    assert_eq!(read[0].firmware_version.as_deref(), Some("2.0"));
+    assert!(cat.devices_by_sn(&[]).await.unwrap().is_empty());
 }
 
 /// A lease has one holder: renewed by it, refused to others until it expires, then taken

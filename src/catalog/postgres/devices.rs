@@ -216,4 +216,17 @@ impl DeviceStore for Postgres {
             .map_err(db)?;
         Ok(rows.into_iter().map(DeviceRecord::from).collect())
     }
+
+    async fn devices_by_sn(&self, sns: &[String]) -> StoreResult<Vec<DeviceRecord>> {
+        if sns.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE sn = ANY($1)");
+        let rows: Vec<DeviceRow> = sqlx::query_as(AssertSqlSafe(sql))
+            .bind(sns)
+            .fetch_all(&self.background)
+            .await
+            .map_err(db)?;
+        Ok(rows.into_iter().map(DeviceRecord::from).collect())
+    }
 }
