@@ -30,8 +30,6 @@ pub fn route_tag(id: &str) -> String {
 pub struct Peers {
     me: Arc<str>,
     by_tag: Arc<RwLock<HashMap<String, String>>>,
-    /// Every listed replica, this one included, by route tag.
-    records: Arc<RwLock<HashMap<String, ReplicaRecord>>>,
 }
 
 impl Peers {
@@ -40,7 +38,6 @@ impl Peers {
         Peers {
             me: me.into(),
             by_tag: Arc::default(),
-            records: Arc::default(),
         }
     }
 
@@ -69,26 +66,6 @@ impl Peers {
         }
         by_tag.retain(|_, id| *id != *self.me);
         *write(&self.by_tag) = by_tag;
-        *write(&self.records) = replicas
-            .iter()
-            .map(|r| (route_tag(&r.id), r.clone()))
-            .collect();
-    }
-
-    /// Whether the process that sent the `ota_create` with `tid` at `sent_at` is gone: its
-    /// replica's heartbeat stopped ([`super::ALIVE_WITHIN`]) or the replica started again
-    /// since. Unknown (an untagged tid, a replica not listed): no.
-    pub fn sender_gone(&self, tid: &str, sent_at: DateTime<Utc>, now: DateTime<Utc>) -> bool {
-        let Some(tag) = tid.get(..8) else {
-            return false;
-        };
-        let records = match self.records.read() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        records
-            .get(tag)
-            .is_some_and(|r| !r.alive(now) || r.started_at > sent_at)
     }
 
     /// The live replica other than this one that holds the task whose tid or bid is `key`.
@@ -150,37 +127,5 @@ mod tests {
         assert_eq!(peers.holder("short"), None);
         assert_eq!(route_tag("r2").len(), 8);
         assert_ne!(route_tag("r1"), route_tag("r2"));
-    }
-
-    #[test]
-    fn a_sender_is_gone_once_silent_or_started_again() {
-        let now = Utc::now();
-        let secs = chrono::Duration::seconds;
-        let peers = Peers::new("r1");
-        let mut restarted = replica("r2", now);
-        restarted.started_at = now - secs(3);
-        peers.update(
-            &[replica("r1", now), restarted, replica("r3", now - secs(9))],
-            now,
-        );
-        let tid = |id: &str| format!("{}-1234-4abc-a123-0123456789ab", route_tag(id));
-        assert!(
-            !peers.sender_gone(&tid("r1"), now - secs(20), now),
-            "alive since"
-        );
-        assert!(
-            peers.sender_gone(&tid("r2"), now - secs(20), now),
-            "started again"
-        );
-        assert!(
-            !peers.sender_gone(&tid("r2"), now - secs(1), now),
-            "sent by this run"
-        );
-        assert!(peers.sender_gone(&tid("r3"), now - secs(20), now), "silent");
-        assert!(
-            !peers.sender_gone(&tid("r4"), now - secs(20), now),
-            "not listed"
-        );
-        assert!(!peers.sender_gone("short", now, now));
     }
 }

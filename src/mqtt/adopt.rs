@@ -103,6 +103,10 @@ impl Session {
                     continue;
                 }
             };
+            match &event {
+                Ok(ev) => self.confirm(ev),
+                Err(_) => self.connection_failed(&eventloop),
+            }
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     connected = true;

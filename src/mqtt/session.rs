@@ -61,12 +61,13 @@ impl Session {
                     continue;
                 }
             };
+            if let Ok(ev) = &event {
+                self.confirm(ev);
+            }
             match event {
-                Ok(Event::Incoming(Packet::ConnAck(c))) => {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     backoff = RECONNECT_FIRST;
                     self.acks.reset();
-                    // Dropped undone: what waited on them is done again.
-                    drop(lock(&self.handle.confirms).connected(c.session_present));
                     let status = &self.handle.status;
                     status.subscribed.store(false, Ordering::Relaxed);
                     status.pending_subacks.store(
@@ -94,27 +95,9 @@ impl Session {
                 // An OTA message carries its acknowledgement to the OTA service; any other
                 // is done here.
                 Ok(Event::Incoming(Packet::Publish(p))) => self.take(&p),
-                Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    lock(&self.handle.confirms).sent(pkid);
-                }
-                Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => {
-                    lock(&self.handle.confirms).collided(pkid);
-                }
-                Ok(Event::Incoming(Packet::PubAck(a))) => {
-                    let done = lock(&self.handle.confirms).acked(a.pkid);
-                    if let Some(ack) = done {
-                        ack.done();
-                    }
-                }
                 Ok(_) => {}
                 Err(e) => {
-                    // rumqttc moved what it had not sent into its own queue.
-                    let unsent = eventloop
-                        .pending
-                        .iter()
-                        .filter(|r| matches!(r, rumqttc::Request::Publish(p) if p.pkid == 0))
-                        .count();
-                    lock(&self.handle.confirms).failed(unsent);
+                    self.connection_failed(&eventloop);
                     let status = &self.handle.status;
                     status.subscribed.store(false, Ordering::Relaxed);
                     if status.connected.swap(false, Ordering::Relaxed) {
@@ -133,6 +116,40 @@ impl Session {
             }
         }
         let _ = self.handle.client.try_disconnect();
+    }
+
+    /// Keeps the confirmations of fwrepo's own publishes in step with the event loop: packet
+    /// ids taken, PUBACKs, and a new broker session (what it forgot is dropped unconfirmed, so
+    /// what waited on it is done again).
+    pub(super) fn confirm(&self, event: &Event) {
+        let mut confirms = lock(&self.handle.confirms);
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => confirms.sent(*pkid),
+            Event::Outgoing(Outgoing::AwaitAck(pkid)) => confirms.collided(*pkid),
+            Event::Incoming(Packet::PubAck(a)) => {
+                let done = confirms.acked(a.pkid);
+                drop(confirms);
+                if let Some(ack) = done {
+                    ack.done();
+                }
+            }
+            Event::Incoming(Packet::ConnAck(c)) => {
+                let lost = confirms.connected(c.session_present);
+                drop(confirms);
+                drop(lost);
+            }
+            _ => {}
+        }
+    }
+
+    /// The connection failed: rumqttc moved what it had not sent into its own queue.
+    pub(super) fn connection_failed(&self, eventloop: &rumqttc::EventLoop) {
+        let unsent = eventloop
+            .pending
+            .iter()
+            .filter(|r| matches!(r, rumqttc::Request::Publish(p) if p.pkid == 0))
+            .count();
+        lock(&self.handle.confirms).failed(unsent);
     }
 
     /// The subscription to the messages other replicas hand this one, in a group.

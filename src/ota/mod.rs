@@ -361,8 +361,6 @@ struct Inner {
     /// The deployment's lease on the timers (timeouts, reconciliation, verification): they
     /// run on the replica holding it; without one (a single process), here.
     timers: std::sync::OnceLock<crate::cluster::Lease>,
-    /// The deployment's replicas: whether the sender of an unanswered `ota_create` is gone.
-    peers: std::sync::OnceLock<crate::cluster::Peers>,
 }
 
 /// What the OTA service stores and reads, whichever backend.
@@ -449,7 +447,6 @@ impl OtaService {
                 open: Mutex::new(open),
                 changes,
                 timers: std::sync::OnceLock::new(),
-                peers: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -511,12 +508,6 @@ impl OtaService {
     /// catalog: one of them times out and verifies tasks).
     pub fn time_under(&self, lease: crate::cluster::Lease) {
         let _ = self.inner.timers.set(lease);
-    }
-
-    /// The replicas of the deployment: the timers send again the `ota_create` of a task no
-    /// gateway answered when the replica that sent it is gone (see [`OtaService::tick`]).
-    pub fn resend_for(&self, peers: crate::cluster::Peers) {
-        let _ = self.inner.peers.set(peers);
     }
 
     /// Whether this replica runs the timers now.

@@ -402,23 +402,13 @@ impl OtaService {
         changed
     }
 
-    /// One pass of the timers: reply and progress timeouts, device verification, and the
-    /// `ota_create` of tasks whose sender is gone sent again.
+    /// One pass of the timers: reply and progress timeouts, device verification.
     pub async fn tick(&self) {
         let now = self.inner.clock.now();
         let tasks: Vec<OtaTask> = lock(&self.inner.open).tasks.values().cloned().collect();
         let s = &self.inner.settings;
         let mut changes = Changes::default();
-        let mut resend = Vec::new();
         for mut t in tasks {
-            if self.resend_due(&t, now) {
-                // Noted first: sent again once, and only if no reply was stored meanwhile.
-                t.note(RESENT, None, now);
-                t.last_event_at = Some(now);
-                resend.push(t.id.clone());
-                changes.keep(t);
-                continue;
-            }
             let due = machine::due(&t, now, s.reply_timeout, s.progress_timeout);
             let event = if self.devices_on_target(&t, now, due.is_some()) {
                 tracing::info!(task_id = %t.id, gateway_sn = %t.gateway_sn, "OTA task closed from device reports (its final ota_progress never arrived)");
@@ -443,34 +433,63 @@ impl OtaService {
                 changes.keep(t);
             }
         }
-        let Ok(stale) = self.save_all(&changes.all()).await else {
-            return;
-        };
-        for t in changes.tasks.iter().filter(|t| resend.contains(&t.id)) {
-            if stale.contains(&t.id) {
-                continue;
-            }
-            let (topic, message) = self.inner.publisher.render(&OtaCreate::for_task(t));
-            let sent = self
-                .inner
-                .publisher
-                .publish(topic, serde_json::to_vec(&message).unwrap_or_default());
-            tracing::warn!(task_id = %t.id, gateway_sn = %t.gateway_sn, tid = %t.tid, sent, "ota_create sent again (same tid and bid): the replica that sent it is gone and the gateway never answered");
-        }
+        let _ = self.save_all(&changes.all()).await;
     }
 
-    /// Whether `t`'s `ota_create` is to be sent again: no gateway answered it, the process
-    /// that sent it is gone (killed before the broker took the message, perhaps), and it was
-    /// not sent again already.
-    fn resend_due(&self, t: &OtaTask, now: DateTime<Utc>) -> bool {
-        t.status == TaskStatus::Sent
-            && t.replied_at.is_none()
-            && !t.history.iter().any(|h| h.source == RESENT)
-            && self
-                .inner
-                .peers
-                .get()
-                .is_some_and(|p| p.sender_gone(&t.tid, t.created_at, now))
+    /// Sends again, once and with the same tid and bid (as a QoS 1 redelivery would), the
+    /// `ota_create` of the open tasks replica `sender` stored that no gateway answered. Called
+    /// once that replica died and every message its broker session held is recorded: such a
+    /// message was stored and queued, but may never have reached the broker. The history
+    /// notes `publish_again` first, in a write checked against the stored revision, so a
+    /// reply stored meanwhile prevents it. Returns how many were sent again.
+    pub async fn resend_unanswered(&self, sender: &str) -> usize {
+        let tag = crate::cluster::route_tag(sender);
+        let due = |t: &OtaTask| {
+            t.tid.starts_with(&tag)
+                && t.status == TaskStatus::Sent
+                && t.replied_at.is_none()
+                && !t.history.iter().any(|h| h.source == RESENT)
+        };
+        // The tasks memory does not know yet, then fresh copies of the candidates.
+        self.sync_open().await;
+        let ids: Vec<String> = {
+            let open = lock(&self.inner.open);
+            open.tasks
+                .values()
+                .filter(|t| due(t))
+                .map(|t| t.id.clone())
+                .collect()
+        };
+        if ids.is_empty() {
+            return 0;
+        }
+        self.refresh(&ids).await;
+        let now = self.inner.clock.now();
+        let mut tasks: Vec<OtaTask> = {
+            let open = lock(&self.inner.open);
+            ids.iter()
+                .filter_map(|id| open.tasks.get(id))
+                .filter(|t| due(t))
+                .cloned()
+                .collect()
+        };
+        for t in &mut tasks {
+            t.note(RESENT, None, now);
+            t.last_event_at = Some(now);
+        }
+        let Ok(stale) = self.save_all(&tasks.iter().collect::<Vec<_>>()).await else {
+            return 0;
+        };
+        let mut sent = 0;
+        for t in tasks.iter().filter(|t| !stale.contains(&t.id)) {
+            let (topic, message) = self.inner.publisher.render(&OtaCreate::for_task(t));
+            let payload = serde_json::to_vec(&message).unwrap_or_default();
+            if self.inner.publisher.publish(topic, payload) {
+                sent += 1;
+            }
+            tracing::warn!(task_id = %t.id, gateway_sn = %t.gateway_sn, tid = %t.tid, replica_id = sender, "ota_create sent again (same tid and bid): the replica that sent it died and the gateway never answered");
+        }
+        sent
     }
 
     /// Whether an open task's final `ota_progress` was lost (published while the broker was
@@ -547,7 +566,7 @@ impl OtaService {
     /// tasks memory holds open that ended (or went) in the catalog (a shared catalog). Only
     /// those are read whole: a copy another replica changed is read when this replica next
     /// writes it (the write is refused), and reads of the API go to the catalog.
-    async fn sync_open(&self) {
+    pub(super) async fn sync_open(&self) {
         let ids = match self.inner.stores.tasks.open_task_ids().await {
             Ok(ids) => ids,
             Err(e) => {

@@ -212,21 +212,7 @@ impl Bound {
             share_group: settings.mqtt.share_group.clone().filter(|_| shared),
             ..settings.mqtt.clone()
         };
-        if mqtt_settings.share_group.is_some()
-            && matches!(
-                mqtt_settings.target,
-                crate::mqtt::BrokerTarget::External { .. }
-            )
-        {
-            // The sessions of replicas that die are taken over by one of the live ones.
-            adopt_dead_sessions(
-                &cluster,
-                mqtt_settings.clone(),
-                devices.clone(),
-                ota_tx.clone(),
-                &workers,
-            );
-        }
+        let adopt_tx = ota_tx.clone();
         let mqtt = crate::mqtt::start(
             &mqtt_settings,
             &cluster.peers(),
@@ -265,9 +251,23 @@ impl Bound {
         if shared {
             // One replica of the deployment times out and verifies tasks.
             ota.time_under(cluster.lease(crate::ota::TIMERS_LEASE));
-            ota.resend_for(cluster.peers());
         }
         tokio::spawn(ota.clone().run(ota_rx, workers.clone()));
+        if mqtt_settings.share_group.is_some()
+            && matches!(
+                mqtt_settings.target,
+                crate::mqtt::BrokerTarget::External { .. }
+            )
+        {
+            // The sessions of replicas that die are taken over by one of the live ones.
+            adopt_dead_sessions(
+                &cluster,
+                mqtt_settings.clone(),
+                devices.clone(),
+                (adopt_tx, ota.clone()),
+                &workers,
+            );
+        }
         let rollouts = crate::rollout::RolloutService::load(
             crate::catalog::rollout_stores(&catalog),
             devices.clone(),

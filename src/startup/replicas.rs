@@ -83,12 +83,14 @@ const ADOPT_EVERY: Duration = Duration::from_secs(2);
 /// Takes over the broker session of each replica whose heartbeat stopped (see
 /// [`crate::mqtt::adopt`]), while this replica holds [`SESSIONS_LEASE`]: the messages a
 /// replica killed -9 had received but not acknowledged, and its share of those sent since,
-/// are handled here instead of being lost.
+/// are handled here instead of being lost. Once they are all recorded, the `ota_create` the
+/// dead replica stored but no gateway answered are sent again
+/// ([`crate::ota::OtaService::resend_unanswered`]).
 pub(super) fn adopt_dead_sessions(
     cluster: &crate::cluster::Cluster,
     mqtt: crate::mqtt::MqttSettings,
     devices: DeviceRegistry,
-    ota: crate::ota::OtaSender,
+    (ota, service): (crate::ota::OtaSender, crate::ota::OtaService),
     stop: &CancellationToken,
 ) {
     let (cluster, stop) = (cluster.clone(), stop.clone());
@@ -123,6 +125,7 @@ pub(super) fn adopt_dead_sessions(
                     Ok(held) => {
                         tracing::info!(replica_id = %id, messages = held, "took over the MQTT session of a replica that died");
                         adopted.insert(death);
+                        service.resend_unanswered(id).await;
                     }
                     Err(e) => {
                         tracing::warn!(replica_id = %id, error = %e, "taking over the MQTT session of a dead replica failed; trying again")

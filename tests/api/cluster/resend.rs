@@ -1,6 +1,6 @@
-//! An `ota_create` that never left the replica that stored it (killed -9 first) is sent again
-//! by the replica running the OTA timers, with the same tid and bid, once that replica sees
-//! the sender gone.
+//! An `ota_create` that never left the replica that stored it (killed -9 first) is sent again,
+//! with the same tid and bid, by the replica that takes over the dead one's broker session,
+//! once every message that session held is recorded.
 
 use super::*;
 
