@@ -241,6 +241,12 @@ impl Catalog {
     }
 
     /// The open database, or `Unwritable` while it is being reopened.
+    /// How many gateway messages matching no task are kept (tests).
+    #[cfg(test)]
+    pub(crate) fn orphan_count(&self) -> usize {
+        self.trees().map_or(0, |t| t.orphans.len())
+    }
+
     pub(crate) fn trees(&self) -> Result<Arc<Trees>, CatalogError> {
         let slot = self.shared.trees.read().unwrap_or_else(|p| p.into_inner());
         slot.clone().ok_or_else(|| {

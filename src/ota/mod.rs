@@ -277,10 +277,14 @@ struct Open {
     by_device: HashMap<String, String>,
     /// Settled tasks with `unverified` devices that may still report the target late.
     late: HashMap<String, DateTime<Utc>>,
-    /// tid → task id of recently settled tasks (oldest first, bounded): a `services_reply`
+    /// tid → task id (and bid) of recently settled tasks (oldest first, bounded): a `services_reply`
     /// can arrive after the task's last progress event (rumqttd delivers topic filters in
     /// turn, not in publish order) and is still recorded.
-    settled_tids: std::collections::VecDeque<(String, String)>,
+    settled_tids: std::collections::VecDeque<(String, String, String)>,
+    /// The bids of the same tasks: an `ota_progress` that arrives after its task settled
+    /// (handed over by another replica, it may overtake an earlier one) is absorbed by the
+    /// final state, without a catalog read.
+    settled_bids: std::collections::HashSet<String>,
 }
 
 /// Settled tasks whose late `services_reply` is still recorded.
@@ -315,10 +319,14 @@ impl Open {
     fn forget(&mut self, t: &OtaTask) {
         self.release(t);
         if self.by_tid.remove(&t.tid).is_some() {
-            if self.settled_tids.len() == SETTLED_TIDS {
-                self.settled_tids.pop_front();
+            if self.settled_tids.len() == SETTLED_TIDS
+                && let Some((_, _, bid)) = self.settled_tids.pop_front()
+            {
+                self.settled_bids.remove(&bid);
             }
-            self.settled_tids.push_back((t.tid.clone(), t.id.clone()));
+            self.settled_tids
+                .push_back((t.tid.clone(), t.id.clone(), t.bid.clone()));
+            self.settled_bids.insert(t.bid.clone());
         }
         self.by_bid.remove(&t.bid);
         self.tasks.remove(&t.id);

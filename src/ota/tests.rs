@@ -199,11 +199,57 @@ async fn a_task_changed_by_another_writer_first_is_read_again_and_the_message_re
     );
 }
 
+/// An `ota_progress` that arrives after its task settled (handed over by another replica, it
+/// can overtake an earlier one) is absorbed by the final state: acknowledged, the task
+/// unchanged, and not kept as an orphan.
+#[tokio::test]
+async fn a_progress_event_after_its_task_settled_is_absorbed_not_kept_as_an_orphan() {
+    let (service, task, _dir, catalog) = run_one_in(false, None).await;
+    let bid = json!(task.bid);
+    // The dock reports the target, so the final event settles the task at once.
+    service.inner.devices.on_state(
+        "RACE1",
+        None,
+        &crate::devices::StateReport {
+            firmware_version: Some("2.0".into()),
+            ..Default::default()
+        },
+    );
+    service
+        .on_message(progress("RACE1", &bid, TaskStatus::Ok, 100))
+        .await;
+    assert!(!lock(&service.inner.open).tasks.contains_key(&task.id));
+    let settled = service.get(&task.id).await.unwrap();
+    assert_eq!(settled.status, TaskStatus::Ok);
+
+    let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut late = progress("RACE1", &bid, TaskStatus::InProgress, 60);
+    let noted = Arc::clone(&acks);
+    late.ack = crate::domain::Ack::new(move |done| noted.lock().unwrap().push(done));
+    service.on_message(late).await;
+    assert_eq!(*acks.lock().unwrap(), [true]);
+    assert_eq!(catalog.orphan_count(), 0);
+    let after = service.get(&task.id).await.unwrap();
+    assert_eq!(
+        (after.status, after.revision, after.history.len()),
+        (settled.status, settled.revision, settled.history.len())
+    );
+}
+
 /// One task for one device, answered by an [`InstantReply`] gateway.
 async fn run_one(
     progress_first: bool,
     batched: Option<Arc<std::sync::Mutex<Vec<bool>>>>,
 ) -> (OtaService, Box<OtaTask>, tempfile::TempDir) {
+    let (service, task, dir, _) = run_one_in(progress_first, batched).await;
+    (service, task, dir)
+}
+
+/// [`run_one`], with its catalog.
+async fn run_one_in(
+    progress_first: bool,
+    batched: Option<Arc<std::sync::Mutex<Vec<bool>>>>,
+) -> (OtaService, Box<OtaTask>, tempfile::TempDir, Arc<Catalog>) {
     let dir = tempfile::tempdir().unwrap();
     let catalog = Arc::new(Catalog::open(&dir.path().join("c"), 8).unwrap());
     let fw = crate::store::FirmwareRecord::new_for_test("Dock", "2.0", &"a".repeat(64));
@@ -230,7 +276,7 @@ async fn run_one(
     };
     let signer =
         crate::download::signing::UrlSigner::new(vec![vec![7; 32]], Duration::from_secs(3600));
-    let store: Arc<dyn crate::catalog::Store> = catalog;
+    let store: Arc<dyn crate::catalog::Store> = catalog.clone();
     let service = OtaService::load(
         crate::catalog::ota_stores(&store),
         devices,
@@ -249,5 +295,5 @@ async fn run_one(
     let Created::Task(task) = service.create(req, None).await.unwrap() else {
         panic!("not a task");
     };
-    (service, task, dir)
+    (service, task, dir, catalog)
 }

@@ -233,13 +233,14 @@ impl OtaService {
             // A settled task takes the late-reply path (below, in `stage`).
             return Ok(found.filter(|t| !t.status.is_final()));
         }
-        let mut found = match msg.bid.as_deref() {
-            Some(bid) => tasks.find_task(TaskKey::Bid(bid)).await?,
-            None => None,
-        };
-        if found.is_none() {
-            found = tasks.find_task(TaskKey::OpenFor(&msg.topic_sn)).await?;
+        // A task found by bid is the one, final or not (a final state absorbs a late event);
+        // only an unknown bid falls back on the gateway's open task.
+        if let Some(bid) = msg.bid.as_deref()
+            && let Some(found) = tasks.find_task(TaskKey::Bid(bid)).await?
+        {
+            return Ok(Some(found));
         }
+        let found = tasks.find_task(TaskKey::OpenFor(&msg.topic_sn)).await?;
         Ok(found.filter(|t| !t.status.is_final()))
     }
 
@@ -253,6 +254,15 @@ impl OtaService {
             tid: msg.tid.clone(),
             bid: msg.bid.clone(),
         };
+        if !msg.is_reply
+            && msg
+                .bid
+                .as_ref()
+                .is_some_and(|bid| lock(&self.inner.open).settled_bids.contains(bid))
+        {
+            // A late event of a task that settled here: its final state absorbs it.
+            return Staged::Recorded;
+        }
         let task = match self.task_of(&keys, changes).await {
             Ok(task) => task,
             Err(e) => {
@@ -327,8 +337,8 @@ impl OtaService {
             .settled_tids
             .iter()
             .rev()
-            .find(|(t, _)| t == tid)
-            .map(|(_, id)| id.clone());
+            .find(|(t, _, _)| t == tid)
+            .map(|(_, id, _)| id.clone());
         let tasks = &self.inner.stores.tasks;
         match id {
             Some(id) => tasks.task(&id).await.ok()?,
