@@ -607,8 +607,9 @@ impl OtaService {
         if let Some(t) = lock(&self.inner.open).tasks.get(task_id) {
             return of(t);
         }
-        let stored = self.inner.stores.tasks.task(task_id).await;
-        of(&stored.ok()??)
+        // Only the device's row: a task's history is no business of a download.
+        let stored = self.inner.stores.tasks.device_package(task_id, sn).await;
+        stored.ok().flatten()
     }
 }
 

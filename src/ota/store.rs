@@ -116,6 +116,16 @@ pub trait TaskStore: Send + Sync {
         }
         Ok(found)
     }
+    /// The firmware id and package file name task `id` sends device `sn`, if both exist:
+    /// what a `/dl/` URL serves (on a replica that does not hold the task in memory).
+    async fn device_package(&self, id: &str, sn: &str) -> StoreResult<Option<(String, String)>> {
+        Ok(self.task(id).await?.and_then(|t| {
+            t.devices
+                .into_iter()
+                .find(|d| d.sn == sn)
+                .map(|d| (d.firmware_id, d.file_name))
+        }))
+    }
     /// The status of each task of `ids` that exists, in no particular order.
     async fn task_statuses(&self, ids: &[String]) -> StoreResult<Vec<(String, TaskStatus)>> {
         let mut found = Vec::with_capacity(ids.len());

@@ -9,6 +9,8 @@ const RESENT: &str = "publish_again";
 
 /// The most gateway messages recorded together (one catalog transaction).
 const BATCH: usize = 256;
+/// How often devices left `unverified` are checked for a late report of the target.
+const LATE_EVERY: Duration = Duration::from_secs(5);
 /// How often memory takes in the open tasks of a shared catalog.
 const SYNC_EVERY: Duration = Duration::from_secs(5);
 
@@ -612,6 +614,8 @@ impl OtaService {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut prune = tokio::time::interval(Duration::from_secs(3600));
+        let mut late = tokio::time::interval(LATE_EVERY);
+        late.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut sync = tokio::time::interval(SYNC_EVERY);
         sync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -627,8 +631,9 @@ impl OtaService {
                     }
                 }
                 _ = sync.tick(), if self.inner.settings.shared => self.sync_open().await,
-                _ = tick.tick(), if self.runs_timers() => {
-                    self.tick().await;
+                _ = tick.tick(), if self.runs_timers() => self.tick().await,
+                // Each reads its tasks from the catalog: not twice a second.
+                _ = late.tick(), if self.runs_timers() => {
                     self.verify_late(self.inner.clock.now()).await;
                 }
                 Some(msg) = inbox.recv() => {

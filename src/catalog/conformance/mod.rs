@@ -397,7 +397,7 @@ pub(crate) async fn retention_prunes_only_the_old(make: Make) {
     let day = chrono::Duration::days(1);
     let old = finished(task(&id(), "A", &[]), TaskStatus::Ok, now - day * 200);
     let recent = finished(task(&id(), "B", &[]), TaskStatus::Ok, now - day);
-    let open = task(&id(), "C", &[]);
+    let open = task(&id(), "C", &["C"]);
     for t in [&old, &recent, &open] {
         cat.insert_task(t).await.unwrap();
     }
@@ -424,6 +424,17 @@ pub(crate) async fn retention_prunes_only_the_old(make: Make) {
     expected.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(statuses, expected);
     assert!(cat.task_statuses(&[]).await.unwrap().is_empty());
+    // What a download URL serves: one device's package, without the task's history.
+    let d = &open.devices[0];
+    assert_eq!(
+        cat.device_package(&open.id, &d.sn).await.unwrap(),
+        Some((d.firmware_id.clone(), d.file_name.clone()))
+    );
+    assert_eq!(cat.device_package(&open.id, "NO-SUCH").await.unwrap(), None);
+    assert_eq!(
+        cat.device_package("no-such-task", &d.sn).await.unwrap(),
+        None
+    );
 
     // Ids are monotonic: old < cut < new.
     let (old_audit, cut, new_audit) = (id(), id(), id());

@@ -347,6 +347,17 @@ impl TaskStore for Postgres {
         self.tasks_where(&sql, |q| q.bind(ids.to_vec())).await
     }
 
+    async fn device_package(&self, id: &str, sn: &str) -> StoreResult<Option<(String, String)>> {
+        sqlx::query_as(
+            "SELECT firmware_id, file_name FROM ota_task_devices WHERE task_id = $1 AND sn = $2",
+        )
+        .bind(id)
+        .bind(sn)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)
+    }
+
     async fn task_statuses(&self, ids: &[String]) -> StoreResult<Vec<(String, TaskStatus)>> {
         if ids.is_empty() {
             return Ok(Vec::new());
