@@ -575,8 +575,8 @@ impl OtaService {
     }
 
     /// Takes into memory the open tasks other replicas created, and the stored copies of
-    /// tasks memory holds open that ended (or went) in the catalog (a shared catalog). Only
-    /// those are read whole: a copy another replica changed is read when this replica next
+    /// tasks memory holds open that ended (or went) in the catalog (a shared catalog; on the
+    /// replica running the timers, elsewhere they are dropped). Only those are read whole: a copy another replica changed is read when this replica next
     /// writes it (the write is refused), and reads of the API go to the catalog.
     pub(super) async fn sync_open(&self) {
         let ids = match self.inner.stores.tasks.open_task_ids().await {
@@ -606,7 +606,19 @@ impl OtaService {
             Ok(stored) => stored.iter().for_each(|task| self.learn(task)),
             Err(e) => tracing::warn!(error = %e, "reading new OTA tasks failed"),
         }
-        self.refresh(&gone).await;
+        if self.runs_timers() {
+            // Their final copies: late verification watches them here.
+            self.refresh(&gone).await;
+        } else {
+            // Nothing here follows a task that ended elsewhere: reading it whole (its whole
+            // history) only to drop it is the largest read a replica would make.
+            let mut open = lock(&self.inner.open);
+            for id in &gone {
+                if let Some(t) = open.tasks.get(id).cloned() {
+                    open.forget(&t);
+                }
+            }
+        }
     }
 
     /// Runs the timers and consumes gateway messages until `cancel`.
