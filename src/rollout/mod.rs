@@ -93,8 +93,12 @@ type Dispatch = (usize, OtaRequest, String);
 const FRESH: chrono::Duration = chrono::Duration::seconds(60);
 /// How often gateways that joined the target are looked for (`include_new_devices`).
 const REFRESH_TARGET: chrono::Duration = chrono::Duration::seconds(15);
-/// `ota_create`s of one round in progress at once.
+/// `ota_create`s of one round in progress at once on sled (their flushes are shared).
 const DISPATCH_CONCURRENCY: usize = 64;
+/// … and on PostgreSQL, where each holds one of the API pool's connections at a time: a
+/// takeover's burst of hundreds of dispatches must leave connections to downloads and the
+/// API (`--catalog-max-connections`, 16 by default).
+const DISPATCH_CONCURRENCY_SHARED: usize = 6;
 /// How soon a gateway that failed preflight (busy, not attached, …) is looked at again.
 const RECHECK: chrono::Duration = chrono::Duration::seconds(5);
 /// Timeline resolution.

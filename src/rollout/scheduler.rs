@@ -456,7 +456,11 @@ impl RolloutService {
                 let ota = ota.clone();
                 async move { (i, ota.create(req, Some(key)).await) }
             }))
-            .buffer_unordered(DISPATCH_CONCURRENCY);
+            .buffer_unordered(if self.inner.lease.get().is_some() {
+                DISPATCH_CONCURRENCY_SHARED
+            } else {
+                DISPATCH_CONCURRENCY
+            });
             while let Some((i, result)) = results.next().await {
                 if let Err(e) = &result {
                     tracing::info!(rollout_id = %id, error = %e, "rollout dispatch not sent");

@@ -224,7 +224,7 @@ impl crate::cluster::ClusterStore for Postgres {
         r: &crate::cluster::ReplicaRecord,
         forget_before: DateTime<Utc>,
     ) -> StoreResult<()> {
-        let mut tx = self.background.begin().await.map_err(db)?;
+        let mut tx = self.control.begin().await.map_err(db)?;
         sqlx::query(
             "INSERT INTO replicas (id, version, started_at, last_heartbeat, blob_store, broker, \
              leases) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO UPDATE SET \
@@ -270,7 +270,7 @@ impl crate::cluster::ClusterStore for Postgres {
         .bind(name)
         .bind(holder)
         .bind(ttl.as_secs_f64())
-        .fetch_optional(&self.background)
+        .fetch_optional(&self.control)
         .await
         .map_err(db)?;
         Ok(held.is_some())
@@ -303,7 +303,7 @@ impl crate::cluster::ClusterStore for Postgres {
         sqlx::query("DELETE FROM leases WHERE name = $1 AND holder = $2")
             .bind(name)
             .bind(holder)
-            .execute(&self.background)
+            .execute(&self.control)
             .await
             .map_err(db)?;
         Ok(())
@@ -314,7 +314,7 @@ impl crate::cluster::ClusterStore for Postgres {
             "SELECT id, version, started_at, last_heartbeat, blob_store, broker, leases \
              FROM replicas ORDER BY id",
         )
-        .fetch_all(&self.pool)
+        .fetch_all(&self.control)
         .await
         .map_err(db)?;
         Ok(rows

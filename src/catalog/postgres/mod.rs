@@ -37,6 +37,8 @@ pub struct PgSettings {
 
 /// Connections of the background writers' pool (beside `--catalog-max-connections`).
 const BACKGROUND_CONNECTIONS: u32 = 2;
+/// Connections of the control pool (health probe, heartbeat, leases).
+const CONTROL_CONNECTIONS: u32 = 2;
 
 /// The embedded migrations.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
@@ -49,6 +51,10 @@ pub struct Postgres {
     /// download-session and device flushers): a burst of API requests waiting for `pool`
     /// never delays the recording of gateway events.
     background: PgPool,
+    /// Connections of their own for what must never wait behind a busy replica's work: the
+    /// health probe (a full pool is not a database that does not answer), the heartbeat and
+    /// the leases (a replica that cannot renew in time loses its leases to another).
+    control: PgPool,
     /// False while the database does not answer (the watcher's last probe failed).
     healthy: Arc<AtomicBool>,
     /// Probes that found the database answering.
@@ -211,6 +217,10 @@ impl Postgres {
         let background = PgPoolOptions::new()
             .max_connections(BACKGROUND_CONNECTIONS)
             .acquire_timeout(settings.connect_timeout)
+            .connect_lazy_with(options.clone());
+        let control = PgPoolOptions::new()
+            .max_connections(CONTROL_CONNECTIONS)
+            .acquire_timeout(settings.connect_timeout)
             .connect_lazy_with(options);
         let deadline = give_up.map(|d| std::time::Instant::now() + d);
         let mut wait = Duration::from_millis(200);
@@ -248,6 +258,7 @@ impl Postgres {
         Ok(Postgres {
             pool,
             background,
+            control,
             healthy: Arc::new(AtomicBool::new(true)),
             probes: Arc::default(),
             origin: Arc::default(),
@@ -256,7 +267,7 @@ impl Postgres {
 
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1")
-            .execute(&self.pool)
+            .execute(&self.control)
             .await
             .map(|_| ())
             .map_err(db)
