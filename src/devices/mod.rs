@@ -169,6 +169,9 @@ impl ModelMap {
 struct Inner {
     devices: Mutex<HashMap<String, DeviceRecord>>,
     dirty: Mutex<std::collections::HashSet<String>>,
+    /// Stored devices only heard since their last write (last seen, osd times): written every
+    /// [`FLUSH_EVERY`] with [`DeviceStore::touch_devices`], not with every kick.
+    heard: Mutex<std::collections::HashSet<String>>,
     /// Wakes the flusher for a change that should be stored now (topology, state).
     kick: tokio::sync::Notify,
     /// API writes one at a time: memory changes in the order the store took them.
@@ -257,6 +260,7 @@ impl DeviceRegistry {
             inner: Arc::new(Inner {
                 devices: Mutex::new(devices),
                 dirty: Mutex::default(),
+                heard: Mutex::default(),
                 kick: tokio::sync::Notify::new(),
                 writes: tokio::sync::Mutex::new(()),
                 store,
@@ -290,6 +294,27 @@ impl DeviceRegistry {
         lock(&self.inner.dirty).remove(sn);
         lock(&self.inner.devices).insert(sn.to_string(), d);
         Ok(r)
+    }
+
+    /// Applies `f` to a known device that was only heard from (its last seen and osd times;
+    /// nothing a reader acts on): written with the periodic batch. An unknown device is new
+    /// and stored as any change is.
+    fn heard<R>(&self, sn: &str, now: DateTime<Utc>, f: impl FnOnce(&mut DeviceRecord) -> R) -> R {
+        {
+            let mut devices = lock(&self.inner.devices);
+            if let Some(d) = devices.get_mut(sn) {
+                let r = f(d);
+                drop(devices);
+                lock(&self.inner.heard).insert(sn.to_string());
+                return r;
+            }
+        }
+        self.with_device(sn, now, false, f)
+    }
+
+    /// Marks a device changed in something readers act on (stored with the next batch).
+    fn changed(&self, sn: &str) {
+        lock(&self.inner.dirty).insert(sn.to_string());
     }
 
     fn with_device<R>(
@@ -381,6 +406,7 @@ impl DeviceRegistry {
         }
         self.inner.store.delete_device(sn).await?;
         lock(&self.inner.dirty).remove(sn);
+        lock(&self.inner.heard).remove(sn);
         lock(&self.inner.devices)
             .remove(sn)
             .ok_or(DeviceError::NotFound)
@@ -422,22 +448,40 @@ impl DeviceRegistry {
         })
     }
 
-    /// Writes devices whose last-seen changed since the last flush.
-    pub async fn flush(&self) -> Result<usize, CatalogError> {
+    /// Writes the devices that changed since the last flush, and (`heard`: the periodic
+    /// flush) when those only heard from were last seen.
+    pub async fn flush(&self, heard: bool) -> Result<usize, CatalogError> {
         let dirty: Vec<String> = lock(&self.inner.dirty).drain().collect();
-        let devices: Vec<DeviceRecord> = {
-            let all = lock(&self.inner.devices);
-            dirty.iter().filter_map(|sn| all.get(sn).cloned()).collect()
-        };
-        if devices.is_empty() {
-            return Ok(0);
-        }
-        if let Err(e) = self.inner.store.put_devices(&devices).await {
+        let devices = self.copies(&dirty);
+        if !devices.is_empty()
+            && let Err(e) = self.inner.store.put_devices(&devices).await
+        {
             // Written next time.
             lock(&self.inner.dirty).extend(dirty);
             return Err(e);
         }
-        Ok(devices.len())
+        if !heard {
+            return Ok(devices.len());
+        }
+        let written: std::collections::HashSet<&String> = dirty.iter().collect();
+        let only_heard: Vec<String> = {
+            let mut h = lock(&self.inner.heard);
+            h.drain().filter(|sn| !written.contains(sn)).collect()
+        };
+        let touched = self.copies(&only_heard);
+        if !touched.is_empty()
+            && let Err(e) = self.inner.store.touch_devices(&touched).await
+        {
+            lock(&self.inner.heard).extend(only_heard);
+            return Err(e);
+        }
+        Ok(devices.len() + touched.len())
+    }
+
+    /// Memory's copies of `sns` (those it still has).
+    fn copies(&self, sns: &[String]) -> Vec<DeviceRecord> {
+        let all = lock(&self.inner.devices);
+        sns.iter().filter_map(|sn| all.get(sn).cloned()).collect()
     }
 
     /// Takes in the devices other replicas stored changes of at or after `since` (each
@@ -494,17 +538,22 @@ impl DeviceRegistry {
                     }
                     continue;
                 }
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    if let Err(e) = self.flush(true).await {
+                        tracing::error!(error = %e, "device flush failed");
+                    }
+                    continue;
+                }
                 _ = self.inner.kick.notified() => {
                     // A burst of reports (a fleet upgrading) becomes one batch.
                     tokio::time::sleep(KICK_COALESCE).await;
                 }
             }
-            if let Err(e) = self.flush().await {
+            if let Err(e) = self.flush(false).await {
                 tracing::error!(error = %e, "device flush failed");
             }
         }
-        if let Err(e) = self.flush().await {
+        if let Err(e) = self.flush(true).await {
             tracing::error!(error = %e, "final device flush failed");
         }
     }

@@ -100,7 +100,7 @@ impl DeviceRegistry {
     /// flusher).
     pub fn on_osd(&self, sn: &str, gateway: Option<&str>, report: &OsdReport) {
         let now = Utc::now();
-        let changed = self.with_device(sn, now, false, |d| {
+        let changed = self.heard(sn, now, |d| {
             d.last_seen_at = Some(now);
             d.last_osd_at = Some(now);
             let mut changed = false;
@@ -124,6 +124,7 @@ impl DeviceRegistry {
         if changed {
             // A mode or link change is stored at once (replicas act on it), not with the
             // periodic last-seen batch.
+            self.changed(sn);
             self.inner.kick.notify_one();
         }
     }
@@ -131,6 +132,6 @@ impl DeviceRegistry {
     /// Notes any other message from a device (events, replies).
     pub fn on_seen(&self, sn: &str) {
         let now = Utc::now();
-        self.with_device(sn, now, false, |d| d.last_seen_at = Some(now));
+        self.heard(sn, now, |d| d.last_seen_at = Some(now));
     }
 }

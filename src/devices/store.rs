@@ -22,6 +22,13 @@ pub trait DeviceStore: Send + Sync {
     /// stored copy ([`DeviceRecord::merged_over`]): a field group the stored copy saw later
     /// (another replica's report) is kept.
     async fn put_devices(&self, devices: &[DeviceRecord]) -> StoreResult<()>;
+    /// Stores when known devices were last seen (nothing else of them changed since their
+    /// last write). A backend may skip a move of a few seconds (replicas each flush the
+    /// devices they heard) and need not store a device it does not have; it never moves
+    /// last seen backwards.
+    async fn touch_devices(&self, devices: &[DeviceRecord]) -> StoreResult<()> {
+        self.put_devices(devices).await
+    }
     /// Removes a device record.
     async fn delete_device(&self, sn: &str) -> StoreResult<()>;
     /// Every stored device (start-up).

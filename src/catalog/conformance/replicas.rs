@@ -126,6 +126,16 @@ pub(crate) async fn device_writes_merge_and_changes_are_found(make: Make) {
     assert_eq!(read[0].last_seen_at, at);
     assert_eq!(read[0].firmware_version.as_deref(), Some("2.0"));
     assert!(cat.devices_by_sn(&[]).await.unwrap().is_empty());
+    // Last seen alone: moved on, never back.
+    let mut later = read[0].clone();
+    later.last_seen_at = t(90);
+    let later_at = later.last_seen_at;
+    cat.touch_devices(&[later]).await.unwrap();
+    let mut earlier = read[0].clone();
+    earlier.last_seen_at = t(60);
+    cat.touch_devices(&[earlier]).await.unwrap();
+    let read = cat.devices_by_sn(std::slice::from_ref(&sn)).await.unwrap();
+    assert_eq!(read[0].last_seen_at, later_at);
 }
 
 /// A lease has one holder: renewed by it, refused to others until it expires, then taken

@@ -217,6 +217,29 @@ impl DeviceStore for Postgres {
         Ok(rows.into_iter().map(DeviceRecord::from).collect())
     }
 
+    async fn touch_devices(&self, devices: &[DeviceRecord]) -> StoreResult<()> {
+        let (sns, seen): (Vec<String>, Vec<DateTime<Utc>>) = devices
+            .iter()
+            .filter_map(|d| Some((d.sn.clone(), d.last_seen_at?)))
+            .unzip();
+        if sns.is_empty() {
+            return Ok(());
+        }
+        // One column, no merge: a row another replica moved on within 10 s stays as it is.
+        sqlx::query(
+            "UPDATE devices d SET last_seen_at = u.seen \
+             FROM UNNEST($1::text[], $2::timestamptz[]) AS u(sn, seen) \
+             WHERE d.sn = u.sn AND (d.last_seen_at IS NULL \
+             OR d.last_seen_at < u.seen - interval '10 seconds')",
+        )
+        .bind(&sns)
+        .bind(&seen)
+        .execute(&self.background)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
     async fn devices_by_sn(&self, sns: &[String]) -> StoreResult<Vec<DeviceRecord>> {
         if sns.is_empty() {
             return Ok(Vec::new());
