@@ -44,7 +44,8 @@ impl<T> Confirms<T> {
     /// `Outgoing::Publish(pkid)`: the next queued publish took `pkid`, unless `pkid` is a
     /// publish sent again.
     pub(super) fn sent(&mut self, pkid: u16) {
-        if self.in_flight.contains_key(&pkid) {
+        // Packet id 0: a QoS 0 publish, which never waits for a PUBACK and has no entry.
+        if pkid == 0 || self.in_flight.contains_key(&pkid) {
             return;
         }
         if let Some(token) = self.queued.pop_front() {
@@ -109,6 +110,7 @@ mod tests {
         c.queued(Some("a"));
         c.queued(None);
         c.queued(Some("c"));
+        c.sent(0); // a QoS 0 publish of someone else's
         c.sent(1);
         c.sent(2);
         assert_eq!(c.acked(2), None, "an untracked publish confirms nothing");
