@@ -50,21 +50,22 @@ impl Peers {
     /// other than this one. Two replicas with one tag get nothing (messages stay where they
     /// arrive).
     pub fn update(&self, replicas: &[ReplicaRecord], now: DateTime<Utc>) {
+        let mine = route_tag(&self.me);
         let mut by_tag: HashMap<String, String> = HashMap::new();
-        let mut clashing = Vec::new();
+        // This replica's own tag, and a tag two replicas share, route nowhere.
+        let mut clashing = vec![mine.clone()];
         for r in replicas
             .iter()
             .filter(|r| now - r.last_heartbeat <= ROUTE_WITHIN)
         {
             let tag = route_tag(&r.id);
-            if tag == route_tag(&self.me) || by_tag.insert(tag.clone(), r.id.clone()).is_some() {
+            if tag == mine || by_tag.insert(tag.clone(), r.id.clone()).is_some() {
                 clashing.push(tag);
             }
         }
         for tag in clashing {
             by_tag.remove(&tag);
         }
-        by_tag.retain(|_, id| *id != *self.me);
         *write(&self.by_tag) = by_tag;
     }
 

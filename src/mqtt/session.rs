@@ -122,20 +122,19 @@ impl Session {
     /// ids taken, PUBACKs, and a new broker session (what it forgot is dropped unconfirmed, so
     /// what waited on it is done again).
     pub(super) fn confirm(&self, event: &Event) {
-        let mut confirms = lock(&self.handle.confirms);
+        // Only these events concern them: the lock stays off the path of incoming messages.
+        let confirms = || lock(&self.handle.confirms);
         match event {
-            Event::Outgoing(Outgoing::Publish(pkid)) => confirms.sent(*pkid),
-            Event::Outgoing(Outgoing::AwaitAck(pkid)) => confirms.collided(*pkid),
+            Event::Outgoing(Outgoing::Publish(pkid)) => confirms().sent(*pkid),
+            Event::Outgoing(Outgoing::AwaitAck(pkid)) => confirms().collided(*pkid),
             Event::Incoming(Packet::PubAck(a)) => {
-                let done = confirms.acked(a.pkid);
-                drop(confirms);
+                let done = confirms().acked(a.pkid);
                 if let Some(ack) = done {
                     ack.done();
                 }
             }
             Event::Incoming(Packet::ConnAck(c)) => {
-                let lost = confirms.connected(c.session_present);
-                drop(confirms);
+                let lost = confirms().connected(c.session_present);
                 drop(lost);
             }
             _ => {}
@@ -282,8 +281,8 @@ impl Session {
                         .publish(topics::events_reply(&sn), wire::reply(&env, &method));
                 }
                 if method == "ota_progress" {
-                    return match self.holder(env.bid.as_deref()) {
-                        Some(holder) => self.hand_over(&holder, topic, p, ack),
+                    return match self.holder_topic(env.bid.as_deref(), topic) {
+                        Some(to) => self.hand_over(to, p, ack),
                         None => self.forward(false, sn, env, p, ack),
                     };
                 }
@@ -291,8 +290,8 @@ impl Session {
             Inbound::ServicesReply(sn) => {
                 self.registry.on_seen(&sn);
                 if env.method.as_deref().is_none_or(|m| m == "ota_create") {
-                    return match self.holder(env.tid.as_deref()) {
-                        Some(holder) => self.hand_over(&holder, topic, p, ack),
+                    return match self.holder_topic(env.tid.as_deref(), topic) {
+                        Some(to) => self.hand_over(to, p, ack),
                         None => self.forward(true, sn, env, p, ack),
                     };
                 }
@@ -322,28 +321,20 @@ impl Session {
         }
     }
 
-    /// The live replica other than this one that holds the task `key` (a tid or bid) names.
-    fn holder(&self, key: Option<&str>) -> Option<String> {
-        self.share_group.as_ref()?;
+    /// Where to hand a message on `topic` for the task `key` (a tid or bid) names, when a
+    /// live replica other than this one holds it.
+    fn holder_topic(&self, key: Option<&str>, topic: &str) -> Option<String> {
+        let group = self.share_group.as_deref()?;
         if !self.handle.status.handing_over.load(Ordering::Relaxed) {
             return None;
         }
-        self.peers.as_ref()?.holder(key?)
+        let holder = self.peers.as_ref()?.holder(key?)?;
+        Some(topics::handed(group, &holder, topic))
     }
 
-    /// Hands a task's message to the replica holding the task; the gateway's message is
-    /// acknowledged once the broker has taken the handed copy (PUBACK).
-    fn hand_over(
-        &self,
-        holder: &str,
-        topic: &str,
-        p: &rumqttc::Publish,
-        ack: crate::domain::Ack,
-    ) -> Handled {
-        let Some(group) = self.share_group.as_deref() else {
-            return Handled::Done(ack);
-        };
-        let to = topics::handed(group, holder, topic);
+    /// Hands a task's message to the replica holding the task (on `to`); the gateway's
+    /// message is acknowledged once the broker has taken the handed copy (PUBACK).
+    fn hand_over(&self, to: String, p: &rumqttc::Publish, ack: crate::domain::Ack) -> Handled {
         if self.handle.publish_confirmed(to, p.payload.to_vec(), ack) {
             self.handle
                 .status
