@@ -29,12 +29,12 @@ impl DeviceStore for Catalog {
 
     async fn changed_devices(
         &self,
-        _since: Option<DateTime<Utc>>,
+        _since: Option<crate::devices::ChangeCursor>,
     ) -> StoreResult<crate::devices::ChangedDevices> {
-        // No change times in sled (one process has every report in memory): every device.
+        // No change order in sled (one process has every report in memory): every device.
         Ok(crate::devices::ChangedDevices {
             devices: all_of(&self.trees()?.devices)?,
-            newest: Some(Utc::now()),
+            next: None,
         })
     }
 

@@ -45,12 +45,11 @@ impl DeviceRegistry {
     /// field group from the copy that saw it last); returns where the next pull starts.
     pub async fn pull(
         &self,
-        since: Option<DateTime<Utc>>,
-    ) -> Result<Option<DateTime<Utc>>, CatalogError> {
+        since: Option<ChangeCursor>,
+    ) -> Result<Option<ChangeCursor>, CatalogError> {
         let changed = self.inner.store.changed_devices(since).await?;
         self.take_in(changed.devices);
-        // Writes that began before the newest change may commit after it.
-        Ok(changed.newest.map(|n| n - PULL_MARGIN).or(since))
+        Ok(changed.next.or(since))
     }
 
     /// Takes in what the catalog holds of `sns`, last-seen times included: on a shared

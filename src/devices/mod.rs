@@ -15,7 +15,7 @@ mod flusher;
 mod merge;
 mod reports;
 mod store;
-pub use store::{ChangedDevices, DeviceStore};
+pub use store::{ChangeCursor, ChangedDevices, DeviceStore};
 
 use crate::store::{CatalogError, Page, PageRequest, cursor_for};
 
@@ -24,8 +24,6 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(30);
 /// How long a change that should be stored now (topology, state) waits for others to join
 /// its batch.
 const KICK_COALESCE: Duration = Duration::from_millis(200);
-/// How far back of the newest change seen a pull starts again.
-const PULL_MARGIN: chrono::Duration = chrono::Duration::seconds(5);
 
 /// Errors of the registry.
 #[derive(Debug, thiserror::Error)]
@@ -478,7 +476,7 @@ impl crate::firmware::UsageGuard for DeviceRegistry {
     }
 }
 
-fn new_device(sn: &str, now: DateTime<Utc>) -> DeviceRecord {
+pub(crate) fn new_device(sn: &str, now: DateTime<Utc>) -> DeviceRecord {
     DeviceRecord {
         sn: sn.to_string(),
         order: crate::domain::ids::next(),

@@ -1,18 +1,21 @@
 //! The storage port of the device registry.
 
-use chrono::{DateTime, Utc};
-
 use super::DeviceRecord;
 use crate::store::StoreResult;
+
+/// Where a reader of the devices' changes is in the catalog's order of changes: the backend's
+/// own position, opaque to the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ChangeCursor(pub i64);
 
 /// Devices whose stored copy changed, and where to read on from.
 #[derive(Debug, Default)]
 pub struct ChangedDevices {
     /// The changed records.
     pub devices: Vec<DeviceRecord>,
-    /// The catalog's time of the newest change returned (pass it, less a margin for writes
-    /// still committing, to the next call).
-    pub newest: Option<DateTime<Utc>>,
+    /// Where the next read starts (`None`: where this one did). A change that was still being
+    /// committed when this read was taken is at or after it.
+    pub next: Option<ChangeCursor>,
 }
 
 /// Device records, keyed by serial number.
@@ -34,9 +37,10 @@ pub trait DeviceStore: Send + Sync {
     /// Every stored device (start-up).
     async fn all_devices(&self) -> StoreResult<Vec<DeviceRecord>>;
     /// Devices whose stored copy changed in something a reader acts on (not only the seen
-    /// times) at or after `since` (every device for `None`): replicas take in each other's
-    /// reports. A backend without change times may return every device.
-    async fn changed_devices(&self, since: Option<DateTime<Utc>>) -> StoreResult<ChangedDevices>;
+    /// times) at or after `since` (every device for `None`), in commit order: replicas take
+    /// in each other's reports, each change read about once. A backend without a change
+    /// order may return every device.
+    async fn changed_devices(&self, since: Option<ChangeCursor>) -> StoreResult<ChangedDevices>;
     /// The stored devices of `sns` (those that exist, in no particular order), last-seen
     /// times included: what other replicas saw of them.
     async fn devices_by_sn(&self, sns: &[String]) -> StoreResult<Vec<DeviceRecord>> {

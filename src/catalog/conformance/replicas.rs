@@ -78,7 +78,7 @@ pub(crate) async fn device_writes_merge_and_changes_are_found(make: Make) {
     a.firmware_version = Some("2.0".into());
     a.last_state_at = t(10);
     cat.put_devices(&[a.clone()]).await.unwrap();
-    let found = cat.changed_devices(first.newest).await.unwrap();
+    let found = cat.changed_devices(first.next).await.unwrap();
     assert!(
         found.devices.iter().any(|d| d.sn == sn),
         "a new device is a change"
@@ -106,7 +106,7 @@ pub(crate) async fn device_writes_merge_and_changes_are_found(make: Make) {
     );
     assert_eq!(stored.child_sn.as_deref(), Some("AC"));
     assert_eq!(stored.mode_code, Some(3));
-    let changed = cat.changed_devices(found.newest).await.unwrap();
+    let changed = cat.changed_devices(found.next).await.unwrap();
     let copy = changed.devices.iter().find(|d| d.sn == sn);
     assert_eq!(
         copy.and_then(|d| d.child_sn.as_deref()),
@@ -136,6 +136,43 @@ pub(crate) async fn device_writes_merge_and_changes_are_found(make: Make) {
     cat.touch_devices(&[earlier]).await.unwrap();
     let read = cat.devices_by_sn(std::slice::from_ref(&sn)).await.unwrap();
     assert_eq!(read[0].last_seen_at, later_at);
+    changes_are_read_once_where_ordered(&cat, read[0].clone()).await;
+}
+
+/// Where the backend keeps its changes in order, a reader that caught up does not read a
+/// device again until it changes in something a reader acts on (not its seen times).
+async fn changes_are_read_once_where_ordered(
+    cat: &Arc<dyn Store>,
+    mut d: crate::devices::DeviceRecord,
+) {
+    let sn = d.sn.clone();
+    let mentions = |c: &crate::devices::ChangedDevices| c.devices.iter().any(|x| x.sn == sn);
+    let Some(mut cursor) = cat.changed_devices(None).await.unwrap().next else {
+        return; // No order: every device, every time.
+    };
+    // Caught up once no transaction older than the last change still runs (another test's).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let read = cat.changed_devices(Some(cursor)).await.unwrap();
+        if !mentions(&read) {
+            break;
+        }
+        cursor = read.next.unwrap_or(cursor);
+        assert!(std::time::Instant::now() < deadline, "never caught up");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    d.last_seen_at = d.last_seen_at.map(|t| t + chrono::Duration::seconds(60));
+    cat.touch_devices(std::slice::from_ref(&d)).await.unwrap();
+    assert!(
+        !mentions(&cat.changed_devices(Some(cursor)).await.unwrap()),
+        "seen times alone are no change"
+    );
+    d.mode_code = Some(9);
+    d.last_osd_at = d.last_seen_at;
+    cat.put_devices(std::slice::from_ref(&d)).await.unwrap();
+    let read = cat.changed_devices(Some(cursor)).await.unwrap();
+    let copy = read.devices.iter().find(|x| x.sn == sn);
+    assert_eq!(copy.and_then(|x| x.mode_code), Some(9), "{read:?}");
 }
 
 /// A lease has one holder: renewed by it, refused to others until it expires, then taken

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 
 use super::*;
-use crate::devices::{ChangedDevices, DeviceRecord, DeviceStore};
+use crate::devices::{ChangeCursor, ChangedDevices, DeviceRecord, DeviceStore};
 
 const DEVICE_COLUMNS: &str = "sn, order_key, gateway_sn, child_sn, osd_child_sn, model_key, \
     model, model_declared, firmware_version, compatible_status, firmware_upgrade_status, \
@@ -65,7 +65,9 @@ impl From<DeviceRow> for DeviceRecord {
 
 /// Writes device rows whole, one statement: inserts them (`overwrite` false: a serial that
 /// has a row is left alone) or inserts or updates them. `changed` says, per row, whether
-/// readers act on the change (its `changed_at` moves to now). Returns the serials written.
+/// readers act on the change (its `changed_at` moves to the clock's now, past any earlier
+/// change, which stamps the row with this transaction: migration 0004). Returns the serials
+/// written.
 async fn write_device_rows(
     devices: &[DeviceRecord],
     changed: &[bool],
@@ -89,7 +91,7 @@ async fn write_device_rows(
         .join(", ");
     let sql = format!(
         "INSERT INTO devices ({DEVICE_COLUMNS}, changed_at) SELECT {values}, \
-         CASE WHEN u.changed THEN now() ELSE '-infinity' END FROM UNNEST($1::text[], \
+         CASE WHEN u.changed THEN clock_timestamp() ELSE '-infinity' END FROM UNNEST($1::text[], \
          $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::bool[], \
          $9::text[], $10::int8[], $11::int8[], $12::int8[], $13::text[], $14::text[], \
          $15::timestamptz[], $16::timestamptz[], $17::timestamptz[], $18::timestamptz[], \
@@ -173,29 +175,32 @@ impl DeviceStore for Postgres {
         Ok(())
     }
 
-    async fn changed_devices(&self, since: Option<DateTime<Utc>>) -> StoreResult<ChangedDevices> {
+    async fn changed_devices(&self, since: Option<ChangeCursor>) -> StoreResult<ChangedDevices> {
+        // The oldest transaction still running when the rows were read: every change stamped
+        // before it is committed, and read here; the next read starts from it.
         let sql = format!(
-            "SELECT {DEVICE_COLUMNS}, changed_at FROM devices \
-             WHERE $1::timestamptz IS NULL OR changed_at >= $1 ORDER BY changed_at"
+            "SELECT {DEVICE_COLUMNS}, \
+             pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS next FROM devices \
+             WHERE $1::int8 IS NULL OR changed_xid >= $1::int8::text::xid8"
         );
         #[derive(sqlx::FromRow)]
         struct Changed {
             #[sqlx(flatten)]
             row: DeviceRow,
-            changed_at: DateTime<Utc>,
+            next: i64,
         }
         let rows: Vec<Changed> = sqlx::query_as(AssertSqlSafe(sql))
-            .bind(since)
+            .bind(since.map(|c| c.0))
             .fetch_all(&self.background)
             .await
             .map_err(db)?;
-        let newest = rows.last().map(|r| r.changed_at);
+        let next = rows.first().map(|r| ChangeCursor(r.next));
         Ok(ChangedDevices {
             devices: rows
                 .into_iter()
                 .map(|r| DeviceRecord::from(r.row))
                 .collect(),
-            newest,
+            next,
         })
     }
 
@@ -251,5 +256,53 @@ impl DeviceStore for Postgres {
             .await
             .map_err(db)?;
         Ok(rows.into_iter().map(DeviceRecord::from).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::postgres::testing::TestDatabase;
+
+    /// A change made by a transaction that was still running when a reader read is found by
+    /// that reader's next read, whichever transactions committed meanwhile; and a change
+    /// written the way the previous release writes it (`changed_at` alone) is found too.
+    #[tokio::test]
+    async fn a_change_committed_after_a_read_is_found_by_the_next() {
+        let Some(db) = TestDatabase::create().await else {
+            return;
+        };
+        let cat = db.catalog().await;
+        let dock = crate::devices::new_device("FEED-DOCK", Utc::now());
+        let other = crate::devices::new_device("FEED-OTHER", Utc::now());
+        cat.put_devices(&[dock, other]).await.unwrap();
+        let first = cat.changed_devices(None).await.unwrap();
+        assert_eq!(first.devices.len(), 2);
+        // A writer that began first, then another that commits before it.
+        let mut slow = cat.pool.begin().await.unwrap();
+        sqlx::query(
+            "UPDATE devices SET mode_code = 4, changed_at = GREATEST(changed_at, now()) \
+             WHERE sn = 'FEED-DOCK'",
+        )
+        .execute(&mut *slow)
+        .await
+        .unwrap();
+        let mut quick = crate::devices::new_device("FEED-OTHER", Utc::now());
+        quick.firmware_version = Some("2.0".into());
+        quick.last_state_at = Some(Utc::now());
+        cat.put_devices(&[quick]).await.unwrap();
+        let read = cat.changed_devices(first.next).await.unwrap();
+        // (The dock's first write may be read again if another test's transaction ran.)
+        let found = |sn: &str| read.devices.iter().find(|d| d.sn == sn).cloned();
+        assert!(found("FEED-OTHER").is_some(), "{read:?}");
+        assert_eq!(
+            found("FEED-DOCK").and_then(|d| d.mode_code),
+            None,
+            "the running change is not visible yet"
+        );
+        slow.commit().await.unwrap();
+        let read = cat.changed_devices(read.next).await.unwrap();
+        let dock = read.devices.iter().find(|d| d.sn == "FEED-DOCK");
+        assert_eq!(dock.and_then(|d| d.mode_code), Some(4), "{read:?}");
     }
 }
