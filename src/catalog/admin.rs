@@ -163,12 +163,16 @@ impl crate::cluster::ClusterStore for Catalog {
         let t = self.trees()?;
         let key = format!("lease/{name}");
         if let Some(v) = t.replicas.get(&key)? {
-            let held: serde_json::Value = decode(key.as_bytes(), &v)?;
-            if held["holder"] == holder {
-                let _ = t
-                    .replicas
-                    .compare_and_swap(&key, Some(v), None::<Vec<u8>>)?;
-            }
+            drop_if_held(&t.replicas, key.as_bytes(), v, holder)?;
+        }
+        Ok(())
+    }
+
+    async fn end_leases(&self, holder: &str) -> StoreResult<()> {
+        let t = self.trees()?;
+        for kv in t.replicas.scan_prefix(b"lease/") {
+            let (key, v) = kv?;
+            drop_if_held(&t.replicas, &key, v, holder)?;
         }
         Ok(())
     }
@@ -184,4 +188,13 @@ impl crate::cluster::ClusterStore for Catalog {
             })
             .collect()
     }
+}
+
+/// Removes the lease stored as `v` under `key` if `holder` has it (unless it changed since).
+fn drop_if_held(tree: &sled::Tree, key: &[u8], v: sled::IVec, holder: &str) -> StoreResult<()> {
+    let held: serde_json::Value = decode(key, &v)?;
+    if held["holder"] == holder {
+        let _ = tree.compare_and_swap(key, Some(v), None::<Vec<u8>>)?;
+    }
+    Ok(())
 }

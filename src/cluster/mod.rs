@@ -84,6 +84,9 @@ pub trait ClusterStore: Send + Sync {
     /// Gives up lease `name` if `holder` has it (a replica that stops hands its work over at
     /// once).
     async fn drop_lease(&self, name: &str, holder: &str) -> StoreResult<()>;
+    /// Ends every lease `holder` holds (its will says it died): the others may take them at
+    /// once.
+    async fn end_leases(&self, holder: &str) -> StoreResult<()>;
     /// What other replicas change from now on, as they commit it (this replica, `me`, is left
     /// out); `None` when no other process can change the catalog.
     async fn changes(&self, me: &str) -> StoreResult<Option<ChangeFeed>>;
@@ -183,6 +186,8 @@ pub struct Cluster {
     peers: Peers,
     clock: Clock,
     leases: Arc<std::sync::Mutex<Vec<Lease>>>,
+    /// Bumped after each heartbeat.
+    renewed: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 /// The deployment as one replica sees it (`GET /api/v1/cluster`).
@@ -200,7 +205,7 @@ pub struct ReplicaView {
     /// Its record.
     #[serde(flatten)]
     pub record: ReplicaRecord,
-    /// Whether its heartbeat is recent.
+    /// Whether its heartbeat is recent (and no will of it arrived).
     pub alive: bool,
 }
 
@@ -235,13 +240,16 @@ impl Cluster {
             }
         }
         me.last_heartbeat = now;
+        // What its will says, to the millisecond, and what the catalog keeps match.
+        me.started_at = chrono::SubsecRound::trunc_subsecs(me.started_at, 3);
         store.heartbeat(&me, now - FORGET_AFTER).await?;
         Ok(Cluster {
             store,
-            peers: Peers::new(&me.id),
+            peers: Peers::new(&me.id, me.started_at),
             me: Arc::new(std::sync::Mutex::new(me)),
             clock,
             leases: Arc::default(),
+            renewed: Arc::new(tokio::sync::watch::Sender::new(0)),
         })
     }
 
@@ -314,22 +322,24 @@ impl Cluster {
     }
 
     /// Renews the heartbeat every [`HEARTBEAT_EVERY`] and the leases every [`LEASE_EVERY`]
-    /// until `stop`; then gives up the leases held.
+    /// until `stop`; then gives up the leases held. When a replica's will arrives, ends its
+    /// leases and takes what it can of them at once.
     pub async fn run(self, stop: CancellationToken) {
         let mut every = tokio::time::interval(HEARTBEAT_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut leases = tokio::time::interval(LEASE_EVERY);
         leases.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut wills = self.peers.departures();
+        let mut ended: Vec<(String, DateTime<Utc>)> = Vec::new();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
+                Ok(()) = wills.changed() => {
+                    self.end_departed(&mut ended).await;
+                    self.renew_and_note().await;
+                }
                 _ = leases.tick() => {
-                    let held = self.renew_leases().await;
-                    let changed = {
-                        let mut me = crate::lock(&self.me);
-                        std::mem::replace(&mut me.leases, held) != me.leases
-                    };
-                    if !changed {
+                    if !self.renew_and_note().await {
                         continue;
                     }
                     // The replicas list shows a handover at once.
@@ -349,6 +359,7 @@ impl Cluster {
                 Ok(replicas) => self.peers.update(&replicas, self.clock.now()),
                 Err(e) => tracing::warn!(error = %e, "cannot read the other replicas"),
             }
+            self.renewed.send_modify(|n| *n += 1);
         }
         let id = self.id();
         let leases = crate::lock(&self.leases).clone();
@@ -360,6 +371,59 @@ impl Cluster {
         }
     }
 
+    /// Takes or renews every lease once, and notes the ones held in this replica's record;
+    /// true when they changed.
+    async fn renew_and_note(&self) -> bool {
+        let held = self.renew_leases().await;
+        let mut me = crate::lock(&self.me);
+        std::mem::replace(&mut me.leases, held) != me.leases
+    }
+
+    /// Ends the leases of each replica whose will arrived, once per run of it, if the
+    /// catalog lists that run (a will the broker kept for long is of a run that may have
+    /// come back since).
+    async fn end_departed(&self, ended: &mut Vec<(String, DateTime<Utc>)>) {
+        let gone: Vec<_> = self
+            .peers
+            .departed_list()
+            .into_iter()
+            .filter(|d| !ended.contains(d))
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let listed = match self.store.replicas().await {
+            Ok(listed) => listed,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the other replicas");
+                return;
+            }
+        };
+        for (id, started_at) in gone {
+            if !listed
+                .iter()
+                .any(|r| r.id == id && r.started_at == started_at)
+            {
+                continue;
+            }
+            match self.store.end_leases(&id).await {
+                Ok(()) => {
+                    tracing::warn!(replica_id = %id, "a replica's broker connection dropped (its will): its leases and broker session are taken over now");
+                    ended.push((id, started_at));
+                }
+                Err(e) => {
+                    tracing::warn!(replica_id = %id, error = %e, "cannot end a dead replica's leases")
+                }
+            }
+        }
+    }
+
+    /// Wakes after each heartbeat and each renewal of the leases that a will set off: the
+    /// work on dead replicas ([`crate::startup`]'s adoption of their sessions) looks again.
+    pub fn renewed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.renewed.subscribe()
+    }
+
     /// The deployment as the catalog lists it.
     pub async fn view(&self) -> StoreResult<ClusterView> {
         let now = self.clock.now();
@@ -369,7 +433,7 @@ impl Cluster {
             .await?
             .into_iter()
             .map(|record| ReplicaView {
-                alive: record.alive(now),
+                alive: record.alive(now) && !self.peers.departed(&record),
                 record,
             })
             .collect();

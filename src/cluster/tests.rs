@@ -28,6 +28,10 @@ impl ClusterStore for Beats {
         Ok(())
     }
 
+    async fn end_leases(&self, _: &str) -> StoreResult<()> {
+        Ok(())
+    }
+
     async fn changes(&self, _: &str) -> StoreResult<Option<ChangeFeed>> {
         Ok(None)
     }

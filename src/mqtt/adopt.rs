@@ -16,13 +16,15 @@ const QUIET: Duration = Duration::from_secs(2);
 const LONGEST: Duration = Duration::from_secs(120);
 
 /// Adopts the session of the dead replica `replica_id` in `settings`' shared-subscription
-/// group: its messages go to `registry` and `ota` as this replica's own do. Returns how many
-/// messages it held; an error when the adoption was cut short (tried again later).
+/// group: its messages go to `registry` and `ota` as this replica's own do. The session is
+/// deleted once quiet, and not before `keep_until`: until then other replicas may still hand
+/// it messages. Returns how many messages it held; an error when the adoption was cut short
+/// (tried again later).
 pub async fn adopt(
     settings: &MqttSettings,
     replica_id: &str,
-    registry: DeviceRegistry,
-    ota: OtaSender,
+    (registry, ota): (DeviceRegistry, OtaSender),
+    keep_until: tokio::time::Instant,
     cancel: CancellationToken,
 ) -> Result<u64, String> {
     let client_id = group_client_id(replica_id);
@@ -46,7 +48,7 @@ pub async fn adopt(
         share_group: settings.share_group.clone(),
         peers: None,
     };
-    let held = tokio::time::timeout(LONGEST, session.drain(eventloop, &cancel))
+    let held = tokio::time::timeout(LONGEST, session.drain(eventloop, keep_until, &cancel))
         .await
         .map_err(|_| format!("the session of {client_id} did not drain in {LONGEST:?}"))??;
     // The session has no subscription and nothing in flight now: delete it.
@@ -80,6 +82,7 @@ impl Session {
     async fn drain(
         self,
         mut eventloop: rumqttc::EventLoop,
+        keep_until: tokio::time::Instant,
         cancel: &CancellationToken,
     ) -> Result<u64, String> {
         let mut held = 0u64;
@@ -96,7 +99,7 @@ impl Session {
                 ev = eventloop.poll() => ev,
                 _ = &mut quiet, if connected => {
                     idle_checks = if unsubscribing == 0 && self.acks.idle() { idle_checks + 1 } else { 0 };
-                    if idle_checks >= 2 {
+                    if idle_checks >= 2 && tokio::time::Instant::now() >= keep_until {
                         let _ = self.handle.client.try_disconnect();
                     }
                     quiet.as_mut().reset(tokio::time::Instant::now() + QUIET / 4);

@@ -368,6 +368,16 @@ pub fn start(
     };
     // Only replicas on one external broker share subscriptions.
     let share_group = grouped.then(|| settings.share_group.clone()).flatten();
+    if let Some(group) = &share_group {
+        // Published by the broker if this session's connection drops without a DISCONNECT:
+        // the other replicas take over this one's work at once.
+        options.set_last_will(rumqttc::LastWill::new(
+            topics::gone(group, peers.me()),
+            peers.will(),
+            QoS::AtLeastOnce,
+            false,
+        ));
+    }
     session_options(&mut options);
     let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
     // rumqttc gives CONNECT 5 s by default; a broker busy with a reconnecting fleet may need

@@ -73,7 +73,7 @@ impl Session {
                     status.pending_subacks.store(
                         (topics::QOS1_FILTERS.len()
                             + topics::QOS0_FILTERS.len()
-                            + usize::from(self.handed_filter().is_some()))
+                            + 2 * usize::from(self.handed_filter().is_some()))
                             as u64,
                         Ordering::Relaxed,
                     );
@@ -158,6 +158,15 @@ impl Session {
     }
 
     fn subscribe(&self) {
+        if let Some(group) = self.share_group.as_deref()
+            && self.peers.is_some()
+        {
+            // The other replicas' wills.
+            let f = topics::gone_filter(group);
+            if let Err(e) = self.handle.client.try_subscribe(&f, QoS::AtLeastOnce) {
+                tracing::error!(filter = f, error = %e, "MQTT subscribe not queued");
+            }
+        }
         if let Some(f) = self.handed_filter() {
             match self.handle.client.try_subscribe(&f, QoS::AtLeastOnce) {
                 // Handing over starts once the broker passes a probe to this replica: an ACL
@@ -185,6 +194,18 @@ impl Session {
     /// Handles one message; gives its acknowledgement back unless the message went to the
     /// OTA service, which acknowledges it once recorded.
     fn on_publish(&self, p: &rumqttc::Publish, ack: crate::domain::Ack) -> Handled {
+        if let Some(replica) = topics::gone_replica(&p.topic) {
+            // A replica's will: the broker lost its connection.
+            if let Some(peers) = &self.peers
+                && peers.depart(replica, &p.payload)
+            {
+                tracing::info!(
+                    replica_id = replica,
+                    "the broker lost a replica's connection (its will)"
+                );
+            }
+            return Handled::Done(ack);
+        }
         // A message another replica handed over: it answered and noted the gateway already.
         let (topic, handed) = match topics::unhand(&p.topic) {
             Some(inner) => (inner, true),

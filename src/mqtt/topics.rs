@@ -68,6 +68,26 @@ pub fn handed_filter(group: &str, replica: &str) -> String {
     handed(group, replica, "#")
 }
 
+/// Where the broker publishes the will of replica `replica` of group `group` when its
+/// session's connection drops: `fwrepo/<group>/gone/<replica>`.
+pub fn gone(group: &str, replica: &str) -> String {
+    format!("fwrepo/{group}/gone/{replica}")
+}
+
+/// The subscription of every replica of group `group` to the others' wills (QoS 1, not
+/// shared).
+pub fn gone_filter(group: &str) -> String {
+    gone(group, "+")
+}
+
+/// The replica whose will `topic` carries (any group: an adopted session may hold wills).
+pub fn gone_replica(topic: &str) -> Option<&str> {
+    let rest = topic.strip_prefix("fwrepo/")?;
+    let mut parts = rest.splitn(3, '/');
+    let (_group, gone, replica) = (parts.next()?, parts.next()?, parts.next()?);
+    (gone == "gone" && !replica.is_empty() && !replica.contains('/')).then_some(replica)
+}
+
 /// The gateway topic of a message handed to a replica (any replica of any group: a replica
 /// that adopts a dead one's session takes in what was handed to it).
 pub fn unhand(topic: &str) -> Option<&str> {

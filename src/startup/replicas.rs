@@ -77,11 +77,9 @@ pub(super) async fn join_cluster(
 /// The lease whose holder takes over the broker sessions of dead replicas.
 pub const SESSIONS_LEASE: &str = "mqtt-sessions";
 
-/// How often the holder of [`SESSIONS_LEASE`] looks for dead replicas.
-const ADOPT_EVERY: Duration = Duration::from_secs(2);
-
-/// Takes over the broker session of each replica whose heartbeat stopped (see
-/// [`crate::mqtt::adopt`]), while this replica holds [`SESSIONS_LEASE`]: the messages a
+/// Takes over the broker session of each replica whose heartbeat stopped or whose will
+/// arrived (see [`crate::mqtt::adopt`]), while this replica holds [`SESSIONS_LEASE`]; it
+/// looks after every heartbeat, and at once after a will. The messages a
 /// replica killed -9 had received but not acknowledged, and its share of those sent since,
 /// are handled here instead of being lost. Once they are all recorded, the `ota_create` the
 /// dead replica stored but no gateway answered are sent again
@@ -97,11 +95,11 @@ pub(super) fn adopt_dead_sessions(
     let lease = cluster.lease(SESSIONS_LEASE);
     tokio::spawn(async move {
         let mut adopted: std::collections::HashSet<(String, DateTime<Utc>)> = Default::default();
-        let mut tick = tokio::time::interval(ADOPT_EVERY);
+        let mut renewed = cluster.renewed();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tick.tick() => {}
+                changed = renewed.changed() => if changed.is_err() { break },
             }
             if !lease.held() {
                 continue;
@@ -119,9 +117,15 @@ pub(super) fn adopt_dead_sessions(
                     continue;
                 }
                 let id = &r.record.id;
-                match crate::mqtt::adopt(&mqtt, id, devices.clone(), ota.clone(), stop.clone())
-                    .await
-                {
+                // Others hand it messages while its heartbeat looks alive to them (a will
+                // may reach them later than here): the session stays until then.
+                let routed_for = (r.record.last_heartbeat + crate::cluster::ALIVE_WITHIN
+                    - chrono::Utc::now())
+                .to_std()
+                .unwrap_or_default();
+                let keep_until = tokio::time::Instant::now() + routed_for;
+                let parts = (devices.clone(), ota.clone());
+                match crate::mqtt::adopt(&mqtt, id, parts, keep_until, stop.clone()).await {
                     Ok(held) => {
                         tracing::info!(replica_id = %id, messages = held, "took over the MQTT session of a replica that died");
                         adopted.insert(death);

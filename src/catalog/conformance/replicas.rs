@@ -176,7 +176,8 @@ async fn changes_are_read_once_where_ordered(
 }
 
 /// A lease has one holder: renewed by it, refused to others until it expires, then taken
-/// over; given up only by its holder; leases are not listed as replicas.
+/// over; given up only by its holder, or ended with all of its holder's; leases are not
+/// listed as replicas.
 pub(crate) async fn leases_have_one_holder_until_they_expire(make: Make) {
     let Some((cat, _keep)) = make().await else {
         return;
@@ -203,6 +204,20 @@ pub(crate) async fn leases_have_one_holder_until_they_expire(make: Make) {
     assert!(!take("a").await, "only its holder gives it up");
     cat.drop_lease("work", "b").await.unwrap();
     assert!(take("a").await, "free once given up");
+    // A holder known to have died (its will) loses every lease at once.
+    let long = std::time::Duration::from_secs(60);
+    for name in ["work", "other"] {
+        assert!(cat.take_lease(name, "a", long).await.unwrap());
+    }
+    assert!(cat.take_lease("third", "c", long).await.unwrap());
+    cat.end_leases("a").await.unwrap();
+    for name in ["work", "other"] {
+        assert!(cat.take_lease(name, "b", long).await.unwrap(), "{name}");
+    }
+    assert!(
+        !cat.take_lease("third", "b", long).await.unwrap(),
+        "another holder's lease stays"
+    );
 }
 
 pub(crate) async fn replicas_heartbeat_and_are_forgotten(make: Make) {

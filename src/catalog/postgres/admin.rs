@@ -309,6 +309,15 @@ impl crate::cluster::ClusterStore for Postgres {
         Ok(())
     }
 
+    async fn end_leases(&self, holder: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM leases WHERE holder = $1")
+            .bind(holder)
+            .execute(&self.control)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
     async fn replicas(&self) -> StoreResult<Vec<crate::cluster::ReplicaRecord>> {
         let rows: Vec<ReplicaRow> = sqlx::query_as(
             "SELECT id, version, started_at, last_heartbeat, blob_store, broker, leases \

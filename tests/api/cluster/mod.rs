@@ -436,6 +436,31 @@ async fn the_ota_timers_move_to_another_replica_when_their_holder_dies() {
         .to_string();
     let killed = std::time::Instant::now();
     replicas[dead].kill9();
+    // The broker publishes its will at once: the survivor counts it dead while its last
+    // heartbeat is still recent (silence alone takes 8 s).
+    let dead_id = if dead == 0 { "r1" } else { "r2" };
+    let heartbeat_age = std::sync::Mutex::new(None);
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            let view = get_json_at(&survivor, "/api/v1/cluster").await;
+            let listed = view["replicas"].as_array().cloned().unwrap_or_default();
+            let Some(r) = listed.iter().find(|r| r["id"] == dead_id) else {
+                return false;
+            };
+            let beat = r["last_heartbeat"].as_str().unwrap_or_default();
+            let beat = chrono::DateTime::parse_from_rfc3339(beat).unwrap();
+            let age = chrono::Utc::now() - beat.with_timezone(&chrono::Utc);
+            *heartbeat_age.lock().unwrap() = Some(age);
+            r["alive"] == false
+        })
+        .await,
+        "the dead replica stayed alive"
+    );
+    let age = heartbeat_age.lock().unwrap().unwrap();
+    assert!(
+        age < chrono::Duration::seconds(8),
+        "counted dead only once silent ({age}): its will did not arrive"
+    );
     assert!(
         wait_until(Duration::from_secs(20), || async {
             holders(survivor.clone())
