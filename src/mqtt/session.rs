@@ -115,7 +115,20 @@ impl Session {
                 }
             }
         }
-        let _ = self.handle.client.try_disconnect();
+        // A DISCONNECT on the wire, so the broker drops this session's will: a replica that
+        // stops is not dead (it gave its leases up, and takes its session back when it
+        // returns).
+        if self.handle.client.try_disconnect().is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+        }
     }
 
     /// Keeps the confirmations of fwrepo's own publishes in step with the event loop: packet

@@ -116,7 +116,7 @@ async fn replicas_on_one_database_list_each_other_and_one_keeping_packages_local
     else {
         return;
     };
-    let r1 = ServerProcess::start(&root.path().join("r1"), &shared.args("r1"));
+    let mut r1 = ServerProcess::start(&root.path().join("r1"), &shared.args("r1"));
     // The deployment's admin token is made once, by r1; r2 finds it in the catalog (the
     // operator hands it on; the helper reads it from r2's data dir).
     std::fs::create_dir_all(root.path().join("r2")).unwrap();
@@ -125,7 +125,7 @@ async fn replicas_on_one_database_list_each_other_and_one_keeping_packages_local
         root.path().join("r2").join("admin.token"),
     )
     .unwrap();
-    let r2 = ServerProcess::start(&root.path().join("r2"), &shared.args("r2"));
+    let mut r2 = ServerProcess::start(&root.path().join("r2"), &shared.args("r2"));
     let listed = || async {
         let body: Value = get_json_at(&r1.base, "/api/v1/cluster").await;
         body["replicas"]
@@ -220,6 +220,16 @@ async fn replicas_on_one_database_list_each_other_and_one_keeping_packages_local
         "{stderr}"
     );
     assert_eq!(listed().await, ["r1", "r2"]);
+
+    // A replica that stops cleanly leaves no will; one killed -9 does, at once.
+    let (watcher, mut wills) = mqtt_client(&r1.mqtt, "wills").await;
+    let gone = |id: &str| format!("fwrepo/{}/gone/{id}", shared.group);
+    watcher.subscribe_acked(&gone("+")).await;
+    assert!(r2.sigterm().success());
+    r1.kill9();
+    let first = tokio::time::timeout(Duration::from_secs(30), wills.recv()).await;
+    let (topic, _) = first.expect("no will").unwrap();
+    assert_eq!(topic, gone("r1"), "the first will");
 }
 
 /// Uploads a package through `r`; returns its id.
