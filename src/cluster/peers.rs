@@ -203,7 +203,7 @@ mod tests {
         peers.update(&[r2.clone(), r3.clone()], now);
         let key = |id: &str| format!("{}-1234-4abc-a123-0123456789ab", route_tag(id));
         let will_of = |r: &ReplicaRecord| Peers::new(&r.id, r.started_at).will();
-        let mut woken = peers.departures();
+        let woken = peers.departures();
         assert!(!peers.depart("r2", b"not a time"));
         assert!(!peers.depart("r1", peers.will().as_bytes()), "its own");
         assert!(!woken.has_changed().unwrap());
