@@ -258,6 +258,11 @@ impl Cluster {
         crate::lock(&self.me).id.clone()
     }
 
+    /// When this run of the replica started.
+    pub fn started_at(&self) -> DateTime<Utc> {
+        crate::lock(&self.me).started_at
+    }
+
     /// The other live replicas, by route tag (renewed with the heartbeat).
     pub fn peers(&self) -> Peers {
         self.peers.clone()

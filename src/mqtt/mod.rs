@@ -236,6 +236,12 @@ impl crate::ota::Publisher for MqttHandle {
 }
 
 impl MqttHandle {
+    /// Whether the broker passed this replica's probe of its handed topic (in a group): what
+    /// its persistent session held when it connected has been delivered before it.
+    pub fn probed(&self) -> bool {
+        self.status.handing_over.load(Ordering::Relaxed)
+    }
+
     /// Queues a QoS 1, non-retained publish without waiting. False when it could not be queued.
     pub fn publish(&self, topic: String, payload: Vec<u8>) -> bool {
         self.publish_with(topic, payload, None)

@@ -1,22 +1,25 @@
 //! What a replica of several does besides following its own tasks: it takes in the open
 //! tasks the others created (and drops or reads again those that ended elsewhere), and, once
-//! it adopted a dead replica's broker session, sends again the `ota_create` that replica
-//! stored but no gateway answered.
+//! it adopted a dead replica's broker session (or came back itself), sends again the
+//! `ota_create` that replica's previous run stored but no gateway answered.
 
 use super::*;
 use tracking::RESENT;
 
 impl OtaService {
     /// Sends again, once and with the same tid and bid (as a QoS 1 redelivery would), the
-    /// `ota_create` of the open tasks replica `sender` stored that no gateway answered. Called
-    /// once that replica died and every message its broker session held is recorded: such a
-    /// message was stored and queued, but may never have reached the broker. The history
-    /// notes `publish_again` first, in a write checked against the stored revision, so a
-    /// reply stored meanwhile prevents it. Returns how many were sent again.
-    pub async fn resend_unanswered(&self, sender: &str) -> usize {
+    /// `ota_create` of the open tasks replica `sender` stored before `created_before` that no
+    /// gateway answered. Called once that run of the replica died (or stopped) and every
+    /// message its broker session held is recorded: such a message was stored and queued,
+    /// but may never have reached the broker. Tasks created after `created_before` are a
+    /// later run's. The history notes `publish_again` first, in a write checked against the
+    /// stored revision, so a reply stored meanwhile prevents it. Returns how many were sent
+    /// again.
+    pub async fn resend_unanswered(&self, sender: &str, created_before: DateTime<Utc>) -> usize {
         let tag = crate::cluster::route_tag(sender);
         let due = |t: &OtaTask| {
             t.tid.starts_with(&tag)
+                && t.created_at < created_before
                 && t.status == TaskStatus::Sent
                 && t.replied_at.is_none()
                 && !t.history.iter().any(|h| h.source == RESENT)
@@ -58,7 +61,7 @@ impl OtaService {
             if self.inner.publisher.publish(topic, payload) {
                 sent += 1;
             }
-            tracing::warn!(task_id = %t.id, gateway_sn = %t.gateway_sn, tid = %t.tid, replica_id = sender, "ota_create sent again (same tid and bid): the replica that sent it died and the gateway never answered");
+            tracing::warn!(task_id = %t.id, gateway_sn = %t.gateway_sn, tid = %t.tid, replica_id = sender, "ota_create sent again (same tid and bid): the replica that sent it died or stopped, and the gateway never answered");
         }
         sent
     }

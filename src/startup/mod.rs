@@ -6,7 +6,7 @@ mod listeners;
 mod replicas;
 pub use crate::http::access::Listener;
 use listeners::{bind, serve};
-use replicas::{adopt_dead_sessions, follow_changes, join_cluster};
+use replicas::{adopt_dead_sessions, follow_changes, join_cluster, resend_after_restart};
 
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpListener};
@@ -259,6 +259,8 @@ impl Bound {
                 crate::mqtt::BrokerTarget::External { .. }
             )
         {
+            // What this replica's previous run left unsent.
+            resend_after_restart(&cluster, &mqtt, &ota, &workers);
             // The sessions of replicas that die are taken over by one of the live ones.
             adopt_dead_sessions(
                 &cluster,

@@ -125,17 +125,57 @@ pub(super) fn adopt_dead_sessions(
                 .unwrap_or_default();
                 let keep_until = tokio::time::Instant::now() + routed_for;
                 let parts = (devices.clone(), ota.clone());
+                // A later run of it (started after this) sends its own tasks.
+                let began = Utc::now();
                 match crate::mqtt::adopt(&mqtt, id, parts, keep_until, stop.clone()).await {
                     Ok(held) => {
                         tracing::info!(replica_id = %id, messages = held, "took over the MQTT session of a replica that died");
                         adopted.insert(death);
-                        service.resend_unanswered(id).await;
+                        service.resend_unanswered(id, began).await;
                     }
                     Err(e) => {
                         tracing::warn!(replica_id = %id, error = %e, "taking over the MQTT session of a dead replica failed; trying again")
                     }
                 }
             }
+        }
+    });
+}
+
+/// A replica that comes back sends again the unanswered `ota_create` its previous run stored
+/// (it may have died, or stopped, with them queued), as the replica adopting its session would
+/// have: once the broker passed its probe (what its session held has been delivered) and its
+/// start is [`crate::cluster::ALIVE_WITHIN`] old (as late as an adoption would, so that the
+/// answers of gateways that did get them have come in).
+pub(super) fn resend_after_restart(
+    cluster: &crate::cluster::Cluster,
+    mqtt: &crate::mqtt::MqttHandle,
+    ota: &crate::ota::OtaService,
+    stop: &CancellationToken,
+) {
+    let (me, started_at) = (cluster.id(), cluster.started_at());
+    let (mqtt, ota, stop) = (mqtt.clone(), ota.clone(), stop.clone());
+    let after = (started_at + crate::cluster::ALIVE_WITHIN - Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::spawn(async move {
+        let due = tokio::time::Instant::now() + after;
+        let mut check = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = check.tick() => {}
+            }
+            if mqtt.probed() && tokio::time::Instant::now() >= due {
+                break;
+            }
+        }
+        let sent = ota.resend_unanswered(&me, started_at).await;
+        if sent > 0 {
+            tracing::warn!(
+                sent,
+                "sent again the unanswered ota_create of this replica's previous run"
+            );
         }
     });
 }

@@ -1,6 +1,7 @@
 //! An `ota_create` that never left the replica that stored it (killed -9 first) is sent again,
 //! with the same tid and bid, by the replica that takes over the dead one's broker session,
-//! once every message that session held is recorded.
+//! once every message that session held is recorded, or by the replica itself when it comes
+//! back first.
 
 use super::*;
 
@@ -43,6 +44,51 @@ async fn an_ota_create_lost_with_its_sender_is_sent_again_by_another_replica() {
         .subscribe_acked(format!("thing/product/{gw}/services"))
         .await;
     r1.kill9();
+    sent_again_and_answered(&gateway, &mut inbox, &task, &r2.base).await;
+}
+
+/// The same with one replica, which comes back at once after the kill -9 (nobody adopts its
+/// session): it sends the message itself once it is back, and only once.
+#[tokio::test]
+async fn an_ota_create_lost_with_its_sender_is_sent_again_when_it_comes_back() {
+    let root = tempfile::tempdir().unwrap();
+    let test = "an_ota_create_lost_with_its_sender_is_sent_again_when_it_comes_back";
+    let Some(shared) = Shared::new(test, root.path()).await else {
+        return;
+    };
+    let reply_timeout = ["--ota-reply-timeout", "60"];
+    let mut r1 = shared.start(root.path(), "r1", &reply_timeout);
+    let gw = sn("BACK");
+    let fw = upload_to(&r1, "Dock_3.0.1.zip", 4).await;
+    let (status, task) = post_to(
+        &r1,
+        "/api/v1/ota",
+        serde_json::json!({"gateway_sn": gw, "devices": [{"sn": gw, "firmware_id": fw}]}),
+    )
+    .await;
+    assert_eq!(status, 202, "{task}");
+    let (gateway, mut inbox) = mqtt_client(&r1.mqtt, "back-gateway").await;
+    gateway
+        .subscribe_acked(format!("thing/product/{gw}/services"))
+        .await;
+    r1.kill9();
+    let r1 = shared.start(root.path(), "r1", &reply_timeout);
+    sent_again_and_answered(&gateway, &mut inbox, &task, &r1.base).await;
+}
+
+/// The gateway (listening on `inbox`) gets `task`'s `ota_create` again, with the same tid and
+/// bid and `publish_again` in the task's history as `base` shows it; its answer is recorded,
+/// and nothing is sent a third time.
+async fn sent_again_and_answered(
+    gateway: &TestClient,
+    inbox: &mut tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    task: &Value,
+    base: &str,
+) {
+    let (id, gw) = (
+        task["id"].as_str().unwrap(),
+        task["gateway_sn"].as_str().unwrap(),
+    );
     let resent = tokio::time::timeout(Duration::from_secs(40), async {
         loop {
             let (topic, payload) = inbox.recv().await.expect("gateway client alive");
@@ -56,7 +102,7 @@ async fn an_ota_create_lost_with_its_sender_is_sent_again_by_another_replica() {
     .expect("no replica sent the lost ota_create again");
     assert_eq!(resent["tid"], task["tid"], "{resent}");
     assert_eq!(resent["bid"], task["bid"], "{resent}");
-    let stored = get_json_at(&r2.base, &format!("/api/v1/ota/{id}")).await;
+    let stored = get_json_at(base, &format!("/api/v1/ota/{id}")).await;
     let sources: Vec<&str> = stored["history"]
         .as_array()
         .unwrap()
@@ -77,11 +123,11 @@ async fn an_ota_create_lost_with_its_sender_is_sent_again_by_another_replica() {
         .unwrap();
     assert!(
         wait_until(Duration::from_secs(20), || async {
-            get_json_at(&r2.base, &format!("/api/v1/ota/{id}")).await["replied_at"].is_string()
+            get_json_at(base, &format!("/api/v1/ota/{id}")).await["replied_at"].is_string()
         })
         .await,
         "the gateway's answer to the message sent again was not recorded: {}",
-        get_json_at(&r2.base, &format!("/api/v1/ota/{id}")).await
+        get_json_at(base, &format!("/api/v1/ota/{id}")).await
     );
     // Sent again once.
     let again = tokio::time::timeout(Duration::from_secs(3), async {
