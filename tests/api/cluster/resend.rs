@@ -22,15 +22,7 @@ async fn an_ota_create_lost_with_its_sender_is_sent_again_by_another_replica() {
     let reply_timeout = ["--ota-reply-timeout", "60"];
     let mut r1 = shared.start(root.path(), "r1", &reply_timeout);
     let r2 = shared.start(root.path(), "r2", &reply_timeout);
-    let gw = sn("LOST");
-    let fw = upload_to(&r1, "Dock_3.0.0.zip", 4).await;
-    let (status, task) = post_to(
-        &r1,
-        "/api/v1/ota",
-        serde_json::json!({"gateway_sn": gw, "devices": [{"sn": gw, "firmware_id": fw}]}),
-    )
-    .await;
-    assert_eq!(status, 202, "{task}");
+    let (gw, task) = task_nobody_hears(&r1, "LOST").await;
     let id = task["id"].as_str().unwrap().to_string();
     // r2 knows the task before r1 goes (it reads the open tasks every 5 s).
     assert!(
@@ -58,15 +50,7 @@ async fn an_ota_create_lost_with_its_sender_is_sent_again_when_it_comes_back() {
     };
     let reply_timeout = ["--ota-reply-timeout", "60"];
     let mut r1 = shared.start(root.path(), "r1", &reply_timeout);
-    let gw = sn("BACK");
-    let fw = upload_to(&r1, "Dock_3.0.1.zip", 4).await;
-    let (status, task) = post_to(
-        &r1,
-        "/api/v1/ota",
-        serde_json::json!({"gateway_sn": gw, "devices": [{"sn": gw, "firmware_id": fw}]}),
-    )
-    .await;
-    assert_eq!(status, 202, "{task}");
+    let (gw, task) = task_nobody_hears(&r1, "BACK").await;
     let (gateway, mut inbox) = mqtt_client(&r1.mqtt, "back-gateway").await;
     gateway
         .subscribe_acked(format!("thing/product/{gw}/services"))
@@ -74,6 +58,21 @@ async fn an_ota_create_lost_with_its_sender_is_sent_again_when_it_comes_back() {
     r1.kill9();
     let r1 = shared.start(root.path(), "r1", &reply_timeout);
     sent_again_and_answered(&gateway, &mut inbox, &task, &r1.base).await;
+}
+
+/// An OTA task created through `r` for a new gateway (serial from `prefix`) that is not
+/// listening: the broker drops its `ota_create`, as if it had never left `r`.
+async fn task_nobody_hears(r: &ServerProcess, prefix: &str) -> (String, Value) {
+    let gw = sn(prefix);
+    let fw = upload_to(r, "Dock_3.0.0.zip", 4).await;
+    let (status, task) = post_to(
+        r,
+        "/api/v1/ota",
+        serde_json::json!({"gateway_sn": gw, "devices": [{"sn": gw, "firmware_id": fw}]}),
+    )
+    .await;
+    assert_eq!(status, 202, "{task}");
+    (gw, task)
 }
 
 /// The gateway (listening on `inbox`) gets `task`'s `ota_create` again, with the same tid and
