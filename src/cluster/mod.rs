@@ -388,9 +388,10 @@ impl Cluster {
     /// catalog lists that run (a will the broker kept for long is of a run that may have
     /// come back since).
     async fn end_departed(&self, ended: &mut Vec<(String, DateTime<Utc>)>) {
-        let gone: Vec<_> = self
-            .peers
-            .departed_list()
+        let departed = self.peers.departed_list();
+        // Those Peers forgot (the replica came back, or is no longer listed) are done with.
+        ended.retain(|d| departed.contains(d));
+        let gone: Vec<_> = departed
             .into_iter()
             .filter(|d| !ended.contains(d))
             .collect();
@@ -424,7 +425,7 @@ impl Cluster {
     }
 
     /// Wakes after each heartbeat and each renewal of the leases that a will set off: the
-    /// work on dead replicas ([`crate::startup`]'s adoption of their sessions) looks again.
+    /// work on dead replicas (the adoption of their broker sessions) looks again.
     pub fn renewed(&self) -> tokio::sync::watch::Receiver<u64> {
         self.renewed.subscribe()
     }

@@ -181,7 +181,7 @@ impl DeviceStore for Postgres {
         let sql = format!(
             "SELECT {DEVICE_COLUMNS}, \
              pg_snapshot_xmin(pg_current_snapshot())::text::int8 AS next FROM devices \
-             WHERE $1::int8 IS NULL OR changed_xid >= $1::int8::text::xid8"
+             WHERE changed_xid >= $1::int8::text::xid8"
         );
         #[derive(sqlx::FromRow)]
         struct Changed {
@@ -190,7 +190,9 @@ impl DeviceStore for Postgres {
             next: i64,
         }
         let rows: Vec<Changed> = sqlx::query_as(AssertSqlSafe(sql))
-            .bind(since.map(|c| c.0))
+            // From the first transaction for a first read: every device (one statement, so
+            // that the index serves the later ones).
+            .bind(since.map_or(0, |c| c.0))
             .fetch_all(&self.background)
             .await
             .map_err(db)?;
