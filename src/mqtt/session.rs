@@ -70,16 +70,13 @@ impl Session {
                     self.acks.reset();
                     let status = &self.handle.status;
                     status.subscribed.store(false, Ordering::Relaxed);
-                    status.pending_subacks.store(
-                        (topics::QOS1_FILTERS.len()
-                            + topics::QOS0_FILTERS.len()
-                            + 2 * usize::from(self.handed_filter().is_some()))
-                            as u64,
-                        Ordering::Relaxed,
-                    );
+                    let filters = self.filters();
+                    status
+                        .pending_subacks
+                        .store(filters.len() as u64, Ordering::Relaxed);
                     status.connected.store(true, Ordering::Relaxed);
                     tracing::info!("MQTT session up; subscribing");
-                    self.subscribe();
+                    self.subscribe(filters);
                 }
                 Ok(Event::Incoming(Packet::SubAck(_))) => {
                     let status = &self.handle.status;
@@ -170,36 +167,35 @@ impl Session {
         Some(topics::handed_filter(group, peers.me()))
     }
 
-    fn subscribe(&self) {
-        if let Some(group) = self.share_group.as_deref()
-            && self.peers.is_some()
-        {
-            // The other replicas' wills.
-            let f = topics::gone_filter(group);
-            if let Err(e) = self.handle.client.try_subscribe(&f, QoS::AtLeastOnce) {
-                tracing::error!(filter = f, error = %e, "MQTT subscribe not queued");
-            }
+    /// Every subscription of the session: the up topics (shared in a group) and, for a
+    /// replica's main session in a group, the other replicas' wills and what they hand it.
+    fn filters(&self) -> Vec<(String, QoS)> {
+        let group = self.share_group.as_deref();
+        let mut filters: Vec<(String, QoS)> = topics::QOS1_FILTERS
+            .iter()
+            .map(|f| (topics::shared(group, f), QoS::AtLeastOnce))
+            .chain(
+                topics::QOS0_FILTERS
+                    .iter()
+                    .map(|f| (topics::shared(group, f), QoS::AtMostOnce)),
+            )
+            .collect();
+        if let (Some(group), Some(handed)) = (group, self.handed_filter()) {
+            filters.push((topics::gone_filter(group), QoS::AtLeastOnce));
+            filters.push((handed, QoS::AtLeastOnce));
         }
-        if let Some(f) = self.handed_filter() {
-            match self.handle.client.try_subscribe(&f, QoS::AtLeastOnce) {
+        filters
+    }
+
+    fn subscribe(&self, filters: Vec<(String, QoS)>) {
+        let handed = self.handed_filter();
+        for (f, qos) in filters {
+            if let Err(e) = self.handle.client.try_subscribe(&f, qos) {
+                tracing::error!(filter = f, error = %e, "MQTT subscribe not queued");
+            } else if handed.as_ref() == Some(&f) {
                 // Handing over starts once the broker passes a probe to this replica: an ACL
                 // that denies the topics would drop handed messages silently.
-                Ok(()) => {
-                    let probe = f.replace('#', PROBE);
-                    self.handle.publish(probe, b"{}".to_vec());
-                }
-                Err(e) => tracing::error!(filter = f, error = %e, "MQTT subscribe not queued"),
-            }
-        }
-        for (filters, qos) in [
-            (&topics::QOS1_FILTERS[..], QoS::AtLeastOnce),
-            (&topics::QOS0_FILTERS[..], QoS::AtMostOnce),
-        ] {
-            for f in filters {
-                let f = topics::shared(self.share_group.as_deref(), f);
-                if let Err(e) = self.handle.client.try_subscribe(&f, qos) {
-                    tracing::error!(filter = f, error = %e, "MQTT subscribe not queued");
-                }
+                self.handle.publish(f.replace('#', PROBE), b"{}".to_vec());
             }
         }
     }

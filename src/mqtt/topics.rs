@@ -82,20 +82,22 @@ pub fn gone_filter(group: &str) -> String {
 
 /// The replica whose will `topic` carries (any group: an adopted session may hold wills).
 pub fn gone_replica(topic: &str) -> Option<&str> {
-    let rest = topic.strip_prefix("fwrepo/")?;
-    let mut parts = rest.splitn(3, '/');
-    let (_group, gone, replica) = (parts.next()?, parts.next()?, parts.next()?);
-    (gone == "gone" && !replica.is_empty() && !replica.contains('/')).then_some(replica)
+    own("gone", topic).filter(|replica| !replica.is_empty() && !replica.contains('/'))
 }
 
 /// The gateway topic of a message handed to a replica (any replica of any group: a replica
 /// that adopts a dead one's session takes in what was handed to it).
 pub fn unhand(topic: &str) -> Option<&str> {
-    let rest = topic.strip_prefix("fwrepo/")?;
-    let mut parts = rest.splitn(4, '/');
-    let (_group, to, _replica, inner) =
-        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    (to == "to").then_some(inner)
+    own("to", topic)?
+        .split_once('/')
+        .map(|(_replica, inner)| inner)
+}
+
+/// What follows `fwrepo/<group>/<kind>/` in one of fwrepo's own topics of that kind.
+fn own<'a>(kind: &str, topic: &'a str) -> Option<&'a str> {
+    let mut parts = topic.strip_prefix("fwrepo/")?.splitn(3, '/');
+    let (_group, k, rest) = (parts.next()?, parts.next()?, parts.next()?);
+    (k == kind).then_some(rest)
 }
 
 /// `sys/product/{gateway_sn}/status` (a gateway's topology; up).
@@ -150,6 +152,18 @@ mod tests {
         assert_eq!(handed_filter("g", "r1"), "fwrepo/g/to/r1/#");
         assert_eq!(unhand("thing/product/D1/events"), None);
         assert_eq!(unhand("fwrepo/g/from/r1/thing/product/D1/events"), None);
+        assert_eq!(unhand("fwrepo/g/to/r1"), None);
+    }
+
+    #[test]
+    fn a_will_names_its_replica() {
+        assert_eq!(gone("g", "r2"), "fwrepo/g/gone/r2");
+        assert_eq!(gone_filter("g"), "fwrepo/g/gone/+");
+        assert_eq!(gone_replica(&gone("g", "r2")), Some("r2"));
+        assert_eq!(gone_replica("fwrepo/g/gone/"), None);
+        assert_eq!(gone_replica("fwrepo/g/gone/r2/x"), None);
+        assert_eq!(gone_replica("fwrepo/g/to/r2/thing/product/D1/events"), None);
+        assert_eq!(gone_replica("thing/product/D1/events"), None);
     }
 
     #[test]

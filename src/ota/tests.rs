@@ -171,10 +171,7 @@ async fn a_task_changed_by_another_writer_first_is_read_again_and_the_message_re
     theirs.revision += 1;
     assert!(tasks.save_task(&theirs).await.unwrap());
 
-    let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut last = progress("RACE1", &bid, TaskStatus::Ok, 100);
-    let noted = Arc::clone(&acks);
-    last.ack = crate::domain::Ack::new(move |done| noted.lock().unwrap().push(done));
+    let (last, acks) = noting_ack(progress("RACE1", &bid, TaskStatus::Ok, 100));
     service.on_message(last).await;
     assert_eq!(*acks.lock().unwrap(), [true]);
 
@@ -222,10 +219,7 @@ async fn a_progress_event_after_its_task_settled_is_absorbed_not_kept_as_an_orph
     let settled = service.get(&task.id).await.unwrap();
     assert_eq!(settled.status, TaskStatus::Ok);
 
-    let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let mut late = progress("RACE1", &bid, TaskStatus::InProgress, 60);
-    let noted = Arc::clone(&acks);
-    late.ack = crate::domain::Ack::new(move |done| noted.lock().unwrap().push(done));
+    let (late, acks) = noting_ack(progress("RACE1", &bid, TaskStatus::InProgress, 60));
     service.on_message(late).await;
     assert_eq!(*acks.lock().unwrap(), [true]);
     assert_eq!(catalog.orphan_count(), 0);
@@ -296,4 +290,12 @@ async fn run_one_in(
         panic!("not a task");
     };
     (service, task, dir, catalog)
+}
+
+/// `msg` with an acknowledgement that notes, in the list returned, whether it was done.
+fn noting_ack(mut msg: OtaMessage) -> (OtaMessage, Arc<std::sync::Mutex<Vec<bool>>>) {
+    let acks = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let noted = Arc::clone(&acks);
+    msg.ack = crate::domain::Ack::new(move |done| noted.lock().unwrap().push(done));
+    (msg, acks)
 }
